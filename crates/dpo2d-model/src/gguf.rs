@@ -1,1 +1,525 @@
-//! (being written)
+//! Reading GGUF checkpoints (llama.cpp's format) of the `llama` and `qwen2`
+//! architectures into Hugging Face naming, f32 weights and a [`ModelConfig`].
+//!
+//! Every tensor is dequantized to f32 (training needs full precision anyway).
+//! llama.cpp's converter permutes the rows of `q_proj` / `k_proj` of Llama
+//! models so that its interleaved rotary embedding matches HF's half-split
+//! one; [`unpermute_qk`] undoes that so the weights are exactly HF's again.
+
+use crate::config::{Architecture, ModelConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// An opened GGUF file: header, metadata and tensor directory (tensor data is
+/// read on demand).
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+}
+
+/// GGUF architectures this crate loads.
+pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+
+impl GgufFile {
+    /// Open and parse the header; a truncated or corrupt header is reported
+    /// against the file.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            bail!("GGUF file {} does not exist", path.display());
+        }
+        let mut f = std::fs::File::open(path)
+            .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
+        let content = Content::read(&mut f).map_err(|e| {
+            anyhow::anyhow!("{} is not a valid GGUF file (truncated or corrupt?): {e}", path.display())
+        })?;
+        Ok(Self { path: path.to_path_buf(), content })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    /// GGUF tensor names in the file (sorted).
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn err(&self, msg: impl std::fmt::Display) -> anyhow::Error {
+        anyhow::anyhow!("{}: {msg}", self.path.display())
+    }
+
+    /// A metadata string, if present.
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        match self.content.metadata.get(key) {
+            Some(Value::String(s)) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+
+    /// A metadata integer of any width, if present.
+    pub fn get_u64(&self, key: &str) -> Option<u64> {
+        match self.content.metadata.get(key)? {
+            Value::U8(v) => Some(*v as u64),
+            Value::I8(v) => u64::try_from(*v).ok(),
+            Value::U16(v) => Some(*v as u64),
+            Value::I16(v) => u64::try_from(*v).ok(),
+            Value::U32(v) => Some(*v as u64),
+            Value::I32(v) => u64::try_from(*v).ok(),
+            Value::U64(v) => Some(*v),
+            Value::I64(v) => u64::try_from(*v).ok(),
+            _ => None,
+        }
+    }
+
+    /// A metadata float, if present.
+    pub fn get_f64(&self, key: &str) -> Option<f64> {
+        match self.content.metadata.get(key)? {
+            Value::F32(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            _ => self.get_u64(key).map(|v| v as f64),
+        }
+    }
+
+    pub fn get_bool(&self, key: &str) -> Option<bool> {
+        match self.content.metadata.get(key)? {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// A metadata array of strings.
+    pub fn get_str_array(&self, key: &str) -> Result<Option<Vec<String>>> {
+        match self.content.metadata.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(self.err(format!("`{key}` must hold strings, found {:?}", other.value_type()))),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(other) => Err(self.err(format!("`{key}` must be an array, found {:?}", other.value_type()))),
+        }
+    }
+
+    /// A metadata array of integers.
+    pub fn get_int_array(&self, key: &str) -> Result<Option<Vec<i64>>> {
+        match self.content.metadata.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    Ok(match v {
+                        Value::U8(x) => *x as i64,
+                        Value::I8(x) => *x as i64,
+                        Value::U16(x) => *x as i64,
+                        Value::I16(x) => *x as i64,
+                        Value::U32(x) => *x as i64,
+                        Value::I32(x) => *x as i64,
+                        Value::U64(x) => *x as i64,
+                        Value::I64(x) => *x,
+                        other => {
+                            return Err(self.err(format!("`{key}` must hold integers, found {:?}", other.value_type())))
+                        }
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(other) => Err(self.err(format!("`{key}` must be an array, found {:?}", other.value_type()))),
+        }
+    }
+
+    /// `general.architecture`, checked to be one we support.
+    pub fn architecture(&self) -> Result<Architecture> {
+        let arch = self
+            .get_str("general.architecture")
+            .ok_or_else(|| self.err("missing metadata `general.architecture`"))?;
+        match arch {
+            "llama" => Ok(Architecture::Llama),
+            "qwen2" => Ok(Architecture::Qwen2),
+            other => Err(self.err(format!(
+                "unsupported GGUF architecture `{other}` (supported: {})",
+                SUPPORTED_GGUF_ARCHITECTURES.join(", ")
+            ))),
+        }
+    }
+
+    /// The chat template stored by llama.cpp's converter, if any.
+    pub fn chat_template(&self) -> Option<String> {
+        self.get_str("tokenizer.chat_template").map(str::to_string)
+    }
+
+    /// Build the HF [`ModelConfig`] from `<arch>.*` metadata.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch = self.architecture()?;
+        let a = arch.model_type();
+        let req = |k: &str| -> Result<u64> {
+            let key = format!("{a}.{k}");
+            self.get_u64(&key).ok_or_else(|| self.err(format!("missing metadata `{key}`")))
+        };
+        let hidden = req("embedding_length")?;
+        let heads = req("attention.head_count")?;
+        let kv_heads = self.get_u64(&format!("{a}.attention.head_count_kv")).unwrap_or(heads);
+        if heads == 0 {
+            return Err(self.err("`attention.head_count` must be positive"));
+        }
+        let head_dim = self
+            .get_u64(&format!("{a}.attention.key_length"))
+            .or_else(|| self.get_u64(&format!("{a}.rope.dimension_count")))
+            .unwrap_or(hidden / heads);
+        let embd = self
+            .content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| self.err("tensor `token_embd.weight` is missing"))?;
+        let vocab = match self.get_u64(&format!("{a}.vocab_size")) {
+            Some(v) => v,
+            None => embd.shape.dims()[0] as u64,
+        };
+        let tied = !self.content.tensor_infos.contains_key("output.weight");
+        let eps = self
+            .get_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))
+            .ok_or_else(|| self.err(format!("missing metadata `{a}.attention.layer_norm_rms_epsilon`")))?;
+        // f32 round-trip noise (9.999999747e-06): keep the decimal value HF configs carry.
+        let eps = round_sig(eps, 6);
+        let theta = self.get_f64(&format!("{a}.rope.freq_base")).unwrap_or(10000.0);
+        let theta = round_sig(theta, 7);
+        let mut cfg = json!({
+            "architectures": [arch.hf_name()],
+            "model_type": a,
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": req("feed_forward_length")?,
+            "num_hidden_layers": req("block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "rope_theta": theta,
+            "rms_norm_eps": eps,
+            "tie_word_embeddings": tied,
+            "max_position_embeddings": self.get_u64(&format!("{a}.context_length")).unwrap_or(4096),
+            "torch_dtype": "float32",
+        });
+        let obj = cfg.as_object_mut().expect("object literal");
+        if arch == Architecture::Llama {
+            obj.insert("attention_bias".into(), json!(self.content.tensor_infos.contains_key("blk.0.attn_q.bias")));
+        }
+        if let Some(b) = self.get_u64("tokenizer.ggml.bos_token_id") {
+            obj.insert("bos_token_id".into(), json!(b));
+        }
+        if let Some(e) = self.get_u64("tokenizer.ggml.eos_token_id") {
+            obj.insert("eos_token_id".into(), json!(e));
+        }
+        if let Some(p) = self.get_u64("tokenizer.ggml.padding_token_id") {
+            obj.insert("pad_token_id".into(), json!(p));
+        }
+        ModelConfig::from_json_str(&cfg.to_string(), &self.path.display().to_string())
+    }
+
+    /// Dequantize every tensor to f32, renamed to HF names, with llama's q/k
+    /// permutation undone. Unknown tensor names are an error (a silent drop
+    /// would load a wrong model).
+    pub fn hf_tensors(&self, cfg: &ModelConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let mut f = std::fs::File::open(&self.path)
+            .with_context(|| format!("cannot open GGUF file {}", self.path.display()))?;
+        let mut out = HashMap::new();
+        for name in self.tensor_names() {
+            // rope_freqs / rope_factors are derived data, not weights.
+            if name.starts_with("rope_") {
+                continue;
+            }
+            let hf = hf_name(&name)
+                .ok_or_else(|| self.err(format!("unexpected tensor `{name}` (not part of a llama/qwen2 model)")))?;
+            let q = self
+                .content
+                .tensor(&mut f, &name, &Device::Cpu)
+                .map_err(|e| self.err(format!("cannot read tensor `{name}` (truncated or corrupt?): {e}")))?;
+            let mut t = q
+                .dequantize(&Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .map_err(|e| self.err(format!("cannot dequantize tensor `{name}`: {e}")))?;
+            if cfg.architecture == Architecture::Llama {
+                if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
+                    t = unpermute_qk(&t, cfg.num_attention_heads)
+                        .map_err(|e| self.err(format!("tensor `{name}`: {e}")))?;
+                } else if hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias") {
+                    t = unpermute_qk(&t, cfg.num_key_value_heads)
+                        .map_err(|e| self.err(format!("tensor `{name}`: {e}")))?;
+                }
+            }
+            let t = t.to_device(device)?;
+            out.insert(hf, t);
+        }
+        Ok(out)
+    }
+}
+
+fn round_sig(x: f64, digits: i32) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let mag = x.abs().log10().floor() as i32;
+    let scale = 10f64.powi(digits - 1 - mag);
+    (x * scale).round() / scale
+}
+
+/// Map a GGUF tensor name to its Hugging Face name (`None` if unknown).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let simple = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let hf_part = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf_part}.{kind}"))
+}
+
+/// The inverse of [`hf_name`], for writing GGUF test files.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let simple = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let g = match part {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// llama.cpp's converter permutation: rows of each head go from HF's
+/// half-split order to interleaved pairs
+/// (`w.reshape(n_head, 2, d/2, ...).swapaxes(1, 2)`).
+pub fn permute_qk(t: &Tensor, n_head: usize) -> Result<Tensor> {
+    reorder_rows(t, n_head, true)
+}
+
+/// Inverse of [`permute_qk`]: back to HF's row order.
+pub fn unpermute_qk(t: &Tensor, n_head: usize) -> Result<Tensor> {
+    reorder_rows(t, n_head, false)
+}
+
+fn reorder_rows(t: &Tensor, n_head: usize, forward: bool) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    if n_head == 0 || rows % (2 * n_head) != 0 {
+        bail!("cannot (un)permute {rows} rows for {n_head} heads: rows must be a multiple of 2 * heads");
+    }
+    let half = rows / n_head / 2;
+    let rest: usize = dims[1..].iter().product();
+    let x = t.reshape((n_head, if forward { 2 } else { half }, if forward { half } else { 2 }, rest))?;
+    let y = x.transpose(1, 2)?.contiguous()?.reshape(dims)?;
+    Ok(y)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+
+    #[test]
+    fn names_roundtrip() {
+        for hf in [
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+            "model.layers.3.self_attn.q_proj.weight",
+            "model.layers.3.self_attn.k_proj.bias",
+            "model.layers.12.self_attn.o_proj.weight",
+            "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.0.post_attention_layernorm.weight",
+        ] {
+            let g = gguf_name(hf).unwrap();
+            assert_eq!(hf_name(&g).as_deref(), Some(hf), "{g}");
+        }
+        assert_eq!(hf_name("blk.0.attn_q.weight").unwrap(), "model.layers.0.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.7.ffn_norm.weight").unwrap(), "model.layers.7.post_attention_layernorm.weight");
+        assert!(hf_name("blk.x.attn_q.weight").is_none());
+        assert!(hf_name("blk.0.mystery.weight").is_none());
+    }
+
+    #[test]
+    fn permutation_matches_llama_cpp_and_roundtrips() {
+        // 2 heads of dim 4 (rows), 1 column: HF order per head [a0 a1 b0 b1]
+        // becomes interleaved [a0 b0 a1 b1].
+        let t = Tensor::arange(0f32, 8., &Device::Cpu).unwrap().reshape((8, 1)).unwrap();
+        let p = permute_qk(&t, 2).unwrap();
+        let v: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+        let back = unpermute_qk(&p, 2).unwrap();
+        let w: Vec<f32> = back.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(w, (0..8).map(|x| x as f32).collect::<Vec<_>>());
+        // Wider matrix, 3 heads of dim 6.
+        let t = Tensor::randn(0f32, 1., (18, 5), &Device::Cpu).unwrap();
+        let back = unpermute_qk(&permute_qk(&t, 3).unwrap(), 3).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+        assert!(unpermute_qk(&t, 4).is_err());
+    }
+
+    /// Write a tiny llama GGUF from HF-named f32 tensors (permuting q/k the
+    /// way llama.cpp does) plus metadata; used by tests here and elsewhere.
+    pub(crate) fn write_tiny_gguf(
+        path: &Path,
+        arch: &str,
+        tensors: &HashMap<String, Tensor>,
+        n_head: usize,
+        n_kv: usize,
+        extra_md: Vec<(String, Value)>,
+    ) {
+        let hidden = tensors["model.embed_tokens.weight"].dims()[1];
+        let ffn = tensors["model.layers.0.mlp.up_proj.weight"].dims()[0];
+        let layers = tensors.keys().filter(|k| k.ends_with("input_layernorm.weight")).count();
+        let mut md: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            (format!("{arch}.block_count"), Value::U32(layers as u32)),
+            (format!("{arch}.context_length"), Value::U32(256)),
+            (format!("{arch}.embedding_length"), Value::U32(hidden as u32)),
+            (format!("{arch}.feed_forward_length"), Value::U32(ffn as u32)),
+            (format!("{arch}.attention.head_count"), Value::U32(n_head as u32)),
+            (format!("{arch}.attention.head_count_kv"), Value::U32(n_kv as u32)),
+            (format!("{arch}.rope.freq_base"), Value::F32(10000.0)),
+            (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        ];
+        md.extend(extra_md);
+        let mut qs = vec![];
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        for hf in names {
+            let mut t = tensors[hf].clone();
+            if arch == "llama" && hf.contains("q_proj") {
+                t = permute_qk(&t, n_head).unwrap();
+            } else if arch == "llama" && hf.contains("k_proj") {
+                t = permute_qk(&t, n_kv).unwrap();
+            }
+            let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+            qs.push((gguf_name(hf).unwrap(), q));
+        }
+        let md_ref: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t_ref: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut f = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut f, &md_ref, &t_ref).unwrap();
+    }
+
+    pub(crate) fn tiny_tensors(hidden: usize, ffn: usize, vocab: usize, heads: usize, kv: usize) -> HashMap<String, Tensor> {
+        let d = Device::Cpu;
+        let hd = hidden / heads;
+        let mut m = HashMap::new();
+        let r = |s: (usize, usize)| Tensor::randn(0f32, 0.1, s, &d).unwrap();
+        m.insert("model.embed_tokens.weight".into(), r((vocab, hidden)));
+        m.insert("model.norm.weight".into(), Tensor::ones(hidden, DType::F32, &d).unwrap());
+        let p = "model.layers.0";
+        m.insert(format!("{p}.self_attn.q_proj.weight"), r((heads * hd, hidden)));
+        m.insert(format!("{p}.self_attn.k_proj.weight"), r((kv * hd, hidden)));
+        m.insert(format!("{p}.self_attn.v_proj.weight"), r((kv * hd, hidden)));
+        m.insert(format!("{p}.self_attn.o_proj.weight"), r((hidden, heads * hd)));
+        m.insert(format!("{p}.mlp.gate_proj.weight"), r((ffn, hidden)));
+        m.insert(format!("{p}.mlp.up_proj.weight"), r((ffn, hidden)));
+        m.insert(format!("{p}.mlp.down_proj.weight"), r((hidden, ffn)));
+        m.insert(format!("{p}.input_layernorm.weight"), Tensor::ones(hidden, DType::F32, &d).unwrap());
+        m.insert(format!("{p}.post_attention_layernorm.weight"), Tensor::ones(hidden, DType::F32, &d).unwrap());
+        m
+    }
+
+    #[test]
+    fn tiny_gguf_roundtrip_config_and_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let ts = tiny_tensors(16, 32, 20, 4, 2);
+        write_tiny_gguf(&path, "llama", &ts, 4, 2, vec![("tokenizer.ggml.eos_token_id".into(), Value::U32(2))]);
+        let g = GgufFile::open(&path).unwrap();
+        let cfg = g.config().unwrap();
+        assert_eq!(cfg.hidden_size, 16);
+        assert_eq!(cfg.num_key_value_heads, 2);
+        assert_eq!(cfg.head_dim, 4);
+        assert_eq!(cfg.vocab_size, 20);
+        assert!(cfg.tie_word_embeddings);
+        assert_eq!(cfg.eos_token_ids, vec![2]);
+        assert_eq!(cfg.rms_norm_eps, 1e-5);
+        let back = g.hf_tensors(&cfg, &Device::Cpu).unwrap();
+        assert_eq!(back.len(), ts.len());
+        for (k, v) in &ts {
+            let diff = (v - &back[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{k}");
+        }
+    }
+
+    #[test]
+    fn errors_name_file_and_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let ts = tiny_tensors(16, 32, 20, 4, 2);
+        write_tiny_gguf(&path, "gpt2", &ts, 4, 2, vec![]);
+        let e = format!("{:#}", GgufFile::open(&path).unwrap().config().unwrap_err());
+        assert!(e.contains("m.gguf") && e.contains("unsupported GGUF architecture `gpt2`"), "{e}");
+        // Truncated in the tensor data: header parses, tensor read fails.
+        write_tiny_gguf(&path, "llama", &ts, 4, 2, vec![]);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        let cfg = g.config().unwrap();
+        let e = format!("{:#}", g.hf_tensors(&cfg, &Device::Cpu).unwrap_err());
+        assert!(e.contains("m.gguf") && e.contains("truncated"), "{e}");
+        // Truncated in the header.
+        std::fs::write(&path, &bytes[..40]).unwrap();
+        let e = format!("{:#}", GgufFile::open(&path).err().unwrap());
+        assert!(e.contains("m.gguf") && e.contains("not a valid GGUF"), "{e}");
+        // Not GGUF at all.
+        std::fs::write(&path, b"hello world, definitely not gguf").unwrap();
+        let e = format!("{:#}", GgufFile::open(&path).err().unwrap());
+        assert!(e.contains("not a valid GGUF"), "{e}");
+        let e = format!("{:#}", GgufFile::open(&dir.path().join("nope.gguf")).err().unwrap());
+        assert!(e.contains("nope.gguf") && e.contains("does not exist"), "{e}");
+    }
+}
