@@ -1,1 +1,965 @@
-//! (being written)
+//! A differentiable Llama / Qwen2 causal LM, built only from ops that have a
+//! backward pass (candle primitives or the custom ops in [`crate::ops`]).
+//!
+//! # Using it
+//!
+//! ```ignore
+//! use dpo2d_model::llama::{CausalLM, LoadOptions, AttentionLayout};
+//! let opts = LoadOptions { trainable: true, ..LoadOptions::default() }; // f32, CPU
+//! let model = CausalLM::load(Path::new("model_dir"), &opts)?;        // config.json + safetensors
+//! // or CausalLM::from_tensors(cfg, hf_named_tensors, &opts) for GGUF-dequantized weights.
+//!
+//! // input_ids: [B, T] u32. The layout says which tokens attend to which:
+//! //   AttentionLayout::causal(b, t)                  plain causal batch
+//! //   AttentionLayout::from_attention_mask(&mask)    HF-style 1/0 padding mask (left or right)
+//! //   AttentionLayout::packed(&[vec![5, 3], vec![8]], t)  several sequences per row
+//! let hidden = model.forward(&input_ids, &layout)?;       // [B, T, H] after the final norm
+//! let logits = model.logits(&hidden)?;                    // [B, T, V] f32 (only when needed)
+//! let lp = model.token_logprobs(&input_ids, &layout)?;    // [B, T]: log p(token | earlier tokens
+//! //   of the same sequence); 0 at each sequence's first token and at padding.
+//! let lp = model.label_logprobs(&hidden, &labels)?;       // [B, T] for arbitrary labels
+//! // Training: model.trainable_vars() -> Vec<(name, Var)>; loss.backward(); optimizer step.
+//! model.set_training(true); // LoRA dropout on
+//!
+//! // Generation with a KV cache (left padding allowed):
+//! let mut cache = model.new_cache();
+//! let h = model.forward_cached(&prompt_ids, Some(&prompt_mask), &mut cache)?; // [B, T, H]
+//! let h = model.forward_cached(&next_ids /*[B,1]*/, None, &mut cache)?;
+//! ```
+//!
+//! Log-probabilities go through [`crate::ops::label_logprobs`], which never
+//! keeps a `[tokens x vocab]` tensor alive for backward.
+
+use crate::config::ModelConfig;
+use crate::lora::{LoraAdapter, LoraConfig, LoraRuntime, LoraTarget};
+use crate::ops;
+use crate::weights::WeightSet;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How to materialise a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    /// Full fine-tuning: every weight becomes a candle `Var`.
+    /// False: weights are plain tensors (frozen, e.g. the reference model).
+    pub trainable: bool,
+    /// Add LoRA adapters (base weights frozen; only adapters train).
+    pub lora: Option<LoraConfig>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu, trainable: false, lora: None }
+    }
+}
+
+/// A linear layer `y = x W^T + b`, optionally with a LoRA adapter.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            Some(l) => Ok((y + l.delta(x)?)?),
+            None => Ok(y),
+        }
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// Which tokens of a batch belong to which sequence.
+///
+/// `seq_ids[b][t]` is 0 for padding, otherwise an id shared by the tokens of
+/// one sequence (ids need only differ between neighbouring sequences of a row).
+/// A token attends to earlier tokens with the same id; its rotary position is
+/// its index within its sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionLayout {
+    pub seq_ids: Vec<Vec<u32>>,
+}
+
+impl AttentionLayout {
+    /// Every row is one unpadded sequence.
+    pub fn causal(b: usize, t: usize) -> Self {
+        Self { seq_ids: vec![vec![1; t]; b] }
+    }
+
+    /// From a Hugging Face attention mask (1 = token, 0 = padding), left or right padded.
+    pub fn from_attention_mask(mask: &[Vec<u32>]) -> Self {
+        Self { seq_ids: mask.iter().map(|r| r.iter().map(|&m| u32::from(m != 0)).collect()).collect() }
+    }
+
+    /// Packed rows: `lengths[b]` lists the lengths of the sequences laid
+    /// end to end in row `b`; the rest of the row (up to `t`) is padding.
+    pub fn packed(lengths: &[Vec<usize>], t: usize) -> Result<Self> {
+        let mut seq_ids = vec![];
+        for (b, ls) in lengths.iter().enumerate() {
+            let total: usize = ls.iter().sum();
+            if total > t {
+                bail!("packed row {b} holds {total} tokens but the batch is only {t} wide");
+            }
+            let mut row = Vec::with_capacity(t);
+            for (i, &l) in ls.iter().enumerate() {
+                row.extend(std::iter::repeat(i as u32 + 1).take(l));
+            }
+            row.resize(t, 0);
+            seq_ids.push(row);
+        }
+        Ok(Self { seq_ids })
+    }
+
+    pub fn from_seq_ids(seq_ids: Vec<Vec<u32>>) -> Self {
+        Self { seq_ids }
+    }
+
+    /// Position of each token within its sequence (0 for padding).
+    pub fn position_ids(&self) -> Vec<Vec<u32>> {
+        self.seq_ids
+            .iter()
+            .map(|row| {
+                let mut out = Vec::with_capacity(row.len());
+                let mut prev = 0u32;
+                let mut pos = 0u32;
+                for &s in row {
+                    if s == 0 {
+                        out.push(0);
+                        continue;
+                    }
+                    if s != prev {
+                        pos = 0;
+                    }
+                    out.push(pos);
+                    pos += 1;
+                    prev = s;
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// True where token t's log-probability is defined: it and the token
+    /// before it belong to the same (non-padding) sequence.
+    pub fn predicted_mask(&self) -> Vec<Vec<bool>> {
+        self.seq_ids
+            .iter()
+            .map(|row| (0..row.len()).map(|t| t > 0 && row[t] != 0 && row[t] == row[t - 1]).collect())
+            .collect()
+    }
+
+    fn is_plain_causal(&self) -> bool {
+        self.seq_ids.iter().all(|r| r.iter().all(|&s| s == 1))
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        (self.seq_ids.len(), self.seq_ids.first().map(|r| r.len()).unwrap_or(0))
+    }
+}
+
+/// KV cache for incremental decoding. Stores, per layer, keys and values
+/// [B, n_kv, T_past, d] plus which past positions are real tokens.
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    valid: Vec<Vec<bool>>,
+    next_pos: Vec<u32>,
+}
+
+impl KvCache {
+    /// Tokens seen so far (including padding).
+    pub fn len(&self) -> usize {
+        self.valid.first().map(|r| r.len()).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Keep only rows `rows` (e.g. drop finished sequences during generation).
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if self.valid.is_empty() {
+            return Ok(());
+        }
+        let dev = match self.kv.iter().flatten().next() {
+            Some((k, _)) => k.device().clone(),
+            None => return Ok(()),
+        };
+        let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
+        for e in self.kv.iter_mut().flatten() {
+            *e = (e.0.index_select(&idx, 0)?, e.1.index_select(&idx, 0)?);
+        }
+        self.valid = rows.iter().map(|&r| self.valid[r].clone()).collect();
+        self.next_pos = rows.iter().map(|&r| self.next_pos[r]).collect();
+        Ok(())
+    }
+}
+
+/// The causal LM.
+pub struct CausalLM {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    /// None when tied to the embeddings.
+    lm_head: Option<Tensor>,
+    vars: Vec<(String, Var)>,
+    lora: Option<LoraConfig>,
+    runtime: Arc<LoraRuntime>,
+    inv_freq: Vec<f64>,
+    dtype: DType,
+    device: Device,
+}
+
+struct Builder<'a> {
+    w: &'a WeightSet,
+    opts: &'a LoadOptions,
+    vars: Vec<(String, Var)>,
+}
+
+impl Builder<'_> {
+    fn param(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.w.get(name, shape)?;
+        self.finish(name, t)
+    }
+    fn finish(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
+        let t = t
+            .to_device(&self.opts.device)?
+            .to_dtype(self.opts.dtype)
+            .with_context(|| format!("converting tensor `{name}`"))?;
+        if self.opts.trainable {
+            let v = Var::from_tensor(&t)?;
+            let t = v.as_tensor().clone();
+            self.vars.push((name.to_string(), v));
+            Ok(t)
+        } else {
+            Ok(t.detach())
+        }
+    }
+}
+
+fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f64> {
+    let d = cfg.head_dim;
+    (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64)).collect()
+}
+
+impl CausalLM {
+    /// Load `config.json` and safetensors weights from a Hugging Face model directory.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let w = WeightSet::load_dir(dir, &opts.device)?;
+        Self::from_weight_set(cfg, &w, opts)
+    }
+
+    /// Build from tensors in Hugging Face naming (`model.embed_tokens.weight`,
+    /// `model.layers.N.self_attn.q_proj.weight`, ..., `lm_head.weight`).
+    pub fn from_tensors(cfg: ModelConfig, tensors: HashMap<String, Tensor>, opts: &LoadOptions) -> Result<Self> {
+        let w = WeightSet::from_map(tensors, "the tensor map");
+        Self::from_weight_set(cfg, &w, opts)
+    }
+
+    pub fn from_weight_set(cfg: ModelConfig, w: &WeightSet, opts: &LoadOptions) -> Result<Self> {
+        if opts.trainable && opts.lora.is_some() {
+            bail!("choose either full fine-tuning (trainable) or LoRA, not both");
+        }
+        if let Some(l) = &opts.lora {
+            l.validate()?;
+        }
+        let runtime = LoraRuntime::new(opts.lora.as_ref().map(|l| l.seed).unwrap_or(0));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(opts.lora.as_ref().map(|l| l.seed).unwrap_or(0));
+        let mut b = Builder { w, opts, vars: vec![] };
+        let (h, v, im) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let embed = b.param("model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut lin = |b: &mut Builder, target: LoraTarget, out_f: usize, in_f: usize, bias: bool| -> Result<Linear> {
+                let name = format!("{p}.{}.{}", target.parent(), target.hf_name());
+                let weight = b.param(&format!("{name}.weight"), &[out_f, in_f])?;
+                let bias = if bias { Some(b.param(&format!("{name}.bias"), &[out_f])?) } else { None };
+                let lora = match &opts.lora {
+                    Some(l) if l.targets.contains(&target) => {
+                        let ad = LoraAdapter::new(in_f, out_f, l, &mut rng, opts.dtype, &opts.device, runtime.clone())?;
+                        b.vars.push((format!("{name}.lora_A.weight"), ad.a.clone()));
+                        b.vars.push((format!("{name}.lora_B.weight"), ad.b.clone()));
+                        Some(ad)
+                    }
+                    _ => None,
+                };
+                Ok(Linear { weight, bias, lora })
+            };
+            let ab = cfg.attention_bias;
+            let attn = Attention {
+                q: lin(&mut b, LoraTarget::Q, nh * hd, h, ab)?,
+                k: lin(&mut b, LoraTarget::K, nkv * hd, h, ab)?,
+                v: lin(&mut b, LoraTarget::V, nkv * hd, h, ab)?,
+                o: lin(&mut b, LoraTarget::O, h, nh * hd, false)?,
+            };
+            let mlp = Mlp {
+                gate: lin(&mut b, LoraTarget::Gate, im, h, false)?,
+                up: lin(&mut b, LoraTarget::Up, im, h, false)?,
+                down: lin(&mut b, LoraTarget::Down, h, im, false)?,
+            };
+            let input_norm = b.param(&format!("{p}.input_layernorm.weight"), &[h])?;
+            let post_norm = b.param(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
+            layers.push(Block { input_norm, attn, post_norm, mlp });
+        }
+        let norm = b.param("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else if w.contains("lm_head.weight") {
+            Some(b.param("lm_head.weight", &[v, h])?)
+        } else {
+            bail!(
+                "tensor `lm_head.weight` is missing from {} and tie_word_embeddings is false",
+                w.source()
+            );
+        };
+        let inv_freq = rope_inv_freq(&cfg);
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            vars: b.vars,
+            lora: opts.lora.clone(),
+            runtime,
+            inv_freq,
+            dtype: opts.dtype,
+            device: opts.device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// Parameters to optimise, in a stable order, with HF-style names
+    /// (LoRA: `model.layers.N.self_attn.q_proj.lora_A.weight`, ...).
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.vars.clone()
+    }
+
+    /// Switch LoRA dropout on (training) or off (evaluation).
+    pub fn set_training(&self, on: bool) {
+        self.runtime.set_training(on)
+    }
+
+    /// The lm_head weight [V, H] (the embeddings when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Token embeddings [V, H].
+    pub fn embed_weight(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// cos/sin [B, T, d/2] for position ids, computed as HF does (f32 math
+    /// unless the model runs in f64).
+    fn rope_cos_sin(&self, pos: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+        let b = pos.len();
+        let t = pos.first().map(|r| r.len()).unwrap_or(0);
+        let half = self.inv_freq.len();
+        let mut c = Vec::with_capacity(b * t * half);
+        let mut s = Vec::with_capacity(b * t * half);
+        let f64_math = self.dtype == DType::F64;
+        let inv32: Vec<f32> = self.inv_freq.iter().map(|&x| x as f32).collect();
+        for row in pos {
+            for &p in row {
+                for i in 0..half {
+                    if f64_math {
+                        let a = p as f64 * self.inv_freq[i];
+                        c.push(a.cos());
+                        s.push(a.sin());
+                    } else {
+                        let a = p as f32 * inv32[i];
+                        c.push(a.cos() as f64);
+                        s.push(a.sin() as f64);
+                    }
+                }
+            }
+        }
+        let mk = |v: Vec<f64>| -> Result<Tensor> {
+            let t = if f64_math {
+                Tensor::from_vec(v, (b, t, half), &self.device)?
+            } else {
+                Tensor::from_vec(v.into_iter().map(|x| x as f32).collect::<Vec<f32>>(), (b, t, half), &self.device)?
+                    .to_dtype(self.dtype)?
+            };
+            Ok(t)
+        };
+        Ok((mk(c)?, mk(s)?))
+    }
+
+    /// Additive attention mask [B or 1, 1, 1, Tq, Tk] (0 allowed, -inf masked).
+    /// Queries sit at absolute positions `offset..offset+Tq` of the key axis.
+    fn build_mask(&self, q_seq: &[Vec<u32>], k_seq: &[Vec<u32>], offset: usize) -> Result<Tensor> {
+        let b = q_seq.len();
+        let tq = q_seq.first().map(|r| r.len()).unwrap_or(0);
+        let tk = k_seq.first().map(|r| r.len()).unwrap_or(0);
+        let neg = f32::NEG_INFINITY;
+        let mut m = vec![0f32; b * tq * tk];
+        for bi in 0..b {
+            for i in 0..tq {
+                let qi = q_seq[bi][i];
+                let abs = offset + i;
+                let row = &mut m[(bi * tq + i) * tk..(bi * tq + i + 1) * tk];
+                for (j, cell) in row.iter_mut().enumerate() {
+                    let ok = if qi == 0 { j == abs } else { j <= abs && k_seq[bi][j] == qi };
+                    if !ok {
+                        *cell = neg;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, 1, tq, tk), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    fn causal_mask(&self, tq: usize, tk: usize, offset: usize) -> Result<Tensor> {
+        let mut m = vec![0f32; tq * tk];
+        for i in 0..tq {
+            for j in (offset + i + 1)..tk {
+                m[i * tk + j] = f32::NEG_INFINITY;
+            }
+        }
+        Ok(Tensor::from_vec(m, (1, 1, 1, tq, tk), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    fn check_ids(&self, input_ids: &Tensor) -> Result<(usize, usize)> {
+        let (b, t) = input_ids.dims2().context("input_ids must be [batch, time]")?;
+        if input_ids.dtype() != DType::U32 {
+            bail!("input_ids must be u32, got {:?}", input_ids.dtype());
+        }
+        if b * t > 0 {
+            let mx = input_ids.max_all()?.to_scalar::<u32>()? as usize;
+            if mx >= self.cfg.vocab_size {
+                bail!("token id {mx} is outside the vocabulary (size {})", self.cfg.vocab_size);
+            }
+        }
+        Ok((b, t))
+    }
+
+    /// Full forward pass: hidden states [B, T, H] after the final RMSNorm.
+    pub fn forward(&self, input_ids: &Tensor, layout: &AttentionLayout) -> Result<Tensor> {
+        let (b, t) = self.check_ids(input_ids)?;
+        if layout.dims() != (b, t) {
+            bail!("attention layout is {:?} but input_ids is [{b}, {t}]", layout.dims());
+        }
+        let pos = layout.position_ids();
+        let (cos, sin) = self.rope_cos_sin(&pos)?;
+        let mask = if layout.is_plain_causal() {
+            self.causal_mask(t, t, 0)?
+        } else {
+            self.build_mask(&layout.seq_ids, &layout.seq_ids, 0)?
+        };
+        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        for layer in &self.layers {
+            x = self.block(layer, &x, &cos, &sin, &mask, None)?;
+        }
+        Ok(ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// One decoder block; with a cache entry, past keys/values are prepended
+    /// and the entry is updated.
+    fn block(
+        &self,
+        l: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let h = ops::rms_norm(x, &l.input_norm, eps)?;
+        let a = self.attention(&l.attn, &h, cos, sin, mask, cache)?;
+        let x = (x + a)?;
+        let h = ops::rms_norm(&x, &l.post_norm, eps)?;
+        let g = l.mlp.gate.forward(&h)?.silu()?;
+        let u = l.mlp.up.forward(&h)?;
+        let m = l.mlp.down.forward(&(g * u)?)?;
+        Ok((x + m)?)
+    }
+
+    fn attention(
+        &self,
+        at: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let n_rep = nh / nkv;
+        let q = at.q.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = at.k.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = at.v.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = ops::rope(&q, cos, sin)?;
+        let k = ops::rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(entry) => {
+                let (k, v) = match entry.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v.contiguous()?], 2)?),
+                    None => (k, v.contiguous()?),
+                };
+                *entry = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let tk = k.dim(2)?;
+        // Group the query heads that share a kv head: [B, n_kv, n_rep*T, d],
+        // so keys and values are never repeated.
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
+        let scores = scores.broadcast_add(mask)?;
+        let probs = ops::softmax_last_dim(&scores)?.reshape((b, nkv, n_rep * t, tk))?;
+        let out = probs.matmul(&v.contiguous()?)?; // [B, n_kv, n_rep*T, d]
+        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        at.o.forward(&out)
+    }
+
+    /// Logits [B, T, V] (f32, or f64 for an f64 model) from hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let l = ops::linear(hidden, self.lm_head_weight(), None)?;
+        Ok(if self.dtype == DType::F64 { l } else { l.to_dtype(DType::F32)? })
+    }
+
+    /// Log-probabilities [B, T] of `labels` ([B, T] u32) at each position of
+    /// `hidden` ([B, T, H]), without materialising [B*T, V] for backward.
+    pub fn label_logprobs(&self, hidden: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = hidden.dims3()?;
+        if labels.dims() != [b, t] {
+            bail!("labels are {:?} but hidden states are [{b}, {t}, ..]", labels.dims());
+        }
+        let lp = ops::label_logprobs(&hidden.reshape((b * t, h))?, self.lm_head_weight(), &labels.flatten_all()?)?;
+        Ok(lp.reshape((b, t))?)
+    }
+
+    /// Per-token log-probabilities [B, T] of `input_ids` under the model:
+    /// entry t is log p(ids[t] | earlier tokens of its sequence); 0 where
+    /// undefined (a sequence's first token, padding). See
+    /// [`AttentionLayout::predicted_mask`].
+    pub fn token_logprobs(&self, input_ids: &Tensor, layout: &AttentionLayout) -> Result<Tensor> {
+        let hidden = self.forward(input_ids, layout)?;
+        self.token_logprobs_from_hidden(&hidden, input_ids, layout)
+    }
+
+    /// As [`Self::token_logprobs`], from hidden states already computed.
+    pub fn token_logprobs_from_hidden(&self, hidden: &Tensor, input_ids: &Tensor, layout: &AttentionLayout) -> Result<Tensor> {
+        let (b, t, _) = hidden.dims3()?;
+        if t < 2 {
+            let dt = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+            return Ok(Tensor::zeros((b, t), dt, &self.device)?);
+        }
+        let lp = self.label_logprobs(&hidden.narrow(1, 0, t - 1)?, &input_ids.narrow(1, 1, t - 1)?.contiguous()?)?;
+        let lp = Tensor::cat(&[&lp.zeros_like()?.narrow(1, 0, 1)?, &lp], 1)?;
+        let mask: Vec<f32> = layout.predicted_mask().iter().flatten().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (b, t), &self.device)?.to_dtype(lp.dtype())?;
+        Ok((lp * mask)?)
+    }
+
+    /// An empty KV cache.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { kv: vec![None; self.layers.len()], valid: vec![], next_pos: vec![] }
+    }
+
+    /// Incremental forward: run `input_ids` [B, T] after the tokens already in
+    /// `cache`. `attention_mask` (1 token / 0 padding) is needed only when
+    /// the new tokens include padding (e.g. a left-padded prompt). Returns
+    /// hidden states [B, T, H] after the final norm.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&[Vec<u32>]>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t) = self.check_ids(input_ids)?;
+        if cache.valid.is_empty() {
+            cache.valid = vec![vec![]; b];
+            cache.next_pos = vec![0; b];
+        }
+        if cache.valid.len() != b {
+            bail!("KV cache holds {} rows but input has {b}", cache.valid.len());
+        }
+        let new_valid: Vec<Vec<bool>> = match attention_mask {
+            Some(m) => {
+                if m.len() != b || m.iter().any(|r| r.len() != t) {
+                    bail!("attention mask must be [{b}, {t}]");
+                }
+                m.iter().map(|r| r.iter().map(|&x| x != 0).collect()).collect()
+            }
+            None => vec![vec![true; t]; b],
+        };
+        let past = cache.len();
+        let mut pos = vec![vec![0u32; t]; b];
+        for bi in 0..b {
+            for i in 0..t {
+                if new_valid[bi][i] {
+                    pos[bi][i] = cache.next_pos[bi];
+                    cache.next_pos[bi] += 1;
+                }
+            }
+            cache.valid[bi].extend_from_slice(&new_valid[bi]);
+        }
+        let (cos, sin) = self.rope_cos_sin(&pos)?;
+        let q_seq: Vec<Vec<u32>> = new_valid.iter().map(|r| r.iter().map(|&v| v as u32).collect()).collect();
+        let k_seq: Vec<Vec<u32>> = cache.valid.iter().map(|r| r.iter().map(|&v| v as u32).collect()).collect();
+        let all_valid = k_seq.iter().all(|r| r.iter().all(|&v| v == 1));
+        let mask = if all_valid {
+            self.causal_mask(t, past + t, past)?
+        } else {
+            self.build_mask(&q_seq, &k_seq, past)?
+        };
+        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        for (layer, entry) in self.layers.iter().zip(cache.kv.iter_mut()) {
+            x = self.block(layer, &x, &cos, &sin, &mask, Some(entry))?;
+        }
+        Ok(ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// Current weights in HF naming (the base weights; LoRA adapters not
+    /// merged). `lm_head.weight` is left out when tied.
+    pub fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.collect_tensors(false)
+    }
+
+    /// Weights with every LoRA adapter merged in (`W + scale * B A`).
+    pub fn merged_hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.collect_tensors(true)
+    }
+
+    fn collect_tensors(&self, merge: bool) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.detach())];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let lins = [
+                (LoraTarget::Q, &l.attn.q),
+                (LoraTarget::K, &l.attn.k),
+                (LoraTarget::V, &l.attn.v),
+                (LoraTarget::O, &l.attn.o),
+                (LoraTarget::Gate, &l.mlp.gate),
+                (LoraTarget::Up, &l.mlp.up),
+                (LoraTarget::Down, &l.mlp.down),
+            ];
+            for (tg, lin) in lins {
+                let name = format!("{p}.{}.{}", tg.parent(), tg.hf_name());
+                let w = match (&lin.lora, merge) {
+                    (Some(ad), true) => (&lin.weight + ad.merged_delta()?.to_dtype(lin.weight.dtype())?)?,
+                    _ => lin.weight.clone(),
+                };
+                out.push((format!("{name}.weight"), w.detach()));
+                if let Some(bias) = &lin.bias {
+                    out.push((format!("{name}.bias"), bias.detach()));
+                }
+            }
+            out.push((format!("{p}.input_layernorm.weight"), l.input_norm.detach()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), l.post_norm.detach()));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.detach()));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), h.detach()));
+        }
+        Ok(out)
+    }
+
+    /// LoRA adapter tensors in HF naming (`...q_proj.lora_A.weight`), without the PEFT prefix.
+    pub fn lora_tensors(&self) -> Vec<(String, Tensor)> {
+        self.vars
+            .iter()
+            .filter(|(n, _)| n.contains(".lora_"))
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect()
+    }
+
+    /// Replace LoRA adapter weights by name (as returned by [`Self::lora_tensors`]),
+    /// e.g. to resume from a saved adapter. Every adapter must be given.
+    pub fn set_lora_tensors(&self, tensors: &HashMap<String, Tensor>, source: &str) -> Result<()> {
+        for (name, var) in &self.vars {
+            if !name.contains(".lora_") {
+                continue;
+            }
+            let t = tensors.get(name).with_context(|| format!("tensor `{name}` is missing from {source}"))?;
+            if t.dims() != var.dims() {
+                bail!("tensor `{name}` in {source} has shape {:?}, expected {:?}", t.dims(), var.dims());
+            }
+            var.set(&t.to_device(&self.device)?.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::ops::tests::det;
+
+    /// Write a tiny random model (2 layers, hidden 16, 4 heads, 2 kv heads,
+    /// vocab 50) as config.json + model.safetensors.
+    pub fn write_tiny(dir: &Path, qwen: bool, tied: bool, dtype: DType) -> ModelConfig {
+        let arch = if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" };
+        let cfg_text = format!(
+            r#"{{"architectures":["{arch}"],"vocab_size":50,"hidden_size":16,"intermediate_size":24,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rope_theta":10000.0,
+            "rms_norm_eps":1e-5,"tie_word_embeddings":{tied},"max_position_embeddings":128,
+            "bos_token_id":1,"eos_token_id":2}}"#
+        );
+        std::fs::write(dir.join("config.json"), &cfg_text).unwrap();
+        let cfg = ModelConfig::from_json_str(&cfg_text, "config.json").unwrap();
+        let mut m: HashMap<String, Tensor> = HashMap::new();
+        let mut seed = 100;
+        let mut put = |name: String, shape: &[usize], scale: f64, offset: f64| {
+            seed += 1;
+            let t = ((det(shape, seed, DType::F64) * scale).unwrap() + offset).unwrap().to_dtype(dtype).unwrap();
+            m.insert(name, t);
+        };
+        put("model.embed_tokens.weight".into(), &[50, 16], 1.0, 0.0);
+        for i in 0..2 {
+            let p = format!("model.layers.{i}");
+            for (n, o, inp) in [("q_proj", 16, 16), ("k_proj", 8, 16), ("v_proj", 8, 16), ("o_proj", 16, 16)] {
+                put(format!("{p}.self_attn.{n}.weight"), &[o, inp], 0.5, 0.0);
+                if qwen && n != "o_proj" {
+                    put(format!("{p}.self_attn.{n}.bias"), &[o], 0.1, 0.0);
+                }
+            }
+            for (n, o, inp) in [("gate_proj", 24, 16), ("up_proj", 24, 16), ("down_proj", 16, 24)] {
+                put(format!("{p}.mlp.{n}.weight"), &[o, inp], 0.4, 0.0);
+            }
+            put(format!("{p}.input_layernorm.weight"), &[16], 0.2, 1.0);
+            put(format!("{p}.post_attention_layernorm.weight"), &[16], 0.2, 1.0);
+        }
+        put("model.norm.weight".into(), &[16], 0.2, 1.0);
+        if !tied {
+            put("lm_head.weight".into(), &[50, 16], 1.0, 0.0);
+        }
+        candle_core::safetensors::save(&m, dir.join("model.safetensors")).unwrap();
+        cfg
+    }
+
+    pub fn opts64() -> LoadOptions {
+        LoadOptions { dtype: DType::F64, ..LoadOptions::default() }
+    }
+
+    fn ids(rows: &[&[u32]]) -> Tensor {
+        Tensor::new(rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(), &Device::Cpu).unwrap()
+    }
+
+    fn maxdiff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn packed_equals_separate_and_padded_equals_unpadded() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), true, false, DType::F32);
+        let m = CausalLM::load(dir.path(), &opts64()).unwrap();
+        let a: &[u32] = &[3, 7, 9, 11, 4];
+        let b: &[u32] = &[5, 8, 2];
+        let la = m.token_logprobs(&ids(&[a]), &AttentionLayout::causal(1, 5)).unwrap().to_vec2::<f64>().unwrap();
+        let lb = m.token_logprobs(&ids(&[b]), &AttentionLayout::causal(1, 3)).unwrap().to_vec2::<f64>().unwrap();
+        // Packed: a then b then one pad in a row of 9.
+        let row: Vec<u32> = a.iter().chain(b.iter()).copied().chain([0]).collect();
+        let lay = AttentionLayout::packed(&[vec![5, 3]], 9).unwrap();
+        let lp = m.token_logprobs(&ids(&[&row]), &lay).unwrap().to_vec2::<f64>().unwrap();
+        for t in 0..5 {
+            assert!((lp[0][t] - la[0][t]).abs() < 1e-10, "a {t}");
+        }
+        for t in 0..3 {
+            assert!((lp[0][5 + t] - lb[0][t]).abs() < 1e-10, "b {t}");
+        }
+        assert_eq!(lp[0][5], 0.0);
+        assert_eq!(lp[0][8], 0.0);
+        assert!(la[0][1] < 0.0);
+        // Right- and left-padded batch equals unpadded rows.
+        let batch = ids(&[a, &[5, 8, 2, 0, 0], &[0, 0, 5, 8, 2]]);
+        let lay = AttentionLayout::from_attention_mask(&[vec![1; 5], vec![1, 1, 1, 0, 0], vec![0, 0, 1, 1, 1]]);
+        let lp = m.token_logprobs(&batch, &lay).unwrap().to_vec2::<f64>().unwrap();
+        for t in 0..5 {
+            assert!((lp[0][t] - la[0][t]).abs() < 1e-10);
+        }
+        for t in 0..3 {
+            assert!((lp[1][t] - lb[0][t]).abs() < 1e-10);
+            assert!((lp[2][2 + t] - lb[0][t]).abs() < 1e-10);
+        }
+        // Hidden states agree too (the reward head reads them).
+        let h1 = m.forward(&ids(&[b]), &AttentionLayout::causal(1, 3)).unwrap();
+        let h2 = m.forward(&batch, &lay).unwrap().narrow(0, 2, 1).unwrap().narrow(1, 2, 3).unwrap();
+        assert!(maxdiff(&h1, &h2) < 1e-10);
+    }
+
+    #[test]
+    fn kv_cache_matches_full_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), false, true, DType::F32);
+        let m = CausalLM::load(dir.path(), &opts64()).unwrap();
+        let full_a: &[u32] = &[3, 7, 9, 11, 4, 6];
+        let full_b: &[u32] = &[5, 8, 2, 13, 1];
+        let ha = m.forward(&ids(&[full_a]), &AttentionLayout::causal(1, 6)).unwrap();
+        let hb = m.forward(&ids(&[full_b]), &AttentionLayout::causal(1, 5)).unwrap();
+        // Prompts: a[..4], b[..3] left-padded to 4; then two decode steps.
+        let mut cache = m.new_cache();
+        let prompt = ids(&[&full_a[..4], &[0, 5, 8, 2]]);
+        let h = m.forward_cached(&prompt, Some(&[vec![1, 1, 1, 1], vec![0, 1, 1, 1]]), &mut cache).unwrap();
+        assert!(maxdiff(&h.narrow(0, 0, 1).unwrap(), &ha.narrow(1, 0, 4).unwrap()) < 1e-10);
+        assert!(maxdiff(&h.narrow(0, 1, 1).unwrap().narrow(1, 1, 3).unwrap(), &hb.narrow(1, 0, 3).unwrap()) < 1e-10);
+        for step in 0..2 {
+            let next = ids(&[&[full_a[4 + step]], &[full_b[3 + step]]]);
+            let h = m.forward_cached(&next, None, &mut cache).unwrap();
+            assert!(maxdiff(&h.narrow(0, 0, 1).unwrap(), &ha.narrow(1, 4 + step, 1).unwrap()) < 1e-10);
+            assert!(maxdiff(&h.narrow(0, 1, 1).unwrap(), &hb.narrow(1, 3 + step, 1).unwrap()) < 1e-10);
+        }
+        assert_eq!(cache.len(), 6);
+        // Logits are consistent with label_logprobs.
+        let logits = m.logits(&ha).unwrap();
+        let lsm = ops::log_softmax_plain(&logits).unwrap();
+        let lp = m.token_logprobs_from_hidden(&ha, &ids(&[full_a]), &AttentionLayout::causal(1, 6)).unwrap();
+        let want = lsm.get(0).unwrap().get(2).unwrap().get(full_a[3] as usize).unwrap().to_scalar::<f64>().unwrap();
+        assert!((lp.to_vec2::<f64>().unwrap()[0][3] - want).abs() < 1e-10);
+    }
+
+    /// Finite-difference check of d(sum of token log-probs)/d(weights) for the whole tiny model.
+    #[test]
+    fn whole_model_gradient_matches_finite_differences() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_tiny(dir.path(), true, true, DType::F64);
+        let opts = LoadOptions { trainable: true, ..opts64() };
+        let m = CausalLM::load(dir.path(), &opts).unwrap();
+        let batch = ids(&[&[3, 7, 9, 11, 4, 6], &[5, 8, 2, 13, 0, 0]]);
+        let lay = AttentionLayout::packed(&[vec![4, 2], vec![4]], 6).unwrap();
+        let loss_of = |m: &CausalLM| m.token_logprobs(&batch, &lay).unwrap().sum_all().unwrap();
+        let grads = loss_of(&m).backward().unwrap();
+        let vars = m.trainable_vars();
+        assert_eq!(vars.len(), 1 + 2 * (7 + 3 + 2) + 1); // embed, per layer 7 W + 3 bias + 2 norms, final norm
+        let eps = 1e-5;
+        for (name, var) in vars.iter().filter(|(n, _)| {
+            n.contains("embed") || n.contains("layers.0.self_attn.q_proj") || n.contains("layers.1.mlp.down")
+                || n.contains("layers.1.input_layernorm") || n.contains("k_proj.bias") || n == "model.norm.weight"
+        }) {
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no grad for {name}"));
+            let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for j in (0..base.len()).step_by((base.len() / 6).max(1)) {
+                let mut f = |d: f64| {
+                    let mut b = base.clone();
+                    b[j] += d;
+                    var.set(&Tensor::from_vec(b, var.dims(), &Device::Cpu).unwrap()).unwrap();
+                    let v = loss_of(&m).to_scalar::<f64>().unwrap();
+                    var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+                    v
+                };
+                let fd = (f(eps) - f(-eps)) / (2.0 * eps);
+                assert!((fd - g[j]).abs() < 1e-6 * (1.0 + fd.abs()), "{name}[{j}]: autograd {} vs fd {fd}", g[j]);
+            }
+        }
+        let _ = cfg;
+    }
+
+    #[test]
+    fn lora_zero_b_equals_base_and_merged_equals_unmerged() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_tiny(dir.path(), false, false, DType::F32);
+        let base = CausalLM::load(dir.path(), &opts64()).unwrap();
+        let lcfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, targets: LoraTarget::ALL.to_vec(), seed: 7 };
+        let lm = CausalLM::load(dir.path(), &LoadOptions { lora: Some(lcfg), ..opts64() }).unwrap();
+        let batch = ids(&[&[3, 7, 9, 11, 4, 6]]);
+        let lay = AttentionLayout::causal(1, 6);
+        let h0 = base.forward(&batch, &lay).unwrap();
+        assert!(maxdiff(&h0, &lm.forward(&batch, &lay).unwrap()) < 1e-12);
+        assert_eq!(lm.trainable_vars().len(), 2 * 7 * 2);
+        // Give B random values, then compare merged weights with the adapter path.
+        for (i, (n, v)) in lm.trainable_vars().iter().enumerate() {
+            if n.contains("lora_B") {
+                v.set(&(det(v.dims(), 500 + i as u64, DType::F64) * 0.3).unwrap()).unwrap();
+            }
+        }
+        let h1 = lm.forward(&batch, &lay).unwrap();
+        assert!(maxdiff(&h0, &h1) > 1e-3);
+        let merged: HashMap<String, Tensor> = lm.merged_hf_tensors().unwrap().into_iter().collect();
+        let mm = CausalLM::from_tensors(cfg, merged, &opts64()).unwrap();
+        assert!(maxdiff(&h1, &mm.forward(&batch, &lay).unwrap()) < 1e-10);
+        // Dropout is active only in training mode.
+        lm.set_training(true);
+        let h2 = lm.forward(&batch, &lay).unwrap();
+        assert!(maxdiff(&h1, &h2) > 1e-6);
+        lm.set_training(false);
+        assert!(maxdiff(&h1, &lm.forward(&batch, &lay).unwrap()) < 1e-12);
+        // Gradients reach the adapters only.
+        let loss = lm.token_logprobs(&batch, &lay).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        for (n, v) in lm.trainable_vars() {
+            assert!(g.get(v.as_tensor()).is_some(), "no grad for {n}");
+        }
+    }
+
+    #[test]
+    fn load_errors_name_file_and_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), false, true, DType::F32);
+        // Wrong shape.
+        let mut m = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        m.insert("model.layers.1.mlp.up_proj.weight".into(), Tensor::zeros((3, 16), DType::F32, &Device::Cpu).unwrap());
+        candle_core::safetensors::save(&m, dir.path().join("model.safetensors")).unwrap();
+        let e = format!("{:#}", CausalLM::load(dir.path(), &LoadOptions::default()).err().unwrap());
+        assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("model.safetensors") && e.contains("[24, 16]"), "{e}");
+        // Missing tensor.
+        m.remove("model.layers.1.mlp.up_proj.weight");
+        candle_core::safetensors::save(&m, dir.path().join("model.safetensors")).unwrap();
+        let e = format!("{:#}", CausalLM::load(dir.path(), &LoadOptions::default()).err().unwrap());
+        assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"), "{e}");
+        // Missing config.
+        std::fs::remove_file(dir.path().join("config.json")).unwrap();
+        let e = format!("{:#}", CausalLM::load(dir.path(), &LoadOptions::default()).err().unwrap());
+        assert!(e.contains("config.json"), "{e}");
+        // Out-of-vocabulary token.
+        let d2 = tempfile::tempdir().unwrap();
+        write_tiny(d2.path(), false, true, DType::F32);
+        let m = CausalLM::load(d2.path(), &LoadOptions::default()).unwrap();
+        let e = m.forward(&ids(&[&[1, 50]]), &AttentionLayout::causal(1, 2)).unwrap_err().to_string();
+        assert!(e.contains("50") && e.contains("vocabulary"), "{e}");
+    }
+}

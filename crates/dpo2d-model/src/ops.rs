@@ -1,1 +1,530 @@
-//! (being written)
+//! Differentiable building blocks with fast forward kernels and explicit backward.
+//!
+//! candle's fast kernels (`candle_nn::ops::rms_norm`, `softmax_last_dim`,
+//! `rotary_emb::rope`) have no backward pass. Here each op runs the fast
+//! kernel on detached inputs, then attaches the result to the autograd graph
+//! through a custom op whose `bwd` is written with ordinary tensor ops.
+//! Every op has a `*_plain` twin built only from differentiable primitives;
+//! tests check the two agree (forward) and check gradients by finite
+//! differences. On non-CPU devices the plain versions are used.
+//!
+//! Also here: the fused label log-probability op, which never keeps a
+//! `[tokens x vocab]` tensor alive for backward, and a linear layer with a
+//! frozen weight that skips the (unused) weight gradient.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
+
+type BwdFn = dyn Fn(&[&Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
+
+/// A custom op whose forward result was computed beforehand (on detached
+/// inputs, with fast kernels); `cpu_fwd` just hands that result over, and
+/// `bwd` calls the closure with the op's inputs and the incoming gradient.
+struct Precomputed {
+    name: &'static str,
+    out: Tensor,
+    bwd: Box<BwdFn>,
+}
+
+fn storage_of(t: &Tensor) -> Result<(CpuStorage, Shape)> {
+    let t = t.contiguous()?;
+    let (st, layout) = t.storage_and_layout();
+    let (o1, o2) = match layout.contiguous_offsets() {
+        Some(o) => o,
+        None => bail!("internal: precomputed tensor not contiguous"),
+    };
+    let cs = match &*st {
+        Storage::Cpu(cs) => match cs {
+            CpuStorage::F32(v) => CpuStorage::F32(v[o1..o2].to_vec()),
+            CpuStorage::F64(v) => CpuStorage::F64(v[o1..o2].to_vec()),
+            CpuStorage::BF16(v) => CpuStorage::BF16(v[o1..o2].to_vec()),
+            CpuStorage::F16(v) => CpuStorage::F16(v[o1..o2].to_vec()),
+            _ => bail!("internal: unsupported dtype in precomputed op"),
+        },
+        _ => bail!("internal: precomputed ops run on the CPU only"),
+    };
+    Ok((cs, t.shape().clone()))
+}
+
+impl CustomOp1 for Precomputed {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        storage_of(&self.out)
+    }
+    fn bwd(&self, a: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok((self.bwd)(&[a], g)?.into_iter().next().flatten())
+    }
+}
+
+impl CustomOp2 for Precomputed {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        storage_of(&self.out)
+    }
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut v = (self.bwd)(&[a, b], g)?.into_iter();
+        Ok((v.next().flatten(), v.next().flatten()))
+    }
+}
+
+impl CustomOp3 for Precomputed {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        storage_of(&self.out)
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut v = (self.bwd)(&[a, b, c], g)?.into_iter();
+        Ok((v.next().flatten(), v.next().flatten(), v.next().flatten()))
+    }
+}
+
+/// Whether a tensor takes part in autograd (a Var or derived from one).
+fn tracked(t: &Tensor) -> bool {
+    t.track_op()
+}
+
+fn fast_ok(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16)
+}
+
+fn internal_dtype(dt: DType) -> DType {
+    match dt {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
+    }
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+/// RMSNorm over the last dim: `x / sqrt(mean(x^2) + eps) * w` (HF Llama;
+/// statistics in f32 for half types).
+pub fn rms_norm_plain(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let xf = x.to_dtype(internal_dtype(dt))?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let r = (ms + eps)?.sqrt()?.recip()?;
+    xf.broadcast_mul(&r)?.to_dtype(dt)?.broadcast_mul(w)
+}
+
+/// RMSNorm with candle's fast kernel forward and a hand-written backward.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fast_ok(x) || x.dtype() != w.dtype() {
+        return rms_norm_plain(x, w, eps);
+    }
+    let out = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
+    if !tracked(x) && !tracked(w) {
+        return Ok(out);
+    }
+    let op = Precomputed {
+        name: "dpo2d-rms-norm",
+        out,
+        bwd: Box::new(move |args, g| {
+            let (x, w) = (args[0].detach(), args[1].detach());
+            let dt = x.dtype();
+            let it = internal_dtype(dt);
+            let xf = x.to_dtype(it)?;
+            let gf = g.to_dtype(it)?;
+            let wf = w.to_dtype(it)?;
+            let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+            let gw = gf.broadcast_mul(&wf)?;
+            let n = x.dim(D::Minus1)? as f64;
+            // dx = r * gw - x * r^3 * mean(gw * x)
+            let dot = ((&gw * &xf)?.sum_keepdim(D::Minus1)? / n)?;
+            let r3 = r.powf(3.0)?;
+            let dx = (gw.broadcast_mul(&r)? - xf.broadcast_mul(&(dot * r3)?)?)?.to_dtype(dt)?;
+            let dw = if tracked(args[1]) {
+                let xn = xf.broadcast_mul(&r)?;
+                let rows = xn.elem_count() / xn.dim(D::Minus1)?;
+                let h = xn.dim(D::Minus1)?;
+                let p = (gf * xn)?.reshape((rows, h))?.sum(0)?;
+                Some(p.to_dtype(w.dtype())?)
+            } else {
+                None
+            };
+            Ok(vec![if tracked(args[0]) { Some(dx) } else { None }, dw])
+        }),
+    };
+    x.apply_op2(w, op)
+}
+
+// ---------------------------------------------------------------- softmax
+
+/// Softmax over the last dim from differentiable primitives.
+pub fn softmax_plain(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Softmax over the last dim: fast kernel forward, `y * (g - sum(g*y))` backward.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !fast_ok(x) {
+        return softmax_plain(x);
+    }
+    let out = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
+    if !tracked(x) {
+        return Ok(out);
+    }
+    let y = out.clone();
+    let op = Precomputed {
+        name: "dpo2d-softmax",
+        out,
+        bwd: Box::new(move |_args, g| {
+            let s = (g * &y)?.sum_keepdim(D::Minus1)?;
+            Ok(vec![Some((g.broadcast_sub(&s)? * &y)?)])
+        }),
+    };
+    x.apply_op1(op)
+}
+
+// ---------------------------------------------------------------- rope
+
+/// Rotary embedding, HF "rotate_half" convention, from primitives.
+/// `x`: [B, H, T, D]; `cos`, `sin`: [B, T, D/2] (per-token angles).
+pub fn rope_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
+}
+
+/// Rotary embedding with candle's fast kernel; backward rotates the gradient
+/// by the opposite angle.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !fast_ok(x) || cos.dtype() != x.dtype() {
+        return rope_plain(x, cos, sin);
+    }
+    let cos = cos.contiguous()?;
+    let sin = sin.contiguous()?;
+    let out = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, &cos, &sin)?;
+    if !tracked(x) {
+        return Ok(out);
+    }
+    let neg_sin = sin.neg()?;
+    let op = Precomputed {
+        name: "dpo2d-rope",
+        out,
+        bwd: Box::new(move |_args, g| {
+            Ok(vec![Some(candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)?)])
+        }),
+    };
+    x.apply_op1(op)
+}
+
+// ---------------------------------------------------------------- linear
+
+/// `x @ w^T (+ b)` over the last dim of `x` (any rank), with `w`: [out, in].
+/// When `w` is frozen (not tracked) and `x` is, the weight gradient that
+/// candle's matmul backward would compute and throw away is skipped.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inp = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / inp.max(1);
+    let (out_f, _) = w.dims2()?;
+    let x2 = x.reshape((rows, inp))?;
+    let y = if tracked(&x2) && !tracked(w) && fast_ok(x) {
+        let out = x2.detach().matmul(&w.t()?)?;
+        let wd = w.detach();
+        let op = Precomputed {
+            name: "dpo2d-frozen-linear",
+            out,
+            bwd: Box::new(move |_args, g| Ok(vec![Some(g.matmul(&wd)?)])),
+        };
+        x2.apply_op1(op)?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut od = dims;
+    *od.last_mut().unwrap() = out_f;
+    y.reshape(od)
+}
+
+// ---------------------------------------------------------------- log-probs
+
+/// Log-softmax over the last dim from primitives (keeps the input alive).
+pub fn log_softmax_plain(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let xs = x.broadcast_sub(&m)?;
+    let lse = xs.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    xs.broadcast_sub(&lse)
+}
+
+/// Reference version of [`label_logprobs`]: full logits, log-softmax, gather.
+pub fn label_logprobs_plain(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let logits = hidden.matmul(&weight.t()?)?.to_dtype(internal_dtype(hidden.dtype()))?;
+    let lp = log_softmax_plain(&logits)?;
+    lp.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)
+}
+
+/// Rows per chunk so that one chunk's logits hold about 8M values.
+fn chunk_rows(vocab: usize) -> usize {
+    (8_000_000 / vocab.max(1)).clamp(1, 4096)
+}
+
+/// Log-probability of `labels` under `softmax(hidden @ weight^T)`.
+///
+/// `hidden`: [N, H], `weight`: [V, H] (the lm_head), `labels`: [N] u32 < V.
+/// Returns [N] in f32 (f64 for f64 inputs). Works in row chunks and never
+/// keeps `[N x V]` alive: backward recomputes each chunk's logits and forms
+/// `g * (onehot - softmax)` on the fly.
+pub fn label_logprobs(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (n, h) = hidden.dims2()?;
+    let (v, h2) = weight.dims2()?;
+    if h != h2 {
+        bail!("label_logprobs: hidden size {h} but lm_head has {h2}");
+    }
+    if labels.dims1()? != n {
+        bail!("label_logprobs: {n} hidden rows but {} labels", labels.dims1()?);
+    }
+    let labels = labels.to_dtype(DType::U32)?;
+    let max_label = if n > 0 { labels.max(0)?.to_scalar::<u32>()? as usize } else { 0 };
+    if n > 0 && max_label >= v {
+        bail!("label_logprobs: label id {max_label} is outside the vocabulary (size {v})");
+    }
+    if !fast_ok(hidden) || !fast_ok(weight) {
+        return label_logprobs_plain(hidden, weight, &labels);
+    }
+    let it = internal_dtype(hidden.dtype());
+    let hd = hidden.detach();
+    let wd = weight.detach();
+    let rows = chunk_rows(v);
+    // Forward: per chunk, logit of the label minus logsumexp.
+    let mut outs = vec![];
+    let mut lses = vec![];
+    let mut s = 0;
+    while s < n {
+        let r = rows.min(n - s);
+        let logits = hd.narrow(0, s, r)?.matmul(&wd.t()?)?.to_dtype(it)?;
+        let lab = labels.narrow(0, s, r)?;
+        let m = logits.max_keepdim(1)?;
+        let lse = (logits.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + &m)?;
+        let picked = logits.gather(&lab.unsqueeze(1)?, 1)?;
+        outs.push((picked - &lse)?.squeeze(1)?);
+        lses.push(lse.squeeze(1)?);
+        s += r;
+    }
+    let out = if outs.is_empty() {
+        Tensor::zeros(0, it, hidden.device())?
+    } else {
+        Tensor::cat(&outs, 0)?
+    };
+    if !tracked(hidden) && !tracked(weight) {
+        return Ok(out);
+    }
+    let lse = if lses.is_empty() { out.clone() } else { Tensor::cat(&lses, 0)? };
+    let labels_c = labels.clone();
+    let op = Precomputed {
+        name: "dpo2d-label-logprobs",
+        out,
+        bwd: Box::new(move |args, g| {
+            let (hd, wd) = (args[0].detach(), args[1].detach());
+            let need_h = tracked(args[0]);
+            let need_w = tracked(args[1]);
+            let vocab = Tensor::arange(0u32, v as u32, hd.device())?;
+            let mut dh = vec![];
+            let mut dw: Option<Tensor> = None;
+            let mut s = 0;
+            while s < n {
+                let r = rows.min(n - s);
+                let hc = hd.narrow(0, s, r)?;
+                let logits = hc.matmul(&wd.t()?)?.to_dtype(it)?;
+                let p = logits.broadcast_sub(&lse.narrow(0, s, r)?.unsqueeze(1)?)?.exp()?;
+                let lab = labels_c.narrow(0, s, r)?.unsqueeze(1)?;
+                let onehot = vocab.unsqueeze(0)?.broadcast_eq(&lab)?.to_dtype(it)?;
+                let gl = (onehot - p)?
+                    .broadcast_mul(&g.narrow(0, s, r)?.unsqueeze(1)?)?
+                    .to_dtype(hd.dtype())?;
+                if need_h {
+                    dh.push(gl.matmul(&wd)?);
+                }
+                if need_w {
+                    let part = gl.t()?.matmul(&hc)?;
+                    dw = Some(match dw {
+                        None => part,
+                        Some(acc) => (acc + part)?,
+                    });
+                }
+                s += r;
+            }
+            let dh = if need_h { Some(Tensor::cat(&dh, 0)?) } else { None };
+            let dw = match (need_w, dw) {
+                (true, Some(d)) => Some(d.to_dtype(wd.dtype())?),
+                (true, None) => Some(wd.zeros_like()?),
+                _ => None,
+            };
+            Ok(vec![dh, dw, None])
+        }),
+    };
+    hidden.apply_op3(weight, &labels, op)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Deterministic pseudo-random tensor (no RNG dependency in tests).
+    pub fn det(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    /// Check d(sum(f(x) * proj))/dx from autograd against central finite
+    /// differences, for every input in `xs` (f64).
+    pub fn grad_check(xs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>, tol: f64) {
+        let vars: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        let proj = det(y.dims(), 99, DType::F64);
+        let loss = (y * &proj).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let eps = 1e-6;
+        for (i, x) in xs.iter().enumerate() {
+            let g = grads.get(vars[i].as_tensor()).expect("no gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let base = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            // Check a subset of coordinates to keep it quick.
+            let step = (base.len() / 40).max(1);
+            for j in (0..base.len()).step_by(step) {
+                let eval = |d: f64| {
+                    let mut b = base.clone();
+                    b[j] += d;
+                    let mut ins: Vec<Tensor> = xs.to_vec();
+                    ins[i] = Tensor::from_vec(b, x.dims(), &Device::Cpu).unwrap();
+                    (f(&ins).unwrap() * &proj).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+                };
+                let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
+                assert!(
+                    (fd - g[j]).abs() <= tol * (1.0 + fd.abs()),
+                    "input {i} coord {j}: autograd {} vs finite difference {fd}",
+                    g[j]
+                );
+            }
+        }
+    }
+
+    fn close(a: &Tensor, b: &Tensor, tol: f64) {
+        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d <= tol, "max abs diff {d} > {tol}");
+    }
+
+    #[test]
+    fn rms_norm_fast_matches_plain_and_grads() {
+        let x = det(&[2, 3, 8], 1, DType::F64);
+        let w = det(&[8], 2, DType::F64);
+        close(&rms_norm(&x, &w, 1e-5).unwrap(), &rms_norm_plain(&x, &w, 1e-5).unwrap(), 1e-12);
+        grad_check(&[x.clone(), w.clone()], &|t| rms_norm(&t[0], &t[1], 1e-5), 1e-6);
+        grad_check(&[x, w], &|t| rms_norm_plain(&t[0], &t[1], 1e-5), 1e-6);
+    }
+
+    #[test]
+    fn softmax_fast_matches_plain_and_grads() {
+        let x = det(&[2, 3, 7], 3, DType::F64);
+        close(&softmax_last_dim(&x).unwrap(), &softmax_plain(&x).unwrap(), 1e-12);
+        grad_check(&[x.clone()], &|t| softmax_last_dim(&t[0]), 1e-6);
+        grad_check(&[x], &|t| softmax_plain(&t[0]), 1e-6);
+    }
+
+    #[test]
+    fn rope_fast_matches_plain_and_grads() {
+        let x = det(&[2, 3, 4, 8], 4, DType::F64);
+        let ang = (det(&[2, 4, 4], 5, DType::F64) * 3.0).unwrap();
+        let (c, s) = (ang.cos().unwrap(), ang.sin().unwrap());
+        close(&rope(&x, &c, &s).unwrap(), &rope_plain(&x, &c, &s).unwrap(), 1e-12);
+        let (c2, s2) = (c.clone(), s.clone());
+        grad_check(&[x.clone()], &move |t| rope(&t[0], &c2, &s2), 1e-6);
+        grad_check(&[x], &move |t| rope_plain(&t[0], &c, &s), 1e-6);
+    }
+
+    #[test]
+    fn frozen_linear_grad() {
+        let x = det(&[2, 3, 5], 6, DType::F64);
+        let w = det(&[4, 5], 7, DType::F64);
+        let b = det(&[4], 8, DType::F64);
+        let plain = x.matmul(&w.t().unwrap().unsqueeze(0).unwrap().broadcast_as((2, 5, 4)).unwrap()).unwrap();
+        close(&linear(&x, &w, None).unwrap(), &plain, 1e-12);
+        // frozen weight path (w is a plain tensor captured by the closure)
+        let (w2, b2) = (w.clone(), b.clone());
+        grad_check(&[x.clone()], &move |t| linear(&t[0], &w2, Some(&b2)), 1e-6);
+        // trainable weight and bias
+        grad_check(&[x, w, b], &|t| linear(&t[0], &t[1], Some(&t[2])), 1e-6);
+    }
+
+    #[test]
+    fn label_logprobs_matches_plain_and_grads() {
+        let h = det(&[5, 6], 9, DType::F64);
+        let w = det(&[11, 6], 10, DType::F64);
+        let labels = Tensor::new(&[0u32, 10, 3, 3, 7], &Device::Cpu).unwrap();
+        close(
+            &label_logprobs(&h, &w, &labels).unwrap(),
+            &label_logprobs_plain(&h, &w, &labels).unwrap(),
+            1e-12,
+        );
+        let l2 = labels.clone();
+        grad_check(&[h.clone(), w.clone()], &move |t| label_logprobs(&t[0], &t[1], &l2), 1e-6);
+        // frozen lm_head
+        let (w3, l3) = (w.clone(), labels.clone());
+        grad_check(&[h.clone()], &move |t| label_logprobs(&t[0], &w3, &l3), 1e-6);
+        grad_check(&[h, w], &move |t| label_logprobs_plain(&t[0], &t[1], &labels), 1e-6);
+        let bad = Tensor::new(&[11u32; 5], &Device::Cpu).unwrap();
+        let e = label_logprobs(&det(&[5, 6], 1, DType::F64), &det(&[11, 6], 2, DType::F64), &bad).unwrap_err();
+        assert!(e.to_string().contains("outside the vocabulary"));
+    }
+
+    #[test]
+    fn label_logprobs_chunks_cover_all_rows() {
+        // More rows than one chunk holds for this vocabulary.
+        let v = 8_000_000 / 3 + 1;
+        assert_eq!(chunk_rows(v), 2);
+        let h = det(&[5, 2], 11, DType::F32);
+        let w = det(&[v, 2], 12, DType::F32);
+        let labels = Tensor::new(&[0u32, 1, 2, 3, (v - 1) as u32], &Device::Cpu).unwrap();
+        close(
+            &label_logprobs(&h, &w, &labels).unwrap(),
+            &label_logprobs_plain(&h, &w, &labels).unwrap(),
+            1e-4,
+        );
+    }
+}

@@ -1,1 +1,210 @@
-//! (being written)
+//! Loading Hugging Face safetensors checkpoints (single file or sharded) with
+//! checks whose errors name the file and the tensor at fault.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// A set of named tensors plus where each came from, so that a missing or
+/// mis-shaped tensor can be reported against its file.
+pub struct WeightSet {
+    tensors: HashMap<String, Tensor>,
+    origin: HashMap<String, PathBuf>,
+    source: String,
+}
+
+impl WeightSet {
+    /// Wrap an in-memory tensor map (e.g. dequantized GGUF tensors);
+    /// `source` names it in error messages.
+    pub fn from_map(tensors: HashMap<String, Tensor>, source: impl Into<String>) -> Self {
+        Self { tensors, origin: HashMap::new(), source: source.into() }
+    }
+
+    /// Load `model.safetensors`, or `model.safetensors.index.json` and its
+    /// shards, from a model directory. Tensors keep their stored dtype.
+    pub fn load_dir(dir: &Path, device: &Device) -> Result<Self> {
+        let files = weight_files(dir)?;
+        let mut set = Self { tensors: HashMap::new(), origin: HashMap::new(), source: dir.display().to_string() };
+        for f in files {
+            let map = load_file(&f, device)?;
+            for (k, v) in map {
+                set.origin.insert(k.clone(), f.clone());
+                set.tensors.insert(k, v);
+            }
+        }
+        Ok(set)
+    }
+
+    /// Load one safetensors file.
+    pub fn load_file(path: &Path, device: &Device) -> Result<Self> {
+        let map = load_file(path, device)?;
+        let origin = map.keys().map(|k| (k.clone(), path.to_path_buf())).collect();
+        Ok(Self { tensors: map, origin, source: path.display().to_string() })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> BTreeSet<String> {
+        self.tensors.keys().cloned().collect()
+    }
+
+    /// Where a tensor lives, for messages.
+    fn where_is(&self, name: &str) -> String {
+        match self.origin.get(name) {
+            Some(p) => p.display().to_string(),
+            None => self.source.clone(),
+        }
+    }
+
+    /// Fetch a tensor and check its shape.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .get(name)
+            .with_context(|| format!("tensor `{name}` is missing from {}", self.source))?;
+        if t.dims() != shape {
+            bail!(
+                "tensor `{name}` in {} has shape {:?}, expected {:?}",
+                self.where_is(name),
+                t.dims(),
+                shape
+            );
+        }
+        Ok(t.clone())
+    }
+
+    /// Fetch a tensor if present (shape-checked).
+    pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.get(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn into_map(self) -> HashMap<String, Tensor> {
+        self.tensors
+    }
+}
+
+/// The safetensors files of a model directory, checked to exist.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        bail!("model directory {} does not exist", dir.display());
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", index.display()))?;
+        let wm = v
+            .get("weight_map")
+            .and_then(|w| w.as_object())
+            .with_context(|| format!("{}: missing `weight_map` object", index.display()))?;
+        let mut shards = BTreeSet::new();
+        for (name, file) in wm {
+            let f = file
+                .as_str()
+                .with_context(|| format!("{}: shard for `{name}` must be a file name", index.display()))?;
+            shards.insert(f.to_string());
+        }
+        let mut out = vec![];
+        for s in shards {
+            let p = dir.join(&s);
+            if !p.is_file() {
+                bail!("shard {} listed in {} does not exist", p.display(), index.display());
+            }
+            out.push(p);
+        }
+        return Ok(out);
+    }
+    bail!(
+        "no weights in {}: expected model.safetensors or model.safetensors.index.json",
+        dir.display()
+    )
+}
+
+/// Read one safetensors file. The header is validated against the file
+/// length when it is opened, so a truncated file fails here, not later.
+fn load_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        bail!("weights file {} does not exist", path.display());
+    }
+    let bad = |e: candle_core::Error| {
+        anyhow::anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display())
+    };
+    // SAFETY: the file is only read; modifying it while loading is the caller's problem,
+    // as with any memory-mapped checkpoint loader.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
+    let mut out = HashMap::new();
+    for (name, _) in st.tensors() {
+        let t = st
+            .load(&name, device)
+            .map_err(|e| anyhow::anyhow!("{}: cannot load tensor `{name}`: {e}", path.display()))?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    #[test]
+    fn load_check_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let a = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        let mut m = HashMap::new();
+        m.insert("a".to_string(), a);
+        let file = dir.path().join("model.safetensors");
+        candle_core::safetensors::save(&m, &file).unwrap();
+        let w = WeightSet::load_dir(dir.path(), &dev).unwrap();
+        assert_eq!(w.get("a", &[2, 3]).unwrap().dims(), &[2, 3]);
+        let e = format!("{:#}", w.get("a", &[3, 2]).unwrap_err());
+        assert!(e.contains("model.safetensors") && e.contains("`a`") && e.contains("[3, 2]"), "{e}");
+        let e = format!("{:#}", w.get("b", &[1]).unwrap_err());
+        assert!(e.contains("`b`") && e.contains("missing"), "{e}");
+        // Truncate the file.
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[..bytes.len() - 5]).unwrap();
+        let e = format!("{:#}", WeightSet::load_dir(dir.path(), &dev).err().unwrap());
+        assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+        // No weights at all.
+        std::fs::remove_file(&file).unwrap();
+        let e = format!("{:#}", WeightSet::load_dir(dir.path(), &dev).err().unwrap());
+        assert!(e.contains("model.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn sharded_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        for (i, name) in ["x", "y"].iter().enumerate() {
+            let mut m = HashMap::new();
+            m.insert(name.to_string(), Tensor::ones(3, DType::F32, &dev).unwrap());
+            candle_core::safetensors::save(&m, dir.path().join(format!("model-0000{}-of-00002.safetensors", i + 1)))
+                .unwrap();
+        }
+        let idx = r#"{"metadata":{},"weight_map":{"x":"model-00001-of-00002.safetensors","y":"model-00002-of-00002.safetensors"}}"#;
+        std::fs::write(dir.path().join("model.safetensors.index.json"), idx).unwrap();
+        let w = WeightSet::load_dir(dir.path(), &dev).unwrap();
+        assert!(w.contains("x") && w.contains("y"));
+        std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+        let e = format!("{:#}", WeightSet::load_dir(dir.path(), &dev).err().unwrap());
+        assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("does not exist"), "{e}");
+    }
+}
