@@ -1,0 +1,263 @@
+//! Training configuration: one flat set of options with TRL's names where
+//! TRL has the option (`beta`, `loss_type`, `learning_rate`, `max_length`,
+//! ...), plus dpo2d's own (`aspect_weights`, `sft_weight`, LoRA options).
+//!
+//! Sources are layered: built-in defaults < `--preset` < `--config` TOML file
+//! < command-line overrides. Unknown keys in a TOML file are an error that
+//! names the key, so a typo never silently falls back to a default.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Policy model: a Hugging Face directory, a GGUF file, or `smollm2`.
+    pub model: String,
+    /// Reference model; default: a frozen copy of the starting policy.
+    pub ref_model: Option<String>,
+    /// Training pairs (JSONL).
+    pub train_file: Option<PathBuf>,
+    /// Held-out pairs (JSONL); alternative to `eval_split`.
+    pub eval_file: Option<PathBuf>,
+    /// Share of the training pairs held out for evaluation when no eval file is given.
+    pub eval_split: f64,
+    pub output_dir: PathBuf,
+
+    // Loss.
+    pub loss_type: String,
+    pub beta: f64,
+    /// Weight of the SFT term (mean NLL per chosen token); paper: 0.1.
+    pub sft_weight: f64,
+    /// Aspect weights W (helpfulness, correctness, safety, completeness, clarity).
+    pub aspect_weights: [f64; 5],
+    /// SimPO target margin gamma (paper: 0.5).
+    pub simpo_gamma: f64,
+    /// TDPO alpha (paper: 0.5).
+    pub tdpo_alpha: f64,
+    /// DPO label smoothing (conservative DPO); 0 = plain DPO.
+    pub label_smoothing: f64,
+
+    // Optimisation.
+    pub learning_rate: f64,
+    pub lr_scheduler_type: String,
+    pub warmup_ratio: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub per_device_train_batch_size: usize,
+    pub per_device_eval_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub num_train_epochs: f64,
+    /// Number of optimizer updates; > 0 overrides `num_train_epochs`.
+    pub max_steps: usize,
+    pub seed: u64,
+
+    // Sequences.
+    pub max_length: usize,
+    pub max_prompt_length: usize,
+
+    // Logging, evaluation, checkpoints.
+    pub logging_steps: usize,
+    /// Evaluate every N updates (0 = only at the end when there is eval data).
+    pub eval_steps: usize,
+    /// Checkpoint every N updates (0 = only at the end).
+    pub save_steps: usize,
+    /// Keep at most this many intermediate checkpoints (0 = all).
+    pub save_total_limit: usize,
+
+    // Precision / device.
+    pub bf16: bool,
+
+    // LoRA.
+    pub use_lora: bool,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_target_modules: Vec<String>,
+
+    // Reference model handling.
+    /// Precompute reference log-probs once and cache them on disk (TRL's
+    /// `precompute_ref_log_probs`); ignored for losses that need the
+    /// reference's full distribution.
+    pub precompute_ref_log_probs: bool,
+    /// Skip invalid data lines (reported) instead of failing.
+    pub skip_invalid: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: "smollm2".into(),
+            ref_model: None,
+            train_file: None,
+            eval_file: None,
+            eval_split: 0.0,
+            output_dir: PathBuf::from("runs/train"),
+            loss_type: "2d-dpo".into(),
+            beta: 0.1,
+            sft_weight: 0.1,
+            aspect_weights: [0.3, 0.4, 0.1, 0.1, 0.1],
+            simpo_gamma: 0.5,
+            tdpo_alpha: 0.5,
+            label_smoothing: 0.0,
+            learning_rate: 1e-6,
+            lr_scheduler_type: "linear".into(),
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            num_train_epochs: 3.0,
+            max_steps: 0,
+            seed: 42,
+            max_length: 1024,
+            max_prompt_length: 512,
+            logging_steps: 10,
+            eval_steps: 0,
+            save_steps: 500,
+            save_total_limit: 0,
+            bf16: false,
+            use_lora: false,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            lora_target_modules: vec!["q_proj".into(), "k_proj".into(), "v_proj".into(), "o_proj".into()],
+            precompute_ref_log_probs: true,
+            skip_invalid: false,
+        }
+    }
+}
+
+/// Named presets, as TOML text (the same text ships in `configs/`).
+pub fn preset(name: &str) -> Result<&'static str> {
+    Ok(match name {
+        "paper" => PAPER_PRESET,
+        "quickstart" => QUICKSTART_PRESET,
+        _ => bail!("unknown preset {name:?} (available: paper, quickstart)"),
+    })
+}
+
+/// METHOD.md §6: beta 0.2, lr 1e-7 cosine, batch 1 x grad-accum 8, 700 steps, bf16.
+/// The paper's global batch of 64 came from 8 GPUs; one device gets 8.
+pub const PAPER_PRESET: &str = include_str!("../../../configs/paper.toml");
+/// The settings `dpo2d quickstart` trains with.
+pub const QUICKSTART_PRESET: &str = include_str!("../../../configs/quickstart.toml");
+
+impl TrainConfig {
+    /// Layer defaults < preset < file < overrides, then validate.
+    pub fn resolve(preset_name: Option<&str>, file: Option<&Path>, overrides: toml::Table) -> Result<Self> {
+        let mut table = toml::Table::new();
+        if let Some(p) = preset_name {
+            let t: toml::Table = toml::from_str(preset(p)?).with_context(|| format!("parsing preset {p}"))?;
+            check_keys(&t, &format!("preset {p}"))?;
+            table.extend(t);
+        }
+        if let Some(f) = file {
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading config {}", f.display()))?;
+            let t: toml::Table = toml::from_str(&text).with_context(|| format!("parsing config {}", f.display()))?;
+            check_keys(&t, &f.display().to_string())?;
+            table.extend(t);
+        }
+        check_keys(&overrides, "command line")?;
+        table.extend(overrides);
+        let cfg: TrainConfig = toml::Value::Table(table).try_into().context("invalid training configuration")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            bail!("per_device_train_batch_size and gradient_accumulation_steps must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.eval_split) {
+            bail!("eval_split must be in [0, 1), got {}", self.eval_split);
+        }
+        if self.max_length < 2 {
+            bail!("max_length must be at least 2");
+        }
+        let s: f64 = self.aspect_weights.iter().sum();
+        if self.aspect_weights.iter().any(|w| *w < 0.0) || (s - 1.0).abs() > 1e-6 {
+            bail!("aspect_weights must be non-negative and sum to 1, got {:?} (sum {s})", self.aspect_weights);
+        }
+        if self.learning_rate < 0.0 || !self.learning_rate.is_finite() {
+            bail!("learning_rate must be a finite non-negative number");
+        }
+        self.lr_scheduler_type.parse::<crate::schedule::SchedulerType>()?;
+        if self.max_steps == 0 && self.num_train_epochs <= 0.0 {
+            bail!("set max_steps or num_train_epochs to a positive value");
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML (written to the output directory).
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+}
+
+/// Reject keys that are not options, naming them and the source.
+fn check_keys(t: &toml::Table, source: &str) -> Result<()> {
+    let known = toml::Value::try_from(TrainConfig::default())?;
+    let known = known.as_table().expect("config serialises to a table");
+    let optional = ["ref_model", "train_file", "eval_file"];
+    for k in t.keys() {
+        if !known.contains_key(k) && !optional.contains(&k.as_str()) {
+            bail!("{source}: unknown option {k:?}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layering_and_presets() -> Result<()> {
+        let cfg = TrainConfig::resolve(Some("paper"), None, toml::Table::new())?;
+        assert_eq!(cfg.beta, 0.2);
+        assert_eq!(cfg.learning_rate, 1e-7);
+        assert_eq!(cfg.gradient_accumulation_steps, 8);
+        assert_eq!(cfg.per_device_train_batch_size, 1);
+        assert_eq!(cfg.max_steps, 700);
+        assert_eq!(cfg.lr_scheduler_type, "cosine");
+        let dir = tempfile::tempdir()?;
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "beta = 0.5\nlearning_rate = 2e-6\n")?;
+        let mut o = toml::Table::new();
+        o.insert("beta".into(), toml::Value::Float(0.7));
+        let cfg = TrainConfig::resolve(Some("paper"), Some(&f), o)?;
+        assert_eq!(cfg.beta, 0.7);
+        assert_eq!(cfg.learning_rate, 2e-6);
+        assert_eq!(cfg.max_steps, 700);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "betta = 0.5\n").unwrap();
+        let e = TrainConfig::resolve(None, Some(&f), toml::Table::new()).unwrap_err();
+        assert!(format!("{e:#}").contains("betta"), "{e:#}");
+        let e = TrainConfig::resolve(Some("nope"), None, toml::Table::new()).unwrap_err();
+        assert!(format!("{e:#}").contains("nope"));
+    }
+
+    #[test]
+    fn bad_weights_rejected() {
+        let mut o = toml::Table::new();
+        o.insert("aspect_weights".into(), toml::Value::try_from([0.5, 0.5, 0.5, 0.0, 0.0]).unwrap());
+        assert!(TrainConfig::resolve(None, None, o).is_err());
+    }
+}
