@@ -3,3 +3,8 @@
 
 pub mod align;
 pub mod loss;
+pub mod charts;
+pub mod config;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
