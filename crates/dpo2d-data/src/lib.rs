@@ -1,6 +1,24 @@
 //! Preference data: the 2-D pair format, its validation, segmentation of
 //! responses into sentences, and building pairs from rated responses.
+//!
+//! - [`pair`]: the types (one [`Pair`] per JSONL line).
+//! - [`validate`]: [`load_pairs`] with strict / skip-invalid modes.
+//! - [`segment`]: [`segment_spans`], exact-cover sentence segmentation.
+//! - [`helpsteer`]: HelpSteer2-style rated rows (JSONL / gz / Parquet) to pairs.
+//! - [`stats`]: summary numbers for `dpo2d validate`.
+//! - [`io`]: JSONL reading and writing, gzip-aware.
 
+pub mod helpsteer;
+pub mod io;
 pub mod pair;
+pub mod segment;
+pub mod stats;
+pub mod validate;
 
 pub use pair::{Message, Pair, Prompt, Response, Scores, Segment, ASPECTS};
+pub use segment::{segment, segment_response, segment_spans, segment_with, SegmentKind, SegmentOptions, Span};
+pub use stats::DataStats;
+pub use validate::{
+    check_pair, load_pairs, parse_pair_line, parse_pair_value, require_scored, scored_problem, InvalidData, LineProblem,
+    Limits, LoadOptions, LoadedPairs, Problem, Requirement, SkipReport,
+};

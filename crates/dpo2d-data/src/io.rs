@@ -1,0 +1,147 @@
+//! Reading and writing JSONL files, plain or gzip-compressed.
+//!
+//! Compression is detected from the file's first bytes (the gzip magic
+//! number), not only from its name, so a `.jsonl.gz` renamed to `.jsonl`
+//! still loads. `-` stands for standard input / standard output.
+
+use anyhow::{Context, Result};
+use flate2::read::MultiGzDecoder;
+use serde::Serialize;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// Opens `path` for buffered reading, decompressing gzip transparently.
+pub fn open_reader(path: &Path) -> Result<Box<dyn BufRead>> {
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(BufReader::new(io::stdin())));
+    }
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut reader = BufReader::with_capacity(1 << 16, file);
+    let head = reader.fill_buf().with_context(|| format!("cannot read {}", path.display()))?;
+    if head.starts_with(&GZIP_MAGIC) {
+        Ok(Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(reader))))
+    } else {
+        Ok(Box::new(reader))
+    }
+}
+
+/// Reads a whole (possibly gzipped) text file into a string.
+pub fn read_to_string(path: &Path) -> Result<String> {
+    let mut s = String::new();
+    open_reader(path)?
+        .read_to_string(&mut s)
+        .with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
+    Ok(s)
+}
+
+/// Creates `path` for writing (gzip when the name ends in `.gz`); `-` is stdout.
+pub fn create_writer(path: &Path) -> Result<Box<dyn Write>> {
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(BufWriter::new(io::stdout())));
+    }
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create directory {}", parent.display()))?;
+        }
+    }
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let w = BufWriter::with_capacity(1 << 16, file);
+    if path.extension().is_some_and(|e| e == "gz") {
+        Ok(Box::new(GzWriter(Some(flate2::write::GzEncoder::new(w, flate2::Compression::default())))))
+    } else {
+        Ok(Box::new(w))
+    }
+}
+
+/// A gzip writer that finishes the stream on flush-at-drop, so callers can
+/// treat it like any other `Write` (flush, then drop).
+struct GzWriter<W: Write>(Option<flate2::write::GzEncoder<W>>);
+
+impl<W: Write> Write for GzWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.as_mut().expect("gzip writer used after finish").write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.as_mut().expect("gzip writer used after finish").flush()
+    }
+}
+
+impl<W: Write> Drop for GzWriter<W> {
+    fn drop(&mut self) {
+        if let Some(enc) = self.0.take() {
+            if let Ok(mut inner) = enc.finish() {
+                let _ = inner.flush();
+            }
+        }
+    }
+}
+
+/// One line of a JSONL file: its 1-based line number and its text.
+pub struct Line {
+    pub number: usize,
+    pub text: String,
+}
+
+/// Iterates the non-blank lines of a JSONL file (blank lines are allowed
+/// and skipped; they are not data). Errors name the file and line.
+pub fn jsonl_lines(path: &Path) -> Result<impl Iterator<Item = Result<Line>>> {
+    let reader = open_reader(path)?;
+    let name = path.display().to_string();
+    Ok(reader.lines().enumerate().filter_map(move |(i, line)| match line {
+        Ok(text) if text.trim().is_empty() => None,
+        Ok(text) => Some(Ok(Line { number: i + 1, text })),
+        Err(e) => Some(Err(anyhow::Error::new(e).context(format!("{name}:{}: cannot read line", i + 1)))),
+    }))
+}
+
+/// Writes items as JSONL (one compact JSON object per line).
+pub fn write_jsonl<'a, T: Serialize + 'a>(path: &Path, items: impl IntoIterator<Item = &'a T>) -> Result<usize> {
+    let mut w = create_writer(path)?;
+    let mut n = 0;
+    for item in items {
+        serde_json::to_writer(&mut w, item).context("cannot serialise a record")?;
+        w.write_all(b"\n").with_context(|| format!("cannot write {}", path.display()))?;
+        n += 1;
+    }
+    w.flush().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gz_round_trip_and_sniffing() {
+        let dir = tempfile::tempdir().unwrap();
+        let gz = dir.path().join("a.jsonl.gz");
+        let items = vec![serde_json::json!({"a": 1}), serde_json::json!({"b": "x"})];
+        assert_eq!(write_jsonl(&gz, &items).unwrap(), 2);
+        let raw = std::fs::read(&gz).unwrap();
+        assert_eq!(&raw[..2], &GZIP_MAGIC, "a .gz name must produce gzip output");
+        // A gzip file under a plain name is still decompressed.
+        let renamed = dir.path().join("b.jsonl");
+        std::fs::copy(&gz, &renamed).unwrap();
+        let lines: Vec<_> = jsonl_lines(&renamed).unwrap().map(|l| l.unwrap().text).collect();
+        assert_eq!(lines, vec![r#"{"a":1}"#, r#"{"b":"x"}"#]);
+    }
+
+    #[test]
+    fn blank_lines_skipped_but_numbers_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        std::fs::write(&p, "{}\n\n  \n{\"x\":1}\n").unwrap();
+        let nums: Vec<_> = jsonl_lines(&p).unwrap().map(|l| l.unwrap().number).collect();
+        assert_eq!(nums, vec![1, 4]);
+    }
+
+    #[test]
+    fn missing_file_names_path() {
+        let err = open_reader(Path::new("no/such/file.jsonl")).err().unwrap();
+        assert!(format!("{err:#}").contains("no/such/file.jsonl"));
+    }
+}
