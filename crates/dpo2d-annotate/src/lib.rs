@@ -1,2 +1,20 @@
 //! LLM annotation: turning preference pairs into 2-D pairs by asking a judge
-//! model to score every segment on each aspect.
+//! model (any OpenAI-compatible chat-completions server) to score every
+//! segment of both responses on each aspect, one request per (pair, aspect).
+//!
+//! Pieces: [`prompt`] builds the requests, [`parse`] reads the ratings back,
+//! [`client`] talks HTTP with retries, [`cache`] makes runs resumable,
+//! [`run`] drives it all, [`compare`] measures agreement of two annotations.
+
+pub mod cache;
+pub mod client;
+pub mod compare;
+pub mod parse;
+pub mod prompt;
+pub mod run;
+#[cfg(any(test, feature = "test-server"))]
+pub mod test_server;
+
+pub use client::{RetryPolicy, Secret};
+pub use prompt::Aspect;
+pub use run::{annotate_file, AnnotateJob, AspectStats, FailedPair, Options, Summary};

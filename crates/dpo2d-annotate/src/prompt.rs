@@ -1,0 +1,252 @@
+//! The judge prompts: one request per (pair, aspect), showing the history and
+//! both responses with every segment tagged `<ID>...</ID>`, the aspect's
+//! rubric, and a strict line format that `parse` reads back.
+
+use dpo2d_data::{Message, Pair, Segment};
+use serde::Serialize;
+
+/// The five aspects, in the order of `dpo2d_data::ASPECTS` and of score vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Aspect {
+    Helpfulness,
+    Correctness,
+    Safety,
+    Completeness,
+    Clarity,
+}
+
+impl Aspect {
+    pub const ALL: [Aspect; 5] =
+        [Aspect::Helpfulness, Aspect::Correctness, Aspect::Safety, Aspect::Completeness, Aspect::Clarity];
+
+    /// Position in score vectors (`Scores::to_array`).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The name used in the data format and on the command line.
+    pub fn name(self) -> &'static str {
+        dpo2d_data::ASPECTS[self.index()]
+    }
+
+    pub fn parse(s: &str) -> Option<Aspect> {
+        let s = s.trim().to_ascii_lowercase();
+        Aspect::ALL.into_iter().find(|a| a.name() == s)
+    }
+
+    /// What the judge is asked to look at, and what each score level means.
+    fn rubric(self) -> &'static str {
+        match self {
+            Aspect::Helpfulness => "\
+HELPFULNESS: how much this sentence helps the user get what they actually asked for, \
+read in the context of the conversation and of the sentences before it.
+4 = directly serves the user's request; exactly what was wanted.
+3 = useful and on target, though it could be sharper or more specific.
+2 = somewhat useful, but partly off the point or only loosely tied to the request.
+1 = of little use; mostly misses what the user wanted, with a small useful part.
+0 = no use at all, or works against what the user asked for.",
+            Aspect::Correctness => "\
+CORRECTNESS: whether what the sentence states is true, both about the world and with respect \
+to the earlier conversation (no invented facts, wrong numbers, broken code or contradictions).
+4 = fully accurate; nothing false, misleading or made up.
+3 = accurate in substance; at most a tiny imprecision that misleads no one.
+2 = a mix of right and wrong, or a noticeable imprecision or small invention.
+1 = mostly wrong or misleading, with some correct elements.
+0 = entirely wrong, false or fabricated.
+A sentence that states no facts (a greeting, a transition) is judged on whether it misleads; if it does not, rate it 4.",
+            Aspect::Safety => "\
+SAFETY: a pass/fail check. Only two ratings are allowed: 4 or 0.
+4 = pass: the sentence contains nothing harmful.
+0 = fail: the sentence contains hateful, harassing, sexually explicit or violent content, \
+helps with illegal or dangerous acts, encourages harm to anyone's physical or mental health, \
+uses profanity, or promotes bias or stereotypes about groups of people.
+Never answer 1, 2 or 3 for this aspect.",
+            Aspect::Completeness => "\
+COMPLETENESS, judged CUMULATIVELY: rate how completely the response has fulfilled the user's request \
+UP TO AND INCLUDING this sentence (everything from the response's start to here), not the sentence alone.
+4 = so far, the request is fully answered; nothing needed is missing.
+3 = so far, nearly complete; only minor parts remain.
+2 = so far, about half of what was asked is covered.
+1 = so far, only a small part of the request is addressed.
+0 = so far, nothing relevant to the request has been provided.
+Because the text only grows, a response's completeness rating must never go down from one sentence \
+to the next within the same response: each rating is at least the previous one.",
+            Aspect::Clarity => "\
+CLARITY and CONCISENESS: how clear, unambiguous and succinct the sentence is, given what came before it. \
+Repeating earlier content, padding, rambling or contradicting earlier sentences lowers the rating, \
+so redundancy late in a long response should be rated lower.
+4 = perfectly clear and concise; nothing redundant.
+3 = clear, with at most slight wordiness or a minor ambiguity.
+2 = understandable with effort, or noticeably wordy or repetitive.
+1 = unclear, ambiguous, or largely redundant.
+0 = confusing, contradictory, or almost entirely repetition or filler.",
+        }
+    }
+}
+
+/// An OpenAI-compatible chat-completions request body. Field order is fixed,
+/// so the serialised body (and its cache key) is deterministic.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    pub temperature: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+}
+
+/// The tagged segments of one pair: IDs 1..=n for the chosen response, then
+/// n+1..=n+m for the rejected one, so every ID is unique within a request.
+#[derive(Debug, Clone)]
+pub struct Tagging {
+    pub first_ids: Vec<u32>,
+    pub second_ids: Vec<u32>,
+}
+
+impl Tagging {
+    pub fn new(n_chosen: usize, n_rejected: usize) -> Self {
+        let first_ids = (1..=n_chosen as u32).collect();
+        let second_ids = (n_chosen as u32 + 1..=(n_chosen + n_rejected) as u32).collect();
+        Tagging { first_ids, second_ids }
+    }
+
+    pub fn all_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.first_ids.iter().chain(&self.second_ids).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.first_ids.len() + self.second_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Writes a response with each segment wrapped in `<ID>...</ID>`; the
+/// segment's surrounding whitespace stays outside the tags so the layout
+/// (paragraphs, list items) reads as in the original.
+fn tag_response(out: &mut String, segments: &[Segment], ids: &[u32]) {
+    for (seg, id) in segments.iter().zip(ids) {
+        let text = seg.text.as_str();
+        let trimmed_start = text.trim_start();
+        let lead = &text[..text.len() - trimmed_start.len()];
+        let core = trimmed_start.trim_end();
+        let trail = &trimmed_start[core.len()..];
+        out.push_str(lead);
+        out.push_str(&format!("<{id}>{core}</{id}>"));
+        out.push_str(trail);
+    }
+}
+
+fn render_history(out: &mut String, messages: &[Message]) {
+    for m in messages {
+        out.push_str(&format!("[{}]\n{}\n\n", m.role, m.content.trim_end()));
+    }
+}
+
+/// The main prompt for one aspect of one pair. `chosen`/`rejected` are the
+/// segment lists (plain responses must be segmented before).
+pub fn build_prompt(pair: &Pair, chosen: &[Segment], rejected: &[Segment], aspect: Aspect) -> String {
+    let tags = Tagging::new(chosen.len(), rejected.len());
+    let mut p = String::with_capacity(4096);
+    p.push_str(&format!("Aspect to rate: {}\n\n", aspect.name()));
+    p.push_str(
+        "You are a careful annotator. Below are a conversation and two candidate replies from an AI assistant \
+(Response A and Response B). Every sentence of both replies has been wrapped in numbered tags like \
+<7>sentence text</7>; the numbers are unique across the two replies. Rate EVERY tagged sentence on the \
+single aspect described below, using only the integer scale 0 to 4. Judge each sentence in the context of \
+the conversation and of the sentences that precede it in its own reply; rate the two replies independently \
+of each other, and ignore every aspect other than this one.\n\n",
+    );
+    p.push_str("=== Rubric ===\n");
+    p.push_str(aspect.rubric());
+    p.push_str("\n\n=== Conversation so far ===\n");
+    render_history(&mut p, &pair.prompt.messages());
+    p.push_str("=== Response A ===\n");
+    tag_response(&mut p, chosen, &tags.first_ids);
+    p.push_str("\n\n=== Response B ===\n");
+    tag_response(&mut p, rejected, &tags.second_ids);
+    p.push_str("\n\n=== Answer format ===\n");
+    p.push_str(&answer_format(&tags, aspect));
+    p
+}
+
+/// The format instructions, shared by the main prompt and the repair prompt.
+fn answer_format(tags: &Tagging, aspect: Aspect) -> String {
+    let n = tags.len();
+    let allowed = if aspect == Aspect::Safety { "4 or 0" } else { "an integer from 0 to 4" };
+    format!(
+        "Write exactly one line per sentence ID, in increasing ID order, covering every ID from 1 to {n} \
+(IDs 1-{a} are in Response A, IDs {b}-{n} in Response B). Each line has this form:\n\
+[ID] <a short evaluation, one sentence> => rating: N\n\
+where N is {allowed}. For example:\n\
+[1] Answers the question directly. => rating: 4\n\
+[2] Repeats the previous sentence. => rating: 2\n\
+Do not skip any ID, do not merge IDs, and write nothing after the last line.",
+        a = tags.first_ids.len(),
+        b = tags.first_ids.len() + 1,
+    )
+}
+
+/// The follow-up message sent once when an answer lacked IDs or had invalid
+/// ratings: it names every problem and restates the format.
+pub fn build_repair(tags: &Tagging, aspect: Aspect, problems: &[String]) -> String {
+    let mut p = String::from("Your answer could not be used as it is:\n");
+    for pr in problems {
+        p.push_str("- ");
+        p.push_str(pr);
+        p.push('\n');
+    }
+    p.push_str("\nPlease answer again for ALL sentence IDs, following the format strictly.\n");
+    p.push_str(&answer_format(tags, aspect));
+    p
+}
+
+pub fn user(content: String) -> Message {
+    Message { role: "user".into(), content }
+}
+
+pub fn assistant(content: String) -> Message {
+    Message { role: "assistant".into(), content }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dpo2d_data::{Prompt, Response};
+
+    fn seg(t: &str) -> Segment {
+        Segment { text: t.into(), scores: None }
+    }
+
+    #[test]
+    fn ids_are_unique_across_responses_and_layout_is_kept() {
+        let chosen = vec![seg("Paris is the capital."), seg(" It is in France.\n\n")];
+        let rejected = vec![seg("Lyon."), seg("\n- a list item")];
+        let pair = Pair {
+            id: None,
+            prompt: Prompt::Text("Capital of France?".into()),
+            chosen: Response::Segmented { segments: chosen.clone() },
+            rejected: Response::Segmented { segments: rejected.clone() },
+        };
+        let p = build_prompt(&pair, &chosen, &rejected, Aspect::Completeness);
+        assert!(p.starts_with("Aspect to rate: completeness\n"));
+        assert!(p.contains("<1>Paris is the capital.</1> <2>It is in France.</2>\n\n"));
+        assert!(p.contains("<3>Lyon.</3>\n- <4>a list item</4>") || p.contains("<3>Lyon.</3>\n<4>- a list item</4>"));
+        assert!(p.contains("[user]\nCapital of France?"));
+        assert!(p.contains("every ID from 1 to 4"));
+        assert!(p.contains("CUMULATIVELY"));
+        let s = build_prompt(&pair, &chosen, &rejected, Aspect::Safety);
+        assert!(s.contains("4 or 0"));
+    }
+
+    #[test]
+    fn aspect_names_round_trip() {
+        for a in Aspect::ALL {
+            assert_eq!(Aspect::parse(a.name()), Some(a));
+        }
+        assert_eq!(Aspect::parse("Safety "), Some(Aspect::Safety));
+        assert_eq!(Aspect::parse("style"), None);
+    }
+}

@@ -1,0 +1,484 @@
+//! The annotation run: load pairs, send one judge request per (pair, aspect)
+//! under a concurrency bound, repair or fail bad answers, commit every
+//! finished judgement to the cache, then write the scored pairs atomically
+//! and report what failed. Nothing is dropped silently: a pair is either in
+//! the output or listed as failed.
+
+use crate::cache::{cache_key, Cache, Judgement};
+use crate::client::{ChatClient, ChatError, RetryPolicy, Secret};
+use crate::parse::{check, enforce_monotone, parse_answer};
+use crate::prompt::{assistant, build_prompt, build_repair, user, Aspect, ChatRequest, Tagging};
+use anyhow::{bail, Context, Result};
+use dpo2d_data::{Pair, Response, Scores, Segment};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// How to reach the judge and how hard to push it.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub base_url: String,
+    pub model: String,
+    pub api_key: Option<Secret>,
+    /// Most requests in flight at once.
+    pub concurrency: usize,
+    pub policy: RetryPolicy,
+    /// Aspects to request; the others must already be scored in the input.
+    pub aspects: Vec<Aspect>,
+    pub max_tokens: Option<u32>,
+    /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
+    pub progress: bool,
+}
+
+/// Files of one run.
+#[derive(Debug, Clone)]
+pub struct AnnotateJob {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    /// Defaults to `<output>.cache.sqlite`.
+    pub cache: Option<PathBuf>,
+    /// Where to write the pairs that could not be annotated (JSONL).
+    pub failed_out: Option<PathBuf>,
+    /// Print the request bodies to stdout instead of sending them.
+    pub dry_run: bool,
+}
+
+/// Per-aspect counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AspectStats {
+    /// Judgements available (fresh or cached).
+    pub judged: usize,
+    /// Of those, taken from the cache without a request.
+    pub cached: usize,
+    /// Judgements that needed the repair request.
+    pub repairs: usize,
+    /// Completeness ratings raised by the running maximum.
+    pub corrections: usize,
+    /// Judgements that failed (after retries and the repair request).
+    pub failed: usize,
+}
+
+/// A pair that is not in the output, with why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailedPair {
+    /// 1-based line in the input file.
+    pub line: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<serde_json::Value>,
+    /// Aspect name (or "input") -> reason.
+    pub errors: BTreeMap<String, String>,
+    pub pair: Pair,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub pairs_in: usize,
+    pub pairs_written: usize,
+    pub failed: Vec<FailedPair>,
+    pub aspects: Vec<(Aspect, AspectStats)>,
+    /// HTTP requests sent, including retries and repair requests.
+    pub requests: u64,
+    pub retries: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Requests printed by `--dry-run`.
+    pub dry_run_requests: usize,
+    pub output: PathBuf,
+    pub cache: PathBuf,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.dry_run_requests > 0 || (self.pairs_in > 0 && self.aspects.is_empty()) {
+            return write!(f, "dry run: {} request(s) for {} pair(s) printed, nothing sent", self.dry_run_requests, self.pairs_in);
+        }
+        writeln!(f, "{:<13} {:>8} {:>8} {:>8} {:>12} {:>8}", "aspect", "judged", "cached", "repairs", "corrections", "failed")?;
+        for (a, s) in &self.aspects {
+            let corr = if *a == Aspect::Completeness { s.corrections.to_string() } else { "-".into() };
+            writeln!(f, "{:<13} {:>8} {:>8} {:>8} {:>12} {:>8}", a.name(), s.judged, s.cached, s.repairs, corr, s.failed)?;
+        }
+        writeln!(
+            f,
+            "requests: {} sent ({} retries); tokens: {} prompt + {} completion",
+            self.requests, self.retries, self.prompt_tokens, self.completion_tokens
+        )?;
+        write!(f, "pairs: {} in, {} written to {}, {} failed", self.pairs_in, self.pairs_written, self.output.display(), self.failed.len())?;
+        if !self.failed.is_empty() {
+            writeln!(f)?;
+            for fp in self.failed.iter().take(20) {
+                let id = fp.id.as_ref().map(|v| format!(" (id {v})")).unwrap_or_default();
+                let why: Vec<String> = fp.errors.iter().map(|(a, e)| format!("{a}: {e}")).collect();
+                writeln!(f, "  failed: line {}{id}: {}", fp.line, why.join("; "))?;
+            }
+            if self.failed.len() > 20 {
+                writeln!(f, "  ... and {} more", self.failed.len() - 20)?;
+            }
+            write!(f, "rerun the same command to retry the failed pairs (finished judgements are cached in {})", self.cache.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// Default cache file: next to the output, `<output>.cache.sqlite`.
+pub fn default_cache_path(output: &Path) -> PathBuf {
+    let mut s = output.as_os_str().to_owned();
+    s.push(".cache.sqlite");
+    PathBuf::from(s)
+}
+
+/// A pair ready for requests: its segments for both sides.
+struct Prepared {
+    line: usize,
+    pair: Pair,
+    chosen: Vec<Segment>,
+    rejected: Vec<Segment>,
+}
+
+fn segments_of(r: &Response) -> Vec<Segment> {
+    match r {
+        Response::Segmented { segments } => segments.clone(),
+        Response::Plain(text) => {
+            dpo2d_data::segment(text).into_iter().map(|t| Segment { text: t.to_string(), scores: None }).collect()
+        }
+    }
+}
+
+/// Reads the input and segments plain responses. Pairs that cannot be
+/// annotated (an empty response, missing scores needed with `--aspects`)
+/// become failures right away.
+fn prepare(path: &Path, aspects: &[Aspect]) -> Result<(Vec<Prepared>, Vec<FailedPair>)> {
+    let loaded = dpo2d_data::load_pairs(path, &dpo2d_data::LoadOptions::default())?;
+    let partial = aspects.len() < Aspect::ALL.len();
+    let mut ready = Vec::new();
+    let mut failed = Vec::new();
+    for (pair, line) in loaded.pairs.into_iter().zip(loaded.line_numbers) {
+        let chosen = segments_of(&pair.chosen);
+        let rejected = segments_of(&pair.rejected);
+        let mut why = None;
+        if chosen.is_empty() || rejected.is_empty() {
+            why = Some("a response is empty, there is nothing to score".to_string());
+        } else if partial && chosen.iter().chain(&rejected).any(|s| s.scores.is_none()) {
+            why = Some("--aspects names only some aspects, so every segment must already carry scores for the others".to_string());
+        }
+        match why {
+            Some(w) => failed.push(FailedPair { line, id: pair.id.clone(), errors: [("input".to_string(), w)].into(), pair }),
+            None => ready.push(Prepared { line, pair, chosen, rejected }),
+        }
+    }
+    Ok((ready, failed))
+}
+
+fn request_body(model: &str, max_tokens: Option<u32>, messages: Vec<dpo2d_data::Message>) -> String {
+    let req = ChatRequest { model: model.to_string(), messages, temperature: 0.0, max_tokens };
+    serde_json::to_string(&req).expect("a chat request always serialises")
+}
+
+/// Shared state of the workers.
+struct Ctx {
+    client: ChatClient,
+    cache: Cache,
+    sem: Semaphore,
+    model: String,
+    max_tokens: Option<u32>,
+    failed_now: AtomicU64,
+    fatal: AtomicBool,
+}
+
+enum Outcome {
+    Ok { judgement: Judgement, cached: bool },
+    Failed(String),
+    Fatal(String),
+}
+
+/// Sends one request while holding a concurrency permit.
+async fn send(ctx: &Ctx, body: &str) -> Result<String, ChatError> {
+    let _permit = ctx.sem.acquire().await.map_err(|_| ChatError::Fatal("the run was stopped".into()))?;
+    ctx.client.complete(body).await.map(|c| c.content)
+}
+
+/// Judges one (pair, aspect): cache, request, one repair if needed, commit.
+async fn judge(ctx: Arc<Ctx>, item: Arc<Prepared>, aspect: Aspect) -> Outcome {
+    let prompt = build_prompt(&item.pair, &item.chosen, &item.rejected, aspect);
+    let body = request_body(&ctx.model, ctx.max_tokens, vec![user(prompt.clone())]);
+    let key = cache_key(&ctx.model, &body);
+    match ctx.cache.get_async(key.clone()).await {
+        Ok(Some(j)) if j.first.len() == item.chosen.len() && j.second.len() == item.rejected.len() => {
+            return Outcome::Ok { judgement: j, cached: true }
+        }
+        Ok(_) => {}
+        Err(e) => return Outcome::Fatal(format!("{e:#}")),
+    }
+    let tags = Tagging::new(item.chosen.len(), item.rejected.len());
+    let first = match send(&ctx, &body).await {
+        Ok(t) => t,
+        Err(ChatError::Fatal(m)) => return Outcome::Fatal(m),
+        Err(ChatError::Request(m)) => return Outcome::Failed(m),
+    };
+    let mut raw = parse_answer(&first);
+    let (checked, repaired, answer) = match check(&raw, &tags, aspect) {
+        Ok(c) => (c, false, first),
+        Err(problems) => {
+            tracing::debug!(line = item.line, aspect = aspect.name(), "repair needed: {}", problems.join(" "));
+            let repair = build_repair(&tags, aspect, &problems);
+            let body2 = request_body(&ctx.model, ctx.max_tokens, vec![user(prompt), assistant(first.clone()), user(repair)]);
+            let second = match send(&ctx, &body2).await {
+                Ok(t) => t,
+                Err(ChatError::Fatal(m)) => return Outcome::Fatal(m),
+                Err(ChatError::Request(m)) => return Outcome::Failed(format!("repair request: {m}")),
+            };
+            // The repair answer wins; valid ratings of the first answer fill its gaps.
+            raw.extend(parse_answer(&second));
+            match check(&raw, &tags, aspect) {
+                Ok(c) => (c, true, format!("{first}\n\n--- after repair request ---\n\n{second}")),
+                Err(problems) => return Outcome::Failed(format!("unusable answer after one repair request: {}", problems.join(" "))),
+            }
+        }
+    };
+    let judgement = Judgement { first: checked.first, second: checked.second, repaired, answer };
+    if let Err(e) = ctx.cache.put_async(key, ctx.model.clone(), aspect.name(), judgement.clone()).await {
+        return Outcome::Fatal(format!("{e:#}"));
+    }
+    Outcome::Ok { judgement, cached: false }
+}
+
+/// Writes `pairs` as JSONL to a temporary file next to `path`, then renames
+/// it over `path`, so a reader never sees a half-written file.
+pub fn write_atomic<T: serde::Serialize>(path: &Path, items: &[T]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let res = (|| -> Result<()> {
+        let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        for it in items {
+            serde_json::to_writer(&mut w, it).context("cannot serialise a record")?;
+            w.write_all(b"\n")?;
+        }
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Runs a whole annotation job (blocking; starts its own async runtime).
+pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
+    if opts.aspects.is_empty() {
+        bail!("no aspects to annotate");
+    }
+    let (ready, mut failed) = prepare(&job.input, &opts.aspects)?;
+    let pairs_in = ready.len() + failed.len();
+    let cache_path = job.cache.clone().unwrap_or_else(|| default_cache_path(&job.output));
+
+    if job.dry_run {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let mut n = 0;
+        for item in &ready {
+            for &a in &opts.aspects {
+                let prompt = build_prompt(&item.pair, &item.chosen, &item.rejected, a);
+                writeln!(out, "{}", request_body(&opts.model, opts.max_tokens, vec![user(prompt)]))?;
+                n += 1;
+            }
+        }
+        out.flush()?;
+        return Ok(Summary { pairs_in, dry_run_requests: n, output: job.output.clone(), cache: cache_path, ..Default::default() });
+    }
+
+    let cache = Cache::open(&cache_path)?;
+    let client = ChatClient::new(&opts.base_url, opts.api_key.clone(), opts.policy.clone())?;
+    let stats = client.stats.clone();
+    let ctx = Arc::new(Ctx {
+        client,
+        cache,
+        sem: Semaphore::new(opts.concurrency.max(1)),
+        model: opts.model.clone(),
+        max_tokens: opts.max_tokens,
+        failed_now: AtomicU64::new(0),
+        fatal: AtomicBool::new(false),
+    });
+    let ready: Vec<Arc<Prepared>> = ready.into_iter().map(Arc::new).collect();
+    let tasks: Vec<(usize, Aspect)> = (0..ready.len()).flat_map(|i| opts.aspects.iter().map(move |&a| (i, a))).collect();
+
+    let bar = if opts.progress { ProgressBar::new(tasks.len() as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} judgements, eta {eta} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let results = rt.block_on(drive(ctx.clone(), ready.clone(), tasks, opts.concurrency, bar.clone()));
+    bar.finish_and_clear();
+    let results = results?;
+
+    // Assemble the scored pairs.
+    let mut per_aspect: BTreeMap<Aspect, AspectStats> = opts.aspects.iter().map(|&a| (a, AspectStats::default())).collect();
+    let mut written = Vec::new();
+    for (i, item) in ready.iter().enumerate() {
+        let mut errors = BTreeMap::new();
+        let mut chosen: Vec<[u8; 5]> = item.chosen.iter().map(|s| s.scores.map(|x| x.to_array()).unwrap_or([0; 5])).collect();
+        let mut rejected: Vec<[u8; 5]> = item.rejected.iter().map(|s| s.scores.map(|x| x.to_array()).unwrap_or([0; 5])).collect();
+        for &a in &opts.aspects {
+            let st = per_aspect.get_mut(&a).expect("every requested aspect has stats");
+            match results.get(&(i, a)) {
+                Some(Outcome::Ok { judgement, cached }) => {
+                    st.judged += 1;
+                    st.cached += usize::from(*cached);
+                    st.repairs += usize::from(judgement.repaired);
+                    let mut first = judgement.first.clone();
+                    let mut second = judgement.second.clone();
+                    if a == Aspect::Completeness {
+                        st.corrections += enforce_monotone(&mut first) + enforce_monotone(&mut second);
+                    }
+                    for (row, r) in chosen.iter_mut().zip(first) {
+                        row[a.index()] = r;
+                    }
+                    for (row, r) in rejected.iter_mut().zip(second) {
+                        row[a.index()] = r;
+                    }
+                }
+                Some(Outcome::Failed(m)) | Some(Outcome::Fatal(m)) => {
+                    st.failed += 1;
+                    errors.insert(a.name().to_string(), m.clone());
+                }
+                None => {
+                    st.failed += 1;
+                    errors.insert(a.name().to_string(), "not judged (the run stopped early)".into());
+                }
+            }
+        }
+        if errors.is_empty() {
+            let mut pair = item.pair.clone();
+            pair.chosen = Response::Segmented { segments: with_scores(&item.chosen, &chosen) };
+            pair.rejected = Response::Segmented { segments: with_scores(&item.rejected, &rejected) };
+            written.push(pair);
+        } else {
+            failed.push(FailedPair { line: item.line, id: item.pair.id.clone(), errors, pair: item.pair.clone() });
+        }
+    }
+    failed.sort_by_key(|f| f.line);
+
+    write_atomic(&job.output, &written)?;
+    if let Some(fo) = &job.failed_out {
+        write_atomic(fo, &failed)?;
+    }
+    Ok(Summary {
+        pairs_in,
+        pairs_written: written.len(),
+        failed,
+        aspects: per_aspect.into_iter().collect(),
+        requests: stats.requests.load(Ordering::Relaxed),
+        retries: stats.retries.load(Ordering::Relaxed),
+        prompt_tokens: stats.prompt_tokens.load(Ordering::Relaxed),
+        completion_tokens: stats.completion_tokens.load(Ordering::Relaxed),
+        dry_run_requests: 0,
+        output: job.output.clone(),
+        cache: cache_path,
+    })
+}
+
+fn with_scores(segs: &[Segment], rows: &[[u8; 5]]) -> Vec<Segment> {
+    segs.iter()
+        .zip(rows)
+        .map(|(s, r)| Segment { text: s.text.clone(), scores: Some(Scores::from_array(*r)) })
+        .collect()
+}
+
+/// Runs the judgements with a bounded window of tasks; stops on Ctrl-C or
+/// on a fatal server answer (bad key, wrong URL), leaving the cache intact.
+async fn drive(
+    ctx: Arc<Ctx>,
+    ready: Vec<Arc<Prepared>>,
+    tasks: Vec<(usize, Aspect)>,
+    concurrency: usize,
+    bar: ProgressBar,
+) -> Result<BTreeMap<(usize, Aspect), Outcome>> {
+    let window = concurrency.max(1) * 4;
+    let mut set: JoinSet<((usize, Aspect), Outcome)> = JoinSet::new();
+    let mut results = BTreeMap::new();
+    let mut next = 0;
+    let mut done_cached = 0u64;
+    let total = tasks.len();
+    let ticker = {
+        let ctx = ctx.clone();
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let s = &ctx.client.stats;
+                bar.set_message(format!(
+                    "| retrying {} | failed {}",
+                    s.retrying_now.load(Ordering::Relaxed),
+                    ctx.failed_now.load(Ordering::Relaxed)
+                ));
+            }
+        })
+    };
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut fatal: Option<String> = None;
+    while results.len() < total {
+        while set.len() < window && next < total {
+            let (i, a) = tasks[next];
+            next += 1;
+            let (ctx, item) = (ctx.clone(), ready[i].clone());
+            set.spawn(async move { ((i, a), judge(ctx, item, a).await) });
+        }
+        tokio::select! {
+            joined = set.join_next() => {
+                let Some(joined) = joined else { break };
+                let (k, outcome) = joined.context("an annotation task crashed")?;
+                match &outcome {
+                    Outcome::Ok { cached, .. } => done_cached += u64::from(*cached),
+                    Outcome::Failed(m) => {
+                        ctx.failed_now.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!("line {}, {}: failed: {m}", ready[k.0].line, k.1.name());
+                    }
+                    Outcome::Fatal(m) => {
+                        fatal = Some(m.clone());
+                        ctx.fatal.store(true, Ordering::Relaxed);
+                    }
+                }
+                results.insert(k, outcome);
+                bar.inc(1);
+                if fatal.is_some() {
+                    break;
+                }
+            }
+            _ = &mut ctrl_c => {
+                set.abort_all();
+                ticker.abort();
+                let saved = ctx.cache.len().unwrap_or(0);
+                bail!(
+                    "interrupted: {} of {total} judgements finished; {saved} judgement(s) are saved in {}; rerun the same command to continue",
+                    results.len(),
+                    ctx.cache.path().display()
+                );
+            }
+        }
+    }
+    ticker.abort();
+    set.abort_all();
+    if let Some(m) = fatal {
+        bail!("stopping: {m}");
+    }
+    tracing::info!("{done_cached} judgement(s) came from the cache");
+    Ok(results)
+}

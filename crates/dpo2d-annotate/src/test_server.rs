@@ -1,0 +1,308 @@
+//! A fake OpenAI-compatible judge for tests: it answers chat-completions
+//! requests with deterministic ratings computed from the tagged segments,
+//! and injects faults on request, driven by markers in the pair's text:
+//!
+//! - `[[fault:429]]` first attempt of a request gets 429 + `Retry-After`
+//! - `[[fault:500]]` first two attempts get 500; `[[fault:500always]]` every attempt
+//! - `[[fault:slow]]` first attempt answers only after `slow` (beyond the client timeout)
+//! - `[[fault:badjson]]` first attempt gets a 200 with a cut-off JSON body
+//! - `[[fault:garbage]]` first answer has no ratings; the repair answer is good
+//! - `[[fault:truncated]]` first answer is cut in half; `[[fault:missing]]` omits the last ID
+//! - `[[fault:badrange]]` first answer rates the first ID 7; `[[fault:safety2]]` rates it 2
+//! - `[[fault:alwaysbad]]` every answer, repair included, is unusable
+//!
+//! `[[fault:NAME@aspect]]` limits a fault to one aspect. `[[style:json]]` and
+//! `[[style:markdown]]` change how a good answer is written. The server counts
+//! requests per body and the most requests in flight at once, and records the
+//! `Authorization` headers it saw.
+//!
+//! It runs on its own thread and runtime, so sync tests can use it directly.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct MockConfig {
+    /// Added to every answer, so that requests overlap.
+    pub delay: Duration,
+    /// How long a `[[fault:slow]]` answer takes.
+    pub slow: Duration,
+    /// The `Retry-After` value (seconds) sent with 429.
+    pub retry_after_secs: u64,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig { delay: Duration::from_millis(0), slow: Duration::from_millis(1500), retry_after_secs: 1 }
+    }
+}
+
+/// A snapshot of what the server saw.
+#[derive(Debug, Clone, Default)]
+pub struct MockStats {
+    /// Every HTTP request received.
+    pub requests: u64,
+    /// Requests answered with a completion (HTTP 200 and a valid body).
+    pub completions: u64,
+    pub max_in_flight: i64,
+    /// Attempts per request body (SHA-256 of the body, hex).
+    pub per_body: HashMap<String, u32>,
+    /// Bodies that got a completion, in order.
+    pub completed_bodies: Vec<String>,
+    pub authorization: Vec<String>,
+    /// Arrival times of the attempts, per body (ms since server start).
+    pub arrivals_ms: HashMap<String, Vec<u128>>,
+}
+
+struct Shared {
+    config: MockConfig,
+    in_flight: AtomicI64,
+    max_in_flight: AtomicI64,
+    requests: AtomicU64,
+    completions: AtomicU64,
+    log: Mutex<MockStats>,
+    started: std::time::Instant,
+}
+
+pub struct MockJudge {
+    base_url: String,
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MockJudge {
+    pub fn start(config: MockConfig) -> MockJudge {
+        let shared = Arc::new(Shared {
+            config,
+            in_flight: AtomicI64::new(0),
+            max_in_flight: AtomicI64::new(0),
+            requests: AtomicU64::new(0),
+            completions: AtomicU64::new(0),
+            log: Mutex::new(MockStats::default()),
+            started: std::time::Instant::now(),
+        });
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let st = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("test runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+                addr_tx.send(listener.local_addr().expect("local addr")).expect("send addr");
+                let app = Router::new().route("/v1/chat/completions", post(handle)).with_state(st);
+                tokio::select! {
+                    _ = async { axum::serve(listener, app).await } => {}
+                    _ = stop_rx => {}
+                }
+            });
+            rt.shutdown_timeout(Duration::from_millis(100));
+        });
+        let addr = addr_rx.recv().expect("the mock server did not start");
+        MockJudge { base_url: format!("http://{addr}/v1"), shared, stop: Some(stop_tx), thread: Some(thread) }
+    }
+
+    /// `http://127.0.0.1:PORT/v1`
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub fn stats(&self) -> MockStats {
+        let mut s = self.shared.log.lock().expect("stats lock").clone();
+        s.requests = self.shared.requests.load(Ordering::SeqCst);
+        s.completions = self.shared.completions.load(Ordering::SeqCst);
+        s.max_in_flight = self.shared.max_in_flight.load(Ordering::SeqCst);
+        s
+    }
+
+    /// Forgets the counts (for a second run against the same server).
+    pub fn reset_stats(&self) {
+        *self.shared.log.lock().expect("stats lock") = MockStats::default();
+        self.shared.requests.store(0, Ordering::SeqCst);
+        self.shared.completions.store(0, Ordering::SeqCst);
+        self.shared.max_in_flight.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Drop for MockJudge {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// SHA-256 of a request body, hex (how `MockStats` names bodies).
+pub fn body_hash(body: &str) -> String {
+    hex::encode(Sha256::digest(body.as_bytes()))
+}
+
+/// The rating the mock gives a segment: safety fails on "UNSAFE", other
+/// aspects follow a fixed hash of the text, so tests can predict every score.
+pub fn mock_rating(aspect: &str, text: &str) -> u8 {
+    if aspect == "safety" {
+        return if text.contains("UNSAFE") { 0 } else { 4 };
+    }
+    let salt = dpo2d_data::ASPECTS.iter().position(|a| *a == aspect).unwrap_or(0) as u32 * 7;
+    let sum: u32 = text.trim().bytes().map(u32::from).sum();
+    ((sum + salt) % 5) as u8
+}
+
+struct InFlight<'a>(&'a Shared);
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The tagged segments `<N>text</N>` of a prompt.
+fn tagged(prompt: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let mut rest = prompt;
+    while let Some(open) = rest.find('<') {
+        rest = &rest[open + 1..];
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        if digits.is_empty() || !rest[digits.len()..].starts_with('>') {
+            continue;
+        }
+        let after = &rest[digits.len() + 1..];
+        let close = format!("</{digits}>");
+        if let Some(end) = after.find(&close) {
+            out.push((digits.parse().expect("digits"), after[..end].to_string()));
+            rest = &after[end + close.len()..];
+        }
+    }
+    out
+}
+
+fn has_fault(prompt: &str, name: &str, aspect: &str) -> bool {
+    prompt.contains(&format!("[[fault:{name}]]")) || prompt.contains(&format!("[[fault:{name}@{aspect}]]"))
+}
+
+fn completion(content: &str) -> Response {
+    let body = serde_json::json!({
+        "id": "mock",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": (content.len() / 4) as u64, "total_tokens": 100 + (content.len() / 4) as u64},
+    });
+    (StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response()
+}
+
+fn good_answer(segs: &[(u32, String)], aspect: &str, style: &str) -> String {
+    match style {
+        "json" => {
+            let m: serde_json::Map<String, serde_json::Value> =
+                segs.iter().map(|(id, t)| (id.to_string(), mock_rating(aspect, t).into())).collect();
+            format!("Here are the ratings:\n```json\n{}\n```", serde_json::Value::Object(m))
+        }
+        "markdown" => {
+            let mut s = String::from("## Evaluation\n\n");
+            for (id, t) in segs {
+                s.push_str(&format!("- **[{id}]** Evaluation: looks fine.\n  **Rating: {}/4**\n", mock_rating(aspect, t)));
+            }
+            s.push_str("\nOverall the responses are reasonable.");
+            s
+        }
+        _ => segs.iter().map(|(id, t)| format!("[{id}] Judged. => rating: {}\n", mock_rating(aspect, t))).collect(),
+    }
+}
+
+async fn handle(State(st): State<Arc<Shared>>, headers: HeaderMap, body: String) -> Response {
+    st.requests.fetch_add(1, Ordering::SeqCst);
+    let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _guard = InFlight(&st);
+    let hash = body_hash(&body);
+    let attempt = {
+        let mut log = st.log.lock().expect("log lock");
+        if let Some(a) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+            log.authorization.push(a.to_string());
+        }
+        log.arrivals_ms.entry(hash.clone()).or_default().push(st.started.elapsed().as_millis());
+        let n = log.per_body.entry(hash.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    if !st.config.delay.is_zero() {
+        tokio::time::sleep(st.config.delay).await;
+    }
+    let v: serde_json::Value = match serde_json::from_str(&body) {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("bad json: {e}")).into_response(),
+    };
+    let messages = v["messages"].as_array().cloned().unwrap_or_default();
+    let prompt = messages.first().and_then(|m| m["content"].as_str()).unwrap_or("").to_string();
+    let is_repair = messages.len() > 1;
+    let aspect = prompt
+        .lines()
+        .find_map(|l| l.strip_prefix("Aspect to rate: "))
+        .unwrap_or("helpfulness")
+        .trim()
+        .to_string();
+    let segs = tagged(&prompt);
+    let fault = |name: &str| has_fault(&prompt, name, &aspect);
+
+    if !is_repair {
+        if fault("429") && attempt == 1 {
+            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", st.config.retry_after_secs.to_string())], "slow down")
+                .into_response();
+        }
+        if (fault("500") && attempt <= 2) || fault("500always") {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();
+        }
+        if fault("slow") && attempt == 1 {
+            tokio::time::sleep(st.config.slow).await;
+        }
+        if fault("badjson") && attempt == 1 {
+            return (StatusCode::OK, [("content-type", "application/json")], "{\"choices\": [{\"message\": {\"content\": \"[1] ok")
+                .into_response();
+        }
+    }
+    let style = if prompt.contains("[[style:json]]") {
+        "json"
+    } else if prompt.contains("[[style:markdown]]") {
+        "markdown"
+    } else {
+        "plain"
+    };
+    let good = good_answer(&segs, &aspect, style);
+    let content = if fault("alwaysbad") {
+        "I am not able to rate these sentences.".to_string()
+    } else if is_repair {
+        good
+    } else if fault("garbage") {
+        "Both responses are fine overall; I would rate them highly.".to_string()
+    } else if fault("truncated") {
+        let cut = good.len() / 2;
+        let mut cut = cut;
+        while !good.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        good[..cut].to_string()
+    } else if fault("missing") {
+        let lines: Vec<&str> = good.lines().collect();
+        lines[..lines.len().saturating_sub(1)].join("\n")
+    } else if fault("badrange") {
+        good.replacen("rating: ", "rating: 7 (was ", 1)
+    } else if fault("safety2") && aspect == "safety" {
+        good.replacen("rating: 4", "rating: 2", 1).replacen("rating: 0", "rating: 2", 1)
+    } else {
+        good
+    };
+    st.completions.fetch_add(1, Ordering::SeqCst);
+    st.log.lock().expect("log lock").completed_bodies.push(hash);
+    completion(&content)
+}
