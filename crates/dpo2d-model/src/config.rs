@@ -132,6 +132,8 @@ const KNOWN_FIELDS: &[&str] = &[
     "bos_token_id",
     "eos_token_id",
     "torch_dtype",
+    "hidden_act",
+    "mlp_bias",
 ];
 
 impl ModelConfig {
@@ -193,6 +195,14 @@ impl ModelConfig {
         };
         if head_dim % 2 != 0 {
             bail!("{file}: head_dim ({head_dim}) must be even for rotary embeddings");
+        }
+        if let Some(act) = obj.get("hidden_act").and_then(|v| v.as_str()) {
+            if act != "silu" {
+                bail!("{file}: hidden_act `{act}` is not supported (only silu)");
+            }
+        }
+        if opt_bool(obj, "mlp_bias", file, false)? {
+            bail!("{file}: mlp_bias = true is not supported");
         }
         let default_bias = architecture == Architecture::Qwen2;
         let eos_token_ids = token_ids(obj.get("eos_token_id"), "eos_token_id", file)?;
@@ -270,7 +280,7 @@ impl ModelConfig {
         match self.architecture {
             Architecture::Llama => {
                 obj.insert("attention_bias".into(), json!(self.attention_bias));
-                obj.entry("mlp_bias").or_insert(json!(false));
+                obj.insert("mlp_bias".into(), json!(false));
             }
             Architecture::Qwen2 => {
                 obj.entry("use_sliding_window").or_insert(json!(false));

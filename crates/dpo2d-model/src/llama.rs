@@ -884,7 +884,7 @@ pub(crate) mod tests {
             let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
             let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
             for j in (0..base.len()).step_by((base.len() / 6).max(1)) {
-                let mut f = |d: f64| {
+                let f = |d: f64| {
                     let mut b = base.clone();
                     b[j] += d;
                     var.set(&Tensor::from_vec(b, var.dims(), &Device::Cpu).unwrap()).unwrap();
