@@ -1,1 +1,421 @@
-//! (being written)
+//! Text generation: batched prompts (left padding), KV-cache incremental
+//! decoding, greedy or sampled (temperature, top-k, top-p, seed), stopping
+//! at EOS, at stop strings or after `max_new_tokens`.
+
+use crate::chat::Message;
+use crate::llama::CausalLM;
+use crate::source::{LoadedModel, TextSide};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, D};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+/// How to decode. `temperature == 0` (or `do_sample == false`) is greedy.
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    pub do_sample: bool,
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability
+    /// reaches `top_p` (1.0 = off).
+    pub top_p: f64,
+    /// Keep only the `top_k` most likely tokens (0 = off).
+    pub top_k: usize,
+    pub seed: u64,
+    /// Stop once the completion contains any of these (the stop string is cut off).
+    pub stop: Vec<String>,
+    /// Completions per prompt.
+    pub num_return_sequences: usize,
+    /// Rows decoded together (prompts x samples).
+    pub batch_size: usize,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 256,
+            do_sample: false,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 42,
+            stop: vec![],
+            num_return_sequences: 1,
+            batch_size: 8,
+        }
+    }
+}
+
+impl GenerationConfig {
+    /// Greedy decoding of up to `max_new_tokens`.
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self { max_new_tokens, ..Self::default() }
+    }
+
+    /// Sampling with the given temperature and top-p.
+    pub fn sampling(max_new_tokens: usize, temperature: f64, top_p: f64, seed: u64) -> Self {
+        Self { max_new_tokens, do_sample: true, temperature, top_p, seed, ..Self::default() }
+    }
+
+    fn is_greedy(&self) -> bool {
+        !self.do_sample || self.temperature <= 0.0
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.top_p) || self.top_p == 0.0 {
+            bail!("top_p must be in (0, 1], got {}", self.top_p);
+        }
+        if self.temperature < 0.0 || !self.temperature.is_finite() {
+            bail!("temperature must be >= 0, got {}", self.temperature);
+        }
+        if self.num_return_sequences == 0 {
+            bail!("num_return_sequences must be at least 1");
+        }
+        if self.batch_size == 0 {
+            bail!("batch_size must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token.
+    Eos,
+    /// A stop string.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+/// Generated token ids of one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawCompletion {
+    /// New tokens, without the EOS token that ended them.
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+}
+
+/// One completion of one prompt.
+#[derive(Debug, Clone, Serialize)]
+pub struct Completion {
+    pub prompt_index: usize,
+    pub sample_index: usize,
+    pub completion: String,
+    pub token_ids: Vec<u32>,
+    pub num_tokens: usize,
+    pub finish_reason: FinishReason,
+}
+
+/// Generate continuations of token-id prompts. Returns, per prompt, its
+/// `num_return_sequences` completions in order. `stop_check` is called with
+/// each row's new tokens and returns true when a stop string occurred.
+pub fn generate_ids(
+    model: &CausalLM,
+    prompts: &[Vec<u32>],
+    eos_ids: &[u32],
+    pad_id: u32,
+    cfg: &GenerationConfig,
+    stop_check: &dyn Fn(&[u32]) -> bool,
+) -> Result<Vec<Vec<RawCompletion>>> {
+    cfg.validate()?;
+    let n = cfg.num_return_sequences;
+    // Rows: every prompt repeated n times.
+    let rows: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..n).map(move |s| (p, s))).collect();
+    let mut results: Vec<Vec<Option<RawCompletion>>> = vec![vec![None; n]; prompts.len()];
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    for chunk in rows.chunks(cfg.batch_size) {
+        let batch: Vec<&[u32]> = chunk.iter().map(|&(p, _)| prompts[p].as_slice()).collect();
+        let out = generate_batch(model, &batch, eos_ids, pad_id, cfg, stop_check, &mut rng)?;
+        for (&(p, s), c) in chunk.iter().zip(out) {
+            results[p][s] = Some(c);
+        }
+    }
+    Ok(results.into_iter().map(|r| r.into_iter().flatten().collect()).collect())
+}
+
+fn generate_batch(
+    model: &CausalLM,
+    prompts: &[&[u32]],
+    eos_ids: &[u32],
+    pad_id: u32,
+    cfg: &GenerationConfig,
+    stop_check: &dyn Fn(&[u32]) -> bool,
+    rng: &mut StdRng,
+) -> Result<Vec<RawCompletion>> {
+    let b = prompts.len();
+    if prompts.iter().any(|p| p.is_empty()) {
+        bail!("cannot generate from an empty prompt");
+    }
+    let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let limit = model.config().max_position_embeddings;
+    if max_len + cfg.max_new_tokens > limit {
+        tracing::warn!("prompt ({max_len} tokens) + max_new_tokens exceeds the model's context ({limit})");
+    }
+    let dev = model.device().clone();
+    let mut ids = Vec::with_capacity(b * max_len);
+    let mut mask = Vec::with_capacity(b);
+    for p in prompts {
+        let pad = max_len - p.len();
+        ids.extend(std::iter::repeat(pad_id).take(pad));
+        ids.extend_from_slice(p);
+        mask.push(std::iter::repeat(0u32).take(pad).chain(std::iter::repeat(1).take(p.len())).collect::<Vec<_>>());
+    }
+    let input = Tensor::from_vec(ids, (b, max_len), &dev)?;
+    let mut cache = model.new_cache();
+    let any_pad = mask.iter().any(|r| r.contains(&0));
+    let hidden = model.forward_cached(&input, if any_pad { Some(&mask) } else { None }, &mut cache)?;
+    let mut last = hidden.narrow(1, max_len - 1, 1)?;
+    let mut out: Vec<Option<RawCompletion>> = vec![None; b];
+    let mut tokens: Vec<Vec<u32>> = vec![vec![]; b];
+    // Rows still decoding, as indices into `out`, in cache row order.
+    let mut active: Vec<usize> = (0..b).collect();
+    for step in 0..cfg.max_new_tokens {
+        let logits = model.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?; // [rows, V]
+        let next = if cfg.is_greedy() {
+            logits.argmax(D::Minus1)?.to_vec1::<u32>()?
+        } else {
+            let rows = logits.to_vec2::<f32>()?;
+            rows.iter().map(|r| sample(r, cfg, rng)).collect()
+        };
+        let mut keep = vec![];
+        let mut keep_tokens = vec![];
+        for (i, &row) in active.iter().enumerate() {
+            let t = next[i];
+            if eos_ids.contains(&t) {
+                out[row] = Some(RawCompletion { tokens: std::mem::take(&mut tokens[row]), finish: FinishReason::Eos });
+                continue;
+            }
+            tokens[row].push(t);
+            if stop_check(&tokens[row]) {
+                out[row] = Some(RawCompletion { tokens: std::mem::take(&mut tokens[row]), finish: FinishReason::Stop });
+                continue;
+            }
+            keep.push(i);
+            keep_tokens.push(t);
+        }
+        if keep.is_empty() || step + 1 == cfg.max_new_tokens {
+            active = keep.iter().map(|&i| active[i]).collect();
+            break;
+        }
+        if keep.len() != active.len() {
+            cache.select_rows(&keep)?;
+            active = keep.iter().map(|&i| active[i]).collect();
+        }
+        let step_ids = Tensor::from_vec(keep_tokens, (active.len(), 1), &dev)?;
+        last = model.forward_cached(&step_ids, None, &mut cache)?;
+    }
+    for row in active {
+        out[row] = Some(RawCompletion { tokens: std::mem::take(&mut tokens[row]), finish: FinishReason::Length });
+    }
+    Ok(out
+        .into_iter()
+        .map(|o| o.unwrap_or(RawCompletion { tokens: vec![], finish: FinishReason::Length }))
+        .collect())
+}
+
+/// Draw one token id from logits with temperature, top-k and top-p (in
+/// that order, as transformers applies them).
+pub fn sample(logits: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> u32 {
+    let t = cfg.temperature.max(1e-6) as f32;
+    let mut idx: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+    if idx.is_empty() {
+        return 0;
+    }
+    idx.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal));
+    if cfg.top_k > 0 && idx.len() > cfg.top_k {
+        idx.truncate(cfg.top_k);
+    }
+    let mx = logits[idx[0]] / t;
+    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] / t - mx) as f64).exp()).collect();
+    let z: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= z);
+    if cfg.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut cut = probs.len();
+        for (k, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= cfg.top_p {
+                cut = k + 1;
+                break;
+            }
+        }
+        probs.truncate(cut);
+        idx.truncate(cut);
+    }
+    let z: f64 = probs.iter().sum();
+    let mut u = rng.gen::<f64>() * z;
+    for (k, p) in probs.iter().enumerate() {
+        if u < *p {
+            return idx[k] as u32;
+        }
+        u -= p;
+    }
+    idx[idx.len() - 1] as u32
+}
+
+/// Earliest position of any stop string in `text`.
+fn find_stop(text: &str, stop: &[String]) -> Option<usize> {
+    stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// Generate answers to chat conversations (each rendered with the model's
+/// chat template and a generation prompt). Returns `num_return_sequences`
+/// completions per conversation, prompt-major.
+pub fn generate_chat(lm: &LoadedModel, conversations: &[Vec<Message>], cfg: &GenerationConfig) -> Result<Vec<Completion>> {
+    let text = lm.text();
+    generate_with(&lm.model, &text, conversations, cfg)
+}
+
+/// As [`generate_chat`] with the model and its text side given separately
+/// (e.g. a policy being trained).
+pub fn generate_with(
+    model: &CausalLM,
+    text: &TextSide,
+    conversations: &[Vec<Message>],
+    cfg: &GenerationConfig,
+) -> Result<Vec<Completion>> {
+    let prompts: Vec<Vec<u32>> = conversations.iter().map(|c| text.prompt_ids(c)).collect::<Result<_>>()?;
+    generate_from_ids(model, text, &prompts, cfg)
+}
+
+/// Generate from already tokenized prompts and decode the completions.
+pub fn generate_from_ids(model: &CausalLM, text: &TextSide, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<Vec<Completion>> {
+    let tok = &text.tokenizer;
+    let eos = text.stop_token_ids();
+    let stop = cfg.stop.clone();
+    let stop_check = |ids: &[u32]| -> bool {
+        if stop.is_empty() {
+            return false;
+        }
+        tok.decode(ids, true).map(|s| find_stop(&s, &stop).is_some()).unwrap_or(false)
+    };
+    let raw = generate_ids(model, prompts, &eos, tok.pad_token_id(), cfg, &stop_check)?;
+    let mut out = vec![];
+    for (p, comps) in raw.into_iter().enumerate() {
+        for (s, c) in comps.into_iter().enumerate() {
+            let mut txt = tok.decode(&c.tokens, true)?;
+            if c.finish == FinishReason::Stop {
+                if let Some(at) = find_stop(&txt, &stop) {
+                    txt.truncate(at);
+                }
+            }
+            out.push(Completion {
+                prompt_index: p,
+                sample_index: s,
+                completion: txt,
+                num_tokens: c.tokens.len(),
+                token_ids: c.tokens,
+                finish_reason: c.finish,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llama::{AttentionLayout, LoadOptions};
+
+    fn tiny() -> (tempfile::TempDir, LoadedModel) {
+        let dir = tempfile::tempdir().unwrap();
+        let gg = dir.path().join("tiny.gguf");
+        crate::source::tests::write_tiny_model_gguf(&gg);
+        let lm = crate::source::load(&gg, &LoadOptions::default()).unwrap();
+        (dir, lm)
+    }
+
+    /// Greedy decoding by full recomputation, no cache, one prompt.
+    fn greedy_reference(model: &CausalLM, prompt: &[u32], n: usize) -> Vec<u32> {
+        let mut ids = prompt.to_vec();
+        for _ in 0..n {
+            let x = Tensor::new(vec![ids.clone()], model.device()).unwrap();
+            let h = model.forward(&x, &AttentionLayout::causal(1, ids.len())).unwrap();
+            let l = model.logits(&h.narrow(1, ids.len() - 1, 1).unwrap()).unwrap();
+            let t = l.flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+            ids.push(t);
+        }
+        ids[prompt.len()..].to_vec()
+    }
+
+    #[test]
+    fn cached_batched_greedy_equals_recomputation() {
+        let (_d, lm) = tiny();
+        let prompts = vec![vec![5u32, 9, 40, 7, 100, 3], vec![11u32, 12], vec![200u32, 201, 202, 203]];
+        let cfg = GenerationConfig { max_new_tokens: 6, batch_size: 3, ..GenerationConfig::default() };
+        // No EOS so every row runs the full length.
+        let raw = generate_ids(&lm.model, &prompts, &[], 0, &cfg, &|_| false).unwrap();
+        for (p, r) in prompts.iter().zip(&raw) {
+            assert_eq!(r[0].tokens, greedy_reference(&lm.model, p, 6));
+            assert_eq!(r[0].finish, FinishReason::Length);
+        }
+    }
+
+    #[test]
+    fn eos_drops_rows_and_stop_check_ends() {
+        let (_d, lm) = tiny();
+        let prompts = vec![vec![5u32, 9, 40], vec![11u32, 12, 13, 14]];
+        let cfg = GenerationConfig { max_new_tokens: 5, ..GenerationConfig::default() };
+        let free = generate_ids(&lm.model, &prompts, &[], 0, &cfg, &|_| false).unwrap();
+        // Make row 0's second token an EOS: row 0 stops there, row 1 is unaffected.
+        let eos = free[0][0].tokens[1];
+        let first = free[0][0].tokens.iter().position(|&t| t == eos).unwrap();
+        let with = generate_ids(&lm.model, &prompts, &[eos], 0, &cfg, &|_| false).unwrap();
+        assert_eq!(with[0][0].tokens, free[0][0].tokens[..first].to_vec());
+        assert_eq!(with[0][0].finish, FinishReason::Eos);
+        if !free[1][0].tokens.contains(&eos) {
+            assert_eq!(with[1][0].tokens, free[1][0].tokens);
+        }
+        let stopped = generate_ids(&lm.model, &prompts, &[], 0, &cfg, &|t| t.len() == 2).unwrap();
+        assert_eq!(stopped[1][0].tokens.len(), 2);
+        assert_eq!(stopped[1][0].finish, FinishReason::Stop);
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_respects_top_k() {
+        let (_d, lm) = tiny();
+        let prompts = vec![vec![5u32, 9, 40]];
+        let cfg = GenerationConfig { num_return_sequences: 3, ..GenerationConfig::sampling(8, 1.0, 1.0, 7) };
+        let a = generate_ids(&lm.model, &prompts, &[], 0, &cfg, &|_| false).unwrap();
+        let b = generate_ids(&lm.model, &prompts, &[], 0, &cfg, &|_| false).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a[0].len(), 3);
+        // top_k = 1 is greedy.
+        let k1 = GenerationConfig { top_k: 1, num_return_sequences: 1, ..cfg.clone() };
+        let g = generate_ids(&lm.model, &prompts, &[], 0, &k1, &|_| false).unwrap();
+        assert_eq!(g[0][0].tokens, greedy_reference(&lm.model, &prompts[0], 8));
+        // top_p keeps the smallest nucleus.
+        let mut rng = StdRng::seed_from_u64(1);
+        let c = GenerationConfig { top_p: 0.5, ..cfg.clone() };
+        for _ in 0..50 {
+            assert_eq!(sample(&[0.0, 5.0, 1.0], &c, &mut rng), 1);
+        }
+        assert!(GenerationConfig { top_p: 0.0, ..cfg }.validate().is_err());
+    }
+
+    #[test]
+    fn chat_generation_decodes_and_cuts_stop_strings() {
+        let (_d, lm) = tiny();
+        let convs = vec![vec![Message::user("hi")], vec![Message::user("a longer question")]];
+        let cfg = GenerationConfig { max_new_tokens: 4, num_return_sequences: 2, ..GenerationConfig::default() };
+        let out = generate_chat(&lm, &convs, &cfg).unwrap();
+        assert_eq!(out.len(), 4);
+        assert_eq!((out[2].prompt_index, out[2].sample_index), (1, 0));
+        for c in &out {
+            assert_eq!(c.num_tokens, c.token_ids.len());
+            assert_eq!(c.completion, lm.tokenizer.decode(&c.token_ids, true).unwrap());
+        }
+        // Use the first generated character as a stop string: the text is cut before it.
+        let first = out[0].completion.chars().next();
+        if let Some(ch) = first {
+            let cfg = GenerationConfig { stop: vec![ch.to_string()], ..cfg };
+            let out = generate_chat(&lm, &convs[..1], &cfg).unwrap();
+            assert_eq!(out[0].completion, "");
+            assert_eq!(out[0].finish_reason, FinishReason::Stop);
+        }
+    }
+}

@@ -12,5 +12,8 @@ pub mod logprobs;
 pub mod lora;
 pub mod ops;
 pub mod save;
+pub mod source;
 pub mod tokenizer;
 pub mod weights;
+
+pub use source::{convert_gguf, load, load_text_side, LoadedModel, TextSide};
