@@ -153,8 +153,8 @@ pub fn build_prompt(pair: &Pair, chosen: &[Segment], rejected: &[Segment], aspec
     p.push_str(&format!("Aspect to rate: {}\n\n", aspect.name()));
     p.push_str(
         "You are a careful annotator. Below are a conversation and two candidate replies from an AI assistant \
-(Response A and Response B). Every sentence of both replies has been wrapped in numbered tags like \
-<7>sentence text</7>; the numbers are unique across the two replies. Rate EVERY tagged sentence on the \
+(Response A and Response B). Every sentence of both replies has been wrapped in numbered tags of the form \
+<N>sentence text</N>, where N is the sentence ID; the IDs are unique across the two replies. Rate EVERY tagged sentence on the \
 single aspect described below, using only the integer scale 0 to 4. Judge each sentence in the context of \
 the conversation and of the sentences that precede it in its own reply; rate the two replies independently \
 of each other, and ignore every aspect other than this one.\n\n",

@@ -482,3 +482,162 @@ async fn drive(
     tracing::info!("{done_cached} judgement(s) came from the cache");
     Ok(results)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_server::{expected_scores, MockConfig, MockJudge};
+
+    fn pair_line(id: usize, marker: &str) -> String {
+        serde_json::json!({
+            "id": id,
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": format!("Question {id}: name two colours and a fruit. {marker}")}],
+            "chosen": format!("Red and blue are colours. An apple is a fruit.\n\n- Item {id} is here."),
+            "rejected": {"segments": [{"text": "Colours exist. "}, {"text": format!("Bananas number {id}.")}]},
+        })
+        .to_string()
+    }
+
+    fn opts(url: &str) -> Options {
+        Options {
+            base_url: url.to_string(),
+            model: "judge-test".into(),
+            api_key: None,
+            concurrency: 4,
+            policy: RetryPolicy {
+                timeout: Duration::from_millis(400),
+                max_retries: 2,
+                backoff_base: Duration::from_millis(10),
+                ..RetryPolicy::default()
+            },
+            aspects: Aspect::ALL.to_vec(),
+            max_tokens: None,
+            progress: false,
+        }
+    }
+
+    fn read_pairs(p: &Path) -> Vec<Pair> {
+        std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn content_faults_are_repaired_or_reported_and_rerun_retries_only_failures() {
+        let server = MockJudge::start(MockConfig::default());
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.jsonl");
+        let markers = [
+            "",
+            "[[style:json]]",
+            "[[style:markdown]]",
+            "[[fault:garbage]]",
+            "[[fault:missing@correctness]]",
+            "[[fault:safety2]]",
+            "[[fault:alwaysbad@clarity]]",
+            "[[fault:500always@helpfulness]]",
+            "[[fault:truncated@completeness]]",
+            "[[fault:badrange@clarity]]",
+        ];
+        let lines: Vec<String> = markers.iter().enumerate().map(|(i, m)| pair_line(i, m)).collect();
+        std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+        let job = AnnotateJob {
+            input: input.clone(),
+            output: dir.path().join("out.jsonl"),
+            cache: None,
+            failed_out: Some(dir.path().join("failed.jsonl")),
+            dry_run: false,
+        };
+        let s = annotate_file(&job, &opts(server.base_url())).unwrap();
+        assert_eq!(s.pairs_in, 10);
+        assert_eq!(s.pairs_written, 8, "{s}");
+        let failed_lines: Vec<usize> = s.failed.iter().map(|f| f.line).collect();
+        assert_eq!(failed_lines, vec![7, 8]);
+        assert!(s.failed[0].errors["clarity"].contains("after one repair"), "{:?}", s.failed[0].errors);
+        assert!(s.failed[1].errors["helpfulness"].contains("gave up after 3 attempts"), "{:?}", s.failed[1].errors);
+        let stats: BTreeMap<Aspect, AspectStats> = s.aspects.iter().cloned().collect();
+        // garbage: all five; missing: correctness; safety2: safety; truncated: completeness; badrange: clarity.
+        assert_eq!(stats[&Aspect::Helpfulness].repairs, 1);
+        assert_eq!(stats[&Aspect::Correctness].repairs, 2);
+        assert_eq!(stats[&Aspect::Safety].repairs, 2, "{s}");
+        assert_eq!(stats[&Aspect::Completeness].repairs, 2);
+        assert_eq!(stats[&Aspect::Clarity].repairs, 2);
+        assert_eq!(stats[&Aspect::Clarity].failed, 1);
+        assert_eq!(stats[&Aspect::Helpfulness].failed, 1);
+        assert_eq!(stats[&Aspect::Safety].failed, 0);
+
+        // Every written pair is fully scored, valid, and carries the judge's ratings.
+        let out = read_pairs(&job.output);
+        let mut corrections = 0;
+        for p in &out {
+            assert!(dpo2d_data::check_pair(p, &dpo2d_data::LoadOptions::new(dpo2d_data::Requirement::Scored)).is_empty());
+            for r in [&p.chosen, &p.rejected] {
+                let segs = r.segments().unwrap();
+                let got: Vec<[u8; 5]> = segs.iter().map(|s| s.scores.unwrap().to_array()).collect();
+                assert_eq!(got, expected_scores(segs));
+                let raw: Vec<u8> = segs.iter().map(|s| crate::test_server::mock_rating("completeness", &s.text)).collect();
+                let mut m = raw.clone();
+                corrections += enforce_monotone(&mut m);
+            }
+        }
+        assert_eq!(stats[&Aspect::Completeness].corrections, corrections + {
+            // The two failed pairs' completeness judgements succeeded too; they count.
+            let all = read_pairs(&input);
+            [6usize, 7]
+                .iter()
+                .map(|&i| {
+                    let p = &all[i];
+                    [&p.chosen, &p.rejected]
+                        .iter()
+                        .map(|r| {
+                            let mut v: Vec<u8> = segments_of(r).iter().map(|s| crate::test_server::mock_rating("completeness", &s.text)).collect();
+                            enforce_monotone(&mut v)
+                        })
+                        .sum::<usize>()
+                })
+                .sum::<usize>()
+        });
+        let failed_file = std::fs::read_to_string(job.failed_out.as_ref().unwrap()).unwrap();
+        assert_eq!(failed_file.lines().count(), 2);
+
+        // A rerun sends only the failed judgements again: clarity of line 7
+        // (first + repair) and helpfulness of line 8 (1 + 2 retries).
+        server.reset_stats();
+        let s2 = annotate_file(&job, &opts(server.base_url())).unwrap();
+        assert_eq!(server.stats().requests, 2 + 3);
+        assert_eq!(s2.pairs_written, 8);
+        let cached: usize = s2.aspects.iter().map(|(_, st)| st.cached).sum();
+        assert_eq!(cached, 50 - 2);
+        assert_eq!(read_pairs(&job.output), out);
+    }
+
+    #[test]
+    fn partial_aspects_need_existing_scores_and_dry_run_sends_nothing() {
+        let server = MockJudge::start(MockConfig::default());
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.jsonl");
+        std::fs::write(&input, pair_line(1, "") + "\n").unwrap();
+        let job = AnnotateJob { input: input.clone(), output: dir.path().join("o.jsonl"), cache: None, failed_out: None, dry_run: false };
+        let mut o = opts(server.base_url());
+        o.aspects = vec![Aspect::Safety];
+        let s = annotate_file(&job, &o).unwrap();
+        assert_eq!(s.pairs_written, 0);
+        assert!(s.failed[0].errors["input"].contains("--aspects"));
+        assert_eq!(server.stats().requests, 0);
+
+        // Annotate fully, then re-annotate safety only on the scored output.
+        let s = annotate_file(&job, &opts(server.base_url())).unwrap();
+        assert_eq!(s.pairs_written, 1);
+        let job2 = AnnotateJob { input: job.output.clone(), output: dir.path().join("o2.jsonl"), ..job.clone() };
+        server.reset_stats();
+        let s2 = annotate_file(&job2, &o).unwrap();
+        assert_eq!(s2.pairs_written, 1);
+        assert_eq!(server.stats().requests, 1);
+        assert_eq!(read_pairs(&job2.output), read_pairs(&job.output));
+
+        let dry = AnnotateJob { dry_run: true, output: dir.path().join("never.jsonl"), ..job };
+        server.reset_stats();
+        let s3 = annotate_file(&dry, &opts(server.base_url())).unwrap();
+        assert_eq!(s3.dry_run_requests, 5);
+        assert_eq!(server.stats().requests, 0);
+        assert!(!dry.output.exists());
+    }
+}

@@ -170,7 +170,8 @@ impl Drop for InFlight<'_> {
 /// The tagged segments `<N>text</N>` of a prompt.
 fn tagged(prompt: &str) -> Vec<(u32, String)> {
     let mut out = Vec::new();
-    let mut rest = prompt;
+    // Only the responses carry tags; the instructions may show examples.
+    let mut rest = prompt.find("=== Response A ===").map(|i| &prompt[i..]).unwrap_or(prompt);
     while let Some(open) = rest.find('<') {
         rest = &rest[open + 1..];
         let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
@@ -305,4 +306,25 @@ async fn handle(State(st): State<Arc<Shared>>, headers: HeaderMap, body: String)
     st.completions.fetch_add(1, Ordering::SeqCst);
     st.log.lock().expect("log lock").completed_bodies.push(hash);
     completion(&content)
+}
+
+/// The scores the mock's good answers lead to for one response, aspect by
+/// aspect in `ASPECTS` order, completeness with the running maximum applied.
+pub fn expected_scores(segments: &[dpo2d_data::Segment]) -> Vec<[u8; 5]> {
+    let mut rows: Vec<[u8; 5]> = segments
+        .iter()
+        .map(|s| {
+            let mut r = [0u8; 5];
+            for (j, a) in dpo2d_data::ASPECTS.iter().enumerate() {
+                r[j] = mock_rating(a, &s.text);
+            }
+            r
+        })
+        .collect();
+    let mut max = 0;
+    for r in rows.iter_mut() {
+        max = max.max(r[3]);
+        r[3] = max;
+    }
+    rows
 }
