@@ -1,9 +1,134 @@
-//! Scaffold: replaced by the real command.
-use anyhow::{bail, Result};
+//! `dpo2d bench`: training (forward + backward) and generation speed of a
+//! model on this machine's CPU, and the peak resident memory.
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use dpo2d_model::chat::Message;
+use dpo2d_model::fetch;
+use dpo2d_model::generate::{generate_ids, GenerationConfig};
+use dpo2d_model::llama::{AttentionLayout, LoadOptions};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Hugging Face model directory, .gguf file, or a known model name (smollm2).
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    /// Sequences per training step.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Timed training steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// New tokens per generation run (greedy, EOS ignored).
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Prompts decoded together in the generation run.
+    #[arg(long, default_value_t = 1)]
+    pub gen_batch: usize,
+    /// Also write the JSON result here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long, env = "DPO2D_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    bail!("this command is not built yet")
+/// Peak resident set size of this process in MiB (Linux `VmHWM`).
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let path = fetch::resolve_model(&a.model, a.cache_dir.as_deref())?;
+    let t0 = Instant::now();
+    let lm = dpo2d_model::load(&path, &LoadOptions { trainable: true, ..LoadOptions::default() })?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let mem_load = peak_rss_mib();
+    let vocab = lm.config.vocab_size as u64;
+    let (b, t) = (a.batch_size.max(1), a.seq_len.max(2));
+    // Deterministic pseudo-random token ids (vocabulary-wide).
+    let mut state = 0x9E3779B97F4A7C15u64;
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % vocab) as u32
+        })
+        .collect();
+    let x = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+    let layout = AttentionLayout::causal(b, t);
+    let step = || -> Result<f64> {
+        let s = Instant::now();
+        let lp = lm.model.token_logprobs(&x, &layout)?;
+        let loss = (lp.sum_all()?.neg()? / (b * (t - 1)) as f64)?;
+        let _grads = loss.backward().context("backward pass")?;
+        Ok(s.elapsed().as_secs_f64())
+    };
+    eprintln!("training: {b} x {t} tokens, 1 warm-up + {} timed steps", a.steps);
+    step()?;
+    let mut times = vec![];
+    for i in 0..a.steps.max(1) {
+        let s = step()?;
+        eprintln!("  step {}: {s:.2}s", i + 1);
+        times.push(s);
+    }
+    let train_s = times.iter().sum::<f64>() / times.len() as f64;
+    let train_tps = (b * t) as f64 / train_s;
+    let mem_train = peak_rss_mib();
+    // Generation.
+    let text = lm.text();
+    let prompt = text.prompt_ids(&[Message::user("Write a short story about a robot who learns to paint.")])?;
+    let prompts = vec![prompt.clone(); a.gen_batch.max(1)];
+    let cfg = GenerationConfig { max_new_tokens: a.gen_tokens, batch_size: prompts.len(), ..GenerationConfig::greedy(a.gen_tokens) };
+    eprintln!("generation: {} prompt(s) of {} tokens, {} new tokens each", prompts.len(), prompt.len(), a.gen_tokens);
+    let s = Instant::now();
+    let out = generate_ids(&lm.model, &prompts, &[], text.tokenizer.pad_token_id(), &cfg, &|_| false)?;
+    let gen_s = s.elapsed().as_secs_f64();
+    let gen_tokens: usize = out.iter().flatten().map(|c| c.tokens.len()).sum();
+    let gen_tps = gen_tokens as f64 / gen_s;
+    let mem_peak = peak_rss_mib();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let result = json!({
+        "model": path.display().to_string(),
+        "parameters": lm.config.vocab_size * lm.config.hidden_size
+            + lm.config.num_hidden_layers * (lm.config.hidden_size * (lm.config.num_attention_heads + 2 * lm.config.num_key_value_heads) * lm.config.head_dim
+                + lm.config.hidden_size * lm.config.num_attention_heads * lm.config.head_dim
+                + 3 * lm.config.hidden_size * lm.config.intermediate_size),
+        "cpu": cpu_model(),
+        "threads": threads,
+        "load_seconds": load_s,
+        "train": {"batch_size": b, "seq_len": t, "steps": times.len(), "seconds_per_step": train_s, "tokens_per_second": train_tps},
+        "generate": {"batch": prompts.len(), "prompt_tokens": prompt.len(), "new_tokens": gen_tokens, "seconds": gen_s, "tokens_per_second": gen_tps},
+        "peak_rss_mib": {"after_load": mem_load, "after_train": mem_train, "final": mem_peak},
+    });
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| CPU | {} ({threads} threads) |", cpu_model());
+    println!("| model load | {load_s:.1} s |");
+    println!("| forward+backward, {b} x {t} tokens | {train_s:.2} s/step, {train_tps:.0} tokens/s |");
+    println!("| greedy generation, batch {} | {gen_tps:.1} tokens/s |", prompts.len());
+    if let (Some(l), Some(tr), Some(p)) = (mem_load, mem_train, mem_peak) {
+        println!("| peak RSS after load / train / generate | {l:.0} / {tr:.0} / {p:.0} MiB |");
+    }
+    println!("{}", serde_json::to_string(&result)?);
+    if let Some(j) = &a.json {
+        std::fs::write(j, serde_json::to_string_pretty(&result)?).with_context(|| format!("cannot write {}", j.display()))?;
+    }
+    Ok(())
 }

@@ -1,9 +1,82 @@
-//! Scaffold: replaced by the real command.
-use anyhow::{bail, Result};
+//! `dpo2d logprobs`: per-token log-probabilities of responses under a model,
+//! one JSON line per response token.
+
+use anyhow::{bail, Context, Result};
+use dpo2d_model::fetch;
+use dpo2d_model::llama::LoadOptions;
+use dpo2d_model::logprobs::response_logprobs;
+use serde_json::{json, Value};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Hugging Face model directory, .gguf file, or a known model name (smollm2).
+    #[arg(long)]
+    pub model: String,
+    /// User prompt (rendered with the chat template).
+    #[arg(long, requires = "response", conflicts_with = "input")]
+    pub prompt: Option<String>,
+    /// Response to score.
+    #[arg(long)]
+    pub response: Option<String>,
+    /// JSONL file with `prompt` (string or messages) and `response` per row.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// System message for prompts given as strings.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Also score the chat template's end-of-turn tokens after the response.
+    #[arg(long)]
+    pub with_end_of_turn: bool,
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    #[arg(long, env = "DPO2D_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    bail!("this command is not built yet")
+pub fn run(a: Args) -> Result<()> {
+    use super::generate::messages_of;
+    let rows: Vec<(Vec<dpo2d_model::chat::Message>, String)> = match (&a.input, &a.prompt, &a.response) {
+        (Some(p), _, _) => {
+            let f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+            let mut rows = vec![];
+            for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+                let line = line.with_context(|| format!("{}: cannot read line {}", p.display(), i + 1))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let at = || format!("{}:{}", p.display(), i + 1);
+                let v: Value = serde_json::from_str(&line).with_context(|| format!("{}: not valid JSON", at()))?;
+                let prompt = v.get("prompt").or_else(|| v.get("messages")).with_context(|| format!("{}: missing `prompt`", at()))?;
+                let msgs = messages_of(prompt, "prompt", a.system.as_deref()).with_context(at)?;
+                let resp = v
+                    .get("response")
+                    .and_then(|r| r.as_str())
+                    .with_context(|| format!("{}: missing string field `response`", at()))?;
+                rows.push((msgs, resp.to_string()));
+            }
+            rows
+        }
+        (None, Some(p), Some(r)) => vec![(messages_of(&json!(p), "prompt", a.system.as_deref())?, r.clone())],
+        _ => bail!("give --prompt TEXT --response TEXT, or --input rows.jsonl"),
+    };
+    let path = fetch::resolve_model(&a.model, a.cache_dir.as_deref())?;
+    let lm = dpo2d_model::load(&path, &LoadOptions::default())?;
+    let text = lm.text();
+    let mut out: Box<dyn Write> = match &a.output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    for (i, (msgs, resp)) in rows.iter().enumerate() {
+        let lps = response_logprobs(&lm.model, &text, msgs, resp, a.with_end_of_turn).with_context(|| format!("row {}", i + 1))?;
+        for t in lps {
+            let line = json!({"row": i, "index": t.index, "id": t.id, "token": t.token, "logprob": t.logprob});
+            writeln!(out, "{line}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
 }

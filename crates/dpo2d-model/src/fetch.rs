@@ -142,6 +142,23 @@ pub fn fetch(m: &KnownModel, cache: Option<&Path>, source: Option<&Path>) -> Res
     Ok(out)
 }
 
+/// Resolve a `--model` argument: an existing path (HF directory or .gguf
+/// file) is used as is; a known model name (e.g. `smollm2`) is fetched into
+/// the cache first.
+pub fn resolve_model(spec: &str, cache: Option<&Path>) -> Result<PathBuf> {
+    let p = PathBuf::from(spec);
+    if p.exists() {
+        return Ok(p);
+    }
+    match known_model(spec) {
+        Ok(m) => fetch(&m, cache, None),
+        Err(_) => bail!(
+            "model {spec} does not exist (give a Hugging Face model directory, a .gguf file, or one of: {})",
+            KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
 fn find_wheel(dir: &Path, m: &KnownModel) -> Option<PathBuf> {
     let prefix = format!("{}-{}-", m.package.replace('-', "_"), m.version);
     std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
