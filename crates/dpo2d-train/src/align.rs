@@ -367,7 +367,8 @@ pub(crate) mod tests {
         // Rejected "x<|im_end|>\n" fits.
         assert_eq!(t.rejected.ids.len(), 3);
         let (_, rep) = a.pairs(&[p.clone(), pair(vec![seg("a", 1)], vec![seg("b", 1)])], opts)?;
-        assert_eq!((rep.pairs, rep.truncated_pairs, rep.dropped_segments), (2, 1, 1));
+        // Both prompts are longer than 4 tokens; only the first pair's response is cut.
+        assert_eq!((rep.pairs, rep.truncated_pairs, rep.truncated_responses, rep.dropped_segments), (2, 2, 1, 1));
         Ok(())
     }
 
