@@ -962,4 +962,41 @@ pub(crate) mod tests {
         let e = m.forward(&ids(&[&[1, 50]]), &AttentionLayout::causal(1, 2)).unwrap_err().to_string();
         assert!(e.contains("50") && e.contains("vocabulary"), "{e}");
     }
+
+    /// Parity with Hugging Face transformers: set DPO2D_HF_PARITY_DIR to a
+    /// model directory that holds `expected.json` ({"ids": [...], "logits":
+    /// [[...]]}) written by transformers for the same weights, then run
+    /// `cargo test -p dpo2d-model hf_parity -- --ignored`.
+    #[test]
+    #[ignore]
+    fn hf_parity() {
+        let dir = std::path::PathBuf::from(std::env::var("DPO2D_HF_PARITY_DIR").expect("set DPO2D_HF_PARITY_DIR"));
+        for (file, padded) in [("expected.json", false), ("expected_pad.json", true)] {
+            let Ok(text) = std::fs::read_to_string(dir.join(file)) else { continue };
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let ids: Vec<u32> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            let want: Vec<Vec<f64>> = serde_json::from_value(v["logits"].clone()).unwrap();
+            let m = CausalLM::load(&dir, &LoadOptions::default()).unwrap();
+            let t = ids.len();
+            let lay = if padded {
+                let mask: Vec<u32> = v["mask"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+                AttentionLayout::from_attention_mask(&[mask])
+            } else {
+                AttentionLayout::causal(1, t)
+            };
+            let h = m.forward(&Tensor::new(vec![ids.clone()], &Device::Cpu).unwrap(), &lay).unwrap();
+            let got = m.logits(&h).unwrap().get(0).unwrap().to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+            let mut worst: f64 = 0.0;
+            for i in 0..t {
+                if padded && lay.seq_ids[0][i] == 0 {
+                    continue;
+                }
+                for j in 0..want[i].len() {
+                    worst = worst.max((got[i][j] - want[i][j]).abs());
+                }
+            }
+            eprintln!("{file}: max |logit diff| = {worst}");
+            assert!(worst < 1e-3, "{file}: max |logit diff| {worst}");
+        }
+    }
 }
