@@ -1,9 +1,136 @@
-//! Scaffold: replaced by the real command.
-use anyhow::{bail, Result};
+//! `dpo2d annotate`: score every segment of every pair on the five aspects
+//! with an LLM judge behind any OpenAI-compatible chat-completions server;
+//! `dpo2d annotate compare A B`: agreement between two annotations.
+use anyhow::{bail, Context, Result};
+use dpo2d_annotate::{annotate_file, AnnotateJob, Aspect, Options, RetryPolicy, Secret};
+use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(clap::Args)]
-pub struct Args {}
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Option<AnnotateCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    bail!("this command is not built yet")
+#[derive(clap::Subcommand)]
+enum AnnotateCommand {
+    /// Per-aspect agreement (exact and within one point) between two annotated files.
+    Compare {
+        /// First annotated pair file (.jsonl).
+        a: PathBuf,
+        /// Second annotated pair file, same pairs and segments.
+        b: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Pairs to annotate (.jsonl): segmented or plain responses (plain ones are segmented first).
+    #[arg(required = true)]
+    input: Option<PathBuf>,
+    /// Where to write the scored pairs (written atomically at the end).
+    #[arg(short, long, required = true)]
+    output: Option<PathBuf>,
+    /// The judge server's OpenAI-compatible base URL, e.g. http://localhost:8000/v1.
+    #[arg(long, required_unless_present = "dry_run")]
+    base_url: Option<String>,
+    /// The judge model name, as the server knows it.
+    #[arg(long, required = true)]
+    model: Option<String>,
+    /// Name of the environment variable holding the API key (sent as a Bearer token; optional for local servers).
+    #[arg(long, value_name = "VAR")]
+    api_key_env: Option<String>,
+    /// Most requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Per-request timeout in seconds (fractions allowed).
+    #[arg(long, default_value_t = 120.0, value_name = "SECS")]
+    timeout: f64,
+    /// Retries per request on 429, 5xx, timeouts and connection errors.
+    #[arg(long, default_value_t = 5)]
+    max_retries: u32,
+    /// First retry delay in seconds; doubles per retry, with jitter (a server's Retry-After wins).
+    #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+    retry_backoff: f64,
+    /// SQLite file of finished judgements (default: OUTPUT.cache.sqlite); a rerun resumes from it.
+    #[arg(long, value_name = "PATH")]
+    cache: Option<PathBuf>,
+    /// Write the pairs that could not be annotated, with the reasons, to this JSONL file.
+    #[arg(long, value_name = "FILE")]
+    failed_out: Option<PathBuf>,
+    /// Print the request bodies (JSONL) instead of sending them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Aspects to request (default: all five). Others must already be scored in the input.
+    #[arg(long, num_args = 1.., value_delimiter = ',')]
+    aspects: Vec<String>,
+    /// Cap on the judge's answer length (max_tokens in the request).
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if let Some(AnnotateCommand::Compare { a, b }) = args.command {
+        let c = dpo2d_annotate::compare::compare_files(&a, &b)?;
+        print!("{c}");
+        return Ok(());
+    }
+    let r = args.run;
+    let (Some(input), Some(output), Some(model)) = (r.input, r.output, r.model) else {
+        bail!("annotate needs INPUT, -o OUTPUT and --model (see --help)");
+    };
+    if r.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    let secs = |v: f64, name: &str| -> Result<Duration> {
+        Duration::try_from_secs_f64(v).ok().filter(|d| !d.is_zero() || name == "--retry-backoff").with_context(|| format!("{name} must be a positive number of seconds, got {v}"))
+    };
+    let timeout = secs(r.timeout, "--timeout")?;
+    let backoff = secs(r.retry_backoff, "--retry-backoff")?;
+    let aspects = if r.aspects.is_empty() {
+        Aspect::ALL.to_vec()
+    } else {
+        let mut v = Vec::new();
+        for name in &r.aspects {
+            let a = Aspect::parse(name).with_context(|| {
+                format!("unknown aspect {name:?}; choose from {}", dpo2d_data::ASPECTS.join(", "))
+            })?;
+            if !v.contains(&a) {
+                v.push(a);
+            }
+        }
+        v
+    };
+    // The key is read from the environment and never printed; an explicitly
+    // named variable that is unset is an error, the default one is optional.
+    let api_key = match &r.api_key_env {
+        Some(var) => match std::env::var(var) {
+            Ok(k) if !k.is_empty() => Some(Secret::new(k)),
+            _ => bail!("--api-key-env names {var}, but that environment variable is not set"),
+        },
+        None => std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()).map(Secret::new),
+    };
+    let opts = Options {
+        base_url: r.base_url.unwrap_or_else(|| "http://localhost:8000/v1".into()),
+        model,
+        api_key,
+        concurrency: r.concurrency,
+        policy: RetryPolicy { timeout, max_retries: r.max_retries, backoff_base: backoff, ..RetryPolicy::default() },
+        aspects,
+        max_tokens: r.max_tokens,
+        progress: !r.no_progress,
+    };
+    let job = AnnotateJob { input, output, cache: r.cache, failed_out: r.failed_out, dry_run: r.dry_run };
+    let summary = annotate_file(&job, &opts)?;
+    eprintln!("{summary}");
+    if !summary.failed.is_empty() && job.failed_out.is_none() {
+        eprintln!("(pass --failed-out FILE to save the failed pairs with their reasons)");
+    }
+    Ok(())
 }
