@@ -89,13 +89,16 @@ pub struct Line {
 /// Iterates the non-blank lines of a JSONL file (blank lines are allowed
 /// and skipped; they are not data). Errors name the file and line.
 pub fn jsonl_lines(path: &Path) -> Result<impl Iterator<Item = Result<Line>>> {
-    let reader = open_reader(path)?;
-    let name = path.display().to_string();
-    Ok(reader.lines().enumerate().filter_map(move |(i, line)| match line {
+    Ok(lines_of(open_reader(path)?, path.display().to_string()))
+}
+
+/// Like [`jsonl_lines`] over any reader; `name` labels errors.
+pub fn lines_of<R: BufRead>(reader: R, name: String) -> impl Iterator<Item = Result<Line>> {
+    reader.lines().enumerate().filter_map(move |(i, line)| match line {
         Ok(text) if text.trim().is_empty() => None,
         Ok(text) => Some(Ok(Line { number: i + 1, text })),
         Err(e) => Some(Err(anyhow::Error::new(e).context(format!("{name}:{}: cannot read line", i + 1)))),
-    }))
+    })
 }
 
 /// Writes items as JSONL (one compact JSON object per line).

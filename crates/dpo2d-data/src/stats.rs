@@ -98,12 +98,13 @@ impl fmt::Display for DataStats {
             )?;
         }
         if self.scored_responses > 0 {
-            writeln!(f, "score histogram (segments with score 0 1 2 3 4; chosen / rejected):")?;
+            writeln!(f, "segments per score:       chosen                      rejected")?;
+            writeln!(f, "  {:<13} {}   {}", "score", score_header(), score_header())?;
             for (j, name) in ASPECTS.iter().enumerate() {
-                let cells: Vec<String> = (0..5)
-                    .map(|v| format!("{}/{}", self.histogram_by_side[0][j][v], self.histogram_by_side[1][j][v]))
-                    .collect();
-                writeln!(f, "  {name:<13} {}", cells.join("  "))?;
+                let row = |side: usize| -> String {
+                    (0..5).map(|v| format!("{:>5}", self.histogram_by_side[side][j][v])).collect::<Vec<_>>().join("")
+                };
+                writeln!(f, "  {name:<13} {}   {}", row(0), row(1))?;
             }
             if self.completeness_decreases > 0 {
                 writeln!(f, "note: completeness decreases inside {} response(s)", self.completeness_decreases)?;
@@ -111,6 +112,10 @@ impl fmt::Display for DataStats {
         }
         Ok(())
     }
+}
+
+fn score_header() -> String {
+    (0..5).map(|v| format!("{v:>5}")).collect()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! per-reason counts, and a message naming the exact place: the side, the
 //! segment index and the aspect.
 
-use crate::io::jsonl_lines;
+use crate::io::{jsonl_lines, lines_of, Line};
 use crate::pair::{Message, Pair, Prompt, Response, Scores, Segment, ASPECTS};
 use anyhow::Result;
 use serde_json::{Map, Value};
@@ -177,10 +177,19 @@ pub struct LoadedPairs {
 /// every problem when any line is bad. `skip_invalid`: bad lines are
 /// dropped and described in `skipped`. I/O errors always fail.
 pub fn load_pairs(path: &Path, opts: &LoadOptions) -> Result<LoadedPairs> {
+    load_pairs_from_lines(jsonl_lines(path)?, &path.display().to_string(), opts)
+}
+
+/// [`load_pairs`] over JSONL text already in memory; `name` labels messages.
+pub fn load_pairs_from_str(text: &str, name: &str, opts: &LoadOptions) -> Result<LoadedPairs> {
+    load_pairs_from_lines(lines_of(text.as_bytes(), name.to_string()), name, opts)
+}
+
+fn load_pairs_from_lines(lines: impl Iterator<Item = Result<Line>>, name: &str, opts: &LoadOptions) -> Result<LoadedPairs> {
     let mut out = LoadedPairs::default();
-    let mut report = SkipReport { path: path.display().to_string(), ..Default::default() };
+    let mut report = SkipReport { path: name.to_string(), ..Default::default() };
     let mut seen_ids: HashMap<String, usize> = HashMap::new();
-    for line in jsonl_lines(path)? {
+    for line in lines {
         let line = line?;
         report.lines_read += 1;
         let mut result = parse_pair_line(&line.text, opts);
