@@ -244,3 +244,36 @@ fn compare_reports_agreement_table() {
     assert!(table.contains(&format!("clarity       {pct:>8.1} {pct:>11.1} {n:>8}")), "{table}");
     assert!(table.contains(&format!("safety        {:>8.1} {:>11.1} {n:>8}", 100.0, 100.0)), "{table}");
 }
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_cleanly_and_keeps_finished_judgements() {
+    let server = MockJudge::start(MockConfig { delay: Duration::from_millis(40), ..MockConfig::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &vec![""; 12]);
+    let output = dir.path().join("scored.jsonl");
+    let child = annotate_cmd(&server, &input, &output, &["--concurrency", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while server.stats().completions < 10 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the annotator made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("interrupted") && stderr.contains("rerun the same command"), "{stderr}");
+    assert!(!output.exists());
+    let saved = Cache::open(&dir.path().join("scored.jsonl.cache.sqlite")).unwrap().len().unwrap();
+    assert!(saved >= 8 && saved < 60, "saved {saved}");
+    // The message's count was taken at the interrupt; a write already under
+    // way may land just after it.
+    let said: usize = stderr.split(" judgement(s) are saved").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(said <= saved && said + 2 >= saved, "said {said}, saved {saved}: {stderr}");
+    assert_key_absent(&out, dir.path());
+}
