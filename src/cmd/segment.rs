@@ -68,9 +68,14 @@ struct SpanOut<'a> {
     kind: SegmentKind,
 }
 
+impl<'a> SpanOut<'a> {
+    fn new(text: &'a str, s: &Span) -> Self {
+        SpanOut { text: s.text(text), start: s.start, end: s.end, char_start: s.char_start, char_end: s.char_end, kind: s.kind }
+    }
+}
+
 fn span_json(text: &str, s: &Span) -> Value {
-    let out = SpanOut { text: s.text(text), start: s.start, end: s.end, char_start: s.char_start, char_end: s.char_end, kind: s.kind };
-    serde_json::to_value(out).unwrap_or(Value::Null)
+    serde_json::to_value(SpanOut::new(text, s)).unwrap_or(Value::Null)
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -96,7 +101,7 @@ pub fn run(args: Args) -> Result<()> {
     match format {
         Format::Text | Format::Auto => {
             for s in segment_spans(&content, &opts) {
-                writeln!(out, "{}", span_json(&content, &s))?;
+                writeln!(out, "{}", serde_json::to_string(&SpanOut::new(&content, &s))?)?;
             }
         }
         Format::Responses => {
