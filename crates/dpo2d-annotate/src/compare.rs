@@ -55,13 +55,10 @@ impl fmt::Display for Comparison {
 }
 
 fn load(path: &Path) -> Result<Vec<Pair>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let p: Pair = serde_json::from_str(line).with_context(|| format!("{}:{}: not a pair", path.display(), i + 1))?;
+    for line in dpo2d_data::io::jsonl_lines(path)? {
+        let line = line?;
+        let p: Pair = serde_json::from_str(&line.text).with_context(|| format!("{}:{}: not a pair", path.display(), line.number))?;
         out.push(p);
     }
     Ok(out)

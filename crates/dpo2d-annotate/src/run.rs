@@ -242,6 +242,8 @@ async fn judge(ctx: Arc<Ctx>, item: Arc<Prepared>, aspect: Aspect) -> Outcome {
             }
         }
     };
+    // A server that echoes headers must not get the key into the cache.
+    let answer = ctx.client.redact(&answer);
     let judgement = Judgement { first: checked.first, second: checked.second, repaired, answer };
     if let Err(e) = ctx.cache.put_async(key, ctx.model.clone(), aspect.name(), judgement.clone()).await {
         return Outcome::Fatal(format!("{e:#}"));
@@ -249,22 +251,25 @@ async fn judge(ctx: Arc<Ctx>, item: Arc<Prepared>, aspect: Aspect) -> Outcome {
     Outcome::Ok { judgement, cached: false }
 }
 
-/// Writes `pairs` as JSONL to a temporary file next to `path`, then renames
-/// it over `path`, so a reader never sees a half-written file.
+/// Writes `items` as JSONL (gzip when the name ends in `.gz`) to a temporary
+/// file next to `path`, then renames it over `path`, so a reader never sees
+/// a half-written file.
 pub fn write_atomic<T: serde::Serialize>(path: &Path, items: &[T]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let gz = if name.ends_with(".gz") { ".gz" } else { "" };
+    let tmp = dir.join(format!(".{name}.tmp-{}{gz}", std::process::id()));
     let res = (|| -> Result<()> {
-        let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let mut w = std::io::BufWriter::new(file);
-        for it in items {
-            serde_json::to_writer(&mut w, it).context("cannot serialise a record")?;
-            w.write_all(b"\n")?;
+        {
+            let mut w = dpo2d_data::io::create_writer(&tmp)?;
+            for it in items {
+                serde_json::to_writer(&mut w, it).context("cannot serialise a record")?;
+                w.write_all(b"\n")?;
+            }
+            w.flush()?;
         }
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, path)?;
         Ok(())
     })();
@@ -607,6 +612,20 @@ mod tests {
         let cached: usize = s2.aspects.iter().map(|(_, st)| st.cached).sum();
         assert_eq!(cached, 50 - 2);
         assert_eq!(read_pairs(&job.output), out);
+    }
+
+    #[test]
+    fn atomic_write_plain_and_gzip() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["o.jsonl", "o.jsonl.gz"] {
+            let p = dir.path().join("sub").join(name);
+            write_atomic(&p, &[serde_json::json!({"a": 1}), serde_json::json!({"b": 2})]).unwrap();
+            let lines: Vec<String> = dpo2d_data::io::jsonl_lines(&p).unwrap().map(|l| l.unwrap().text).collect();
+            assert_eq!(lines, vec![r#"{"a":1}"#, r#"{"b":2}"#]);
+            assert_eq!(std::fs::read(&p).unwrap().starts_with(&[0x1f, 0x8b]), name.ends_with(".gz"));
+        }
+        // Only the two outputs remain: no temporary files left behind.
+        assert_eq!(std::fs::read_dir(dir.path().join("sub")).unwrap().count(), 2);
     }
 
     #[test]
