@@ -169,7 +169,14 @@ pub fn convert_gguf(gguf: &Path, out: &Path) -> Result<()> {
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?)))
             .collect::<Result<_>>()?;
-        candle_core::safetensors::save(&f32s, tmp.join("model.safetensors"))?;
+        let st = tmp.join("model.safetensors");
+        candle_core::safetensors::save(&f32s, &st)?;
+        // The writer creates the file private (0600); make it as readable as the rest.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&st, std::fs::Permissions::from_mode(0o644))?;
+        }
         let class = match cfg.architecture {
             Architecture::Qwen2 => "Qwen2Tokenizer",
             Architecture::Llama => "GPT2Tokenizer",
