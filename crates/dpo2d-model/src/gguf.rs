@@ -418,6 +418,19 @@ pub(crate) mod tests {
         n_kv: usize,
         extra_md: Vec<(String, Value)>,
     ) {
+        write_tiny_gguf_as(path, arch, tensors, n_head, n_kv, extra_md, GgmlDType::F32)
+    }
+
+    /// As [`write_tiny_gguf`], storing 2-D weights in `dtype`.
+    pub(crate) fn write_tiny_gguf_as(
+        path: &Path,
+        arch: &str,
+        tensors: &HashMap<String, Tensor>,
+        n_head: usize,
+        n_kv: usize,
+        extra_md: Vec<(String, Value)>,
+        dtype: GgmlDType,
+    ) {
         let hidden = tensors["model.embed_tokens.weight"].dims()[1];
         let ffn = tensors["model.layers.0.mlp.up_proj.weight"].dims()[0];
         let layers = tensors.keys().filter(|k| k.ends_with("input_layernorm.weight")).count();
@@ -443,7 +456,8 @@ pub(crate) mod tests {
             } else if arch == "llama" && hf.contains("k_proj") {
                 t = permute_qk(&t, n_kv).unwrap();
             }
-            let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+            let dt = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
+            let q = QTensor::quantize(&t, dt).unwrap();
             qs.push((gguf_name(hf).unwrap(), q));
         }
         let md_ref: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -492,6 +506,56 @@ pub(crate) mod tests {
         for (k, v) in &ts {
             let diff = (v - &back[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert_eq!(diff, 0.0, "{k}");
+        }
+    }
+
+    #[test]
+    fn quantized_tensors_dequantize_close_to_the_originals() {
+        let dir = tempfile::tempdir().unwrap();
+        // 256-wide rows so that every block size (32 and the K-quants' 256) fits.
+        let ts = tiny_tensors(256, 256, 8, 4, 2);
+        for (dt, tol) in [
+            (GgmlDType::F16, 1e-3),
+            (GgmlDType::Q8_0, 0.01),
+            (GgmlDType::Q4_0, 0.15),
+            (GgmlDType::Q4_1, 0.15),
+            (GgmlDType::Q4K, 0.15),
+            (GgmlDType::Q5K, 0.08),
+            (GgmlDType::Q6K, 0.04),
+        ] {
+            let path = dir.path().join(format!("{dt:?}.gguf"));
+            write_tiny_gguf_as(&path, "llama", &ts, 4, 2, vec![], dt);
+            let g = GgufFile::open(&path).unwrap();
+            let back = g.hf_tensors(&g.config().unwrap(), &Device::Cpu).unwrap();
+            for (k, v) in &ts {
+                let scale = v.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let d = (v - &back[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(d <= tol * scale, "{dt:?} {k}: max diff {d} vs scale {scale}");
+            }
+        }
+    }
+
+    #[test]
+    fn qwen2_keeps_row_order_and_biases() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.gguf");
+        let mut ts = tiny_tensors(16, 32, 20, 4, 2);
+        for (n, rows) in [("q_proj", 16), ("k_proj", 8), ("v_proj", 8)] {
+            ts.insert(
+                format!("model.layers.0.self_attn.{n}.bias"),
+                Tensor::randn(0f32, 1., rows, &Device::Cpu).unwrap(),
+            );
+        }
+        ts.insert("lm_head.weight".into(), Tensor::randn(0f32, 1., (20, 16), &Device::Cpu).unwrap());
+        write_tiny_gguf(&path, "qwen2", &ts, 4, 2, vec![]);
+        let g = GgufFile::open(&path).unwrap();
+        let cfg = g.config().unwrap();
+        assert_eq!(cfg.architecture, Architecture::Qwen2);
+        assert!(cfg.attention_bias && !cfg.tie_word_embeddings);
+        let back = g.hf_tensors(&cfg, &Device::Cpu).unwrap();
+        for (k, v) in &ts {
+            let d = (v - &back[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(d, 0.0, "{k}");
         }
     }
 
