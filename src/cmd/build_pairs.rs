@@ -14,13 +14,15 @@ pub enum TieBreakArg {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Input: HelpSteer2-style rows (prompt, response, helpfulness, ...) or TRL
-    /// pairs (prompt, chosen, rejected); .jsonl, .jsonl.gz or .parquet.
+    /// Input: HelpSteer2-style rows (prompt, response, helpfulness, ...),
+    /// HelpSteer2-Preference rows (prompt, response_1, response_2,
+    /// preference_strength) or TRL pairs (prompt, chosen, rejected);
+    /// .jsonl, .jsonl.gz or .parquet.
     pub input: PathBuf,
     /// Output pair file (.jsonl, or .jsonl.gz to compress); `-` is standard output.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Smallest helpfulness difference between chosen and rejected to keep a pair.
+    /// Smallest helpfulness difference (or preference strength) to keep a pair.
     #[arg(long, default_value_t = 1)]
     pub min_margin: i64,
     /// What to do when both responses have the same helpfulness.
@@ -32,6 +34,9 @@ pub struct Args {
     /// Also split the responses into (unscored) segments, ready for `dpo2d annotate`.
     #[arg(long)]
     pub segment: bool,
+    /// Keep only rows whose `split` column has this value (e.g. train).
+    #[arg(long)]
+    pub split: Option<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -42,6 +47,7 @@ pub fn run(args: Args) -> Result<()> {
             TieBreakArg::Attributes => TieBreak::Attributes,
         },
         skip_invalid: args.skip_invalid,
+        split: args.split.clone(),
         ..BuildOptions::default()
     };
     let (mut pairs, report) = build_pairs_from_file(&args.input, &opts)?;

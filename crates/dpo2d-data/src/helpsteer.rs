@@ -59,11 +59,14 @@ pub struct BuildOptions {
     pub skip_invalid: bool,
     /// How many `file:line: reason` entries an error or report lists.
     pub max_listed: usize,
+    /// Keep only rows whose `split` column equals this (HelpSteer2's
+    /// preference file holds train and validation rows together).
+    pub split: Option<String>,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        BuildOptions { min_margin: 1, tie_break: TieBreak::Drop, skip_invalid: false, max_listed: 20 }
+        BuildOptions { min_margin: 1, tie_break: TieBreak::Drop, skip_invalid: false, max_listed: 20, split: None }
     }
 }
 
@@ -75,6 +78,8 @@ pub enum InputKind {
     Rated,
     /// Already pairs (TRL prompt/chosen/rejected), normalised.
     Pairs,
+    /// HelpSteer2-Preference rows: prompt, response_1, response_2, preference_strength.
+    Preference,
 }
 
 /// What `build_pairs` did; printed by `dpo2d build-pairs`.
@@ -83,6 +88,10 @@ pub struct BuildReport {
     pub path: String,
     pub kind: InputKind,
     pub rows: usize,
+    /// Rows left out by the split filter.
+    pub other_split: usize,
+    /// Distinct `split` values seen among the rows kept (empty: no such column).
+    pub splits: Vec<String>,
     /// Prompt groups (runs of consecutive rows with the same prompt).
     pub groups: usize,
     pub pairs: usize,
@@ -111,6 +120,20 @@ impl fmt::Display for BuildReport {
             InputKind::Pairs => {
                 writeln!(f, "{}: {} pair rows (TRL style), {} pairs written ({} multi-turn)", self.path, self.rows, self.pairs, self.multi_turn)?;
             }
+            InputKind::Preference => {
+                writeln!(
+                    f,
+                    "{}: {} preference rows, {} pairs written ({} multi-turn)",
+                    self.path, self.rows, self.pairs, self.multi_turn
+                )?;
+                writeln!(
+                    f,
+                    "dropped: {} ties (strength 0), {} below min margin, {} identical responses",
+                    self.ties_dropped, self.below_margin, self.identical
+                )?;
+                let m: Vec<String> = (1..4).map(|d| format!("{d}: {}", self.margins[d])).collect();
+                writeln!(f, "preference strength of kept pairs: {}", m.join(", "))?;
+            }
             InputKind::Rated => {
                 writeln!(
                     f,
@@ -131,6 +154,12 @@ impl fmt::Display for BuildReport {
                 let m: Vec<String> = (0..5).map(|d| format!("{d}: {}", self.margins[d])).collect();
                 writeln!(f, "helpfulness margin of kept pairs: {}", m.join(", "))?;
             }
+        }
+        if self.other_split > 0 {
+            writeln!(f, "left out {} row(s) of other splits", self.other_split)?;
+        }
+        if self.splits.len() > 1 {
+            writeln!(f, "note: the rows mix splits ({}); pass --split to keep one", self.splits.join(", "))?;
         }
         if self.invalid_rows > 0 {
             let counts: Vec<String> = self.invalid_by_reason.iter().map(|(k, v)| format!("{k}: {v}")).collect();
@@ -281,6 +310,18 @@ pub fn build_pairs(rows: &[Row], path: &str, id_prefix: &str, opts: &BuildOption
         bail!("min margin must be at least 1 (equal helpfulness is a tie; see the tie-break option)");
     }
     let mut report = BuildReport { path: path.to_string(), rows: rows.len(), ..Default::default() };
+    let split_of = |r: &Row| r.fields.get("split").and_then(Value::as_str).map(str::to_string);
+    let kept: Vec<Row>;
+    let rows: &[Row] = match &opts.split {
+        Some(want) => {
+            kept = rows.iter().filter(|r| split_of(r).as_deref() == Some(want.as_str())).cloned().collect();
+            report.other_split = rows.len() - kept.len();
+            &kept
+        }
+        None => rows,
+    };
+    let splits: std::collections::BTreeSet<String> = rows.iter().filter_map(split_of).collect();
+    report.splits = splits.into_iter().collect();
     let Some(first) = rows.first() else {
         return Ok((Vec::new(), report));
     };
@@ -294,13 +335,17 @@ pub fn build_pairs(rows: &[Row], path: &str, id_prefix: &str, opts: &BuildOption
                 Err(ps) => invalid.extend(ps.into_iter().map(|p| (row.number, p))),
             }
         }
+    } else if first.fields.contains_key("response_1") && first.fields.contains_key("response_2") {
+        report.kind = InputKind::Preference;
+        pairs = pair_preference_rows(rows, id_prefix, opts, &mut report, &mut invalid);
     } else if first.fields.contains_key("prompt") && first.fields.contains_key("response") {
         report.kind = InputKind::Rated;
         pairs = pair_rated_rows(rows, id_prefix, opts, &mut report, &mut invalid);
     } else {
         let cols: Vec<&str> = first.fields.keys().map(String::as_str).collect();
         bail!(
-            "{path}: unrecognised columns [{}]; expected HelpSteer2-style rows (prompt, response, helpfulness, ...) or pairs (prompt, chosen, rejected)",
+            "{path}: unrecognised columns [{}]; expected HelpSteer2-style rows (prompt, response, helpfulness, ...), \
+             HelpSteer2-Preference rows (prompt, response_1, response_2, preference_strength) or pairs (prompt, chosen, rejected)",
             cols.join(", ")
         );
     }
@@ -434,6 +479,78 @@ fn pair_rated_rows(
             continue;
         }
         report.margins[(margin.clamp(0, 4)) as usize] += 1;
+        pairs.push(pair);
+    }
+    pairs
+}
+
+/// HelpSteer2-Preference rows: `preference_strength` in -3..3, negative when
+/// response_1 is better, positive when response_2 is; 0 is a tie (dropped).
+/// The margin is the strength's magnitude.
+fn pair_preference_rows(
+    rows: &[Row],
+    id_prefix: &str,
+    opts: &BuildOptions,
+    report: &mut BuildReport,
+    invalid: &mut Vec<(usize, Problem)>,
+) -> Vec<Pair> {
+    let mut pairs = Vec::new();
+    for row in rows {
+        report.groups += 1;
+        let get = |k: &str| -> Result<&str, Problem> {
+            match row.fields.get(k) {
+                Some(Value::String(s)) if !s.trim().is_empty() => Ok(s),
+                Some(Value::String(_)) => Err(Problem { code: "empty-text", message: format!("{k}: empty") }),
+                None | Some(Value::Null) => Err(Problem { code: "missing-field", message: format!("{k}: missing") }),
+                Some(_) => Err(Problem { code: "wrong-type", message: format!("{k}: must be a string") }),
+            }
+        };
+        let strength = match row.fields.get("preference_strength") {
+            Some(Value::Number(n)) => n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64)).ok_or(Problem {
+                code: "score-not-integer",
+                message: format!("preference_strength: {n} is not a whole number"),
+            }),
+            None | Some(Value::Null) => Err(Problem { code: "missing-field", message: "preference_strength: missing".into() }),
+            Some(_) => Err(Problem { code: "wrong-type", message: "preference_strength: must be a number".into() }),
+        };
+        let (prompt, r1, r2, strength) = match (get("prompt"), get("response_1"), get("response_2"), strength) {
+            (Ok(p), Ok(a), Ok(b), Ok(s)) if (-3..=3).contains(&s) => (p, a, b, s),
+            (Ok(_), Ok(_), Ok(_), Ok(s)) => {
+                invalid.push((row.number, Problem { code: "score-out-of-range", message: format!("preference_strength: {s} is outside -3..3") }));
+                continue;
+            }
+            (p, a, b, s) => {
+                for e in [p.err(), a.err(), b.err(), s.err()].into_iter().flatten() {
+                    invalid.push((row.number, e));
+                }
+                continue;
+            }
+        };
+        if strength == 0 {
+            report.ties_dropped += 1;
+            continue;
+        }
+        if strength.abs() < opts.min_margin {
+            report.below_margin += 1;
+            continue;
+        }
+        if r1 == r2 {
+            report.identical += 1;
+            continue;
+        }
+        let (chosen, rejected) = if strength > 0 { (r2, r1) } else { (r1, r2) };
+        let pair = Pair {
+            id: Some(Value::String(format!("{id_prefix}-{}", row.number))),
+            prompt: parse_helpsteer_prompt(prompt),
+            chosen: Response::Plain(chosen.to_string()),
+            rejected: Response::Plain(rejected.to_string()),
+        };
+        let problems = crate::validate::check_pair(&pair, &LoadOptions::default());
+        if !problems.is_empty() {
+            invalid.extend(problems.into_iter().map(|p| (row.number, p)));
+            continue;
+        }
+        report.margins[strength.unsigned_abs().min(4) as usize] += 1;
         pairs.push(pair);
     }
     pairs
@@ -606,6 +723,36 @@ mod tests {
         let bad = vec![json!({"prompt": "Q", "chosen": "same", "rejected": "same"})];
         let err = build_pairs(&rows(&bad), "t.jsonl", "t", &BuildOptions::default()).unwrap_err().to_string();
         assert!(err.contains("t.jsonl:1: chosen and rejected have the same text"), "{err}");
+    }
+
+    #[test]
+    fn preference_rows_and_split_filter() {
+        let pref = |split: &str, prompt: &str, a: &str, b: &str, s: i64| {
+            json!({"split": split, "prompt": prompt, "response_1": a, "response_2": b, "preference_strength": s, "preference_statement": "..."})
+        };
+        let v = vec![
+            pref("train", "Q1", "bad", "good", 2),
+            pref("train", MULTI, "fine", "worse", -1),
+            pref("train", "Q3", "same-ish", "other", 0),
+            pref("val", "Q4", "x", "y", 3),
+            pref("train", "Q5", "a", "b", 7),
+        ];
+        let opts = BuildOptions { split: Some("train".into()), skip_invalid: true, ..Default::default() };
+        let (pairs, r) = build_pairs(&rows(&v), "pref.jsonl", "pref", &opts).unwrap();
+        assert_eq!(r.kind, InputKind::Preference);
+        assert_eq!((r.other_split, r.ties_dropped, r.invalid_rows), (1, 1, 1));
+        assert_eq!(r.invalid_by_reason.get("score-out-of-range"), Some(&1));
+        assert_eq!(pairs.len(), 2);
+        assert_eq!((pairs[0].chosen.text(), pairs[0].rejected.text()), ("good".into(), "bad".into()));
+        assert_eq!((pairs[1].chosen.text(), pairs[1].rejected.text()), ("fine".into(), "worse".into()));
+        assert!(matches!(&pairs[1].prompt, Prompt::Messages(m) if m.len() == 3));
+        assert_eq!(pairs[0].id, Some(json!("pref-1")));
+        // min margin on the strength's magnitude; mixed splits are pointed out.
+        let opts = BuildOptions { min_margin: 2, skip_invalid: true, ..Default::default() };
+        let (pairs, r) = build_pairs(&rows(&v), "pref.jsonl", "pref", &opts).unwrap();
+        assert_eq!(pairs.len(), 2); // strengths 2 and 3
+        assert_eq!(r.below_margin, 1);
+        assert!(r.to_string().contains("the rows mix splits (train, val)"), "{r}");
     }
 
     #[test]

@@ -843,6 +843,21 @@ mod tests {
         assert!(loaded.skipped.is_empty());
     }
 
+    /// Every problem code this module emits is explained in the user docs.
+    #[test]
+    fn every_code_is_documented() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let src = std::fs::read_to_string(root.join("src/validate.rs")).unwrap();
+        let docs = std::fs::read_to_string(root.join("../../docs/data-format.md")).unwrap();
+        let mut codes: Vec<&str> = src.split("Problem::new(\"").skip(1).filter_map(|s| s.split('"').next()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert!(codes.len() >= 20, "{codes:?}");
+        for code in codes {
+            assert!(docs.contains(&format!("| `{code}` |")), "code {code} missing from docs/data-format.md");
+        }
+    }
+
     #[test]
     fn require_scored_refuses_plain_with_clear_message() {
         let mut v = good();
