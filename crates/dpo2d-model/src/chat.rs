@@ -96,11 +96,9 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         minijinja_contrib::add_to_environment(&mut env);
         env.add_function("raise_exception", raise_exception);
-        env.add_function("strftime_now", |fmt: String| -> String {
-            // Deterministic output matters more here than the date.
-            let _ = fmt;
-            String::new()
-        });
+        // `strftime_now` is left undefined on purpose: templates that use it
+        // (Llama 3.x) test `is defined` and fall back to a fixed date, which
+        // keeps rendered prompts reproducible.
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| anyhow::anyhow!("invalid chat template: {e:#}"))?;

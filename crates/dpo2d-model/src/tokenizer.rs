@@ -131,7 +131,8 @@ impl ModelTokenizer {
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
+            // Qwen2's tokenizer.json normalises to NFC before splitting.
+            "normalizer": if pre == "qwen2" { json!({"type": "NFC"}) } else { Value::Null },
             "pre_tokenizer": pre_tokenizer_for(pre),
             "post_processor": post,
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
@@ -319,6 +320,11 @@ mod tests {
         write_tiny_gguf(&path, "llama", &tiny_tensors(8, 8, 16, 2, 2), 2, 2, tiny_tokenizer_md("gpt2"));
         let tok2 = ModelTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
         assert_eq!(tok2.encode("12", false).unwrap(), vec![15]);
+        // Qwen2: NFC normaliser and its own split regex (digits one by one).
+        write_tiny_gguf(&path, "llama", &tiny_tensors(8, 8, 16, 2, 2), 2, 2, tiny_tokenizer_md("qwen2"));
+        let tq = ModelTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+        assert_eq!(tq.encode("12 ab", false).unwrap(), vec![6, 7, 8, 12]);
+        assert!(tq.inner.get_normalizer().is_some());
         // Save and reload as an HF directory.
         let out = dir.path().join("hf");
         std::fs::create_dir_all(&out).unwrap();
