@@ -725,6 +725,26 @@ mod tests {
         assert!(err.contains("t.jsonl:1: chosen and rejected have the same text"), "{err}");
     }
 
+    /// Parquet files written by pyarrow, as dataset hubs publish them (nullable
+    /// string columns, dictionary encoding, snappy; and zstd with two row
+    /// groups), kept in `tests/fixtures/`.
+    #[test]
+    fn pyarrow_parquet_fixtures() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for name in ["helpsteer2-sample.parquet", "helpsteer2-sample-zstd.parquet"] {
+            let (pairs, r) = build_pairs_from_file(&dir.join(name), &BuildOptions::default()).unwrap();
+            assert_eq!((r.rows, r.groups, r.pairs, r.ties_dropped, r.multi_turn), (6, 3, 2, 1, 1), "{name}");
+            assert_eq!(pairs[0].chosen.text(), "The capital of France is Paris. It is also its largest city.");
+            assert_eq!(pairs[0].rejected.text(), "France's capital is Lyon.");
+            let m = pairs[1].prompt.messages();
+            assert_eq!(m.len(), 3);
+            assert_eq!((m[1].role.as_str(), m[1].content.as_str()), ("assistant", "Use slicing: `xs[::-1]`."));
+            assert_eq!(m[2].content, "And in place?");
+        }
+        let rows = read_rows(&dir.join("helpsteer2-sample.parquet")).unwrap();
+        assert_eq!(rows[4].fields["response"], json!("Le chat dort au soleil. 🙂"));
+    }
+
     #[test]
     fn preference_rows_and_split_filter() {
         let pref = |split: &str, prompt: &str, a: &str, b: &str, s: i64| {
