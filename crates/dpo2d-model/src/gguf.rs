@@ -34,7 +34,15 @@ impl GgufFile {
         let mut f = std::fs::File::open(path)
             .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
         let content = Content::read(&mut f).map_err(|e| {
-            anyhow::anyhow!("{} is not a valid GGUF file (truncated or corrupt?): {e}", path.display())
+            let msg = e.to_string();
+            if msg.contains("dtype") {
+                anyhow::anyhow!(
+                    "{}: unsupported tensor type, or a corrupt file ({msg}); supported types: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q8_K (not the IQ* quantizations)",
+                    path.display()
+                )
+            } else {
+                anyhow::anyhow!("{} is not a valid GGUF file (truncated or corrupt?): {msg}", path.display())
+            }
         })?;
         Ok(Self { path: path.to_path_buf(), content })
     }
@@ -579,6 +587,22 @@ pub(crate) mod tests {
         std::fs::write(&path, &bytes[..40]).unwrap();
         let e = format!("{:#}", GgufFile::open(&path).err().unwrap());
         assert!(e.contains("m.gguf") && e.contains("not a valid GGUF"), "{e}");
+        // A tensor of a type we cannot dequantize (20 = IQ4_NL).
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes()); // tensors
+        b.extend(0u64.to_le_bytes()); // metadata
+        b.extend(17u64.to_le_bytes());
+        b.extend(b"token_embd.weight");
+        b.extend(2u32.to_le_bytes());
+        b.extend(32u64.to_le_bytes());
+        b.extend(4u64.to_le_bytes());
+        b.extend(20u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend(vec![0u8; 256]);
+        std::fs::write(&path, &b).unwrap();
+        let e = format!("{:#}", GgufFile::open(&path).err().unwrap());
+        assert!(e.contains("m.gguf") && e.contains("unsupported tensor type"), "{e}");
         // Not GGUF at all.
         std::fs::write(&path, b"hello world, definitely not gguf").unwrap();
         let e = format!("{:#}", GgufFile::open(&path).err().unwrap());
