@@ -29,7 +29,7 @@ use dpo2d_model::chat::{ChatTemplate, Message};
 use tokenizers::Tokenizer;
 
 /// Segment id of a token that belongs to no scored segment (plain responses).
-pub const NO_SEGMENT: u32 = u32::MAX;
+pub use crate::loss::NO_SEGMENT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AlignOptions {

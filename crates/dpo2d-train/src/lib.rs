@@ -8,3 +8,5 @@ pub mod config;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+pub mod checkpoint;
+pub mod trainer;

@@ -23,7 +23,7 @@ impl Record {
 }
 
 /// Running sums of per-pair (or per-micro-batch) values, averaged on flush.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Accumulator {
     sums: BTreeMap<String, (f64, usize)>,
 }
