@@ -311,3 +311,24 @@ fn build_pairs_passes_trl_pairs_through() {
     let first: Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().lines().next().unwrap()).unwrap();
     assert_eq!(first["chosen"], "Hello!");
 }
+
+#[test]
+fn build_pairs_from_parquet_then_segment_and_validate() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/dpo2d-data/tests/fixtures/helpsteer2-sample.parquet");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pairs.jsonl.gz");
+    let o = dpo2d(&["build-pairs", fixture.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("6 rated rows, 3 prompts, 2 pairs written (1 multi-turn)"), "{}", stderr(&o));
+    let seg = dir.path().join("seg.jsonl");
+    let o = dpo2d(&["segment", out.to_str().unwrap(), "-o", seg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first: Value = serde_json::from_str(std::fs::read_to_string(&seg).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first["chosen"],
+        json!({"segments": [{"text": "The capital of France is Paris. "}, {"text": "It is also its largest city."}]})
+    );
+    let o = dpo2d(&["validate", seg.to_str().unwrap(), "--require-segments"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("2 valid pair(s)"), "{}", stdout(&o));
+}
