@@ -346,13 +346,18 @@ def run_dpo2d(args, workdir: Path, raw_pairs_path: Path) -> dict:
     if not Path(args.dpo2d).exists():
         sys.exit(f"error: dpo2d binary {args.dpo2d} not found (build it with `cargo build --release`)")
     out_dir = workdir / "dpo2d-output"
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    # A fresh cache, so the reference log-probs are computed (and timed) in this run.
+    cache_dir = workdir / "dpo2d-cache"
+    for d in (out_dir, cache_dir):
+        if d.exists():
+            shutil.rmtree(d)
     cmd = [
         args.dpo2d, "train", "--loss", "dpo",
         "--model", args.model,
         "--train-file", str(raw_pairs_path),
         "--output-dir", str(out_dir),
+        "--cache-dir", str(cache_dir),
+        "--no-progress",
         "--per-device-train-batch-size", str(args.batch),
         "--gradient-accumulation-steps", "1",
         "--max-steps", str(args.steps),
@@ -360,6 +365,8 @@ def run_dpo2d(args, workdir: Path, raw_pairs_path: Path) -> dict:
         "--max-prompt-length", str(args.max_prompt_length),
         "--learning-rate", repr(args.learning_rate),
         "--beta", repr(args.beta),
+        # TRL's default loss is plain sigmoid DPO, without an SFT term.
+        "--sft-weight", "0",
         "--logging-steps", "1",
         "--seed", "42",
         *args.dpo2d_arg,
