@@ -160,9 +160,9 @@ fn generate_batch(
     let mut mask = Vec::with_capacity(b);
     for p in prompts {
         let pad = max_len - p.len();
-        ids.extend(std::iter::repeat(pad_id).take(pad));
+        ids.extend(std::iter::repeat_n(pad_id, pad));
         ids.extend_from_slice(p);
-        mask.push(std::iter::repeat(0u32).take(pad).chain(std::iter::repeat(1).take(p.len())).collect::<Vec<_>>());
+        mask.push(std::iter::repeat_n(0u32, pad).chain(std::iter::repeat_n(1, p.len())).collect::<Vec<_>>());
     }
     let input = Tensor::from_vec(ids, (b, max_len), &dev)?;
     let mut cache = model.new_cache();

@@ -359,7 +359,7 @@ pub fn unpermute_qk(t: &Tensor, n_head: usize) -> Result<Tensor> {
 fn reorder_rows(t: &Tensor, n_head: usize, forward: bool) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if n_head == 0 || rows % (2 * n_head) != 0 {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
         bail!("cannot (un)permute {rows} rows for {n_head} heads: rows must be a multiple of 2 * heads");
     }
     let half = rows / n_head / 2;
