@@ -260,15 +260,19 @@ impl ChatClient {
     }
 }
 
+/// The innermost causes of an error, without reqwest's outer "error sending
+/// request for url (...)" (the caller already names the URL).
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
+    let mut parts = Vec::new();
     let mut src = e.source();
     while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
+        parts.push(x.to_string());
         src = x.source();
     }
-    s
+    if parts.is_empty() {
+        parts.push(e.to_string());
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]

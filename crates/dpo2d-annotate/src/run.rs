@@ -115,8 +115,7 @@ impl fmt::Display for Summary {
             writeln!(f)?;
             for fp in self.failed.iter().take(20) {
                 let id = fp.id.as_ref().map(|v| format!(" (id {v})")).unwrap_or_default();
-                let why: Vec<String> = fp.errors.iter().map(|(a, e)| format!("{a}: {e}")).collect();
-                writeln!(f, "  failed: line {}{id}: {}", fp.line, why.join("; "))?;
+                writeln!(f, "  failed: line {}{id}: {}", fp.line, describe_errors(&fp.errors))?;
             }
             if self.failed.len() > 20 {
                 writeln!(f, "  ... and {} more", self.failed.len() - 20)?;
@@ -125,6 +124,19 @@ impl fmt::Display for Summary {
         }
         Ok(())
     }
+}
+
+/// One line for a failed pair's reasons; aspects that failed for the same
+/// reason are named together so a dead server gives one reason, not five.
+fn describe_errors(errors: &BTreeMap<String, String>) -> String {
+    let mut groups: Vec<(Vec<&str>, &str)> = Vec::new();
+    for (aspect, why) in errors {
+        match groups.iter_mut().find(|(_, w)| *w == why.as_str()) {
+            Some((names, _)) => names.push(aspect),
+            None => groups.push((vec![aspect], why)),
+        }
+    }
+    groups.iter().map(|(names, why)| format!("{}: {why}", names.join(", "))).collect::<Vec<_>>().join("; ")
 }
 
 /// Default cache file: next to the output, `<output>.cache.sqlite`.
