@@ -104,3 +104,11 @@ pub struct Pair {
     pub chosen: Response,
     pub rejected: Response,
 }
+
+impl Pair {
+    /// True when both responses are segmented with every segment scored:
+    /// usable by the 2-D losses (see `validate::scored_problem` for why not).
+    pub fn is_scored(&self) -> bool {
+        self.chosen.is_scored() && self.rejected.is_scored()
+    }
+}
