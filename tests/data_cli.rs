@@ -332,3 +332,31 @@ fn build_pairs_from_parquet_then_segment_and_validate() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("2 valid pair(s)"), "{}", stdout(&o));
 }
+
+/// The segmenter agrees with the hand segmentation of the shipped data (a
+/// regression guard for the sentence rules: 387 of 388 responses matched
+/// when this was written).
+#[test]
+fn segmenter_matches_shipped_hand_segmentation() {
+    use dpo2d_data::{load_pairs, segment, LoadOptions, Response};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (mut total, mut same) = (0, 0);
+    for f in ["data/train.jsonl", "data/heldout.jsonl"] {
+        let p = root.join(f);
+        if !p.exists() {
+            return;
+        }
+        for pair in load_pairs(&p, &LoadOptions::default()).unwrap().pairs {
+            for r in [&pair.chosen, &pair.rejected] {
+                if let Response::Segmented { segments } = r {
+                    let want: Vec<&str> = segments.iter().map(|s| s.text.as_str()).collect();
+                    let text = r.text();
+                    total += 1;
+                    same += (segment(&text) == want) as usize;
+                }
+            }
+        }
+    }
+    assert!(total > 0);
+    assert!(same as f64 >= 0.97 * total as f64, "only {same} of {total} responses segmented as by hand");
+}
