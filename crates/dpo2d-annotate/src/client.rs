@@ -39,6 +39,9 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Upper bound on a server's `Retry-After`, so a bad header cannot stall a run.
     pub max_retry_after: Duration,
+    /// After this many requests in a row gave up, the server is taken to be
+    /// down and the run stops (a rerun resumes), instead of failing every pair.
+    pub max_consecutive_failures: u64,
 }
 
 impl Default for RetryPolicy {
@@ -49,6 +52,7 @@ impl Default for RetryPolicy {
             backoff_base: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
             max_retry_after: Duration::from_secs(300),
+            max_consecutive_failures: 20,
         }
     }
 }
@@ -63,6 +67,10 @@ pub struct ClientStats {
     pub retrying_now: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
+    /// Requests that got a completion.
+    pub successes: AtomicU64,
+    /// Requests that gave up since the last success.
+    pub consecutive_failures: AtomicU64,
 }
 
 /// A successful completion.
@@ -119,8 +127,9 @@ struct WireUsage {
 
 enum Attempt {
     Done(Completion),
-    /// Retry, optionally after the server's requested delay.
-    Retry(String, Option<Duration>),
+    /// Retry, optionally after the server's requested delay. `true` when the
+    /// server could not be reached at all (no HTTP answer).
+    Retry(String, Option<Duration>, bool),
     Fail(String),
     Fatal(String),
 }
@@ -163,18 +172,29 @@ impl ChatClient {
             let outcome = self.attempt(body).await;
             match outcome {
                 Attempt::Done(c) => {
+                    self.stats.successes.fetch_add(1, Ordering::Relaxed);
+                    self.stats.consecutive_failures.store(0, Ordering::Relaxed);
                     self.stats.prompt_tokens.fetch_add(c.prompt_tokens, Ordering::Relaxed);
                     self.stats.completion_tokens.fetch_add(c.completion_tokens, Ordering::Relaxed);
                     return Ok(c);
                 }
                 Attempt::Fail(msg) => return Err(ChatError::Request(self.redact(&msg))),
                 Attempt::Fatal(msg) => return Err(ChatError::Fatal(self.redact(&msg))),
-                Attempt::Retry(msg, after) => {
+                Attempt::Retry(msg, after, unreachable) => {
                     if attempt >= self.policy.max_retries {
-                        return Err(ChatError::Request(self.redact(&format!(
-                            "gave up after {} attempts: {msg}",
-                            attempt + 1
-                        ))));
+                        let msg = format!("gave up after {} attempts: {msg}", attempt + 1);
+                        let in_a_row = self.stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                        if unreachable && self.stats.successes.load(Ordering::Relaxed) == 0 {
+                            return Err(ChatError::Fatal(self.redact(&format!(
+                                "{msg} (is the server running, and is --base-url right?)"
+                            ))));
+                        }
+                        if in_a_row >= self.policy.max_consecutive_failures.max(1) {
+                            return Err(ChatError::Fatal(self.redact(&format!(
+                                "{in_a_row} requests in a row failed, the server seems to be down; last error: {msg}"
+                            ))));
+                        }
+                        return Err(ChatError::Request(self.redact(&msg)));
                     }
                     let delay = match after {
                         Some(d) => d.min(self.policy.max_retry_after),
@@ -213,8 +233,8 @@ impl ChatClient {
         }
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) if e.is_timeout() => return Attempt::Retry(format!("no answer within {:?}", self.policy.timeout), None),
-            Err(e) => return Attempt::Retry(format!("cannot reach {}: {}", self.url, error_chain(&e)), None),
+            Err(e) if e.is_timeout() => return Attempt::Retry(format!("no answer within {:?}", self.policy.timeout), None, false),
+            Err(e) => return Attempt::Retry(format!("cannot reach {}: {}", self.url, error_chain(&e)), None, e.is_connect()),
         };
         let status = resp.status();
         let retry_after = resp
@@ -226,8 +246,10 @@ impl ChatClient {
             .map(Duration::from_secs_f64);
         let text = match resp.text().await {
             Ok(t) => t,
-            Err(e) if e.is_timeout() => return Attempt::Retry(format!("answer not complete within {:?}", self.policy.timeout), None),
-            Err(e) => return Attempt::Retry(format!("answer cut off: {}", error_chain(&e)), None),
+            Err(e) if e.is_timeout() => {
+                return Attempt::Retry(format!("answer not complete within {:?}", self.policy.timeout), None, false)
+            }
+            Err(e) => return Attempt::Retry(format!("answer cut off: {}", error_chain(&e)), None, false),
         };
         let snippet: String = text.chars().take(300).collect();
         if status.is_success() {
@@ -239,20 +261,20 @@ impl ChatClient {
                             let (p, c) = w.usage.map(|u| (u.prompt_tokens, u.completion_tokens)).unwrap_or((0, 0));
                             Attempt::Done(Completion { content, prompt_tokens: p, completion_tokens: c })
                         }
-                        None => Attempt::Retry("the answer has no message content".into(), None),
+                        None => Attempt::Retry("the answer has no message content".into(), None, false),
                     }
                 }
                 // A 200 whose body is not a complete completion object: a
                 // proxy hiccup or a cut connection, worth another try.
-                Err(e) => Attempt::Retry(format!("the answer is not a chat completion ({e}): {snippet}"), None),
+                Err(e) => Attempt::Retry(format!("the answer is not a chat completion ({e}): {snippet}"), None, false),
             };
         }
         let code = status.as_u16();
         let msg = format!("server answered {status}: {snippet}");
         match code {
-            429 | 503 => Attempt::Retry(msg, retry_after),
-            408 | 409 | 425 => Attempt::Retry(msg, None),
-            500..=599 => Attempt::Retry(msg, None),
+            429 | 503 => Attempt::Retry(msg, retry_after, false),
+            408 | 409 | 425 => Attempt::Retry(msg, None, false),
+            500..=599 => Attempt::Retry(msg, None, false),
             401 | 403 => Attempt::Fatal(format!("{msg} (check the API key: --api-key-env names the variable that holds it)")),
             404 | 405 => Attempt::Fatal(format!("{msg} (check --base-url, which should end in /v1, and --model)")),
             _ => Attempt::Fail(msg),

@@ -627,6 +627,34 @@ mod tests {
     }
 
     #[test]
+    fn unreachable_or_dead_server_stops_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.jsonl");
+        std::fs::write(&input, (0..6).map(|i| pair_line(i, "") + "\n").collect::<String>()).unwrap();
+        let job = AnnotateJob { input, output: dir.path().join("o.jsonl"), cache: None, failed_out: None, dry_run: false };
+        // A port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut o = opts(&format!("http://127.0.0.1:{port}/v1"));
+        o.policy.max_retries = 1;
+        let t = std::time::Instant::now();
+        let e = format!("{:#}", annotate_file(&job, &o).unwrap_err());
+        assert!(e.contains("is the server running"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(!job.output.exists());
+
+        // A server that answers 500 to everything: stop after N give-ups in a row.
+        let server = MockJudge::start(MockConfig::default());
+        let input = dir.path().join("bad.jsonl");
+        std::fs::write(&input, (0..6).map(|i| pair_line(i, "[[fault:500always]]") + "\n").collect::<String>()).unwrap();
+        let mut o = opts(server.base_url());
+        o.policy.max_retries = 0;
+        o.policy.max_consecutive_failures = 5;
+        let e = format!("{:#}", annotate_file(&AnnotateJob { input, ..job }, &o).unwrap_err());
+        assert!(e.contains("in a row failed"), "{e}");
+        assert!(server.stats().requests < 30, "the run went on after the server was judged down");
+    }
+
+    #[test]
     fn atomic_write_plain_and_gzip() {
         let dir = tempfile::tempdir().unwrap();
         for name in ["o.jsonl", "o.jsonl.gz"] {
