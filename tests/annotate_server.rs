@@ -35,7 +35,7 @@ fn annotate_cmd(server: &MockJudge, input: &Path, output: &Path, extra: &[&str])
     let mut c = Command::new(env!("CARGO_BIN_EXE_dpo2d"));
     c.args(["annotate", input.to_str().unwrap(), "-o", output.to_str().unwrap()])
         .args(["--base-url", server.base_url(), "--model", "judge-test", "--api-key-env", KEY_VAR])
-        .args(["--timeout", "0.4", "--retry-backoff", "0.02", "--max-retries", "3", "-vv"])
+        .args(["--timeout", "1.0", "--retry-backoff", "0.02", "--max-retries", "3", "-vv"])
         .args(extra)
         .env(KEY_VAR, KEY)
         .env_remove("RUST_LOG")
@@ -84,7 +84,7 @@ fn assert_scored_as_judged(pairs: &[Pair]) {
 
 #[test]
 fn faults_end_annotated_or_reported_and_key_never_leaks() {
-    let server = MockJudge::start(MockConfig { slow: Duration::from_millis(1200), ..MockConfig::default() });
+    let server = MockJudge::start(MockConfig { slow: Duration::from_millis(2500), retry_after_secs: 2, ..MockConfig::default() });
     let dir = tempfile::tempdir().unwrap();
     let markers = [
         "",
@@ -120,14 +120,19 @@ fn faults_end_annotated_or_reported_and_key_never_leaks() {
     let stats = server.stats();
     let max_per_body = stats.per_body.values().copied().max().unwrap();
     assert_eq!(max_per_body, 4, "500always: 1 try + 3 retries");
-    // 429 with Retry-After: 1 -> the retry came at least ~1 s later.
+    // Bodies tried twice: the 429 one (retry after Retry-After: 2 s), the
+    // slow one (retry right after the 1 s timeout, long before the answer)
+    // and the cut-off body one (retry after a short backoff).
     let spaced: Vec<u128> = stats
         .arrivals_ms
         .values()
         .filter(|v| v.len() == 2)
         .map(|v| v[1] - v[0])
         .collect();
-    assert!(spaced.iter().any(|&d| d >= 950), "no retry waited for Retry-After: {spaced:?}");
+    assert_eq!(spaced.len(), 3, "{spaced:?}");
+    assert!(spaced.iter().any(|&d| d < 500), "no quick retry of the cut-off body: {spaced:?}");
+    assert!(spaced.iter().any(|&d| d >= 1950), "no retry waited for Retry-After: {spaced:?}");
+    assert!(spaced.iter().any(|&d| (950..1900).contains(&d)), "no retry right after the timeout: {spaced:?}");
     // Every request carried the key as a Bearer token.
     assert!(stats.authorization.iter().all(|a| a == &format!("Bearer {KEY}")));
     assert_eq!(stats.authorization.len() as u64, stats.requests);

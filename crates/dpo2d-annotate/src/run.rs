@@ -522,7 +522,7 @@ mod tests {
             api_key: None,
             concurrency: 4,
             policy: RetryPolicy {
-                timeout: Duration::from_millis(400),
+                timeout: Duration::from_millis(1000),
                 max_retries: 2,
                 backoff_base: Duration::from_millis(10),
                 ..RetryPolicy::default()
