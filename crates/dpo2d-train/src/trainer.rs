@@ -635,7 +635,16 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
                 Reference::Cached { train: train_r, eval: eval_r }
             }
             None => {
-                let r = dpo2d_model::source::load(&ref_path, &LoadOptions { trainable: false, lora: None, ..opts.clone() })?.model;
+                // Before its first update the policy IS the reference: use it
+                // rather than loading a second copy (peak memory: one model).
+                let own;
+                let r: &CausalLM = if cfg.ref_model.is_none() && resume_state.is_none() {
+                    policy.set_training(false);
+                    &policy
+                } else {
+                    own = dpo2d_model::source::load(&ref_path, &LoadOptions { trainable: false, lora: None, ..opts.clone() })?.model;
+                    &own
+                };
                 let pb = if run.progress {
                     let pb = indicatif::ProgressBar::new((train.len() + eval.len()) as u64);
                     pb.set_style(
@@ -647,8 +656,8 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
                     None
                 };
                 let bs = cfg.per_device_eval_batch_size.max(1);
-                let train_r = compute_ref_logps(&r, &train, bs, pb.as_ref())?;
-                let eval_r = compute_ref_logps(&r, &eval, bs, pb.as_ref())?;
+                let train_r = compute_ref_logps(r, &train, bs, pb.as_ref())?;
+                let eval_r = compute_ref_logps(r, &eval, bs, pb.as_ref())?;
                 if let Some(pb) = pb {
                     pb.finish_and_clear();
                 }
@@ -736,6 +745,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
         let rec = evaluate(&ctx, &eval, 0, 0.0)?;
         writer.append(&rec)?;
         history.push(rec);
+        window_start = Instant::now();
     }
 
     for step in start_step..total {
