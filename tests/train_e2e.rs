@@ -193,6 +193,10 @@ fn two_d_dpo_raises_heldout_reward_accuracy() {
     // Outputs: final HF model, metrics, charts, summary.
     assert!(out.final_model_dir.join("model.safetensors").is_file());
     assert!(out.output_dir.join("summary.txt").is_file());
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.output_dir.join("train_results.json")).unwrap()).unwrap();
+    assert!(res["train_runtime"].as_f64().unwrap() > 0.0);
+    assert_eq!(res["global_step"], 30);
     assert!(out.charts.iter().any(|c| c.ends_with("rewards.png")));
     let m: Vec<Record> =
         read_metrics(&out.output_dir.join("metrics.jsonl")).unwrap().into_iter().filter(|r| r.get("loss").is_some()).collect();

@@ -608,6 +608,8 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
         say(&format!("eval: {erep}"));
     }
 
+    // Training time as HF's `train_runtime`: reference precompute + loop + evals.
+    let train_clock = Instant::now();
     // Reference.
     let ref_path = match &cfg.ref_model {
         Some(r) => resolve_model(r)?,
@@ -739,6 +741,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
     let mut window_start = Instant::now();
     let mut last_eval_step = None;
     let mut interrupted = false;
+    let mut train_tokens_total = 0usize;
     let epoch_of = |m: usize| m as f64 / mb_per_epoch as f64;
     // Held-out metrics before the first update: the baseline the run is judged against.
     if !eval.is_empty() && start_step == 0 {
@@ -765,6 +768,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
                 window.add(k, *v);
             }
             window_tokens += mo.tokens;
+            train_tokens_total += mo.tokens;
             let l = (mo.loss / gas as f64)?;
             let grads = l.backward()?;
             for (i, (_, var)) in vars.iter().enumerate() {
@@ -863,6 +867,19 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
         writer.append(&rec)?;
         history.push(rec);
     }
+
+    let train_runtime = train_clock.elapsed().as_secs_f64();
+    let losses: Vec<f64> = history.iter().filter_map(|r| r.get("loss")).collect();
+    let results = serde_json::json!({
+        "train_runtime": train_runtime,
+        "global_step": total,
+        "train_loss": losses.iter().sum::<f64>() / losses.len().max(1) as f64,
+        "train_tokens": train_tokens_total,
+        "train_tokens_per_second": train_tokens_total as f64 / train_runtime.max(1e-9),
+        "resumed_from_step": start_step,
+        "note": "train_runtime covers reference log-prob precompute, training and evaluation of this process (not model loading or saving)",
+    });
+    std::fs::write(out_dir.join("train_results.json"), serde_json::to_string_pretty(&results)?)?;
 
     // Final model: the output directory itself holds an HF model (LoRA: the
     // adapter, plus the merged model in `merged/`).
