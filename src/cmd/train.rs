@@ -117,6 +117,10 @@ struct Overrides {
     #[arg(long, alias = "per_device_eval_batch_size")]
     #[serde(skip_serializing_if = "Option::is_none")]
     per_device_eval_batch_size: Option<usize>,
+    /// Pairs per forward/backward pass inside a micro-batch (0 = all; less = less memory).
+    #[arg(long, alias = "pairs_per_forward")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pairs_per_forward: Option<usize>,
     #[arg(long, alias = "gradient_accumulation_steps")]
     #[serde(skip_serializing_if = "Option::is_none")]
     gradient_accumulation_steps: Option<usize>,

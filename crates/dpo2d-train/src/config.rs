@@ -51,6 +51,10 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub per_device_train_batch_size: usize,
     pub per_device_eval_batch_size: usize,
+    /// Pairs per forward/backward pass inside a micro-batch (0 = the whole
+    /// micro-batch). Smaller = less activation memory, same gradient (KTO
+    /// always uses the whole micro-batch).
+    pub pairs_per_forward: usize,
     pub gradient_accumulation_steps: usize,
     pub num_train_epochs: f64,
     /// Number of optimizer updates; > 0 overrides `num_train_epochs`.
@@ -116,6 +120,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             per_device_train_batch_size: 8,
             per_device_eval_batch_size: 8,
+            pairs_per_forward: 1,
             gradient_accumulation_steps: 1,
             num_train_epochs: 3.0,
             max_steps: 0,

@@ -657,7 +657,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
                 } else {
                     None
                 };
-                let bs = cfg.per_device_eval_batch_size.max(1);
+                let bs = forward_chunk(cfg, lt, cfg.per_device_eval_batch_size);
                 let train_r = compute_ref_logps(r, &train, bs, pb.as_ref())?;
                 let eval_r = compute_ref_logps(r, &eval, bs, pb.as_ref())?;
                 if let Some(pb) = pb {
@@ -763,20 +763,29 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
             let order = &order_cache.as_ref().expect("set above").1;
             let idx: Vec<usize> = order[within * bs..((within + 1) * bs).min(train.len())].to_vec();
             micro += 1;
-            let mo = ctx.micro(&train, &idx, false)?;
-            for (k, v) in &mo.values {
-                window.add(k, *v);
-            }
-            window_tokens += mo.tokens;
-            train_tokens_total += mo.tokens;
-            let l = (mo.loss / gas as f64)?;
-            let grads = l.backward()?;
-            for (i, (_, var)) in vars.iter().enumerate() {
-                if let Some(g) = grads.get(var) {
-                    acc[i] = Some(match acc[i].take() {
-                        Some(a) => (a + g)?,
-                        None => g.clone(),
-                    });
+            // Every loss but KTO (whose KL term mixes pairs) is a mean of
+            // per-pair losses, so a micro-batch can run as several smaller
+            // forward/backward passes with the same gradient and a fraction
+            // of the activation memory.
+            let chunk = if lt.needs_kto_kl() || cfg.pairs_per_forward == 0 { idx.len() } else { cfg.pairs_per_forward };
+            for part in idx.chunks(chunk.max(1)) {
+                let mo = ctx.micro(&train, part, false)?;
+                let w = part.len() as f64 / idx.len() as f64;
+                // Window means are per-pair means.
+                for (k, v) in &mo.values {
+                    window.add_weighted(k, v * part.len() as f64, part.len());
+                }
+                window_tokens += mo.tokens;
+                train_tokens_total += mo.tokens;
+                let l = (mo.loss * (w / gas as f64))?;
+                let grads = l.backward()?;
+                for (i, (_, var)) in vars.iter().enumerate() {
+                    if let Some(g) = grads.get(var) {
+                        acc[i] = Some(match acc[i].take() {
+                            Some(a) => (a + g)?,
+                            None => g.clone(),
+                        });
+                    }
                 }
             }
         }
@@ -912,10 +921,20 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
     Ok(TrainOutcome { output_dir: out_dir, history, global_step, final_model_dir, summary, charts, interrupted, start_step })
 }
 
+/// Pairs per forward pass for gradient-free passes (evaluation, reference
+/// precompute): `pairs_per_forward` caps the batch, except for KTO.
+fn forward_chunk(cfg: &TrainConfig, lt: LossType, batch: usize) -> usize {
+    if lt.needs_kto_kl() || cfg.pairs_per_forward == 0 {
+        batch.max(1)
+    } else {
+        batch.min(cfg.pairs_per_forward).max(1)
+    }
+}
+
 /// Metrics over the eval set (no gradients, dropout off), prefixed `eval_`.
 fn evaluate(ctx: &Ctx, eval: &[TokenizedPair], step: usize, epoch: f64) -> Result<Record> {
     ctx.policy.set_training(false);
-    let bs = ctx.cfg.per_device_eval_batch_size.max(1);
+    let bs = forward_chunk(ctx.cfg, ctx.lc.loss_type, ctx.cfg.per_device_eval_batch_size);
     let mut acc = Accumulator::default();
     let idx: Vec<usize> = (0..eval.len()).collect();
     for chunk in idx.chunks(bs) {
