@@ -89,6 +89,15 @@ struct Mlp {
     down: Linear,
 }
 
+impl Mlp {
+    /// SwiGLU: `down(silu(gate(x)) * up(x))`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate.forward(x)?.silu()?;
+        let u = self.up.forward(x)?;
+        self.down.forward(&(g * u)?)
+    }
+}
+
 struct Block {
     input_norm: Tensor,
     attn: Attention,
@@ -511,9 +520,7 @@ impl CausalLM {
         let a = self.attention(&l.attn, &h, cos, sin, mask, cache)?;
         let x = (x + a)?;
         let h = ops::rms_norm(&x, &l.post_norm, eps)?;
-        let g = l.mlp.gate.forward(&h)?.silu()?;
-        let u = l.mlp.up.forward(&h)?;
-        let m = l.mlp.down.forward(&(g * u)?)?;
+        let m = l.mlp.forward(&h)?;
         Ok((x + m)?)
     }
 
@@ -862,6 +869,34 @@ pub(crate) mod tests {
         assert!((lp.to_vec2::<f64>().unwrap()[0][3] - want).abs() < 1e-10);
     }
 
+    /// Attention (causal, padded and packed masks) and the MLP, checked by
+    /// finite differences with respect to their input.
+    #[test]
+    fn attention_and_mlp_gradients() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), true, true, DType::F64);
+        let m = CausalLM::load(dir.path(), &opts64()).unwrap();
+        let layouts = [
+            AttentionLayout::causal(2, 5),
+            AttentionLayout::from_attention_mask(&[vec![1, 1, 1, 0, 0], vec![0, 1, 1, 1, 1]]),
+            AttentionLayout::packed(&[vec![2, 3], vec![1, 2, 1]], 5).unwrap(),
+        ];
+        let x = det(&[2, 5, 16], 42, DType::F64);
+        for lay in layouts {
+            let (cos, sin) = m.rope_cos_sin(&lay.position_ids()).unwrap();
+            let mask = m.build_mask(&lay.seq_ids, &lay.seq_ids, 0).unwrap();
+            let f = |t: &[Tensor]| -> candle_core::Result<Tensor> {
+                m.attention(&m.layers[0].attn, &t[0], &cos, &sin, &mask, None)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            };
+            crate::ops::tests::grad_check(&[x.clone()], &f, 1e-6);
+        }
+        let mlp = |t: &[Tensor]| -> candle_core::Result<Tensor> {
+            m.layers[1].mlp.forward(&t[0]).map_err(|e| candle_core::Error::Msg(e.to_string()))
+        };
+        crate::ops::tests::grad_check(&[x], &mlp, 1e-6);
+    }
+
     /// Finite-difference check of d(sum of token log-probs)/d(weights) for the whole tiny model.
     #[test]
     fn whole_model_gradient_matches_finite_differences() {
@@ -996,7 +1031,83 @@ pub(crate) mod tests {
                 }
             }
             eprintln!("{file}: max |logit diff| = {worst}");
+            if let Ok(out) = std::env::var("DPO2D_HF_PARITY_SAVE") {
+                crate::save::save_full(&m, Path::new(&out), Some(DType::BF16)).unwrap();
+            }
             assert!(worst < 1e-3, "{file}: max |logit diff| {worst}");
         }
+    }
+
+    /// Timing on a SmolLM2-135M-shaped model with random weights:
+    /// `cargo test --release -p dpo2d-model bench_smollm_shape -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_smollm_shape() {
+        let text = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":49152,"hidden_size":576,
+          "intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,
+          "rope_theta":100000.0,"rms_norm_eps":1e-5,"tie_word_embeddings":true}"#;
+        let cfg = ModelConfig::from_json_str(text, "bench").unwrap();
+        let dev = Device::Cpu;
+        let mut m = HashMap::new();
+        let mut add = |n: String, shape: &[usize], norm: bool| {
+            let t = if norm {
+                Tensor::ones(shape, DType::F32, &dev).unwrap()
+            } else {
+                (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * 0.02).unwrap()
+            };
+            m.insert(n, t);
+        };
+        add("model.embed_tokens.weight".into(), &[49152, 576], false);
+        add("model.norm.weight".into(), &[576], true);
+        for i in 0..30 {
+            let p = format!("model.layers.{i}");
+            for (n, o, inp) in [("q_proj", 576, 576), ("k_proj", 192, 576), ("v_proj", 192, 576), ("o_proj", 576, 576)] {
+                add(format!("{p}.self_attn.{n}.weight"), &[o, inp], false);
+            }
+            for (n, o, inp) in [("gate_proj", 1536, 576), ("up_proj", 1536, 576), ("down_proj", 576, 1536)] {
+                add(format!("{p}.mlp.{n}.weight"), &[o, inp], false);
+            }
+            add(format!("{p}.input_layernorm.weight"), &[576], true);
+            add(format!("{p}.post_attention_layernorm.weight"), &[576], true);
+        }
+        let (b, t) = (4usize, 256usize);
+        let ids: Vec<u32> = (0..b * t).map(|i| (i * 7919 % 49152) as u32).collect();
+        let ids = Tensor::from_vec(ids, (b, t), &dev).unwrap();
+        let lay = AttentionLayout::packed(&vec![vec![100, 156]; b], t).unwrap();
+        let time = |label: &str, f: &dyn Fn()| {
+            f();
+            let s = std::time::Instant::now();
+            f();
+            let dt = s.elapsed().as_secs_f64();
+            eprintln!("{label}: {dt:.3}s, {:.0} tokens/s", (b * t) as f64 / dt);
+        };
+        let frozen = CausalLM::from_tensors(cfg.clone(), m.clone(), &LoadOptions::default()).unwrap();
+        let hid = frozen.forward(&ids, &lay).unwrap();
+        time("  lm_head label log-probs only (frozen)", &|| {
+            frozen.token_logprobs_from_hidden(&hid, &ids, &lay).unwrap();
+        });
+        let x = Tensor::randn(0f32, 1.0, (b * t, 576), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (1536, 576), &dev).unwrap();
+        time("  one [1024x576]x[576x1536] matmul", &|| {
+            x.matmul(&w.t().unwrap()).unwrap();
+        });
+        time("forward (frozen, logprobs)", &|| {
+            frozen.token_logprobs(&ids, &lay).unwrap();
+        });
+        let full = CausalLM::from_tensors(cfg.clone(), m.clone(), &LoadOptions { trainable: true, ..LoadOptions::default() }).unwrap();
+        time("forward+backward (full fine-tuning)", &|| {
+            full.token_logprobs(&ids, &lay).unwrap().sum_all().unwrap().backward().unwrap();
+        });
+        let s = std::time::Instant::now();
+        let loss = full.token_logprobs(&ids, &lay).unwrap().sum_all().unwrap();
+        let f = s.elapsed().as_secs_f64();
+        loss.backward().unwrap();
+        eprintln!("  (full: forward {f:.3}s, backward {:.3}s)", s.elapsed().as_secs_f64() - f);
+        let lcfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, targets: LoraTarget::ALL.to_vec(), seed: 1 };
+        let lora = CausalLM::from_tensors(cfg, m, &LoadOptions { lora: Some(lcfg), ..LoadOptions::default() }).unwrap();
+        lora.set_training(true);
+        time("forward+backward (LoRA r=16, all linear)", &|| {
+            lora.token_logprobs(&ids, &lay).unwrap().sum_all().unwrap().backward().unwrap();
+        });
     }
 }

@@ -122,14 +122,14 @@ impl LoraConfig {
 /// dropout RNG (seeded, so runs repeat).
 pub struct LoraRuntime {
     training: AtomicBool,
-    rng: Mutex<rand::rngs::StdRng>,
+    rng: Mutex<u64>,
 }
 
 impl LoraRuntime {
     pub fn new(seed: u64) -> Arc<Self> {
         Arc::new(Self {
             training: AtomicBool::new(false),
-            rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(0x9e37_79b9))),
+            rng: Mutex::new(seed.wrapping_add(0x9e37_79b9_7f4a_7c15)),
         })
     }
     pub fn set_training(&self, on: bool) {
@@ -143,8 +143,22 @@ impl LoraRuntime {
     fn dropout_mask(&self, x: &Tensor, p: f64) -> Result<Tensor> {
         let n = x.elem_count();
         let keep = 1.0 / (1.0 - p);
-        let mut rng = self.rng.lock().map_err(|_| anyhow::anyhow!("LoRA RNG lock poisoned"))?;
-        let v: Vec<f32> = (0..n).map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep as f32 }).collect();
+        let mut state = self.rng.lock().map_err(|_| anyhow::anyhow!("LoRA RNG lock poisoned"))?;
+        // splitmix64: masks for millions of activations per step must be cheap;
+        // each 64-bit draw gives two 32-bit uniforms.
+        let thresh = (p * 4294967296.0) as u64;
+        let mut v: Vec<f32> = Vec::with_capacity(n + 1);
+        let keep = keep as f32;
+        while v.len() < n {
+            *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = *state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            v.push(if (z & 0xffff_ffff) < thresh { 0.0 } else { keep });
+            v.push(if (z >> 32) < thresh { 0.0 } else { keep });
+        }
+        v.truncate(n);
         Ok(Tensor::from_vec(v, x.dims(), x.device())?.to_dtype(x.dtype())?)
     }
 }
