@@ -45,12 +45,7 @@ fn annotate_cmd(server: &MockJudge, input: &Path, output: &Path, extra: &[&str])
 
 fn run_ok(mut c: Command) -> Output {
     let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "annotate failed: {}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "annotate failed: {}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     out
 }
 
@@ -123,12 +118,7 @@ fn faults_end_annotated_or_reported_and_key_never_leaks() {
     // Bodies tried twice: the 429 one (retry after Retry-After: 2 s), the
     // slow one (retry right after the 1 s timeout, long before the answer)
     // and the cut-off body one (retry after a short backoff).
-    let spaced: Vec<u128> = stats
-        .arrivals_ms
-        .values()
-        .filter(|v| v.len() == 2)
-        .map(|v| v[1] - v[0])
-        .collect();
+    let spaced: Vec<u128> = stats.arrivals_ms.values().filter(|v| v.len() == 2).map(|v| v[1] - v[0]).collect();
     assert_eq!(spaced.len(), 3, "{spaced:?}");
     assert!(spaced.iter().any(|&d| d < 500), "no quick retry of the cut-off body: {spaced:?}");
     assert!(spaced.iter().any(|&d| d >= 1950), "no retry waited for Retry-After: {spaced:?}");
@@ -164,11 +154,8 @@ fn killed_run_resumes_sending_only_missing_requests() {
     let output = dir.path().join("scored.jsonl");
     let total = markers.len() * 5;
 
-    let mut child = annotate_cmd(&server, &input, &output, &["--concurrency", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child =
+        annotate_cmd(&server, &input, &output, &["--concurrency", "2"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let start = Instant::now();
     while server.stats().completions < 30 {
         assert!(start.elapsed() < Duration::from_secs(20), "the annotator made no progress");
@@ -257,11 +244,8 @@ fn ctrl_c_stops_cleanly_and_keeps_finished_judgements() {
     let dir = tempfile::tempdir().unwrap();
     let input = write_input(dir.path(), &vec![""; 12]);
     let output = dir.path().join("scored.jsonl");
-    let child = annotate_cmd(&server, &input, &output, &["--concurrency", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child =
+        annotate_cmd(&server, &input, &output, &["--concurrency", "2"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let start = Instant::now();
     while server.stats().completions < 10 {
         assert!(start.elapsed() < Duration::from_secs(20), "the annotator made no progress");

@@ -79,7 +79,14 @@ fn validate_lists_every_bad_line_and_fails() {
     let mut history = scored_pair("d");
     history["prompt"] = json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]);
     let p = dir.path().join("bad.jsonl");
-    let lines = [scored_pair("a").to_string(), bad_safety.to_string(), "{oops".into(), unknown.to_string(), history.to_string(), scored_pair("a").to_string()];
+    let lines = [
+        scored_pair("a").to_string(),
+        bad_safety.to_string(),
+        "{oops".into(),
+        unknown.to_string(),
+        history.to_string(),
+        scored_pair("a").to_string(),
+    ];
     std::fs::write(&p, lines.join("\n")).unwrap();
     let o = dpo2d(&["validate", p.to_str().unwrap(), "--require-scores"]);
     assert!(!o.status.success());
@@ -163,7 +170,8 @@ fn segment_text_outputs_exact_spans() {
 fn segment_stdin_plain_text_auto_detected() {
     let o = dpo2d_stdin(&["segment"], "Grüße. 你好。OK.");
     assert!(o.status.success(), "{}", stderr(&o));
-    let texts: Vec<String> = stdout(&o).lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
+    let texts: Vec<String> =
+        stdout(&o).lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
     assert_eq!(texts, vec!["Grüße. ", "你好。", "OK."]);
     let spans: Vec<Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     // "Grüße. " is 9 bytes but 7 characters.
@@ -249,11 +257,14 @@ fn build_pairs_from_helpsteer_rows() {
     let pairs: Vec<Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(pairs[0]["chosen"], "4.");
     assert_eq!(pairs[0]["rejected"], "5.");
-    assert_eq!(pairs[1]["prompt"], json!([
-        {"role": "user", "content": "Name a prime."},
-        {"role": "assistant", "content": "7 is prime."},
-        {"role": "user", "content": "Another one?"}
-    ]));
+    assert_eq!(
+        pairs[1]["prompt"],
+        json!([
+            {"role": "user", "content": "Name a prime."},
+            {"role": "assistant", "content": "7 is prime."},
+            {"role": "user", "content": "Another one?"}
+        ])
+    );
     // The output is valid pair data.
     let o = dpo2d(&["validate", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));

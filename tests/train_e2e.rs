@@ -12,8 +12,31 @@ use std::path::Path;
 use std::process::Command;
 
 const WORDS: &[&str] = &[
-    "user", "assistant", "system", "q0", "q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8", "q9", "what", "is", "it",
-    "good", "fine", "great", "bad", "awful", "wrong", "the", "answer", ".",
+    "user",
+    "assistant",
+    "system",
+    "q0",
+    "q1",
+    "q2",
+    "q3",
+    "q4",
+    "q5",
+    "q6",
+    "q7",
+    "q8",
+    "q9",
+    "what",
+    "is",
+    "it",
+    "good",
+    "fine",
+    "great",
+    "bad",
+    "awful",
+    "wrong",
+    "the",
+    "answer",
+    ".",
 ];
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
@@ -92,9 +115,7 @@ fn write_tiny_model(dir: &Path) {
         v.insert(w.to_string(), n.into());
     }
     assert!(v.len() <= vocab);
-    let special = |id: u32, c: &str| {
-        json!({"id": id, "content": c, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
-    };
+    let special = |id: u32, c: &str| json!({"id": id, "content": c, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
     let tok = json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": [special(0, "<|im_start|>"), special(1, "<|im_end|>")],
@@ -202,8 +223,19 @@ fn two_d_dpo_raises_heldout_reward_accuracy() {
         read_metrics(&out.output_dir.join("metrics.jsonl")).unwrap().into_iter().filter(|r| r.get("loss").is_some()).collect();
     assert_eq!(m.len(), 30);
     let keys = [
-        "loss", "sft_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl/chosen",
-        "kl/rejected", "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens/s",
+        "loss",
+        "sft_loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "kl/chosen",
+        "kl/rejected",
+        "logps/chosen",
+        "logps/rejected",
+        "lr",
+        "grad_norm",
+        "tokens/s",
     ];
     for k in keys {
         assert!(m[0].get(k).is_some(), "metric {k} missing from {:?}", m[0]);

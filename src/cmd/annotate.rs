@@ -89,7 +89,10 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--concurrency must be at least 1");
     }
     let secs = |v: f64, name: &str| -> Result<Duration> {
-        Duration::try_from_secs_f64(v).ok().filter(|d| !d.is_zero() || name == "--retry-backoff").with_context(|| format!("{name} must be a positive number of seconds, got {v}"))
+        Duration::try_from_secs_f64(v)
+            .ok()
+            .filter(|d| !d.is_zero() || name == "--retry-backoff")
+            .with_context(|| format!("{name} must be a positive number of seconds, got {v}"))
     };
     let timeout = secs(r.timeout, "--timeout")?;
     let backoff = secs(r.retry_backoff, "--retry-backoff")?;
@@ -98,9 +101,8 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         let mut v = Vec::new();
         for name in &r.aspects {
-            let a = Aspect::parse(name).with_context(|| {
-                format!("unknown aspect {name:?}; choose from {}", dpo2d_data::ASPECTS.join(", "))
-            })?;
+            let a =
+                Aspect::parse(name).with_context(|| format!("unknown aspect {name:?}; choose from {}", dpo2d_data::ASPECTS.join(", ")))?;
             if !v.contains(&a) {
                 v.push(a);
             }

@@ -109,9 +109,7 @@ pub fn run(a: Args) -> Result<()> {
         (None, false) => a
             .prompt
             .iter()
-            .map(|p| {
-                Ok(PromptRow { messages: messages_of(&json!(p), "prompt", a.system.as_deref())?, extra: Default::default() })
-            })
+            .map(|p| Ok(PromptRow { messages: messages_of(&json!(p), "prompt", a.system.as_deref())?, extra: Default::default() }))
             .collect::<Result<_>>()?,
         (None, true) => bail!("give --prompt TEXT or --input prompts.jsonl"),
     };
@@ -140,9 +138,7 @@ pub fn run(a: Args) -> Result<()> {
         prompts.push(text.tokenizer.encode(&s, a.no_chat_template)?);
     }
     let mut out: Box<dyn Write> = match &a.output {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
-        )),
+        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?)),
         None => Box::new(std::io::stdout().lock()),
     };
     let start = std::time::Instant::now();

@@ -50,10 +50,8 @@ pub fn run(a: Args) -> Result<()> {
                 let v: Value = serde_json::from_str(&line).with_context(|| format!("{}: not valid JSON", at()))?;
                 let prompt = v.get("prompt").or_else(|| v.get("messages")).with_context(|| format!("{}: missing `prompt`", at()))?;
                 let msgs = messages_of(prompt, "prompt", a.system.as_deref()).with_context(at)?;
-                let resp = v
-                    .get("response")
-                    .and_then(|r| r.as_str())
-                    .with_context(|| format!("{}: missing string field `response`", at()))?;
+                let resp =
+                    v.get("response").and_then(|r| r.as_str()).with_context(|| format!("{}: missing string field `response`", at()))?;
                 rows.push((msgs, resp.to_string()));
             }
             rows
@@ -65,9 +63,7 @@ pub fn run(a: Args) -> Result<()> {
     let lm = dpo2d_model::load(&path, &LoadOptions::default())?;
     let text = lm.text();
     let mut out: Box<dyn Write> = match &a.output {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
-        )),
+        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?)),
         None => Box::new(std::io::stdout().lock()),
     };
     for (i, (msgs, resp)) in rows.iter().enumerate() {

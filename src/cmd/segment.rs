@@ -146,7 +146,9 @@ pub fn run(args: Args) -> Result<()> {
 
 /// Looks at the first non-blank line: pairs, responses, or plain text.
 fn detect(content: &str, name: &str, field: &str) -> Result<Format> {
-    let Some(first) = content.lines().find(|l| !l.trim().is_empty()) else { return Ok(Format::Text) };
+    let Some(first) = content.lines().find(|l| !l.trim().is_empty()) else {
+        return Ok(Format::Text);
+    };
     Ok(match serde_json::from_str::<Value>(first) {
         Ok(Value::Object(o)) if o.contains_key("chosen") && o.contains_key("rejected") => Format::Pairs,
         Ok(Value::Object(o)) if o.contains_key(field) => Format::Responses,

@@ -193,10 +193,8 @@ pub fn run(args: Args) -> Result<()> {
         None => None,
     };
     let progress = !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let outcome = train(
-        &cfg,
-        &RunOptions { resume, progress, stop_after: args.stop_after, cache_dir: args.cache_dir.clone(), quiet: false },
-    )?;
+    let outcome =
+        train(&cfg, &RunOptions { resume, progress, stop_after: args.stop_after, cache_dir: args.cache_dir.clone(), quiet: false })?;
     if outcome.interrupted {
         eprintln!("stopped after step {} (checkpoints in {})", outcome.global_step, outcome.output_dir.display());
         return Ok(());

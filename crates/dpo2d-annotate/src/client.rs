@@ -185,14 +185,14 @@ impl ChatClient {
                         let msg = format!("gave up after {} attempts: {msg}", attempt + 1);
                         let in_a_row = self.stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
                         if unreachable && self.stats.successes.load(Ordering::Relaxed) == 0 {
-                            return Err(ChatError::Fatal(self.redact(&format!(
-                                "{msg} (is the server running, and is --base-url right?)"
-                            ))));
+                            return Err(ChatError::Fatal(self.redact(&format!("{msg} (is the server running, and is --base-url right?)"))));
                         }
                         if in_a_row >= self.policy.max_consecutive_failures.max(1) {
-                            return Err(ChatError::Fatal(self.redact(&format!(
-                                "{in_a_row} requests in a row failed, the server seems to be down; last error: {msg}"
-                            ))));
+                            return Err(ChatError::Fatal(
+                                self.redact(&format!(
+                                    "{in_a_row} requests in a row failed, the server seems to be down; last error: {msg}"
+                                )),
+                            ));
                         }
                         return Err(ChatError::Request(self.redact(&msg)));
                     }
@@ -318,7 +318,8 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let policy = RetryPolicy { backoff_base: Duration::from_millis(100), max_backoff: Duration::from_millis(1000), ..Default::default() };
+        let policy =
+            RetryPolicy { backoff_base: Duration::from_millis(100), max_backoff: Duration::from_millis(1000), ..Default::default() };
         let c = ChatClient::new("http://127.0.0.1:1/v1", None, policy).unwrap();
         for _ in 0..20 {
             let d0 = c.backoff(0);

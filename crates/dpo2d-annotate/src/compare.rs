@@ -153,9 +153,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a.jsonl");
         let b = dir.path().join("b.jsonl");
-        std::fs::write(&a, format!("{}\n{}\n", line(Some(1), &[[4, 4, 4, 1, 3]], &[[0, 0, 4, 0, 2]]), line(Some(2), &[[2; 5]], &[[2; 5]]))).unwrap();
+        std::fs::write(&a, format!("{}\n{}\n", line(Some(1), &[[4, 4, 4, 1, 3]], &[[0, 0, 4, 0, 2]]), line(Some(2), &[[2; 5]], &[[2; 5]])))
+            .unwrap();
         // Reversed order, matched by id; pair 2 identical.
-        std::fs::write(&b, format!("{}\n{}\n", line(Some(2), &[[2; 5]], &[[2; 5]]), line(Some(1), &[[3, 4, 0, 1, 3]], &[[0, 2, 4, 1, 2]]))).unwrap();
+        std::fs::write(&b, format!("{}\n{}\n", line(Some(2), &[[2; 5]], &[[2; 5]]), line(Some(1), &[[3, 4, 0, 1, 3]], &[[0, 2, 4, 1, 2]])))
+            .unwrap();
         let c = compare_files(&a, &b).unwrap();
         assert_eq!(c.matched_by, "id");
         assert_eq!(c.pairs, 2);

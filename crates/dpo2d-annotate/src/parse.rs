@@ -30,11 +30,15 @@ fn value_to_rating(v: &serde_json::Value) -> Option<i64> {
 
 fn parse_json(text: &str) -> RawRatings {
     let mut out = RawRatings::new();
-    let (Some(start), Some(end)) = (text.find(['{', '[']), text.rfind(['}', ']'])) else { return out };
+    let (Some(start), Some(end)) = (text.find(['{', '[']), text.rfind(['}', ']'])) else {
+        return out;
+    };
     if end <= start {
         return out;
     }
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text[start..=end]) else { return out };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text[start..=end]) else {
+        return out;
+    };
     collect_json(&v, &mut out);
     out
 }
@@ -178,7 +182,9 @@ pub fn rating_in(text: &str) -> Option<i64> {
     for kw in ["rating", "score"] {
         if let Some(pos) = lower.rfind(kw) {
             let after = &lower[pos + kw.len()..];
-            let after = after.trim_start_matches(|c: char| c.is_whitespace() || matches!(c, ':' | '=' | '*' | '_' | '`' | '"' | '\'' | '-' | '>' | '(' | '['));
+            let after = after.trim_start_matches(|c: char| {
+                c.is_whitespace() || matches!(c, ':' | '=' | '*' | '_' | '`' | '"' | '\'' | '-' | '>' | '(' | '[')
+            });
             if let Some(n) = leading_int(after) {
                 return Some(n);
             }
@@ -200,7 +206,13 @@ pub fn rating_in(text: &str) -> Option<i64> {
     if n_digits > 0 {
         let (head, num) = t.split_at(t.len() - n_digits);
         let head = head.trim_end_matches(['*', '_', ' ', '(', '[']);
-        if head.is_empty() || head.ends_with("=>") || head.ends_with(':') || head.ends_with('-') || head.ends_with('—') || head.ends_with('=') {
+        if head.is_empty()
+            || head.ends_with("=>")
+            || head.ends_with(':')
+            || head.ends_with('-')
+            || head.ends_with('—')
+            || head.ends_with('=')
+        {
             return num.parse().ok();
         }
     }
@@ -313,7 +325,8 @@ mod tests {
 
     #[test]
     fn paper_style_multiline_and_headers_are_not_ids() {
-        let t = "Response 1 Evaluation:\n<1> Evaluation: Sets the topic. Helpfulness Rating: 4\n<2> Evaluation: meh.\nHelpfulness Rating: 2\n\
+        let t =
+            "Response 1 Evaluation:\n<1> Evaluation: Sets the topic. Helpfulness Rating: 4\n<2> Evaluation: meh.\nHelpfulness Rating: 2\n\
                  Response 2 Evaluation:\n<3> Evaluation: wrong. Helpfulness Rating: 0";
         assert_eq!(parse_answer(t), ids(&[(1, 4), (2, 2), (3, 0)]));
     }

@@ -110,7 +110,14 @@ impl fmt::Display for Summary {
             "requests: {} sent ({} retries); tokens: {} prompt + {} completion",
             self.requests, self.retries, self.prompt_tokens, self.completion_tokens
         )?;
-        write!(f, "pairs: {} in, {} written to {}, {} failed", self.pairs_in, self.pairs_written, self.output.display(), self.failed.len())?;
+        write!(
+            f,
+            "pairs: {} in, {} written to {}, {} failed",
+            self.pairs_in,
+            self.pairs_written,
+            self.output.display(),
+            self.failed.len()
+        )?;
         if !self.failed.is_empty() {
             writeln!(f)?;
             for fp in self.failed.iter().take(20) {
@@ -157,9 +164,7 @@ struct Prepared {
 fn segments_of(r: &Response) -> Vec<Segment> {
     match r {
         Response::Segmented { segments } => segments.clone(),
-        Response::Plain(text) => {
-            dpo2d_data::segment(text).into_iter().map(|t| Segment { text: t.to_string(), scores: None }).collect()
-        }
+        Response::Plain(text) => dpo2d_data::segment(text).into_iter().map(|t| Segment { text: t.to_string(), scores: None }).collect(),
     }
 }
 
@@ -336,11 +341,8 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
     let results = rt.block_on(drive(ctx.clone(), ready.clone(), tasks, opts.concurrency, bar.clone()));
     bar.finish_and_clear();
     let results = results?;
@@ -412,10 +414,7 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
 }
 
 fn with_scores(segs: &[Segment], rows: &[[u8; 5]]) -> Vec<Segment> {
-    segs.iter()
-        .zip(rows)
-        .map(|(s, r)| Segment { text: s.text.clone(), scores: Some(Scores::from_array(*r)) })
-        .collect()
+    segs.iter().zip(rows).map(|(s, r)| Segment { text: s.text.clone(), scores: Some(Scores::from_array(*r)) }).collect()
 }
 
 /// Runs the judgements with a bounded window of tasks; stops on Ctrl-C or
@@ -595,23 +594,27 @@ mod tests {
                 corrections += enforce_monotone(&mut m);
             }
         }
-        assert_eq!(stats[&Aspect::Completeness].corrections, corrections + {
-            // The two failed pairs' completeness judgements succeeded too; they count.
-            let all = read_pairs(&input);
-            [6usize, 7]
-                .iter()
-                .map(|&i| {
-                    let p = &all[i];
-                    [&p.chosen, &p.rejected]
-                        .iter()
-                        .map(|r| {
-                            let mut v: Vec<u8> = segments_of(r).iter().map(|s| crate::test_server::mock_rating("completeness", &s.text)).collect();
-                            enforce_monotone(&mut v)
-                        })
-                        .sum::<usize>()
-                })
-                .sum::<usize>()
-        });
+        assert_eq!(
+            stats[&Aspect::Completeness].corrections,
+            corrections + {
+                // The two failed pairs' completeness judgements succeeded too; they count.
+                let all = read_pairs(&input);
+                [6usize, 7]
+                    .iter()
+                    .map(|&i| {
+                        let p = &all[i];
+                        [&p.chosen, &p.rejected]
+                            .iter()
+                            .map(|r| {
+                                let mut v: Vec<u8> =
+                                    segments_of(r).iter().map(|s| crate::test_server::mock_rating("completeness", &s.text)).collect();
+                                enforce_monotone(&mut v)
+                            })
+                            .sum::<usize>()
+                    })
+                    .sum::<usize>()
+            }
+        );
         let failed_file = std::fs::read_to_string(job.failed_out.as_ref().unwrap()).unwrap();
         assert_eq!(failed_file.lines().count(), 2);
 

@@ -247,19 +247,13 @@ async fn handle(State(st): State<Arc<Shared>>, headers: HeaderMap, body: String)
     let messages = v["messages"].as_array().cloned().unwrap_or_default();
     let prompt = messages.first().and_then(|m| m["content"].as_str()).unwrap_or("").to_string();
     let is_repair = messages.len() > 1;
-    let aspect = prompt
-        .lines()
-        .find_map(|l| l.strip_prefix("Aspect to rate: "))
-        .unwrap_or("helpfulness")
-        .trim()
-        .to_string();
+    let aspect = prompt.lines().find_map(|l| l.strip_prefix("Aspect to rate: ")).unwrap_or("helpfulness").trim().to_string();
     let segs = tagged(&prompt);
     let fault = |name: &str| has_fault(&prompt, name, &aspect);
 
     if !is_repair {
         if fault("429") && attempt == 1 {
-            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", st.config.retry_after_secs.to_string())], "slow down")
-                .into_response();
+            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", st.config.retry_after_secs.to_string())], "slow down").into_response();
         }
         if (fault("500") && attempt <= 2) || fault("500always") {
             return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();

@@ -118,14 +118,14 @@ impl fmt::Display for BuildReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
             InputKind::Pairs => {
-                writeln!(f, "{}: {} pair rows (TRL style), {} pairs written ({} multi-turn)", self.path, self.rows, self.pairs, self.multi_turn)?;
-            }
-            InputKind::Preference => {
                 writeln!(
                     f,
-                    "{}: {} preference rows, {} pairs written ({} multi-turn)",
+                    "{}: {} pair rows (TRL style), {} pairs written ({} multi-turn)",
                     self.path, self.rows, self.pairs, self.multi_turn
                 )?;
+            }
+            InputKind::Preference => {
+                writeln!(f, "{}: {} preference rows, {} pairs written ({} multi-turn)", self.path, self.rows, self.pairs, self.multi_turn)?;
                 writeln!(
                     f,
                     "dropped: {} ties (strength 0), {} below min margin, {} identical responses",
@@ -506,17 +506,20 @@ fn pair_preference_rows(
             }
         };
         let strength = match row.fields.get("preference_strength") {
-            Some(Value::Number(n)) => n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64)).ok_or(Problem {
-                code: "score-not-integer",
-                message: format!("preference_strength: {n} is not a whole number"),
-            }),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+                .ok_or(Problem { code: "score-not-integer", message: format!("preference_strength: {n} is not a whole number") }),
             None | Some(Value::Null) => Err(Problem { code: "missing-field", message: "preference_strength: missing".into() }),
             Some(_) => Err(Problem { code: "wrong-type", message: "preference_strength: must be a number".into() }),
         };
         let (prompt, r1, r2, strength) = match (get("prompt"), get("response_1"), get("response_2"), strength) {
             (Ok(p), Ok(a), Ok(b), Ok(s)) if (-3..=3).contains(&s) => (p, a, b, s),
             (Ok(_), Ok(_), Ok(_), Ok(s)) => {
-                invalid.push((row.number, Problem { code: "score-out-of-range", message: format!("preference_strength: {s} is outside -3..3") }));
+                invalid.push((
+                    row.number,
+                    Problem { code: "score-out-of-range", message: format!("preference_strength: {s} is outside -3..3") },
+                ));
                 continue;
             }
             (p, a, b, s) => {
@@ -616,11 +619,7 @@ mod tests {
     }
 
     fn rows(values: &[Value]) -> Vec<Row> {
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Row { number: i + 1, fields: v.as_object().unwrap().clone() })
-            .collect()
+        values.iter().enumerate().map(|(i, v)| Row { number: i + 1, fields: v.as_object().unwrap().clone() }).collect()
     }
 
     const MULTI: &str = "How do I sort a list?\n<extra_id_1>Assistant\nUse sorted().\n<extra_id_1>User\nAnd in reverse?";
@@ -747,9 +746,7 @@ mod tests {
 
     #[test]
     fn preference_rows_and_split_filter() {
-        let pref = |split: &str, prompt: &str, a: &str, b: &str, s: i64| {
-            json!({"split": split, "prompt": prompt, "response_1": a, "response_2": b, "preference_strength": s, "preference_statement": "..."})
-        };
+        let pref = |split: &str, prompt: &str, a: &str, b: &str, s: i64| json!({"split": split, "prompt": prompt, "response_1": a, "response_2": b, "preference_strength": s, "preference_statement": "..."});
         let v = vec![
             pref("train", "Q1", "bad", "good", 2),
             pref("train", MULTI, "fine", "worse", -1),

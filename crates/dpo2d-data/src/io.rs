@@ -31,9 +31,7 @@ pub fn open_reader(path: &Path) -> Result<Box<dyn BufRead>> {
 /// Reads a whole (possibly gzipped) text file into a string.
 pub fn read_to_string(path: &Path) -> Result<String> {
     let mut s = String::new();
-    open_reader(path)?
-        .read_to_string(&mut s)
-        .with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
+    open_reader(path)?.read_to_string(&mut s).with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
     Ok(s)
 }
 
@@ -44,8 +42,7 @@ pub fn create_writer(path: &Path) -> Result<Box<dyn Write>> {
     }
     if let Some(parent) = path.parent() {
         if !parent.as_os_str().is_empty() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create directory {}", parent.display()))?;
+            std::fs::create_dir_all(parent).with_context(|| format!("cannot create directory {}", parent.display()))?;
         }
     }
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;

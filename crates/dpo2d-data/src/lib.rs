@@ -19,6 +19,6 @@ pub use pair::{Message, Pair, Prompt, Response, Scores, Segment, ASPECTS};
 pub use segment::{segment, segment_response, segment_spans, segment_with, SegmentKind, SegmentOptions, Span};
 pub use stats::DataStats;
 pub use validate::{
-    check_pair, load_pairs, load_pairs_from_str, parse_pair_line, parse_pair_value, require_scored, scored_problem, InvalidData, LineProblem,
-    Limits, LoadOptions, LoadedPairs, Problem, Requirement, SkipReport,
+    check_pair, load_pairs, load_pairs_from_str, parse_pair_line, parse_pair_value, require_scored, scored_problem, InvalidData, Limits,
+    LineProblem, LoadOptions, LoadedPairs, Problem, Requirement, SkipReport,
 };

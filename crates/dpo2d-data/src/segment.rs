@@ -98,9 +98,7 @@ pub fn segment_with<'a>(text: &'a str, opts: &SegmentOptions) -> Vec<&'a str> {
 
 /// A segmented, unscored response (what `dpo2d annotate` takes).
 pub fn segment_response(text: &str, opts: &SegmentOptions) -> Response {
-    Response::Segmented {
-        segments: segment_with(text, opts).into_iter().map(|t| Segment { text: t.to_string(), scores: None }).collect(),
-    }
+    Response::Segmented { segments: segment_with(text, opts).into_iter().map(|t| Segment { text: t.to_string(), scores: None }).collect() }
 }
 
 /// Segments `text` into spans. Empty text gives no spans.
@@ -119,12 +117,8 @@ pub fn segment_spans(text: &str, opts: &SegmentOptions) -> Vec<Span> {
     // Normalise: a cut moves forward over whitespace (whitespace stays with
     // the earlier segment); no cut strictly inside an atomic range.
     let len = text.len();
-    let mut cuts: Vec<usize> = plan
-        .cuts
-        .iter()
-        .map(|&c| skip_ws(text, c))
-        .filter(|&c| c > 0 && c < len && !strictly_inside(&atomic, c))
-        .collect();
+    let mut cuts: Vec<usize> =
+        plan.cuts.iter().map(|&c| skip_ws(text, c)).filter(|&c| c > 0 && c < len && !strictly_inside(&atomic, c)).collect();
     cuts.extend(code_cuts(text, &plan.code, opts.max_code_bytes));
     cuts.sort_unstable();
     cuts.dedup();
@@ -177,7 +171,11 @@ fn plan_markdown(text: &str, opts: &SegmentOptions, plan: &mut Plan) {
         match event {
             Event::Start(tag) => {
                 let kind = match tag {
-                    Tag::Paragraph | Tag::BlockQuote(_) | Tag::FootnoteDefinition(_) | Tag::DefinitionListTitle | Tag::DefinitionListDefinition => None,
+                    Tag::Paragraph
+                    | Tag::BlockQuote(_)
+                    | Tag::FootnoteDefinition(_)
+                    | Tag::DefinitionListTitle
+                    | Tag::DefinitionListDefinition => None,
                     Tag::Item => Some(SegmentKind::ListItem),
                     Tag::Heading { .. } => Some(SegmentKind::Heading),
                     Tag::CodeBlock(_) => {
@@ -306,9 +304,9 @@ fn is_cjk_terminator(c: char) -> bool {
 
 /// Abbreviations after which a `.` never ends a sentence.
 const NEVER_END: &[&str] = &[
-    "e.g", "i.e", "eg", "ie", "cf", "vs", "viz", "mr", "mrs", "ms", "dr", "prof", "sr", "st", "mt", "ft", "rev", "hon",
-    "gen", "col", "capt", "lt", "sgt", "gov", "sen", "rep", "u.s", "u.k", "u.n", "e.u", "approx", "fig", "figs", "vol",
-    "p", "pp", "ch", "sec", "eq", "eqs", "ref", "refs", "dept", "est", "ave", "blvd", "resp", "min", "max", "nos",
+    "e.g", "i.e", "eg", "ie", "cf", "vs", "viz", "mr", "mrs", "ms", "dr", "prof", "sr", "st", "mt", "ft", "rev", "hon", "gen", "col",
+    "capt", "lt", "sgt", "gov", "sen", "rep", "u.s", "u.k", "u.n", "e.u", "approx", "fig", "figs", "vol", "p", "pp", "ch", "sec", "eq",
+    "eqs", "ref", "refs", "dept", "est", "ave", "blvd", "resp", "min", "max", "nos",
 ];
 
 /// Abbreviations that end a sentence only when the next word is capitalised.
@@ -349,7 +347,9 @@ fn scan_prose(text: &str, opts: &SegmentOptions, atomic: &[Range<usize>], cuts: 
             i += 1;
             continue;
         }
-        let Some(c) = text[i..].chars().next() else { break };
+        let Some(c) = text[i..].chars().next() else {
+            break;
+        };
         if !is_terminator(c) {
             match c {
                 '“' | '「' | '『' => quote_open = Some(i),
@@ -484,7 +484,8 @@ fn is_abbreviation(text: &str, i: usize, next: Option<char>) -> bool {
         let prev_is_initial = prev.len() == 2 && prev.ends_with('.') && prev.starts_with(char::is_uppercase);
         let rest = &text[i + 1..];
         let w = rest.trim_start();
-        let next_is_initial = w.len() >= 2 && w.starts_with(char::is_uppercase) && w[w.chars().next().map_or(1, char::len_utf8)..].starts_with('.');
+        let next_is_initial =
+            w.len() >= 2 && w.starts_with(char::is_uppercase) && w[w.chars().next().map_or(1, char::len_utf8)..].starts_with('.');
         return prev_is_initial || next_is_initial || start == 0;
     }
     // Dotted acronyms like "U.S.A", "a.k.a", "Ph.D": short letter groups and dots.
@@ -550,10 +551,7 @@ mod tests {
             ("See [the docs. here](http://x.y/z). Ok.", &["See [the docs. here](http://x.y/z). ", "Ok."]),
             ("No terminator at all", &["No terminator at all"]),
             ("Line one\nLine two\n\nPara two.", &["Line one\n", "Line two\n\n", "Para two."]),
-            (
-                "# Title. With dot\n\nIntro text. More.\n",
-                &["# Title. With dot\n\n", "Intro text. ", "More.\n"],
-            ),
+            ("# Title. With dot\n\nIntro text. More.\n", &["# Title. With dot\n\n", "Intro text. ", "More.\n"]),
             (
                 "Steps:\n\n1. First step. Details.\n2. Second step.\n- bullet\n",
                 &["Steps:\n\n", "1. First step. ", "Details.\n", "2. Second step.\n", "- bullet\n"],
@@ -562,10 +560,7 @@ mod tests {
                 "Code:\n\n```python\nx = 1. \nprint(x). Done\n```\n\nAfter.",
                 &["Code:\n\n", "```python\nx = 1. \nprint(x). Done\n```\n\n", "After."],
             ),
-            (
-                "Table:\n\n| a. b | c |\n|---|---|\n| 1. | 2? |\n\nEnd.",
-                &["Table:\n\n", "| a. b | c |\n|---|---|\n| 1. | 2? |\n\n", "End."],
-            ),
+            ("Table:\n\n| a. b | c |\n|---|---|\n| 1. | 2? |\n\nEnd.", &["Table:\n\n", "| a. b | c |\n|---|---|\n| 1. | 2? |\n\n", "End."]),
             ("    indented code. here\n    more. code\n\nText.", &["    indented code. here\n    more. code\n\n", "Text."]),
             ("> Quoted one. Quoted two.\n\nAfter.", &["> Quoted one. ", "Quoted two.\n\n", "After."]),
             ("Para.\n\n---\n\nNext para.", &["Para.\n\n", "---\n\nNext para."]),
@@ -657,10 +652,55 @@ mod tests {
 
     fn markdownish() -> impl Strategy<Value = String> {
         let atoms = prop::sample::select(vec![
-            "Hello", "world", ". ", "! ", "? ", "...", "e.g.", "Dr.", "3.14", "v1.2", "https://a.b/c?d=1", "a@b.co", "\n",
-            "\n\n", "# ", "## Head", "- ", "* ", "1. ", "> ", "```", "```rust\n", "    ", "| a | b |\n|---|---|\n",
-            "`x.y`", "[l.](u)", "**", "_", "\"", "”", ")", "(", "。", "！", "？", "中文", "é", "🙂", " ", "\t", "\r\n", "<div>",
-            "---", "~~~", "\\", "[ ]", "1)", "etc.", "U.S.",
+            "Hello",
+            "world",
+            ". ",
+            "! ",
+            "? ",
+            "...",
+            "e.g.",
+            "Dr.",
+            "3.14",
+            "v1.2",
+            "https://a.b/c?d=1",
+            "a@b.co",
+            "\n",
+            "\n\n",
+            "# ",
+            "## Head",
+            "- ",
+            "* ",
+            "1. ",
+            "> ",
+            "```",
+            "```rust\n",
+            "    ",
+            "| a | b |\n|---|---|\n",
+            "`x.y`",
+            "[l.](u)",
+            "**",
+            "_",
+            "\"",
+            "”",
+            ")",
+            "(",
+            "。",
+            "！",
+            "？",
+            "中文",
+            "é",
+            "🙂",
+            " ",
+            "\t",
+            "\r\n",
+            "<div>",
+            "---",
+            "~~~",
+            "\\",
+            "[ ]",
+            "1)",
+            "etc.",
+            "U.S.",
         ]);
         prop::collection::vec(atoms, 0..40).prop_map(|v| v.concat())
     }

@@ -228,8 +228,7 @@ fn id_key(id: &Value) -> String {
 /// Parses and validates one JSONL line (everything except id uniqueness,
 /// which needs the whole file).
 pub fn parse_pair_line(text: &str, opts: &LoadOptions) -> Result<Pair, Vec<Problem>> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| vec![Problem::new("invalid-json", format!("not valid JSON: {e}"))])?;
+    let value: Value = serde_json::from_str(text).map_err(|e| vec![Problem::new("invalid-json", format!("not valid JSON: {e}"))])?;
     parse_pair_value(&value, opts)
 }
 
@@ -317,7 +316,10 @@ fn parse_prompt(v: Option<&Value>, limits: &Limits, problems: &mut Vec<Problem>)
             for (i, item) in items.iter().enumerate() {
                 let at = format!("prompt[{i}]");
                 let Some(m) = item.as_object() else {
-                    problems.push(Problem::new("wrong-type", format!("{at}: a message must be an object with role and content, found {}", type_name(item))));
+                    problems.push(Problem::new(
+                        "wrong-type",
+                        format!("{at}: a message must be an object with role and content, found {}", type_name(item)),
+                    ));
                     continue;
                 };
                 let role = match m.get("role") {
@@ -370,7 +372,8 @@ fn parse_prompt(v: Option<&Value>, limits: &Limits, problems: &mut Vec<Problem>)
             (problems.len() == before).then_some(Prompt::Messages(messages))
         }
         Some(other) => {
-            problems.push(Problem::new("wrong-type", format!("prompt: must be a string or a list of messages, found {}", type_name(other))));
+            problems
+                .push(Problem::new("wrong-type", format!("prompt: must be a string or a list of messages, found {}", type_name(other))));
             None
         }
     }
@@ -394,11 +397,18 @@ fn parse_response(side: &str, v: Option<&Value>, opts: &LoadOptions, problems: &
             if s.trim().is_empty() {
                 problems.push(Problem::new("empty-response", format!("{side}: empty")));
             } else if opts.requirement != Requirement::Plain {
-                problems.push(Problem::new("not-segmented", format!(
-                    "{side}: plain text, but {} (run `dpo2d segment`{})",
-                    if opts.requirement == Requirement::Scored { "the 2-D losses need segments with scores" } else { "segments are required" },
-                    if opts.requirement == Requirement::Scored { ", then `dpo2d annotate`" } else { "" },
-                )));
+                problems.push(Problem::new(
+                    "not-segmented",
+                    format!(
+                        "{side}: plain text, but {} (run `dpo2d segment`{})",
+                        if opts.requirement == Requirement::Scored {
+                            "the 2-D losses need segments with scores"
+                        } else {
+                            "segments are required"
+                        },
+                        if opts.requirement == Requirement::Scored { ", then `dpo2d annotate`" } else { "" },
+                    ),
+                ));
             }
             check_len(side, s.chars().count(), limits.max_response_chars, problems);
             (problems.len() == before).then(|| Response::Plain(s.clone()))
@@ -407,7 +417,10 @@ fn parse_response(side: &str, v: Option<&Value>, opts: &LoadOptions, problems: &
             let segs = match o.get("segments") {
                 Some(Value::Array(a)) => a,
                 None => {
-                    problems.push(Problem::new("missing-field", format!("{side}.segments: missing (a response is a string or {{\"segments\": [...]}})")));
+                    problems.push(Problem::new(
+                        "missing-field",
+                        format!("{side}.segments: missing (a response is a string or {{\"segments\": [...]}})"),
+                    ));
                     return None;
                 }
                 Some(other) => {
@@ -431,7 +444,10 @@ fn parse_response(side: &str, v: Option<&Value>, opts: &LoadOptions, problems: &
             for (k, s) in segs.iter().enumerate() {
                 let at = format!("{side}.segments[{k}]");
                 let Some(so) = s.as_object() else {
-                    problems.push(Problem::new("wrong-type", format!("{at}: a segment must be an object with text (and scores), found {}", type_name(s))));
+                    problems.push(Problem::new(
+                        "wrong-type",
+                        format!("{at}: a segment must be an object with text (and scores), found {}", type_name(s)),
+                    ));
                     continue;
                 };
                 let text = match so.get("text") {
@@ -440,7 +456,10 @@ fn parse_response(side: &str, v: Option<&Value>, opts: &LoadOptions, problems: &
                         None
                     }
                     Some(Value::String(t)) if t.trim().is_empty() => {
-                        problems.push(Problem::new("empty-segment", format!("{at}.text: only whitespace (attach it to a neighbouring segment)")));
+                        problems.push(Problem::new(
+                            "empty-segment",
+                            format!("{at}.text: only whitespace (attach it to a neighbouring segment)"),
+                        ));
                         None
                     }
                     Some(Value::String(t)) => Some(t.clone()),
@@ -470,14 +489,15 @@ fn parse_response(side: &str, v: Option<&Value>, opts: &LoadOptions, problems: &
                 }
             }
             if !unscored.is_empty() && unscored.len() < segs.len() {
-                problems.push(Problem::new("partly-scored", format!(
-                    "{side}: segment(s) {} have no scores while the others do",
-                    list_indices(&unscored)
-                )));
+                problems.push(Problem::new(
+                    "partly-scored",
+                    format!("{side}: segment(s) {} have no scores while the others do", list_indices(&unscored)),
+                ));
             } else if !unscored.is_empty() && opts.requirement == Requirement::Scored {
-                problems.push(Problem::new("unscored", format!(
-                    "{side}: segments have no scores, but the 2-D losses need every segment scored (run `dpo2d annotate`)"
-                )));
+                problems.push(Problem::new(
+                    "unscored",
+                    format!("{side}: segments have no scores, but the 2-D losses need every segment scored (run `dpo2d annotate`)"),
+                ));
             }
             check_len(side, chars, limits.max_response_chars, problems);
             (problems.len() == before).then_some(Response::Segmented { segments })
@@ -488,26 +508,27 @@ fn parse_response(side: &str, v: Option<&Value>, opts: &LoadOptions, problems: &
 
 fn problems_wrong_response(side: &str, v: &Value, problems: &mut Vec<Problem>) -> Option<Response> {
     let hint = if v.is_array() { " (TRL conversational pairs: convert them with `dpo2d build-pairs`)" } else { "" };
-    problems.push(Problem::new(
-        "wrong-type",
-        format!("{side}: must be a string or {{\"segments\": [...]}}, found {}{hint}", type_name(v)),
-    ));
+    problems.push(Problem::new("wrong-type", format!("{side}: must be a string or {{\"segments\": [...]}}, found {}{hint}", type_name(v))));
     None
 }
 
 fn list_indices(ix: &[usize]) -> String {
     let shown: Vec<String> = ix.iter().take(8).map(|i| i.to_string()).collect();
-    if ix.len() > 8 { format!("{}, ... ({} in all)", shown.join(", "), ix.len()) } else { shown.join(", ") }
+    if ix.len() > 8 {
+        format!("{}, ... ({} in all)", shown.join(", "), ix.len())
+    } else {
+        shown.join(", ")
+    }
 }
 
 fn parse_scores(at: &str, m: &Map<String, Value>, problems: &mut Vec<Problem>) -> Option<Scores> {
     let before = problems.len();
     for key in m.keys() {
         if !ASPECTS.contains(&key.as_str()) {
-            problems.push(Problem::new("unknown-aspect", format!(
-                "{at}.scores: unknown aspect {key:?} (the aspects are {})",
-                ASPECTS.join(", ")
-            )));
+            problems.push(Problem::new(
+                "unknown-aspect",
+                format!("{at}.scores: unknown aspect {key:?} (the aspects are {})", ASPECTS.join(", ")),
+            ));
         }
     }
     let mut vals = [0u8; 5];
@@ -522,10 +543,8 @@ fn parse_scores(at: &str, m: &Map<String, Value>, problems: &mut Vec<Problem>) -
                     Some(x) if !(0..=4).contains(&x) => {
                         problems.push(Problem::new("score-out-of-range", format!("{here}: {x} is outside 0..4")))
                     }
-                    Some(x) if *aspect == "safety" && x != 0 && x != 4 => problems.push(Problem::new(
-                        "safety-not-binary",
-                        format!("{here}: {x} is not allowed (safety is 0 = fail or 4 = pass)"),
-                    )),
+                    Some(x) if *aspect == "safety" && x != 0 && x != 4 => problems
+                        .push(Problem::new("safety-not-binary", format!("{here}: {x} is not allowed (safety is 0 = fail or 4 = pass)"))),
                     Some(x) => vals[j] = x as u8,
                 }
             }
@@ -677,21 +696,32 @@ mod tests {
     fn prompt_problems() {
         assert_eq!(one(&scored(), |v| v["prompt"] = json!("  ")).code, "empty-prompt");
         assert_eq!(one(&scored(), |v| v["prompt"] = json!([])).code, "empty-prompt");
-        assert_eq!(one(&scored(), |v| { v.as_object_mut().unwrap().remove("prompt"); }).code, "missing-field");
+        assert_eq!(
+            one(&scored(), |v| {
+                v.as_object_mut().unwrap().remove("prompt");
+            })
+            .code,
+            "missing-field"
+        );
         assert_eq!(one(&scored(), |v| v["prompt"] = json!(7)).code, "wrong-type");
-        let p = one(&scored(), |v| v["prompt"] = json!([{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}, {"role": "user", "content": "?"}]));
+        let p = one(&scored(), |v| {
+            v["prompt"] = json!([{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}, {"role": "user", "content": "?"}])
+        });
         assert_eq!(p.code, "bad-role");
         assert!(p.message.starts_with("prompt[1].role: \"bot\""));
         let p = one(&scored(), |v| v["prompt"] = json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]));
         assert_eq!(p.code, "history-not-ending-with-user");
-        let p = one(&scored(), |v| v["prompt"] = json!([{"role": "user", "content": "hi"}, {"role": "system", "content": "s"}, {"role": "user", "content": "?"}]));
+        let p = one(&scored(), |v| {
+            v["prompt"] = json!([{"role": "user", "content": "hi"}, {"role": "system", "content": "s"}, {"role": "user", "content": "?"}])
+        });
         assert_eq!(p.code, "bad-role");
         assert!(p.message.contains("system"));
         let p = one(&scored(), |v| v["prompt"] = json!([{"role": "user", "content": ""}]));
         assert_eq!(p.code, "empty-message");
-        let ok = problems_after(&scored(), |v| {
-            v["prompt"] = json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2+2?"}])
-        });
+        let ok = problems_after(
+            &scored(),
+            |v| v["prompt"] = json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2+2?"}]),
+        );
         assert!(ok.is_empty(), "{ok:?}");
     }
 
@@ -708,7 +738,13 @@ mod tests {
         })
         .is_empty());
         assert_eq!(one(&plain, |v| v["chosen"] = json!("")).code, "empty-response");
-        assert_eq!(one(&plain, |v| { v.as_object_mut().unwrap().remove("rejected"); }).code, "missing-field");
+        assert_eq!(
+            one(&plain, |v| {
+                v.as_object_mut().unwrap().remove("rejected");
+            })
+            .code,
+            "missing-field"
+        );
         let p = one(&plain, |v| v["chosen"] = json!([{"role": "assistant", "content": "x"}]));
         assert_eq!(p.code, "wrong-type");
         assert!(p.message.contains("build-pairs"));
@@ -752,7 +788,9 @@ mod tests {
         let mut opts = scored();
         opts.limits.max_messages = 1;
         assert_eq!(
-            one(&opts, |v| v["prompt"] = json!([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])).code,
+            one(&opts, |v| v["prompt"] =
+                json!([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]))
+            .code,
             "too-many-messages"
         );
     }

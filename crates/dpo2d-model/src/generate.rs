@@ -211,10 +211,7 @@ fn generate_batch(
     for row in active {
         out[row] = Some(RawCompletion { tokens: std::mem::take(&mut tokens[row]), finish: FinishReason::Length });
     }
-    Ok(out
-        .into_iter()
-        .map(|o| o.unwrap_or(RawCompletion { tokens: vec![], finish: FinishReason::Length }))
-        .collect())
+    Ok(out.into_iter().map(|o| o.unwrap_or(RawCompletion { tokens: vec![], finish: FinishReason::Length })).collect())
 }
 
 /// Draw one token id from logits with temperature, top-k and top-p (in
@@ -272,12 +269,7 @@ pub fn generate_chat(lm: &LoadedModel, conversations: &[Vec<Message>], cfg: &Gen
 
 /// As [`generate_chat`] with the model and its text side given separately
 /// (e.g. a policy being trained).
-pub fn generate_with(
-    model: &CausalLM,
-    text: &TextSide,
-    conversations: &[Vec<Message>],
-    cfg: &GenerationConfig,
-) -> Result<Vec<Completion>> {
+pub fn generate_with(model: &CausalLM, text: &TextSide, conversations: &[Vec<Message>], cfg: &GenerationConfig) -> Result<Vec<Completion>> {
     let prompts: Vec<Vec<u32>> = conversations.iter().map(|c| text.prompt_ids(c)).collect::<Result<_>>()?;
     generate_from_ids(model, text, &prompts, cfg)
 }

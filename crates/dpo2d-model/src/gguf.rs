@@ -31,8 +31,7 @@ impl GgufFile {
         if !path.is_file() {
             bail!("GGUF file {} does not exist", path.display());
         }
-        let mut f = std::fs::File::open(path)
-            .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
+        let mut f = std::fs::File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
         let content = Content::read(&mut f).map_err(|e| {
             let msg = e.to_string();
             if msg.contains("dtype") {
@@ -137,9 +136,7 @@ impl GgufFile {
                         Value::I32(x) => *x as i64,
                         Value::U64(x) => *x as i64,
                         Value::I64(x) => *x,
-                        other => {
-                            return Err(self.err(format!("`{key}` must hold integers, found {:?}", other.value_type())))
-                        }
+                        other => return Err(self.err(format!("`{key}` must hold integers, found {:?}", other.value_type()))),
                     })
                 })
                 .collect::<Result<Vec<_>>>()
@@ -150,16 +147,13 @@ impl GgufFile {
 
     /// `general.architecture`, checked to be one we support.
     pub fn architecture(&self) -> Result<Architecture> {
-        let arch = self
-            .get_str("general.architecture")
-            .ok_or_else(|| self.err("missing metadata `general.architecture`"))?;
+        let arch = self.get_str("general.architecture").ok_or_else(|| self.err("missing metadata `general.architecture`"))?;
         match arch {
             "llama" => Ok(Architecture::Llama),
             "qwen2" => Ok(Architecture::Qwen2),
-            other => Err(self.err(format!(
-                "unsupported GGUF architecture `{other}` (supported: {})",
-                SUPPORTED_GGUF_ARCHITECTURES.join(", ")
-            ))),
+            other => {
+                Err(self.err(format!("unsupported GGUF architecture `{other}` (supported: {})", SUPPORTED_GGUF_ARCHITECTURES.join(", "))))
+            }
         }
     }
 
@@ -186,11 +180,7 @@ impl GgufFile {
             .get_u64(&format!("{a}.attention.key_length"))
             .or_else(|| self.get_u64(&format!("{a}.rope.dimension_count")))
             .unwrap_or(hidden / heads);
-        let embd = self
-            .content
-            .tensor_infos
-            .get("token_embd.weight")
-            .ok_or_else(|| self.err("tensor `token_embd.weight` is missing"))?;
+        let embd = self.content.tensor_infos.get("token_embd.weight").ok_or_else(|| self.err("tensor `token_embd.weight` is missing"))?;
         let vocab = match self.get_u64(&format!("{a}.vocab_size")) {
             Some(v) => v,
             None => embd.shape.dims()[0] as u64,
@@ -239,16 +229,14 @@ impl GgufFile {
     /// permutation undone. Unknown tensor names are an error (a silent drop
     /// would load a wrong model).
     pub fn hf_tensors(&self, cfg: &ModelConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
-        let mut f = std::fs::File::open(&self.path)
-            .with_context(|| format!("cannot open GGUF file {}", self.path.display()))?;
+        let mut f = std::fs::File::open(&self.path).with_context(|| format!("cannot open GGUF file {}", self.path.display()))?;
         let mut out = HashMap::new();
         for name in self.tensor_names() {
             // rope_freqs / rope_factors are derived data, not weights.
             if name.starts_with("rope_") {
                 continue;
             }
-            let hf = hf_name(&name)
-                .ok_or_else(|| self.err(format!("unexpected tensor `{name}` (not part of a llama/qwen2 model)")))?;
+            let hf = hf_name(&name).ok_or_else(|| self.err(format!("unexpected tensor `{name}` (not part of a llama/qwen2 model)")))?;
             let q = self
                 .content
                 .tensor(&mut f, &name, &Device::Cpu)
@@ -259,11 +247,9 @@ impl GgufFile {
                 .map_err(|e| self.err(format!("cannot dequantize tensor `{name}`: {e}")))?;
             if cfg.architecture == Architecture::Llama {
                 if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
-                    t = unpermute_qk(&t, cfg.num_attention_heads)
-                        .map_err(|e| self.err(format!("tensor `{name}`: {e}")))?;
+                    t = unpermute_qk(&t, cfg.num_attention_heads).map_err(|e| self.err(format!("tensor `{name}`: {e}")))?;
                 } else if hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias") {
-                    t = unpermute_qk(&t, cfg.num_key_value_heads)
-                        .map_err(|e| self.err(format!("tensor `{name}`: {e}")))?;
+                    t = unpermute_qk(&t, cfg.num_key_value_heads).map_err(|e| self.err(format!("tensor `{name}`: {e}")))?;
                 }
             }
             let t = t.to_device(device)?;
@@ -549,10 +535,7 @@ pub(crate) mod tests {
         let path = dir.path().join("q.gguf");
         let mut ts = tiny_tensors(16, 32, 20, 4, 2);
         for (n, rows) in [("q_proj", 16), ("k_proj", 8), ("v_proj", 8)] {
-            ts.insert(
-                format!("model.layers.0.self_attn.{n}.bias"),
-                Tensor::randn(0f32, 1., rows, &Device::Cpu).unwrap(),
-            );
+            ts.insert(format!("model.layers.0.self_attn.{n}.bias"), Tensor::randn(0f32, 1., rows, &Device::Cpu).unwrap());
         }
         ts.insert("lm_head.weight".into(), Tensor::randn(0f32, 1., (20, 16), &Device::Cpu).unwrap());
         write_tiny_gguf(&path, "qwen2", &ts, 4, 2, vec![]);

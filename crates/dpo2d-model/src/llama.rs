@@ -111,20 +111,27 @@ struct Block {
 /// one sequence (ids need only differ between neighbouring sequences of a row).
 /// A token attends to earlier tokens with the same id; its rotary position is
 /// its index within its sequence.
+///
+/// A sequence may also *continue* another one of its row (its parent): it then
+/// attends to all of the parent's tokens as well, and its positions carry on
+/// from the parent's end. Chosen and rejected responses continuing one copy of
+/// their shared prompt run the prompt through the model once instead of twice.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionLayout {
     pub seq_ids: Vec<Vec<u32>>,
+    /// Per row, `(child id, parent id)` for sequences that continue another.
+    pub parents: Vec<Vec<(u32, u32)>>,
 }
 
 impl AttentionLayout {
     /// Every row is one unpadded sequence.
     pub fn causal(b: usize, t: usize) -> Self {
-        Self { seq_ids: vec![vec![1; t]; b] }
+        Self::from_seq_ids(vec![vec![1; t]; b])
     }
 
     /// From a Hugging Face attention mask (1 = token, 0 = padding), left or right padded.
     pub fn from_attention_mask(mask: &[Vec<u32>]) -> Self {
-        Self { seq_ids: mask.iter().map(|r| r.iter().map(|&m| u32::from(m != 0)).collect()).collect() }
+        Self::from_seq_ids(mask.iter().map(|r| r.iter().map(|&m| u32::from(m != 0)).collect()).collect())
     }
 
     /// Packed rows: `lengths[b]` lists the lengths of the sequences laid
@@ -143,18 +150,70 @@ impl AttentionLayout {
             row.resize(t, 0);
             seq_ids.push(row);
         }
-        Ok(Self { seq_ids })
+        Ok(Self::from_seq_ids(seq_ids))
+    }
+
+    /// Packed rows of prompt-sharing units: `units[b]` lists, for row `b`,
+    /// `(prompt length, response lengths)` laid out as `[prompt | response 1 |
+    /// response 2 ...]`. Each response continues its prompt only (it does not
+    /// see the other responses), so it gets the same hidden states as the
+    /// sequence prompt + response on its own.
+    pub fn packed_shared(units: &[Vec<(usize, Vec<usize>)>], t: usize) -> Result<Self> {
+        let mut seq_ids = vec![];
+        let mut parents = vec![];
+        for (b, row_units) in units.iter().enumerate() {
+            let total: usize = row_units.iter().map(|(p, rs)| p + rs.iter().sum::<usize>()).sum();
+            if total > t {
+                bail!("packed row {b} holds {total} tokens but the batch is only {t} wide");
+            }
+            let mut row = Vec::with_capacity(t);
+            let mut links = vec![];
+            let mut next = 1u32;
+            for (p, rs) in row_units {
+                if *p == 0 {
+                    bail!("packed row {b}: a shared prompt is empty");
+                }
+                let pid = next;
+                row.extend(std::iter::repeat(pid).take(*p));
+                next += 1;
+                for &r in rs {
+                    row.extend(std::iter::repeat(next).take(r));
+                    links.push((next, pid));
+                    next += 1;
+                }
+            }
+            row.resize(t, 0);
+            seq_ids.push(row);
+            parents.push(links);
+        }
+        Ok(Self { seq_ids, parents })
     }
 
     pub fn from_seq_ids(seq_ids: Vec<Vec<u32>>) -> Self {
-        Self { seq_ids }
+        let parents = vec![vec![]; seq_ids.len()];
+        Self { seq_ids, parents }
+    }
+
+    /// Row `b`'s parent table indexed by sequence id (0: none).
+    fn parent_table(&self, b: usize) -> Vec<u32> {
+        let links = self.parents.get(b).map(Vec::as_slice).unwrap_or(&[]);
+        let max_id = self.seq_ids[b].iter().copied().chain(links.iter().map(|l| l.0)).max().unwrap_or(0);
+        let mut table = vec![0u32; max_id as usize + 1];
+        for &(child, parent) in links {
+            table[child as usize] = parent;
+        }
+        table
     }
 
     /// Position of each token within its sequence (0 for padding).
+    /// A sequence that continues a parent starts at the parent's length.
     pub fn position_ids(&self) -> Vec<Vec<u32>> {
         self.seq_ids
             .iter()
-            .map(|row| {
+            .enumerate()
+            .map(|(b, row)| {
+                let parent = self.parent_table(b);
+                let mut end = vec![0u32; parent.len()];
                 let mut out = Vec::with_capacity(row.len());
                 let mut prev = 0u32;
                 let mut pos = 0u32;
@@ -164,10 +223,12 @@ impl AttentionLayout {
                         continue;
                     }
                     if s != prev {
-                        pos = 0;
+                        let p = parent[s as usize];
+                        pos = if p == 0 { 0 } else { end[p as usize] };
                     }
                     out.push(pos);
                     pos += 1;
+                    end[s as usize] = pos;
                     prev = s;
                 }
                 out
@@ -176,16 +237,15 @@ impl AttentionLayout {
     }
 
     /// True where token t's log-probability is defined: it and the token
-    /// before it belong to the same (non-padding) sequence.
+    /// before it belong to the same (non-padding) sequence. (The first token
+    /// of a continuing sequence is predicted from its parent's last token,
+    /// which need not sit just before it: false here.)
     pub fn predicted_mask(&self) -> Vec<Vec<bool>> {
-        self.seq_ids
-            .iter()
-            .map(|row| (0..row.len()).map(|t| t > 0 && row[t] != 0 && row[t] == row[t - 1]).collect())
-            .collect()
+        self.seq_ids.iter().map(|row| (0..row.len()).map(|t| t > 0 && row[t] != 0 && row[t] == row[t - 1]).collect()).collect()
     }
 
     fn is_plain_causal(&self) -> bool {
-        self.seq_ids.iter().all(|r| r.iter().all(|&s| s == 1))
+        self.seq_ids.iter().all(|r| r.iter().all(|&s| s == 1)) && self.parents.iter().all(Vec::is_empty)
     }
 
     fn dims(&self) -> (usize, usize) {
@@ -256,10 +316,7 @@ impl Builder<'_> {
         self.finish(name, t)
     }
     fn finish(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
-        let t = t
-            .to_device(&self.opts.device)?
-            .to_dtype(self.opts.dtype)
-            .with_context(|| format!("converting tensor `{name}`"))?;
+        let t = t.to_device(&self.opts.device)?.to_dtype(self.opts.dtype).with_context(|| format!("converting tensor `{name}`"))?;
         if self.opts.trainable {
             let v = Var::from_tensor(&t)?;
             let t = v.as_tensor().clone();
@@ -344,10 +401,7 @@ impl CausalLM {
         } else if w.contains("lm_head.weight") {
             Some(b.param("lm_head.weight", &[v, h])?)
         } else {
-            bail!(
-                "tensor `lm_head.weight` is missing from {} and tie_word_embeddings is false",
-                w.source()
-            );
+            bail!("tensor `lm_head.weight` is missing from {} and tie_word_embeddings is false", w.source());
         };
         let inv_freq = rope_inv_freq(&cfg);
         Ok(Self {
@@ -428,8 +482,7 @@ impl CausalLM {
             let t = if f64_math {
                 Tensor::from_vec(v, (b, t, half), &self.device)?
             } else {
-                Tensor::from_vec(v.into_iter().map(|x| x as f32).collect::<Vec<f32>>(), (b, t, half), &self.device)?
-                    .to_dtype(self.dtype)?
+                Tensor::from_vec(v.into_iter().map(|x| x as f32).collect::<Vec<f32>>(), (b, t, half), &self.device)?.to_dtype(self.dtype)?
             };
             Ok(t)
         };
@@ -438,7 +491,8 @@ impl CausalLM {
 
     /// Additive attention mask [B or 1, 1, 1, Tq, Tk] (0 allowed, -inf masked).
     /// Queries sit at absolute positions `offset..offset+Tq` of the key axis.
-    fn build_mask(&self, q_seq: &[Vec<u32>], k_seq: &[Vec<u32>], offset: usize) -> Result<Tensor> {
+    /// `parent[b]` maps a sequence id of row b to the id it continues (0: none).
+    fn build_mask(&self, q_seq: &[Vec<u32>], k_seq: &[Vec<u32>], parent: &[Vec<u32>], offset: usize) -> Result<Tensor> {
         let b = q_seq.len();
         let tq = q_seq.first().map(|r| r.len()).unwrap_or(0);
         let tk = k_seq.first().map(|r| r.len()).unwrap_or(0);
@@ -447,10 +501,12 @@ impl CausalLM {
         for bi in 0..b {
             for i in 0..tq {
                 let qi = q_seq[bi][i];
+                let pi = parent.get(bi).and_then(|p| p.get(qi as usize)).copied().unwrap_or(0);
                 let abs = offset + i;
                 let row = &mut m[(bi * tq + i) * tk..(bi * tq + i + 1) * tk];
                 for (j, cell) in row.iter_mut().enumerate() {
-                    let ok = if qi == 0 { j == abs } else { j <= abs && k_seq[bi][j] == qi };
+                    let kj = k_seq[bi][j];
+                    let ok = if qi == 0 { j == abs } else { j <= abs && (kj == qi || (pi != 0 && kj == pi)) };
                     if !ok {
                         *cell = neg;
                     }
@@ -495,7 +551,8 @@ impl CausalLM {
         let mask = if layout.is_plain_causal() {
             self.causal_mask(t, t, 0)?
         } else {
-            self.build_mask(&layout.seq_ids, &layout.seq_ids, 0)?
+            let parent: Vec<Vec<u32>> = (0..b).map(|i| layout.parent_table(i)).collect();
+            self.build_mask(&layout.seq_ids, &layout.seq_ids, &parent, 0)?
         };
         let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         for layer in &self.layers {
@@ -613,12 +670,7 @@ impl CausalLM {
     /// `cache`. `attention_mask` (1 token / 0 padding) is needed only when
     /// the new tokens include padding (e.g. a left-padded prompt). Returns
     /// hidden states [B, T, H] after the final norm.
-    pub fn forward_cached(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&[Vec<u32>]>,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    pub fn forward_cached(&self, input_ids: &Tensor, attention_mask: Option<&[Vec<u32>]>, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t) = self.check_ids(input_ids)?;
         if cache.valid.is_empty() {
             cache.valid = vec![vec![]; b];
@@ -651,11 +703,7 @@ impl CausalLM {
         let q_seq: Vec<Vec<u32>> = new_valid.iter().map(|r| r.iter().map(|&v| v as u32).collect()).collect();
         let k_seq: Vec<Vec<u32>> = cache.valid.iter().map(|r| r.iter().map(|&v| v as u32).collect()).collect();
         let all_valid = k_seq.iter().all(|r| r.iter().all(|&v| v == 1));
-        let mask = if all_valid {
-            self.causal_mask(t, past + t, past)?
-        } else {
-            self.build_mask(&q_seq, &k_seq, past)?
-        };
+        let mask = if all_valid { self.causal_mask(t, past + t, past)? } else { self.build_mask(&q_seq, &k_seq, &[], past)? };
         let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         for (layer, entry) in self.layers.iter().zip(cache.kv.iter_mut()) {
             x = self.block(layer, &x, &cos, &sin, &mask, Some(entry))?;
@@ -710,11 +758,7 @@ impl CausalLM {
 
     /// LoRA adapter tensors in HF naming (`...q_proj.lora_A.weight`), without the PEFT prefix.
     pub fn lora_tensors(&self) -> Vec<(String, Tensor)> {
-        self.vars
-            .iter()
-            .filter(|(n, _)| n.contains(".lora_"))
-            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-            .collect()
+        self.vars.iter().filter(|(n, _)| n.contains(".lora_")).map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect()
     }
 
     /// Replace LoRA adapter weights by name (as returned by [`Self::lora_tensors`]),
@@ -840,6 +884,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn shared_prompt_equals_separate_sequences() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), true, false, DType::F32);
+        let m = CausalLM::load(dir.path(), &opts64()).unwrap();
+        let prompt: &[u32] = &[3, 7, 9];
+        let (c, r): (&[u32], &[u32]) = (&[11, 4, 6, 2], &[5, 8]);
+        let alone = |resp: &[u32]| {
+            let seq: Vec<u32> = prompt.iter().chain(resp).copied().collect();
+            m.forward(&ids(&[&seq]), &AttentionLayout::causal(1, seq.len())).unwrap()
+        };
+        let (hc, hr) = (alone(c), alone(r));
+        // Row: [prompt | chosen | rejected | pad] next to a plain sequence [2, 2].
+        let row: Vec<u32> = prompt.iter().chain(c).chain(r).copied().chain([0]).collect();
+        let lay = AttentionLayout::packed_shared(&[vec![(3, vec![4, 2])], vec![(2, vec![])]], 10).unwrap();
+        assert_eq!(lay.position_ids()[0], vec![0, 1, 2, 3, 4, 5, 6, 3, 4, 0]);
+        let h = m.forward(&ids(&[&row, &[2, 2, 0, 0, 0, 0, 0, 0, 0, 0]]), &lay).unwrap().narrow(0, 0, 1).unwrap();
+        assert!(maxdiff(&h.narrow(1, 0, 7).unwrap(), &hc) < 1e-10, "prompt + chosen");
+        assert!(maxdiff(&h.narrow(1, 7, 2).unwrap(), &hr.narrow(1, 3, 2).unwrap()) < 1e-10, "rejected");
+        assert!(AttentionLayout::packed_shared(&[vec![(0, vec![2])]], 4).is_err());
+        assert!(AttentionLayout::packed_shared(&[vec![(3, vec![2])]], 4).is_err());
+    }
+
+    #[test]
     fn kv_cache_matches_full_forward() {
         let dir = tempfile::tempdir().unwrap();
         write_tiny(dir.path(), false, true, DType::F32);
@@ -884,10 +951,9 @@ pub(crate) mod tests {
         let x = det(&[2, 5, 16], 42, DType::F64);
         for lay in layouts {
             let (cos, sin) = m.rope_cos_sin(&lay.position_ids()).unwrap();
-            let mask = m.build_mask(&lay.seq_ids, &lay.seq_ids, 0).unwrap();
+            let mask = m.build_mask(&lay.seq_ids, &lay.seq_ids, &[], 0).unwrap();
             let f = |t: &[Tensor]| -> candle_core::Result<Tensor> {
-                m.attention(&m.layers[0].attn, &t[0], &cos, &sin, &mask, None)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                m.attention(&m.layers[0].attn, &t[0], &cos, &sin, &mask, None).map_err(|e| candle_core::Error::Msg(e.to_string()))
             };
             crate::ops::tests::grad_check(&[x.clone()], &f, 1e-6);
         }
@@ -912,8 +978,12 @@ pub(crate) mod tests {
         assert_eq!(vars.len(), 1 + 2 * (7 + 3 + 2) + 1); // embed, per layer 7 W + 3 bias + 2 norms, final norm
         let eps = 1e-5;
         for (name, var) in vars.iter().filter(|(n, _)| {
-            n.contains("embed") || n.contains("layers.0.self_attn.q_proj") || n.contains("layers.1.mlp.down")
-                || n.contains("layers.1.input_layernorm") || n.contains("k_proj.bias") || n == "model.norm.weight"
+            n.contains("embed")
+                || n.contains("layers.0.self_attn.q_proj")
+                || n.contains("layers.1.mlp.down")
+                || n.contains("layers.1.input_layernorm")
+                || n.contains("k_proj.bias")
+                || n == "model.norm.weight"
         }) {
             let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no grad for {name}"));
             let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -1007,7 +1077,9 @@ pub(crate) mod tests {
     fn hf_parity() {
         let dir = std::path::PathBuf::from(std::env::var("DPO2D_HF_PARITY_DIR").expect("set DPO2D_HF_PARITY_DIR"));
         for (file, padded) in [("expected.json", false), ("expected_pad.json", true)] {
-            let Ok(text) = std::fs::read_to_string(dir.join(file)) else { continue };
+            let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
+                continue;
+            };
             let v: serde_json::Value = serde_json::from_str(&text).unwrap();
             let ids: Vec<u32> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
             let want: Vec<Vec<f64>> = serde_json::from_value(v["logits"].clone()).unwrap();

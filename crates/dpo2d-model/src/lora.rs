@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -127,10 +127,7 @@ pub struct LoraRuntime {
 
 impl LoraRuntime {
     pub fn new(seed: u64) -> Arc<Self> {
-        Arc::new(Self {
-            training: AtomicBool::new(false),
-            rng: Mutex::new(seed.wrapping_add(0x9e37_79b9_7f4a_7c15)),
-        })
+        Arc::new(Self { training: AtomicBool::new(false), rng: Mutex::new(seed.wrapping_add(0x9e37_79b9_7f4a_7c15)) })
     }
     pub fn set_training(&self, on: bool) {
         self.training.store(on, Ordering::Relaxed)
@@ -197,11 +194,7 @@ impl LoraAdapter {
 
     /// The adapter's contribution `scale * B A dropout(x)` for `x` [..., in].
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let x = if self.dropout > 0.0 && self.runtime.training() {
-            (x * self.runtime.dropout_mask(x, self.dropout)?)?
-        } else {
-            x.clone()
-        };
+        let x = if self.dropout > 0.0 && self.runtime.training() { (x * self.runtime.dropout_mask(x, self.dropout)?)? } else { x.clone() };
         let h = crate::ops::linear(&x, self.a.as_tensor(), None)?;
         let y = crate::ops::linear(&h, self.b.as_tensor(), None)?;
         Ok((y * self.scale)?)
@@ -231,7 +224,7 @@ mod tests {
         let dev = Device::Cpu;
         let cfg = LoraConfig { r: 3, alpha: 6.0, dropout: 0.0, targets: vec![LoraTarget::Q], seed: 1 };
         let rt = LoraRuntime::new(1);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
         let ad = LoraAdapter::new(5, 4, &cfg, &mut rng, DType::F64, &dev, rt.clone()).unwrap();
         // B = 0: no change; A within the kaiming-uniform bound.
         let x = det(&[2, 3, 5], 1, DType::F64);

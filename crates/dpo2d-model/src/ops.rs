@@ -12,9 +12,7 @@
 //! `[tokens x vocab]` tensor alive for backward, and a linear layer with a
 //! frozen weight that skips the (unused) weight gradient.
 
-use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
-};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 type BwdFn = dyn Fn(&[&Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
 
@@ -76,15 +74,7 @@ impl CustomOp3 for Precomputed {
     fn name(&self) -> &'static str {
         self.name
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         storage_of(&self.out)
     }
     fn bwd(
@@ -235,9 +225,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let op = Precomputed {
         name: "dpo2d-rope",
         out,
-        bwd: Box::new(move |_args, g| {
-            Ok(vec![Some(candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)?)])
-        }),
+        bwd: Box::new(move |_args, g| Ok(vec![Some(candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)?)])),
     };
     x.apply_op1(op)
 }
@@ -256,11 +244,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let y = if tracked(&x2) && !tracked(w) && fast_ok(x) {
         let out = x2.detach().matmul(&w.t()?)?;
         let wd = w.detach();
-        let op = Precomputed {
-            name: "dpo2d-frozen-linear",
-            out,
-            bwd: Box::new(move |_args, g| Ok(vec![Some(g.matmul(&wd)?)])),
-        };
+        let op = Precomputed { name: "dpo2d-frozen-linear", out, bwd: Box::new(move |_args, g| Ok(vec![Some(g.matmul(&wd)?)])) };
         x2.apply_op1(op)?
     } else {
         x2.matmul(&w.t()?)?
@@ -338,11 +322,7 @@ pub fn label_logprobs(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -> Resu
         lses.push(lse.squeeze(1)?);
         s += r;
     }
-    let out = if outs.is_empty() {
-        Tensor::zeros(0, it, hidden.device())?
-    } else {
-        Tensor::cat(&outs, 0)?
-    };
+    let out = if outs.is_empty() { Tensor::zeros(0, it, hidden.device())? } else { Tensor::cat(&outs, 0)? };
     if !tracked(hidden) && !tracked(weight) {
         return Ok(out);
     }
@@ -366,9 +346,7 @@ pub fn label_logprobs(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -> Resu
                 let p = logits.broadcast_sub(&lse.narrow(0, s, r)?.unsqueeze(1)?)?.exp()?;
                 let lab = labels_c.narrow(0, s, r)?.unsqueeze(1)?;
                 let onehot = vocab.unsqueeze(0)?.broadcast_eq(&lab)?.to_dtype(it)?;
-                let gl = (onehot - p)?
-                    .broadcast_mul(&g.narrow(0, s, r)?.unsqueeze(1)?)?
-                    .to_dtype(hd.dtype())?;
+                let gl = (onehot - p)?.broadcast_mul(&g.narrow(0, s, r)?.unsqueeze(1)?)?.to_dtype(hd.dtype())?;
                 if need_h {
                     dh.push(gl.matmul(&wd)?);
                 }
@@ -435,11 +413,7 @@ pub(crate) mod tests {
                     (f(&ins).unwrap() * &proj).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
                 };
                 let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
-                assert!(
-                    (fd - g[j]).abs() <= tol * (1.0 + fd.abs()),
-                    "input {i} coord {j}: autograd {} vs finite difference {fd}",
-                    g[j]
-                );
+                assert!((fd - g[j]).abs() <= tol * (1.0 + fd.abs()), "input {i} coord {j}: autograd {} vs finite difference {fd}", g[j]);
             }
         }
     }
@@ -507,11 +481,7 @@ pub(crate) mod tests {
         let h = det(&[5, 6], 9, DType::F64);
         let w = det(&[11, 6], 10, DType::F64);
         let labels = Tensor::new(&[0u32, 10, 3, 3, 7], &Device::Cpu).unwrap();
-        close(
-            &label_logprobs(&h, &w, &labels).unwrap(),
-            &label_logprobs_plain(&h, &w, &labels).unwrap(),
-            1e-12,
-        );
+        close(&label_logprobs(&h, &w, &labels).unwrap(), &label_logprobs_plain(&h, &w, &labels).unwrap(), 1e-12);
         let l2 = labels.clone();
         grad_check(&[h.clone(), w.clone()], &move |t| label_logprobs(&t[0], &t[1], &l2), 1e-6);
         // frozen lm_head
@@ -531,10 +501,6 @@ pub(crate) mod tests {
         let h = det(&[5, 2], 11, DType::F32);
         let w = det(&[v, 2], 12, DType::F32);
         let labels = Tensor::new(&[0u32, 1, 2, 3, (v - 1) as u32], &Device::Cpu).unwrap();
-        close(
-            &label_logprobs(&h, &w, &labels).unwrap(),
-            &label_logprobs_plain(&h, &w, &labels).unwrap(),
-            1e-4,
-        );
+        close(&label_logprobs(&h, &w, &labels).unwrap(), &label_logprobs_plain(&h, &w, &labels).unwrap(), 1e-4);
     }
 }

@@ -84,10 +84,7 @@ pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()>
         let bytes = tensor_bytes(t).with_context(|| format!("serialising tensor `{name}`"))?;
         let start = data.len();
         data.extend_from_slice(&bytes);
-        header.insert(
-            name.clone(),
-            json!({"dtype": dtype_tag(t.dtype())?, "shape": t.dims(), "data_offsets": [start, data.len()]}),
-        );
+        header.insert(name.clone(), json!({"dtype": dtype_tag(t.dtype())?, "shape": t.dims(), "data_offsets": [start, data.len()]}));
     }
     let mut h = serde_json::to_vec(&Value::Object(header))?;
     while h.len() % 8 != 0 {
@@ -139,8 +136,7 @@ pub fn save_merged(model: &CausalLM, dir: &Path, dtype: Option<DType>) -> Result
 /// `base_model_name_or_path` (a hub id or a path).
 pub fn save_lora_adapter(model: &CausalLM, dir: &Path, base_model: &str) -> Result<()> {
     let lcfg = model.lora_config().context("the model has no LoRA adapters to save")?;
-    let tensors: Vec<(String, Tensor)> =
-        model.lora_tensors().into_iter().map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t)).collect();
+    let tensors: Vec<(String, Tensor)> = model.lora_tensors().into_iter().map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t)).collect();
     save_safetensors(&tensors, &dir.join("adapter_model.safetensors"))?;
     let targets: Vec<&str> = lcfg.targets.iter().map(|t| t.hf_name()).collect();
     let cfg = json!({
@@ -206,11 +202,8 @@ pub fn load_with_adapter(base_dir: &Path, adapter_dir: &Path, opts: &LoadOptions
     let model = CausalLM::load(base_dir, &o)?;
     let file = adapter_dir.join("adapter_model.safetensors");
     let w = crate::weights::WeightSet::load_file(&file, &opts.device)?;
-    let map: HashMap<String, Tensor> = w
-        .into_map()
-        .into_iter()
-        .map(|(k, t)| (k.strip_prefix(PEFT_PREFIX).unwrap_or(&k).to_string(), t))
-        .collect();
+    let map: HashMap<String, Tensor> =
+        w.into_map().into_iter().map(|(k, t)| (k.strip_prefix(PEFT_PREFIX).unwrap_or(&k).to_string(), t)).collect();
     model.set_lora_tensors(&map, &file.display().to_string())?;
     Ok(model)
 }

@@ -125,19 +125,9 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     };
     let vocab = text.tokenizer.vocab_size();
     if vocab > text.config.vocab_size {
-        bail!(
-            "{}: the tokenizer has {vocab} tokens but the model's vocab_size is {}",
-            path.display(),
-            text.config.vocab_size
-        );
+        bail!("{}: the tokenizer has {vocab} tokens but the model's vocab_size is {}", path.display(), text.config.vocab_size);
     }
-    Ok(LoadedModel {
-        config: text.config,
-        model,
-        tokenizer: text.tokenizer,
-        chat: text.chat,
-        source: path.to_path_buf(),
-    })
+    Ok(LoadedModel { config: text.config, model, tokenizer: text.tokenizer, chat: text.chat, source: path.to_path_buf() })
 }
 
 /// Convert a GGUF file into a Hugging Face directory: config.json,
@@ -165,10 +155,7 @@ pub fn convert_gguf(gguf: &Path, out: &Path) -> Result<()> {
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let write = || -> Result<()> {
         std::fs::write(tmp.join("config.json"), cfg.to_hf_json_string())?;
-        let f32s: HashMap<String, Tensor> = tensors
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?)))
-            .collect::<Result<_>>()?;
+        let f32s: HashMap<String, Tensor> = tensors.iter().map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
         let st = tmp.join("model.safetensors");
         candle_core::safetensors::save(&f32s, &st)?;
         // The writer creates the file private (0600); make it as readable as the rest.
@@ -273,11 +260,8 @@ pub(crate) mod tests {
         }
         let mut pairs: Vec<(u32, u32)> = bs.into_iter().zip(cs).collect();
         pairs.sort();
-        let mut tokens: Vec<GV> = vec![
-            GV::String("<|endoftext|>".into()),
-            GV::String("<|im_start|>".into()),
-            GV::String("<|im_end|>".into()),
-        ];
+        let mut tokens: Vec<GV> =
+            vec![GV::String("<|endoftext|>".into()), GV::String("<|im_start|>".into()), GV::String("<|im_end|>".into())];
         for (_, c) in pairs {
             tokens.push(GV::String(char::from_u32(c).unwrap().to_string()));
         }

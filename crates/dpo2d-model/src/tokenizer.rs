@@ -30,24 +30,25 @@ pub struct ModelTokenizer {
 }
 
 /// Pre-tokenizer regex of Qwen2 (`tokenizer.ggml.pre = qwen2`).
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Pre-tokenizer regex of Llama 3 (`llama-bpe`).
-const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The `pre_tokenizer` section of tokenizer.json for llama.cpp's `tokenizer.ggml.pre`.
 pub fn pre_tokenizer_for(pre: &str) -> Value {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
-    let split = |pattern: &str| {
-        json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level =
+        |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
     match pre {
         "smollm" | "starcoder" | "refact" => json!({
             "type": "Sequence",
             "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]
         }),
-        "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_PATTERN), byte_level(false)]}),
+        "qwen2" => {
+            json!({"type": "Sequence", "pretokenizers": [split(QWEN2_PATTERN), byte_level(false)]})
+        }
         "llama-bpe" | "llama3" | "smaug-bpe" => {
             json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_PATTERN), byte_level(false)]})
         }
@@ -68,12 +69,10 @@ impl ModelTokenizer {
         if model != "gpt2" {
             bail!("{file}: unsupported tokenizer `tokenizer.ggml.model = {model}` (only byte-level BPE, `gpt2`, is supported)");
         }
-        let tokens = g
-            .get_str_array("tokenizer.ggml.tokens")?
-            .with_context(|| format!("{file}: missing metadata `tokenizer.ggml.tokens`"))?;
-        let merges = g
-            .get_str_array("tokenizer.ggml.merges")?
-            .with_context(|| format!("{file}: missing metadata `tokenizer.ggml.merges`"))?;
+        let tokens =
+            g.get_str_array("tokenizer.ggml.tokens")?.with_context(|| format!("{file}: missing metadata `tokenizer.ggml.tokens`"))?;
+        let merges =
+            g.get_str_array("tokenizer.ggml.merges")?.with_context(|| format!("{file}: missing metadata `tokenizer.ggml.merges`"))?;
         let types = g.get_int_array("tokenizer.ggml.token_type")?.unwrap_or_default();
         if !types.is_empty() && types.len() != tokens.len() {
             bail!("{file}: {} token types for {} tokens", types.len(), tokens.len());
@@ -124,7 +123,9 @@ impl ModelTokenizer {
                              {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
                     "special_tokens": {bos.clone(): {"id": bos, "ids": [bos_id], "tokens": [bos]}}})
             }
-            _ => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+            _ => {
+                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+            }
         };
         let tj = json!({
             "version": "1.0",
@@ -142,10 +143,7 @@ impl ModelTokenizer {
         });
         let inner = Tokenizer::from_str(&tj.to_string())
             .map_err(|e| anyhow::anyhow!("{file}: cannot build the tokenizer from GGUF metadata: {e}"))?;
-        let max = g
-            .get_str("general.architecture")
-            .and_then(|a| g.get_u64(&format!("{a}.context_length")))
-            .map(|v| v as usize);
+        let max = g.get_str("general.architecture").and_then(|a| g.get_u64(&format!("{a}.context_length"))).map(|v| v as usize);
         Ok(Self { inner, special, model_max_length: max })
     }
 
@@ -155,8 +153,7 @@ impl ModelTokenizer {
         if !tj.is_file() {
             bail!("no tokenizer in {}: expected tokenizer.json", dir.display());
         }
-        let inner = Tokenizer::from_file(&tj)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid tokenizer.json: {e}", tj.display()))?;
+        let inner = Tokenizer::from_file(&tj).map_err(|e| anyhow::anyhow!("{}: not a valid tokenizer.json: {e}", tj.display()))?;
         let mut special = SpecialTokens::default();
         let mut model_max_length = None;
         let tc = dir.join("tokenizer_config.json");
@@ -175,11 +172,7 @@ impl ModelTokenizer {
             special.pad = name("pad_token");
             special.unk = name("unk_token");
             special.add_bos = v.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false);
-            model_max_length = v
-                .get("model_max_length")
-                .and_then(|m| m.as_f64())
-                .filter(|m| *m > 0.0 && *m < 1e12)
-                .map(|m| m as usize);
+            model_max_length = v.get("model_max_length").and_then(|m| m.as_f64()).filter(|m| *m > 0.0 && *m < 1e12).map(|m| m as usize);
         }
         Ok(Self { inner, special, model_max_length })
     }
@@ -188,10 +181,7 @@ impl ModelTokenizer {
     /// (e.g. a BOS); chat-template output is encoded without it, as
     /// transformers' `apply_chat_template` does.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| anyhow::anyhow!("cannot tokenize text: {e}"))?;
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow::anyhow!("cannot tokenize text: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -226,21 +216,14 @@ impl ModelTokenizer {
 
     /// Padding id: the pad token, else EOS, else 0.
     pub fn pad_token_id(&self) -> u32 {
-        self.special
-            .pad
-            .as_deref()
-            .and_then(|t| self.token_to_id(t))
-            .or_else(|| self.eos_token_id())
-            .unwrap_or(0)
+        self.special.pad.as_deref().and_then(|t| self.token_to_id(t)).or_else(|| self.eos_token_id()).unwrap_or(0)
     }
 
     /// Write `tokenizer.json` and `tokenizer_config.json` (with the chat
     /// template, if any) into `dir`.
     pub fn save_dir(&self, dir: &Path, chat_template: Option<&str>, tokenizer_class: &str) -> Result<()> {
         let tj = dir.join("tokenizer.json");
-        self.inner
-            .save(&tj, true)
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tj.display()))?;
+        self.inner.save(&tj, true).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tj.display()))?;
         let mut cfg = Map::new();
         cfg.insert("tokenizer_class".into(), json!(tokenizer_class));
         let opt = |v: &Option<String>| v.as_ref().map(|s| json!(s)).unwrap_or(Value::Null);
@@ -258,8 +241,7 @@ impl ModelTokenizer {
             cfg.insert("chat_template".into(), json!(t));
         }
         let p = dir.join("tokenizer_config.json");
-        std::fs::write(&p, serde_json::to_string_pretty(&Value::Object(cfg))?)
-            .with_context(|| format!("cannot write {}", p.display()))?;
+        std::fs::write(&p, serde_json::to_string_pretty(&Value::Object(cfg))?).with_context(|| format!("cannot write {}", p.display()))?;
         Ok(())
     }
 }

@@ -61,17 +61,9 @@ impl WeightSet {
 
     /// Fetch a tensor and check its shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self
-            .tensors
-            .get(name)
-            .with_context(|| format!("tensor `{name}` is missing from {}", self.source))?;
+        let t = self.tensors.get(name).with_context(|| format!("tensor `{name}` is missing from {}", self.source))?;
         if t.dims() != shape {
-            bail!(
-                "tensor `{name}` in {} has shape {:?}, expected {:?}",
-                self.where_is(name),
-                t.dims(),
-                shape
-            );
+            bail!("tensor `{name}` in {} has shape {:?}, expected {:?}", self.where_is(name), t.dims(), shape);
         }
         Ok(t.clone())
     }
@@ -105,19 +97,13 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("cannot read {}", index.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", index.display()))?;
-        let wm = v
-            .get("weight_map")
-            .and_then(|w| w.as_object())
-            .with_context(|| format!("{}: missing `weight_map` object", index.display()))?;
+        let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
+        let wm =
+            v.get("weight_map").and_then(|w| w.as_object()).with_context(|| format!("{}: missing `weight_map` object", index.display()))?;
         let mut shards = BTreeSet::new();
         for (name, file) in wm {
-            let f = file
-                .as_str()
-                .with_context(|| format!("{}: shard for `{name}` must be a file name", index.display()))?;
+            let f = file.as_str().with_context(|| format!("{}: shard for `{name}` must be a file name", index.display()))?;
             shards.insert(f.to_string());
         }
         let mut out = vec![];
@@ -130,10 +116,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
         return Ok(out);
     }
-    bail!(
-        "no weights in {}: expected model.safetensors or model.safetensors.index.json",
-        dir.display()
-    )
+    bail!("no weights in {}: expected model.safetensors or model.safetensors.index.json", dir.display())
 }
 
 /// Read one safetensors file. The header is validated against the file
@@ -142,17 +125,13 @@ fn load_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     if !path.is_file() {
         bail!("weights file {} does not exist", path.display());
     }
-    let bad = |e: candle_core::Error| {
-        anyhow::anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display())
-    };
+    let bad = |e: candle_core::Error| anyhow::anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display());
     // SAFETY: the file is only read; modifying it while loading is the caller's problem,
     // as with any memory-mapped checkpoint loader.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
     let mut out = HashMap::new();
     for (name, _) in st.tensors() {
-        let t = st
-            .load(&name, device)
-            .map_err(|e| anyhow::anyhow!("{}: cannot load tensor `{name}`: {e}", path.display()))?;
+        let t = st.load(&name, device).map_err(|e| anyhow::anyhow!("{}: cannot load tensor `{name}`: {e}", path.display()))?;
         out.insert(name, t);
     }
     Ok(out)
@@ -196,8 +175,7 @@ mod tests {
         for (i, name) in ["x", "y"].iter().enumerate() {
             let mut m = HashMap::new();
             m.insert(name.to_string(), Tensor::ones(3, DType::F32, &dev).unwrap());
-            candle_core::safetensors::save(&m, dir.path().join(format!("model-0000{}-of-00002.safetensors", i + 1)))
-                .unwrap();
+            candle_core::safetensors::save(&m, dir.path().join(format!("model-0000{}-of-00002.safetensors", i + 1))).unwrap();
         }
         let idx = r#"{"metadata":{},"weight_map":{"x":"model-00001-of-00002.safetensors","y":"model-00002-of-00002.safetensors"}}"#;
         std::fs::write(dir.path().join("model.safetensors.index.json"), idx).unwrap();

@@ -110,8 +110,7 @@ impl<'a> Aligner<'a> {
     }
 
     pub fn prompt_ids(&self, pair: &Pair) -> Result<Vec<u32>> {
-        let msgs: Vec<Message> =
-            pair.prompt.messages().into_iter().map(|m| Message::new(m.role, m.content)).collect();
+        let msgs: Vec<Message> = pair.prompt.messages().into_iter().map(|m| Message::new(m.role, m.content)).collect();
         let text = self.chat.render(&msgs, true)?;
         let enc = self.tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("cannot tokenize prompt: {e}"))?;
         Ok(enc.get_ids().to_vec())
@@ -122,9 +121,7 @@ impl<'a> Aligner<'a> {
         // Segment byte ranges over the response text.
         let (texts, scores): (Vec<&str>, Vec<Option<[u8; 5]>>) = match r {
             Response::Plain(t) => (vec![t.as_str()], vec![None]),
-            Response::Segmented { segments } => {
-                segments.iter().map(|s| (s.text.as_str(), s.scores.map(|x| x.to_array()))).unzip()
-            }
+            Response::Segmented { segments } => segments.iter().map(|s| (s.text.as_str(), s.scores.map(|x| x.to_array()))).unzip(),
         };
         let scored = !texts.is_empty() && scores.iter().all(|s| s.is_some());
         let mut bounds = Vec::with_capacity(texts.len());
@@ -145,13 +142,15 @@ impl<'a> Aligner<'a> {
         let raw_seg: Vec<usize> = enc
             .get_offsets()
             .iter()
-            .map(|&(start, _)| {
-                if start >= body_len {
-                    last
-                } else {
-                    bounds.iter().position(|&(a, b)| start >= a && start < b).unwrap_or(last)
-                }
-            })
+            .map(
+                |&(start, _)| {
+                    if start >= body_len {
+                        last
+                    } else {
+                        bounds.iter().position(|&(a, b)| start >= a && start < b).unwrap_or(last)
+                    }
+                },
+            )
             .collect();
         if !scored {
             let n = ids.len();
@@ -166,8 +165,7 @@ impl<'a> Aligner<'a> {
     pub fn pair(&self, index: usize, pair: &Pair, opts: AlignOptions) -> Result<(TokenizedPair, usize)> {
         let mut prompt = self.prompt_ids(pair).with_context(|| format!("pair {}", index + 1))?;
         let (mut chosen, d1) = self.response(&pair.chosen).with_context(|| format!("pair {}: chosen", index + 1))?;
-        let (mut rejected, d2) =
-            self.response(&pair.rejected).with_context(|| format!("pair {}: rejected", index + 1))?;
+        let (mut rejected, d2) = self.response(&pair.rejected).with_context(|| format!("pair {}: rejected", index + 1))?;
         let mut dropped = d1 + d2;
         let mut prompt_truncated = false;
         if opts.max_prompt_length > 0 && prompt.len() > opts.max_prompt_length {

@@ -21,7 +21,11 @@ fn register_font() {
 
 /// One chart: a title, and the metric keys to draw as lines.
 const CHARTS: &[(&str, &str, &[&str])] = &[
-    ("rewards.png", "Implicit reward (beta * sum log-ratio)", &["rewards/chosen", "rewards/rejected", "eval_rewards/chosen", "eval_rewards/rejected"]),
+    (
+        "rewards.png",
+        "Implicit reward (beta * sum log-ratio)",
+        &["rewards/chosen", "rewards/rejected", "eval_rewards/chosen", "eval_rewards/rejected"],
+    ),
     ("accuracy.png", "Reward accuracy", &["rewards/accuracies", "eval_rewards/accuracies"]),
     ("kl.png", "Sequence KL to the reference", &["kl/chosen", "kl/rejected", "eval_kl/chosen", "eval_kl/rejected"]),
     ("loss.png", "Loss", &["loss", "eval_loss", "sft_loss"]),
@@ -36,7 +40,9 @@ pub fn draw_charts(history: &[Record], dir: &Path) -> Result<Vec<PathBuf>> {
     for (file, title, keys) in CHARTS {
         let series: Vec<(&str, Vec<(f64, f64)>)> = keys
             .iter()
-            .map(|k| (*k, history.iter().filter_map(|r| r.get(k).filter(|v| v.is_finite()).map(|v| (r.step as f64, v))).collect::<Vec<_>>()))
+            .map(|k| {
+                (*k, history.iter().filter_map(|r| r.get(k).filter(|v| v.is_finite()).map(|v| (r.step as f64, v))).collect::<Vec<_>>())
+            })
             .filter(|(_, pts)| !pts.is_empty())
             .collect();
         if series.is_empty() {
@@ -80,12 +86,7 @@ fn draw_one(path: &Path, title: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Res
             chart.draw_series(std::iter::once(Circle::new(p[0], 4, c.filled())))?;
         }
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    chart.configure_series_labels().label_font(("sans-serif", 14)).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
     root.present()?;
     Ok(())
 }

@@ -50,8 +50,7 @@ pub fn save_weights(dir: &Path, model: &CausalLM, text: &TextSide, base_model: &
             write_text_side(dir, model, text)?;
         }
         Some(lc) => {
-            let map: HashMap<String, Tensor> =
-                model.lora_tensors().into_iter().map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t)).collect();
+            let map: HashMap<String, Tensor> = model.lora_tensors().into_iter().map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t)).collect();
             let p = dir.join("adapter_model.safetensors");
             candle_core::safetensors::save(&map, &p).with_context(|| format!("writing {}", p.display()))?;
             let cfg = serde_json::json!({
@@ -93,8 +92,7 @@ fn write_text_side(dir: &Path, model: &CausalLM, text: &TextSide) -> Result<()> 
 pub fn load_adapter(dir: &Path, model: &CausalLM) -> Result<()> {
     let p = dir.join("adapter_model.safetensors");
     let map = candle_core::safetensors::load(&p, model.device()).with_context(|| format!("reading {}", p.display()))?;
-    let map: HashMap<String, Tensor> =
-        map.into_iter().map(|(k, v)| (k.strip_prefix(PEFT_PREFIX).unwrap_or(&k).to_string(), v)).collect();
+    let map: HashMap<String, Tensor> = map.into_iter().map(|(k, v)| (k.strip_prefix(PEFT_PREFIX).unwrap_or(&k).to_string(), v)).collect();
     model.set_lora_tensors(&map, &p.display().to_string())
 }
 
@@ -128,12 +126,16 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
 
 /// The complete checkpoint with the highest step in `output_dir`.
 pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
-    let Ok(rd) = std::fs::read_dir(output_dir) else { return Ok(None) };
+    let Ok(rd) = std::fs::read_dir(output_dir) else {
+        return Ok(None);
+    };
     let mut best: Option<(usize, PathBuf)> = None;
     for e in rd {
         let e = e?;
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) else { continue };
+        let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) else {
+            continue;
+        };
         if !e.path().join("trainer_state.json").is_file() {
             continue;
         }

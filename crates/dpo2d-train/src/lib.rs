@@ -2,11 +2,11 @@
 //! reference model, and the trainer loop with checkpoints and metrics.
 
 pub mod align;
-pub mod loss;
 pub mod charts;
+pub mod checkpoint;
 pub mod config;
+pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
-pub mod checkpoint;
 pub mod trainer;

@@ -47,9 +47,7 @@ use serde::{Deserialize, Serialize};
 
 mod two_d;
 
-pub use two_d::{
-    combined_scores, plan_pair, two_d_dpo_losses, PairPlan, SegmentBatch, TwoDLosses, NO_SEGMENT,
-};
+pub use two_d::{combined_scores, plan_pair, two_d_dpo_losses, PairPlan, SegmentBatch, TwoDLosses, NO_SEGMENT};
 
 /// The preference loss to train with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -186,10 +184,7 @@ impl AspectWeights {
 
     /// Validated weights.
     pub fn new(w: [f64; 5]) -> Result<Self> {
-        ensure!(
-            w.iter().all(|x| x.is_finite() && *x >= 0.0),
-            "aspect weights must be non-negative numbers, got {w:?}"
-        );
+        ensure!(w.iter().all(|x| x.is_finite() && *x >= 0.0), "aspect weights must be non-negative numbers, got {w:?}");
         let sum: f64 = w.iter().sum();
         ensure!(
             (sum - 1.0).abs() <= 1e-6,
@@ -227,8 +222,7 @@ impl From<AspectWeights> for [f64; 5] {
 impl FromStr for AspectWeights {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let parts: Vec<&str> =
-            s.split(|c: char| c == ',' || c.is_whitespace()).filter(|p| !p.is_empty()).collect();
+        let parts: Vec<&str> = s.split(|c: char| c == ',' || c.is_whitespace()).filter(|p| !p.is_empty()).collect();
         ensure!(
             parts.len() == 5,
             "aspect weights need 5 numbers (helpfulness, correctness, safety, completeness, \
@@ -301,22 +295,12 @@ impl LossConfig {
 
     pub fn validate(&self) -> Result<()> {
         ensure!(self.beta.is_finite() && self.beta > 0.0, "beta must be > 0, got {}", self.beta);
-        ensure!(
-            (0.0..0.5).contains(&self.label_smoothing),
-            "label_smoothing must be in [0, 0.5), got {}",
-            self.label_smoothing
-        );
+        ensure!((0.0..0.5).contains(&self.label_smoothing), "label_smoothing must be in [0, 0.5), got {}", self.label_smoothing);
         ensure!(self.simpo_gamma.is_finite(), "simpo_gamma must be a number, got {}", self.simpo_gamma);
-        ensure!(
-            self.tdpo_alpha.is_finite() && self.tdpo_alpha >= 0.0,
-            "tdpo_alpha must be >= 0, got {}",
-            self.tdpo_alpha
-        );
-        for (name, v) in [
-            ("desirable_weight", self.desirable_weight),
-            ("undesirable_weight", self.undesirable_weight),
-            ("sft_weight", self.sft_weight),
-        ] {
+        ensure!(self.tdpo_alpha.is_finite() && self.tdpo_alpha >= 0.0, "tdpo_alpha must be >= 0, got {}", self.tdpo_alpha);
+        for (name, v) in
+            [("desirable_weight", self.desirable_weight), ("undesirable_weight", self.undesirable_weight), ("sft_weight", self.sft_weight)]
+        {
             ensure!(v.is_finite() && v >= 0.0, "{name} must be >= 0, got {v}");
         }
         AspectWeights::new(self.aspect_weights.0)?;
@@ -402,10 +386,8 @@ impl LossOutput {
     /// TRL-named metrics averaged over the batch.
     pub fn metrics(&self) -> Vec<(&'static str, f64)> {
         let p = &self.pairs;
-        let margins: Vec<f64> =
-            p.rewards_chosen.iter().zip(&p.rewards_rejected).map(|(c, r)| c - r).collect();
-        let accuracies: Vec<f64> =
-            margins.iter().map(|m| if *m > 0.0 { 1.0 } else { 0.0 }).collect();
+        let margins: Vec<f64> = p.rewards_chosen.iter().zip(&p.rewards_rejected).map(|(c, r)| c - r).collect();
+        let accuracies: Vec<f64> = margins.iter().map(|m| if *m > 0.0 { 1.0 } else { 0.0 }).collect();
         let mut out = vec![
             ("loss", self.preference_loss + self.sft_coefficient * self.sft_loss),
             ("rewards/chosen", mean(&p.rewards_chosen)),
@@ -501,12 +483,7 @@ fn sigmoid_losses(z: &Tensor, label_smoothing: f64) -> Result<Tensor> {
 
 /// DPO: `-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))`, with
 /// conservative label smoothing. Inputs: summed log-ratios per response.
-pub fn dpo_losses(
-    logratio_chosen: &Tensor,
-    logratio_rejected: &Tensor,
-    beta: f64,
-    label_smoothing: f64,
-) -> Result<Tensor> {
+pub fn dpo_losses(logratio_chosen: &Tensor, logratio_rejected: &Tensor, beta: f64, label_smoothing: f64) -> Result<Tensor> {
     let h = (logratio_chosen - logratio_rejected)?;
     sigmoid_losses(&(h * beta)?, label_smoothing)
 }
@@ -543,21 +520,14 @@ pub fn orpo_losses(avg_logp_chosen: &Tensor, avg_logp_rejected: &Tensor, lambda:
         // 1 - e^a underflows to 0 only for a response of probability ~1 per token.
         Ok((a.exp()?.neg()? + 1.0)?.clamp(1e-12, 1.0)?.log()?)
     };
-    let log_odds = ((avg_logp_chosen - avg_logp_rejected)?
-        - (log1m_exp(avg_logp_chosen)? - log1m_exp(avg_logp_rejected)?)?)?;
+    let log_odds = ((avg_logp_chosen - avg_logp_rejected)? - (log1m_exp(avg_logp_chosen)? - log1m_exp(avg_logp_rejected)?)?)?;
     Ok((log_sigmoid(&log_odds)? * (-lambda))?)
 }
 
 /// SimPO: `-log sigmoid(beta (a_w - a_l) - gamma)` (with label smoothing),
 /// `a` the per-token average policy log-probs; gamma is a margin in reward
 /// units (TRL subtracts `gamma/beta` before scaling by beta: the same).
-pub fn simpo_losses(
-    avg_logp_chosen: &Tensor,
-    avg_logp_rejected: &Tensor,
-    beta: f64,
-    gamma: f64,
-    label_smoothing: f64,
-) -> Result<Tensor> {
+pub fn simpo_losses(avg_logp_chosen: &Tensor, avg_logp_rejected: &Tensor, beta: f64, gamma: f64, label_smoothing: f64) -> Result<Tensor> {
     let z = (((avg_logp_chosen - avg_logp_rejected)? * beta)? - gamma)?;
     sigmoid_losses(&z, label_smoothing)
 }
@@ -588,27 +558,19 @@ pub fn tdpo_losses(
 
 /// Check a `[B,T]` tensor of one side against the side's policy log-probs.
 fn check_like(name: &str, t: &Tensor, like: &Tensor) -> Result<()> {
-    ensure!(
-        t.dims() == like.dims(),
-        "{name} has shape {:?}, expected {:?} like the policy log-probs",
-        t.dims(),
-        like.dims()
-    );
+    ensure!(t.dims() == like.dims(), "{name} has shape {:?}, expected {:?} like the policy log-probs", t.dims(), like.dims());
     ensure!(t.dtype() == like.dtype(), "{name} is {:?}, expected {:?}", t.dtype(), like.dtype());
     Ok(())
 }
 
 fn check_side(side_name: &str, s: &SideBatch, lt: LossType) -> Result<()> {
-    ensure!(
-        s.policy_logps.rank() == 2,
-        "{side_name} policy log-probs must be [batch, tokens], got {:?}",
-        s.policy_logps.dims()
-    );
+    ensure!(s.policy_logps.rank() == 2, "{side_name} policy log-probs must be [batch, tokens], got {:?}", s.policy_logps.dims());
     check_like(&format!("{side_name} mask"), &s.mask, &s.policy_logps)?;
     if lt.needs_reference() {
-        let r = s.reference_logps.as_ref().with_context(|| {
-            format!("loss_type {lt} needs reference log-probs for the {side_name} responses")
-        })?;
+        let r = s
+            .reference_logps
+            .as_ref()
+            .with_context(|| format!("loss_type {lt} needs reference log-probs for the {side_name} responses"))?;
         check_like(&format!("{side_name} reference log-probs"), r, &s.policy_logps)?;
     }
     if lt.needs_token_kl() {
@@ -621,9 +583,8 @@ fn check_side(side_name: &str, s: &SideBatch, lt: LossType) -> Result<()> {
         check_like(&format!("{side_name} token KL"), k, &s.policy_logps)?;
     }
     if lt.needs_segment_scores() {
-        let seg = s.segments.as_ref().with_context(|| {
-            format!("loss_type {lt} needs segment ids and scores for the {side_name} responses")
-        })?;
+        let seg =
+            s.segments.as_ref().with_context(|| format!("loss_type {lt} needs segment ids and scores for the {side_name} responses"))?;
         let (b, t) = s.policy_logps.dims2()?;
         seg.check_shape(b, t).with_context(|| format!("{side_name} segments"))?;
     }
@@ -652,16 +613,9 @@ pub fn compute_loss(cfg: &LossConfig, batch: &PreferenceBatch) -> Result<LossOut
     check_side("chosen", w, lt)?;
     check_side("rejected", l, lt)?;
     let b = w.policy_logps.dim(0)?;
-    ensure!(
-        l.policy_logps.dim(0)? == b,
-        "chosen and rejected batches differ in size: {b} vs {}",
-        l.policy_logps.dim(0)?
-    );
+    ensure!(l.policy_logps.dim(0)? == b, "chosen and rejected batches differ in size: {b} vs {}", l.policy_logps.dim(0)?);
     ensure!(b > 0, "empty batch");
-    ensure!(
-        l.policy_logps.dtype() == w.policy_logps.dtype(),
-        "chosen and rejected log-probs differ in dtype"
-    );
+    ensure!(l.policy_logps.dtype() == w.policy_logps.dtype(), "chosen and rejected log-probs differ in dtype");
 
     let sum_w = sequence_logps(&w.policy_logps, &w.mask)?;
     let sum_l = sequence_logps(&l.policy_logps, &l.mask)?;
@@ -670,16 +624,12 @@ pub fn compute_loss(cfg: &LossConfig, batch: &PreferenceBatch) -> Result<LossOut
     // Token log-ratios rho_t (reference detached) and their sums.
     let rho = |s: &SideBatch| -> Result<Option<Tensor>> {
         match &s.reference_logps {
-            Some(r) if lt.needs_reference() => {
-                Ok(Some(((&s.policy_logps - r.detach())? * &s.mask)?))
-            }
+            Some(r) if lt.needs_reference() => Ok(Some(((&s.policy_logps - r.detach())? * &s.mask)?)),
             _ => Ok(None),
         }
     };
     let (rho_w, rho_l) = (rho(w)?, rho(l)?);
-    let lr = |r: &Option<Tensor>| -> Result<Option<Tensor>> {
-        r.as_ref().map(|r| Ok(r.sum(D::Minus1)?)).transpose()
-    };
+    let lr = |r: &Option<Tensor>| -> Result<Option<Tensor>> { r.as_ref().map(|r| Ok(r.sum(D::Minus1)?)).transpose() };
     let (lr_w, lr_l) = (lr(&rho_w)?, lr(&rho_l)?);
 
     let nll = avg_w.neg()?.mean_all()?;
@@ -705,14 +655,7 @@ pub fn compute_loss(cfg: &LossConfig, batch: &PreferenceBatch) -> Result<LossOut
             );
             let z0 = scalar_f64(&(&kl.policy_logps - &kl.reference_logps)?.mean_all()?)?.max(0.0);
             extra.push(("kl", z0));
-            kto_losses(
-                need(&lr_w),
-                need(&lr_l),
-                z0,
-                cfg.beta,
-                cfg.desirable_weight,
-                cfg.undesirable_weight,
-            )?
+            kto_losses(need(&lr_w), need(&lr_l), z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)?
         }
         LossType::Orpo => orpo_losses(&avg_w, &avg_l, cfg.beta)?,
         LossType::Simpo => simpo_losses(&avg_w, &avg_l, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)?,
@@ -760,14 +703,7 @@ pub fn compute_loss(cfg: &LossConfig, batch: &PreferenceBatch) -> Result<LossOut
         logps_rejected: to_f64_vec(&sum_l)?,
         segment_pairs,
     };
-    Ok(LossOutput {
-        loss,
-        preference_loss: scalar_f64(&preference)?,
-        sft_loss,
-        sft_coefficient,
-        pairs,
-        extra,
-    })
+    Ok(LossOutput { loss, preference_loss: scalar_f64(&preference)?, sft_loss, sft_coefficient, pairs, extra })
 }
 
 #[cfg(test)]

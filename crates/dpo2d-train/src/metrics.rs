@@ -44,12 +44,7 @@ impl Accumulator {
     }
     /// Means, with keys prefixed (e.g. `eval_`), and reset.
     pub fn take_means(&mut self, prefix: &str) -> BTreeMap<String, f64> {
-        let out = self
-            .sums
-            .iter()
-            .filter(|(_, (_, n))| *n > 0)
-            .map(|(k, (s, n))| (format!("{prefix}{k}"), s / *n as f64))
-            .collect();
+        let out = self.sums.iter().filter(|(_, (_, n))| *n > 0).map(|(k, (s, n))| (format!("{prefix}{k}"), s / *n as f64)).collect();
         self.sums.clear();
         out
     }

@@ -99,13 +99,10 @@ impl AdamW {
     /// must be present with the same shape.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let dev = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
-        let map = candle_core::safetensors::load(path, &dev)
-            .with_context(|| format!("reading optimizer state {}", path.display()))?;
+        let map = candle_core::safetensors::load(path, &dev).with_context(|| format!("reading optimizer state {}", path.display()))?;
         for (i, (name, var)) in self.vars.iter().enumerate() {
             for (key, slot) in [("exp_avg", &mut self.m[i]), ("exp_avg_sq", &mut self.v[i])] {
-                let t = map
-                    .get(&format!("{name}.{key}"))
-                    .with_context(|| format!("{}: no {key} for parameter {name}", path.display()))?;
+                let t = map.get(&format!("{name}.{key}")).with_context(|| format!("{}: no {key} for parameter {name}", path.display()))?;
                 if t.dims() != var.dims() {
                     bail!("{}: {name}.{key} has shape {:?}, parameter has {:?}", path.display(), t.dims(), var.dims());
                 }

@@ -135,33 +135,45 @@ pub struct RefLogps {
     pub rejected: Vec<f32>,
 }
 
-/// One sequence to run through a model: prompt + response.
-struct SeqSpec<'a> {
+/// A prompt and the responses that continue it, run as one packed unit
+/// `[prompt | response 1 | response 2 ...]` in which each response attends to
+/// the prompt and to itself only: the shared prompt goes through the model
+/// once, with the same result as separate prompt + response sequences.
+struct Unit<'a> {
     prompt: &'a [u32],
-    response: &'a [u32],
+    responses: Vec<&'a [u32]>,
+}
+
+impl Unit<'_> {
+    fn len(&self) -> usize {
+        self.prompt.len() + self.responses.iter().map(|r| r.len()).sum::<usize>()
+    }
 }
 
 /// Per-response label log-probs from one packed forward pass.
 struct PackedOut {
-    /// Flat `[N]` log-probs of every response token of every sequence, in order.
+    /// Flat `[N]` log-probs of every response token of every unit, in order.
     logps: Tensor,
     /// Flat `[N, V]` logits at the same positions (only when asked).
     logits: Option<Tensor>,
-    /// Start of each sequence's tokens in the flat vector.
-    starts: Vec<usize>,
+    /// `starts[u][r]`: start of unit u's response r in the flat vector.
+    starts: Vec<Vec<usize>>,
 }
 
-/// Pack sequences into rows (first-fit by decreasing length, rows as wide as
-/// the longest sequence), run the model once, and take label log-probs at the
+/// Pack units into rows (first-fit by decreasing length, rows as wide as the
+/// longest unit), run the model once, and take label log-probs at the
 /// response positions only.
-fn packed_forward(model: &CausalLM, seqs: &[SeqSpec], want_logits: bool) -> Result<PackedOut> {
-    let lens: Vec<usize> = seqs.iter().map(|s| s.prompt.len() + s.response.len()).collect();
+fn packed_forward(model: &CausalLM, units: &[Unit], want_logits: bool) -> Result<PackedOut> {
+    let lens: Vec<usize> = units.iter().map(Unit::len).collect();
     let width = *lens.iter().max().context("empty batch")?;
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    if units.iter().any(|u| u.prompt.is_empty()) {
+        bail!("a pair has an empty prompt after tokenization");
+    }
+    let mut order: Vec<usize> = (0..units.len()).collect();
     order.sort_by(|a, b| lens[*b].cmp(&lens[*a]).then(a.cmp(b)));
-    // rows[r] = (used width, list of sequence indices)
+    // rows[r] = (used width, list of unit indices)
     let mut rows: Vec<(usize, Vec<usize>)> = Vec::new();
-    let mut place = vec![(0usize, 0usize); seqs.len()]; // (row, offset)
+    let mut place = vec![(0usize, 0usize); units.len()]; // (row, offset)
     for &i in &order {
         let r = match rows.iter().position(|(used, _)| used + lens[i] <= width) {
             Some(r) => r,
@@ -176,29 +188,42 @@ fn packed_forward(model: &CausalLM, seqs: &[SeqSpec], want_logits: bool) -> Resu
     }
     let n_rows = rows.len();
     let mut ids = vec![0u32; n_rows * width];
-    for (i, s) in seqs.iter().enumerate() {
+    for (i, u) in units.iter().enumerate() {
         let (r, off) = place[i];
-        let base = r * width + off;
-        ids[base..base + s.prompt.len()].copy_from_slice(s.prompt);
-        ids[base + s.prompt.len()..base + lens[i]].copy_from_slice(s.response);
+        let mut at = r * width + off;
+        for part in std::iter::once(u.prompt).chain(u.responses.iter().copied()) {
+            ids[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
     }
-    let lengths: Vec<Vec<usize>> = rows.iter().map(|(_, v)| v.iter().map(|&i| lens[i]).collect()).collect();
-    let layout = AttentionLayout::packed(&lengths, width)?;
+    let shape: Vec<Vec<(usize, Vec<usize>)>> = rows
+        .iter()
+        .map(|(_, v)| v.iter().map(|&i| (units[i].prompt.len(), units[i].responses.iter().map(|r| r.len()).collect())).collect())
+        .collect();
+    let layout = AttentionLayout::packed_shared(&shape, width)?;
     let dev = model.device();
     let input = Tensor::from_vec(ids, (n_rows, width), dev)?;
     let hidden = model.forward(&input, &layout)?;
     let h = hidden.dim(2)?;
-    // Hidden state at position p-1 predicts the token at p.
+    // The hidden state before a token predicts it: the prompt's last token
+    // for a response's first token, else the previous response token.
     let mut hidx = Vec::new();
     let mut labels = Vec::new();
-    let mut starts = Vec::with_capacity(seqs.len());
-    for (i, s) in seqs.iter().enumerate() {
+    let mut starts = Vec::with_capacity(units.len());
+    for (i, u) in units.iter().enumerate() {
         let (r, off) = place[i];
-        starts.push(labels.len());
-        for (j, &tok) in s.response.iter().enumerate() {
-            hidx.push((r * width + off + s.prompt.len() + j - 1) as u32);
-            labels.push(tok);
+        let prompt_end = r * width + off + u.prompt.len();
+        let mut at = prompt_end;
+        let mut s = Vec::with_capacity(u.responses.len());
+        for resp in &u.responses {
+            s.push(labels.len());
+            for (j, &tok) in resp.iter().enumerate() {
+                hidx.push(if j == 0 { prompt_end - 1 } else { at + j - 1 } as u32);
+                labels.push(tok);
+            }
+            at += resp.len();
         }
+        starts.push(s);
     }
     let n = labels.len();
     let sel = hidden.reshape((n_rows * width, h))?.index_select(&Tensor::from_vec(hidx, n, dev)?, 0)?.unsqueeze(0)?;
@@ -206,6 +231,16 @@ fn packed_forward(model: &CausalLM, seqs: &[SeqSpec], want_logits: bool) -> Resu
     let logps = model.label_logprobs(&sel, &lab)?.squeeze(0)?;
     let logits = if want_logits { Some(model.logits(&sel)?.squeeze(0)?) } else { None };
     Ok(PackedOut { logps, logits, starts })
+}
+
+/// Unit per pair: its prompt with the chosen and then the rejected response.
+fn pair_units<'a>(pairs: &[&'a TokenizedPair]) -> Vec<Unit<'a>> {
+    pairs.iter().map(|p| Unit { prompt: &p.prompt, responses: vec![&p.chosen.ids, &p.rejected.ids] }).collect()
+}
+
+/// Flat starts of response `r` of every unit.
+fn starts_of(out: &PackedOut, r: usize) -> Vec<usize> {
+    out.starts.iter().map(|s| s[r]).collect()
 }
 
 /// Gather per-sequence runs of a flat `[N, ...]` tensor into `[B, T, ...]`
@@ -288,21 +323,15 @@ impl Ctx<'_> {
     fn micro(&self, data: &[TokenizedPair], idx: &[usize], is_eval: bool) -> Result<MicroOut> {
         let lt = self.lc.loss_type;
         let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &data[i]).collect();
-        let b = pairs.len();
-        let mut seqs = Vec::with_capacity(2 * b);
-        for p in &pairs {
-            seqs.push(SeqSpec { prompt: &p.prompt, response: &p.chosen.ids });
-        }
-        for p in &pairs {
-            seqs.push(SeqSpec { prompt: &p.prompt, response: &p.rejected.ids });
-        }
+        let units = pair_units(&pairs);
         let want_logits = lt.needs_token_kl();
-        let out = packed_forward(self.policy, &seqs, want_logits)?;
+        let out = packed_forward(self.policy, &units, want_logits)?;
+        let (starts_c, starts_r) = (starts_of(&out, 0), starts_of(&out, 1));
         let lens_c: Vec<usize> = pairs.iter().map(|p| p.chosen.ids.len()).collect();
         let lens_r: Vec<usize> = pairs.iter().map(|p| p.rejected.ids.len()).collect();
         let dev = self.policy.device();
-        let pol_c = gather_side(&out.logps, &out.starts[..b], &lens_c)?;
-        let pol_r = gather_side(&out.logps, &out.starts[b..], &lens_r)?;
+        let pol_c = gather_side(&out.logps, &starts_c, &lens_c)?;
+        let pol_r = gather_side(&out.logps, &starts_r, &lens_r)?;
         let mask_c = mask_for(&lens_c, dev)?;
         let mask_r = mask_for(&lens_r, dev)?;
         let mut chosen = SideBatch::new(pol_c.clone(), mask_c.clone());
@@ -318,13 +347,14 @@ impl Ctx<'_> {
                 rejected.reference_logps = Some(padded_rows(&rr, dev)?);
             }
             Reference::Live(r) => {
-                let ro = packed_forward(r, &seqs, want_logits)?;
-                chosen.reference_logps = Some(gather_side(&ro.logps, &ro.starts[..b], &lens_c)?.detach());
-                rejected.reference_logps = Some(gather_side(&ro.logps, &ro.starts[b..], &lens_r)?.detach());
+                // Same units, same packing: the flat layouts of policy and reference agree.
+                let ro = packed_forward(r, &units, want_logits)?;
+                chosen.reference_logps = Some(gather_side(&ro.logps, &starts_c, &lens_c)?.detach());
+                rejected.reference_logps = Some(gather_side(&ro.logps, &starts_r, &lens_r)?.detach());
                 if let (Some(pl), Some(rl)) = (&out.logits, &ro.logits) {
                     let kl = loss::token_kl(&pl.unsqueeze(0)?, &rl.detach().unsqueeze(0)?)?.squeeze(0)?;
-                    let kc = gather_side(&kl, &out.starts[..b], &lens_c)?;
-                    let kr = gather_side(&kl, &out.starts[b..], &lens_r)?;
+                    let kc = gather_side(&kl, &starts_c, &lens_c)?;
+                    let kr = gather_side(&kl, &starts_r, &lens_r)?;
                     exact_kl = Some((kc.clone(), kr.clone()));
                     chosen.token_kl = Some(kc);
                     rejected.token_kl = Some(kr);
@@ -338,9 +368,7 @@ impl Ctx<'_> {
         let kto_kl = if lt.needs_kto_kl() { Some(self.kto_kl(&pairs)?) } else { None };
         let seq_kl = |s: &SideBatch| -> Result<Option<Vec<f64>>> {
             match &s.reference_logps {
-                Some(r) => Ok(Some(
-                    ((&s.policy_logps - r)? * &s.mask)?.sum(1)?.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?,
-                )),
+                Some(r) => Ok(Some(((&s.policy_logps - r)? * &s.mask)?.sum(1)?.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?)),
                 None => Ok(None),
             }
         };
@@ -369,13 +397,11 @@ impl Ctx<'_> {
     /// i+1 (mod B), under policy and reference, as constants.
     fn kto_kl(&self, pairs: &[&TokenizedPair]) -> Result<KtoKl> {
         let b = pairs.len();
-        let seqs: Vec<SeqSpec> = (0..b)
-            .map(|i| SeqSpec { prompt: &pairs[i].prompt, response: &pairs[(i + 1) % b].chosen.ids })
-            .collect();
+        let units: Vec<Unit> = (0..b).map(|i| Unit { prompt: &pairs[i].prompt, responses: vec![&pairs[(i + 1) % b].chosen.ids] }).collect();
         let sums = |m: &CausalLM| -> Result<Tensor> {
-            let o = packed_forward(m, &seqs, false)?;
-            let lens: Vec<usize> = seqs.iter().map(|s| s.response.len()).collect();
-            let g = gather_side(&o.logps.detach(), &o.starts, &lens)?;
+            let o = packed_forward(m, &units, false)?;
+            let lens: Vec<usize> = units.iter().map(|u| u.responses[0].len()).collect();
+            let g = gather_side(&o.logps.detach(), &starts_of(&o, 0), &lens)?;
             Ok((g * mask_for(&lens, m.device())?)?.sum(1)?.detach())
         };
         let policy_logps = sums(self.policy)?;
@@ -441,15 +467,10 @@ fn ref_cache_key(model_path: &Path, sets: &[&[TokenizedPair]]) -> Result<String>
 fn compute_ref_logps(model: &CausalLM, data: &[TokenizedPair], batch: usize, pb: Option<&indicatif::ProgressBar>) -> Result<Vec<RefLogps>> {
     let mut out = Vec::with_capacity(data.len());
     for chunk in data.chunks(batch.max(1)) {
-        let mut seqs = Vec::new();
-        for p in chunk {
-            seqs.push(SeqSpec { prompt: &p.prompt, response: &p.chosen.ids });
-            seqs.push(SeqSpec { prompt: &p.prompt, response: &p.rejected.ids });
-        }
-        let o = packed_forward(model, &seqs, false)?;
+        let o = packed_forward(model, &pair_units(&chunk.iter().collect::<Vec<_>>()), false)?;
         let flat = o.logps.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
         for (k, p) in chunk.iter().enumerate() {
-            let (sc, sr) = (o.starts[2 * k], o.starts[2 * k + 1]);
+            let (sc, sr) = (o.starts[k][0], o.starts[k][1]);
             out.push(RefLogps {
                 chosen: flat[sc..sc + p.chosen.ids.len()].to_vec(),
                 rejected: flat[sr..sr + p.rejected.ids.len()].to_vec(),
@@ -589,9 +610,9 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
         None => None,
     };
     let policy = match (&resume_state, &lora) {
-        (Some((dir, _)), None) => dpo2d_model::source::load(dir, &opts)
-            .with_context(|| format!("loading the policy from checkpoint {}", dir.display()))?
-            .model,
+        (Some((dir, _)), None) => {
+            dpo2d_model::source::load(dir, &opts).with_context(|| format!("loading the policy from checkpoint {}", dir.display()))?.model
+        }
         _ => dpo2d_model::source::load(&model_path, &opts)?.model,
     };
     if let (Some((dir, _)), Some(_)) = (&resume_state, &lora) {
@@ -650,8 +671,10 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
                 let pb = if run.progress {
                     let pb = indicatif::ProgressBar::new((train.len() + eval.len()) as u64);
                     pb.set_style(
-                        indicatif::ProgressStyle::with_template("reference log-probs {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
-                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                        indicatif::ProgressStyle::with_template(
+                            "reference log-probs {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
                     );
                     Some(pb)
                 } else {
@@ -951,6 +974,62 @@ fn evaluate(ctx: &Ctx, eval: &[TokenizedPair], step: usize, epoch: f64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dpo2d_model::config::ModelConfig;
+
+    /// A random 2-layer model in f64 (exact comparisons).
+    fn tiny_model() -> CausalLM {
+        let cfg = ModelConfig::from_json_str(
+            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":32,"hidden_size":8,"intermediate_size":16,
+              "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,"rope_theta":10000.0,
+              "rms_norm_eps":1e-5,"tie_word_embeddings":true}"#,
+            "tiny",
+        )
+        .unwrap();
+        let dev = Device::Cpu;
+        let mut m = HashMap::new();
+        let mut add = |n: String, shape: &[usize]| {
+            m.insert(n, (Tensor::randn(0f64, 1.0, shape, &dev).unwrap() * 0.5).unwrap());
+        };
+        add("model.embed_tokens.weight".into(), &[32, 8]);
+        add("model.norm.weight".into(), &[8]);
+        for i in 0..2 {
+            let p = format!("model.layers.{i}");
+            for (n, o, inp) in [("q_proj", 8, 8), ("k_proj", 4, 8), ("v_proj", 4, 8), ("o_proj", 8, 8)] {
+                add(format!("{p}.self_attn.{n}.weight"), &[o, inp]);
+            }
+            for (n, o, inp) in [("gate_proj", 16, 8), ("up_proj", 16, 8), ("down_proj", 8, 16)] {
+                add(format!("{p}.mlp.{n}.weight"), &[o, inp]);
+            }
+            add(format!("{p}.input_layernorm.weight"), &[8]);
+            add(format!("{p}.post_attention_layernorm.weight"), &[8]);
+        }
+        let opts = LoadOptions { dtype: DType::F64, device: Device::Cpu, trainable: false, lora: None };
+        CausalLM::from_tensors(cfg, m, &opts).unwrap()
+    }
+
+    #[test]
+    fn shared_prompt_forward_equals_one_sequence_per_response() {
+        let model = tiny_model();
+        let (p1, c1, r1): (&[u32], &[u32], &[u32]) = (&[1, 2, 3, 4], &[5, 6, 7], &[8, 9]);
+        let (p2, c2, r2): (&[u32], &[u32], &[u32]) = (&[10, 11], &[12], &[13, 14, 15, 16, 17]);
+        let shared = vec![Unit { prompt: p1, responses: vec![c1, r1] }, Unit { prompt: p2, responses: vec![c2, r2] }];
+        let alone: Vec<Unit> =
+            [(p1, c1), (p1, r1), (p2, c2), (p2, r2)].iter().map(|&(p, r)| Unit { prompt: p, responses: vec![r] }).collect();
+        let a = packed_forward(&model, &shared, true).unwrap();
+        let b = packed_forward(&model, &alone, true).unwrap();
+        let (la, lb) = (a.logps.to_vec1::<f64>().unwrap(), b.logps.to_vec1::<f64>().unwrap());
+        let (xa, xb) = (a.logits.unwrap().to_vec2::<f64>().unwrap(), b.logits.unwrap().to_vec2::<f64>().unwrap());
+        for (u, resp) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            let len = shared[u].responses[resp].len();
+            let (sa, sb) = (a.starts[u][resp], b.starts[2 * u + resp][0]);
+            for j in 0..len {
+                assert!((la[sa + j] - lb[sb + j]).abs() < 1e-10, "unit {u} response {resp} token {j}");
+                let d = xa[sa + j].iter().zip(&xb[sb + j]).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                assert!(d < 1e-10, "logits of unit {u} response {resp} token {j}");
+            }
+        }
+        assert!(la.iter().all(|&x| x < 0.0));
+    }
 
     #[test]
     fn epoch_orders_are_seeded_permutations() {

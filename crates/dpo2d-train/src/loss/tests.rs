@@ -57,11 +57,7 @@ fn base_batch() -> PreferenceBatch {
         token_kl: Some(t2(&[&[0.3, 0.1, 0.4]])),
         segments: None,
     };
-    PreferenceBatch {
-        chosen,
-        rejected,
-        kto_kl: Some(KtoKl { policy_logps: t1(&[-3.0, -4.0]), reference_logps: t1(&[-4.0, -4.0]) }),
-    }
+    PreferenceBatch { chosen, rejected, kto_kl: Some(KtoKl { policy_logps: t1(&[-3.0, -4.0]), reference_logps: t1(&[-4.0, -4.0]) }) }
 }
 
 fn pref_loss(lt: LossType, batch: &PreferenceBatch) -> f64 {
@@ -332,11 +328,7 @@ const PAIR_A_1D: f64 = 1.2721860896475659;
 fn pair_b() -> (Side2, Side2) {
     (
         side2(&[0.2, 0.1, -0.1], &[0, 0, 0], &[[3, 4, 4, 3, 2]]),
-        side2(
-            &[0.4, -0.1, 0.5, 0.2, 0.05],
-            &[0, 1, 1, 2, 2],
-            &[[2, 2, 4, 1, 3], [0, 1, 0, 1, 2], [4; 5]],
-        ),
+        side2(&[0.4, -0.1, 0.5, 0.2, 0.05], &[0, 1, 1, 2, 2], &[[2, 2, 4, 1, 3], [0, 1, 0, 1, 2], [4; 5]]),
     )
 }
 const PAIR_B_2D: f64 = 0.713347167228034;
@@ -494,8 +486,7 @@ fn loss_2d_bad_segment_id_is_an_error() {
 #[test]
 fn loss_2d_from_tensors() {
     let ids = Tensor::new(&[[0u32, 0, 1, 9]], &Device::Cpu).unwrap();
-    let scores = Tensor::new(&[[[4f32, 3., 4., 2., 1.], [0., 0., 0., 0., 0.], [9., 9., 9., 9., 9.]]], &Device::Cpu)
-        .unwrap();
+    let scores = Tensor::new(&[[[4f32, 3., 4., 2., 1.], [0., 0., 0., 0., 0.], [9., 9., 9., 9., 9.]]], &Device::Cpu).unwrap();
     let mask = Tensor::new(&[[1f32, 1., 0.]], &Device::Cpu).unwrap();
     let s = SegmentBatch::from_tensors(&ids, &scores, &mask).unwrap();
     assert_eq!(s.scores, vec![vec![[4, 3, 4, 2, 1], [0; 5]]]);
@@ -522,9 +513,8 @@ fn loss_every_type_ignores_padding_and_averages_pairs() {
     let (wb, lb) = pair_b();
     for lt in LossType::ALL {
         let c = cfg(lt, 0.1);
-        let run = |pairs: &[(&Side2, &Side2)], pad: usize| -> f64 {
-            scalar(&compute_loss(&c, &all_losses_batch(pairs, pad)).unwrap().loss)
-        };
+        let run =
+            |pairs: &[(&Side2, &Side2)], pad: usize| -> f64 { scalar(&compute_loss(&c, &all_losses_batch(pairs, pad)).unwrap().loss) };
         let a = run(&[(&wa, &la)], 0);
         let b = run(&[(&wb, &lb)], 0);
         assert!(a.is_finite() && b.is_finite(), "{lt}: {a} {b}");

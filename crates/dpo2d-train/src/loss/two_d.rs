@@ -38,12 +38,7 @@ pub struct SegmentBatch {
 impl SegmentBatch {
     /// Validated: same number of pairs in both lists, every score in 0..=4.
     pub fn new(token_segments: Vec<Vec<u32>>, scores: Vec<Vec<[u8; 5]>>) -> Result<Self> {
-        ensure!(
-            token_segments.len() == scores.len(),
-            "segment ids for {} pairs but scores for {}",
-            token_segments.len(),
-            scores.len()
-        );
+        ensure!(token_segments.len() == scores.len(), "segment ids for {} pairs but scores for {}", token_segments.len(), scores.len());
         for (b, segs) in scores.iter().enumerate() {
             for (k, r) in segs.iter().enumerate() {
                 ensure!(r.iter().all(|&x| x <= 4), "pair {b} segment {k}: scores {r:?} outside 0..=4");
@@ -70,10 +65,7 @@ impl SegmentBatch {
                 ensure!(row.len() == 5, "pair {b} segment {k}: {} scores, expected 5", row.len());
                 let mut r = [0u8; 5];
                 for (x, v) in r.iter_mut().zip(row) {
-                    ensure!(
-                        v.fract() == 0.0 && (0.0..=4.0).contains(v),
-                        "pair {b} segment {k}: score {v} is not an integer in 0..=4"
-                    );
+                    ensure!(v.fract() == 0.0 && (0.0..=4.0).contains(v), "pair {b} segment {k}: score {v} is not an integer in 0..=4");
                     *x = *v as u8;
                 }
                 segs.push(r);
@@ -160,12 +152,7 @@ pub fn plan_pair(g_w: &[f64], present_w: &[bool], g_l: &[f64], present_l: &[bool
         let equivalent_beta = beta / mean_g;
         ids.iter().map(|&k| equivalent_beta * g[k]).collect()
     };
-    PairPlan {
-        coef_chosen: coefs(&chosen, g_w),
-        coef_rejected: coefs(&rejected, g_l),
-        chosen,
-        rejected,
-    }
+    PairPlan { coef_chosen: coefs(&chosen, g_w), coef_rejected: coefs(&rejected, g_l), chosen, rejected }
 }
 
 /// Per-pair 2-D losses and the number of segment pairs in each.
@@ -194,13 +181,7 @@ fn presence(b: usize, ids: &[u32], mask: &[f32], n_segments: usize) -> Result<Ve
 
 /// Constant `[B, T, N_max]` matrix: entry (b, t, i) is 1 when response token
 /// t of pair b lies in the i-th selected segment.
-fn selection_matrix(
-    segs: &SegmentBatch,
-    masks: &[Vec<f32>],
-    selected: &[&[usize]],
-    n_max: usize,
-    like: &Tensor,
-) -> Result<Tensor> {
+fn selection_matrix(segs: &SegmentBatch, masks: &[Vec<f32>], selected: &[&[usize]], n_max: usize, like: &Tensor) -> Result<Tensor> {
     let (b, t) = like.dims2()?;
     let mut a = vec![0f64; b * t * n_max];
     for (bi, sel) in selected.iter().enumerate() {
@@ -272,11 +253,7 @@ pub fn two_d_dpo_losses(
 
     let coef_w = padded(&plans.iter().map(|p| p.coef_chosen.clone()).collect::<Vec<_>>(), n_max, rho_chosen)?;
     let coef_l = padded(&plans.iter().map(|p| p.coef_rejected.clone()).collect::<Vec<_>>(), n_max, rho_chosen)?;
-    let valid = padded(
-        &segment_pairs.iter().map(|&n| vec![1.0; n]).collect::<Vec<_>>(),
-        n_max,
-        rho_chosen,
-    )?;
+    let valid = padded(&segment_pairs.iter().map(|&n| vec![1.0; n]).collect::<Vec<_>>(), n_max, rho_chosen)?;
     let logits = ((coef_w * r_w)? - (coef_l * r_l)?)?;
     let losses = (log_sigmoid(&logits)? * valid)?.sum(1)?.neg()?;
     Ok(TwoDLosses { losses, segment_pairs })
