@@ -83,6 +83,12 @@ fn tune_runtime() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // Without RAYON_NUM_THREADS candle re-reads the CPU topology from /proc
+    // on every matrix product; pin it to the count candle picks (physical cores).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     // Never hand freed activation memory back to the kernel between steps:
     // re-faulting and zeroing those pages cost about a quarter of a step.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {

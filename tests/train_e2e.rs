@@ -367,3 +367,55 @@ fn splitting_a_micro_batch_keeps_the_update() {
         }
     }
 }
+
+/// The whole data path through the binary: HelpSteer2-style rows ->
+/// `build-pairs` -> `segment` -> `annotate` (against the fake judge on
+/// 127.0.0.1) -> `train --loss 2d-dpo` on the annotated file.
+#[test]
+fn build_segment_annotate_then_train_2d_dpo() {
+    use dpo2d_annotate::test_server::{MockConfig, MockJudge};
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_model(&d.path().join("model"));
+    let answers = ["the answer is good . it is fine .", "the answer is bad . it is wrong . awful ."];
+    let mut rows = String::new();
+    for q in 0..4 {
+        for (k, a) in answers.iter().enumerate() {
+            let h = if k == 0 { 4 } else { 1 };
+            rows += &json!({"prompt": format!("what is q{q}"), "response": a, "helpfulness": h, "correctness": h,
+                            "coherence": 4, "complexity": 1, "verbosity": 1})
+            .to_string();
+            rows.push('\n');
+        }
+    }
+    std::fs::write(d.path().join("rows.jsonl"), rows).unwrap();
+    let bin = env!("CARGO_BIN_EXE_dpo2d");
+    let run = |args: &[&str]| {
+        let o = Command::new(bin).current_dir(d.path()).args(args).env_remove("OPENAI_API_KEY").output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["build-pairs", "rows.jsonl", "-o", "pairs.jsonl"]);
+    run(&["segment", "pairs.jsonl", "-o", "pairs.seg.jsonl"]);
+    let server = MockJudge::start(MockConfig::default());
+    run(&["annotate", "pairs.seg.jsonl", "-o", "pairs.2d.jsonl", "--base-url", server.base_url(), "--model", "judge"]);
+    assert_eq!(server.stats().requests, 4 * 5, "one request per pair and aspect");
+    run(&["validate", "pairs.2d.jsonl", "--require-scores"]);
+    run(&["train", "--no-progress", "--loss", "2d-dpo", "--model", "model", "--train-file", "pairs.2d.jsonl"]
+        .into_iter()
+        .chain([
+            "--output-dir",
+            "out",
+            "--cache-dir",
+            "cache",
+            "--max-steps",
+            "2",
+            "--per-device-train-batch-size",
+            "2",
+            "--logging-steps",
+            "1",
+        ])
+        .collect::<Vec<_>>());
+    let m = read_metrics(&d.path().join("out/metrics.jsonl")).unwrap();
+    assert_eq!(m.iter().filter(|r| r.get("loss").is_some()).count(), 2);
+    assert!(m.iter().all(|r| r.values.values().all(|v| v.is_finite())), "{m:?}");
+    assert!(d.path().join("out/final/model.safetensors").is_file());
+}

@@ -447,7 +447,8 @@ fn hash_model_files(path: &Path, h: &mut Sha256) -> Result<()> {
 /// Cache key of reference log-probs: model files + token ids of every pair.
 fn ref_cache_key(model_path: &Path, sets: &[&[TokenizedPair]]) -> Result<String> {
     let mut h = Sha256::new();
-    h.update(b"dpo2d-reflogps-v1");
+    // v2: prompt shared by both responses in one forward (different rounding).
+    h.update(b"dpo2d-reflogps-v2");
     hash_model_files(model_path, &mut h)?;
     for set in sets {
         h.update((set.len() as u64).to_le_bytes());
