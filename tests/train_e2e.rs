@@ -293,6 +293,31 @@ fn resume_ends_exactly_like_an_uninterrupted_run() {
 }
 
 #[test]
+fn lora_with_dropout_resumes_exactly() {
+    let d = setup(true);
+    let mut cfg = base_config(d.path(), "dpo");
+    cfg.use_lora = true;
+    cfg.lora_r = 4;
+    cfg.lora_dropout = 0.3;
+    cfg.max_steps = 4;
+    cfg.save_steps = 2;
+    cfg.output_dir = d.path().join("straight");
+    let a = train(&cfg, &quiet(d.path())).unwrap();
+    cfg.output_dir = d.path().join("resumed");
+    let part = train(&cfg, &RunOptions { stop_after: Some(2), ..quiet(d.path()) }).unwrap();
+    assert!(part.interrupted);
+    let cp = dpo2d_train::checkpoint::latest_checkpoint(&cfg.output_dir).unwrap().unwrap();
+    let b = train(&cfg, &RunOptions { resume: Some(cp), ..quiet(d.path()) }).unwrap();
+    // LoRA runs end with the adapter in final/ and the merged model in final/merged/.
+    let read = |o: &dpo2d_train::trainer::TrainOutcome, f: &str| std::fs::read(o.output_dir.join("final").join(f)).unwrap();
+    assert!(read(&a, "adapter_model.safetensors") == read(&b, "adapter_model.safetensors"), "final adapters differ");
+    assert!(read(&a, "merged/model.safetensors") == read(&b, "merged/model.safetensors"), "merged weights differ");
+    let ma = read_metrics(&a.output_dir.join("metrics.jsonl")).unwrap();
+    let mb = read_metrics(&b.output_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(strip_timing(&ma), strip_timing(&mb));
+}
+
+#[test]
 fn every_loss_trains_through_the_binary() {
     let d = setup(true);
     for loss in ["dpo", "ipo", "kto", "orpo", "simpo", "tdpo1", "tdpo2", "1d-dpo", "2d-dpo"] {

@@ -442,6 +442,13 @@ impl CausalLM {
     pub fn set_training(&self, on: bool) {
         self.runtime.set_training(on)
     }
+    /// State of the LoRA dropout-mask stream; see [`LoraRuntime::rng_state`].
+    pub fn dropout_rng_state(&self) -> u64 {
+        self.runtime.rng_state()
+    }
+    pub fn set_dropout_rng_state(&self, state: u64) {
+        self.runtime.set_rng_state(state)
+    }
 
     /// The lm_head weight [V, H] (the embeddings when tied).
     pub fn lm_head_weight(&self) -> &Tensor {

@@ -135,6 +135,17 @@ impl LoraRuntime {
     pub fn training(&self) -> bool {
         self.training.load(Ordering::Relaxed)
     }
+    /// State of the dropout-mask stream (saved in checkpoints so that a
+    /// resumed run draws the same masks as an uninterrupted one).
+    pub fn rng_state(&self) -> u64 {
+        self.rng.lock().map(|s| *s).unwrap_or_else(|e| *e.into_inner())
+    }
+    pub fn set_rng_state(&self, state: u64) {
+        match self.rng.lock() {
+            Ok(mut s) => *s = state,
+            Err(e) => *e.into_inner() = state,
+        }
+    }
 
     /// Inverted-dropout mask shaped like `x` (values 0 or 1/(1-p)).
     fn dropout_mask(&self, x: &Tensor, p: f64) -> Result<Tensor> {

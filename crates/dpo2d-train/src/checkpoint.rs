@@ -35,6 +35,9 @@ pub struct TrainerState {
     pub window_tokens: usize,
     /// Hash of the resolved configuration's training-relevant part.
     pub config_hash: String,
+    /// State of the LoRA dropout-mask stream (absent in older checkpoints).
+    #[serde(default)]
+    pub dropout_rng: Option<u64>,
 }
 
 /// Write `model.safetensors` + `config.json` + tokenizer files (full
@@ -197,6 +200,7 @@ mod tests {
                         epoch: 0.0,
                         seed: 1,
                         data_order: vec![],
+                        dropout_rng: None,
                         log_history: vec![],
                         window: Accumulator::default(),
                         window_tokens: 0,

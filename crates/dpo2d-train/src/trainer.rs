@@ -6,9 +6,8 @@
 //! (epoch for the data order), weights and optimizer moments are saved
 //! bit-exactly, and the metrics window in progress is saved with the
 //! checkpoint, so a resumed run ends with the same weights and metrics as an
-//! uninterrupted one. (With LoRA dropout > 0 the dropout masks come from the
-//! model's own RNG stream, which is not saved; use lora_dropout = 0 for
-//! bit-exact LoRA resumes.)
+//! uninterrupted one. LoRA dropout masks come from the model's own RNG
+//! stream, whose state is saved with the checkpoint too.
 //!
 //! Speed: sequences of a micro-batch (prompt+chosen, prompt+rejected) are
 //! packed without padding into rows as wide as the longest sequence (each
@@ -736,6 +735,9 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
         history = st.log_history.clone();
         window = st.window.clone();
         window_tokens = st.window_tokens;
+        if let Some(state) = st.dropout_rng {
+            policy.set_dropout_rng_state(state);
+        }
         writer.rewrite(&history)?;
         say(&format!("resuming from {} at step {start_step}", dir.display()));
     } else {
@@ -866,6 +868,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
                 window: window.clone(),
                 window_tokens,
                 config_hash: chash.clone(),
+                dropout_rng: Some(policy.dropout_rng_state()),
             };
             checkpoint::write_atomic(&dir, |tmp| {
                 checkpoint::save_weights(tmp, &policy, &text, &model_path.display().to_string())?;
@@ -935,6 +938,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
                 window: Accumulator::default(),
                 window_tokens: 0,
                 config_hash: chash.clone(),
+                dropout_rng: Some(policy.dropout_rng_state()),
             },
         )
     })?;
