@@ -379,6 +379,8 @@ def run_dpo2d(args, workdir: Path, raw_pairs_path: Path) -> dict:
         "--sft-weight", "0",
         "--logging-steps", "1",
         "--seed", "42",
+        # The same batches as TRL's sequential sampler: the pairs in file order.
+        "--train-sampling-strategy", "sequential",
         *args.dpo2d_arg,
     ]
     log = workdir / "dpo2d.log"

@@ -318,6 +318,29 @@ fn lora_with_dropout_resumes_exactly() {
 }
 
 #[test]
+fn sequential_sampling_keeps_file_order() {
+    let d = setup(true);
+    let order_of = |strategy: &str| {
+        let mut cfg = base_config(d.path(), "dpo");
+        cfg.train_sampling_strategy = strategy.into();
+        cfg.max_steps = 2;
+        cfg.save_steps = 1;
+        cfg.output_dir = d.path().join(strategy);
+        train(&cfg, &RunOptions { stop_after: Some(1), ..quiet(d.path()) }).unwrap();
+        dpo2d_train::checkpoint::load_state(&cfg.output_dir.join("checkpoint-1")).unwrap().data_order
+    };
+    assert_eq!(order_of("sequential"), (0..24).collect::<Vec<_>>());
+    let random = order_of("random");
+    assert_ne!(random, (0..24).collect::<Vec<_>>());
+    let mut sorted = random.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..24).collect::<Vec<_>>());
+    let mut cfg = base_config(d.path(), "dpo");
+    cfg.train_sampling_strategy = "shuffled".into();
+    assert!(train(&cfg, &quiet(d.path())).unwrap_err().to_string().contains("train_sampling_strategy"));
+}
+
+#[test]
 fn every_loss_trains_through_the_binary() {
     let d = setup(true);
     for loss in ["dpo", "ipo", "kto", "orpo", "simpo", "tdpo1", "tdpo2", "1d-dpo", "2d-dpo"] {

@@ -117,6 +117,10 @@ struct Overrides {
     #[arg(long, alias = "per_device_eval_batch_size")]
     #[serde(skip_serializing_if = "Option::is_none")]
     per_device_eval_batch_size: Option<usize>,
+    /// Order of training pairs: `random` (seeded shuffle per epoch) or `sequential` (file order).
+    #[arg(long, alias = "train_sampling_strategy", value_parser = ["random", "sequential"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    train_sampling_strategy: Option<String>,
     /// Pairs per forward/backward pass inside a micro-batch (0 = all; less = less memory).
     #[arg(long, alias = "pairs_per_forward")]
     #[serde(skip_serializing_if = "Option::is_none")]

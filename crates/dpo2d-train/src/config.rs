@@ -60,6 +60,9 @@ pub struct TrainConfig {
     /// Number of optimizer updates; > 0 overrides `num_train_epochs`.
     pub max_steps: usize,
     pub seed: u64,
+    /// `random`: a seeded permutation of the training pairs per epoch;
+    /// `sequential`: file order (TRL's `train_sampling_strategy`).
+    pub train_sampling_strategy: String,
 
     // Sequences.
     pub max_length: usize,
@@ -124,6 +127,7 @@ impl Default for TrainConfig {
             gradient_accumulation_steps: 1,
             num_train_epochs: 3.0,
             max_steps: 0,
+            train_sampling_strategy: "random".into(),
             seed: 42,
             max_length: 1024,
             max_prompt_length: 512,
@@ -181,6 +185,9 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if !matches!(self.train_sampling_strategy.as_str(), "random" | "sequential") {
+            bail!("train_sampling_strategy must be `random` or `sequential`, got `{}`", self.train_sampling_strategy);
+        }
         if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
             bail!("per_device_train_batch_size and gradient_accumulation_steps must be at least 1");
         }

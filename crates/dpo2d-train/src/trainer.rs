@@ -784,7 +784,12 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
             let ep = micro / mb_per_epoch;
             let within = micro % mb_per_epoch;
             if order_cache.as_ref().map(|(e, _)| *e != ep).unwrap_or(true) {
-                order_cache = Some((ep, epoch_order(train.len(), cfg.seed, ep)));
+                let order = if cfg.train_sampling_strategy == "sequential" {
+                    (0..train.len()).collect()
+                } else {
+                    epoch_order(train.len(), cfg.seed, ep)
+                };
+                order_cache = Some((ep, order));
             }
             let order = &order_cache.as_ref().expect("set above").1;
             let idx: Vec<usize> = order[within * bs..((within + 1) * bs).min(train.len())].to_vec();
