@@ -91,7 +91,9 @@ pub fn run(a: Args) -> Result<()> {
     let train_s = times.iter().sum::<f64>() / times.len() as f64;
     let train_tps = (b * t) as f64 / train_s;
     let mem_train = peak_rss_mib();
-    // Generation.
+    // Generation, with the model loaded for inference as `dpo2d generate` does
+    // (frozen weights take the faster gradient-free paths).
+    let lm = dpo2d_model::load(&path, &LoadOptions::default())?;
     let text = lm.text();
     let prompt = text.prompt_ids(&[Message::user("Write a short story about a robot who learns to paint.")])?;
     let prompts = vec![prompt.clone(); a.gen_batch.max(1)];

@@ -232,6 +232,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- linear
 
+/// Up to this many rows, a gradient-free product with a small weight runs row by row.
+const SMALL_BATCH_ROWS: usize = 8;
+/// Weights up to this many elements (16 MiB in f32) count as small.
+const SMALL_BATCH_WEIGHT: usize = 1 << 22;
+
 /// `x @ w^T (+ b)` over the last dim of `x` (any rank), with `w`: [out, in].
 /// When `w` is frozen (not tracked) and `x` is, the weight gradient that
 /// candle's matmul backward would compute and throw away is skipped.
@@ -246,6 +251,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         let wd = w.detach();
         let op = Precomputed { name: "dpo2d-frozen-linear", out, bwd: Box::new(move |_args, g| Ok(vec![Some(g.matmul(&wd)?)])) };
         x2.apply_op1(op)?
+    } else if (2..=SMALL_BATCH_ROWS).contains(&rows) && w.elem_count() <= SMALL_BATCH_WEIGHT && !tracked(&x2) && !tracked(w) {
+        // Batched decoding: gemm's kernels for a few rows are far slower than
+        // one matrix-vector product per row while the weight sits in cache
+        // (measured on a 2-core EPYC: 4 rows through a 1536 -> 576 weight took
+        // 2 ms, 4 single rows 0.16 ms). Large weights (the lm_head) stay whole.
+        let rows_out = (0..rows).map(|r| x2.narrow(0, r, 1)?.matmul(&w.t()?)).collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&rows_out, 0)?
     } else {
         x2.matmul(&w.t()?)?
     };
@@ -375,6 +387,20 @@ pub fn label_logprobs(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -> Resu
 pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn linear_row_by_row_for_small_frozen_batches_equals_one_product() {
+        let w = det(&[48, 24], 3, DType::F32);
+        let b = det(&[48], 4, DType::F32);
+        for rows in [1usize, 2, 5, 8, 9] {
+            let x = det(&[rows, 1, 24], 5 + rows as u64, DType::F32);
+            let got = linear(&x, &w, Some(&b)).unwrap();
+            assert_eq!(got.dims(), &[rows, 1, 48]);
+            let want = x.reshape((rows, 24)).unwrap().matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+            let d = (got.reshape((rows, 48)).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "rows {rows}: {d}");
+        }
+    }
 
     /// Deterministic pseudo-random tensor (no RNG dependency in tests).
     pub fn det(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
