@@ -447,21 +447,26 @@ fn build_segment_annotate_then_train_2d_dpo() {
     run(&["annotate", "pairs.seg.jsonl", "-o", "pairs.2d.jsonl", "--base-url", server.base_url(), "--model", "judge"]);
     assert_eq!(server.stats().requests, 4 * 5, "one request per pair and aspect");
     run(&["validate", "pairs.2d.jsonl", "--require-scores"]);
-    run(&["train", "--no-progress", "--loss", "2d-dpo", "--model", "model", "--train-file", "pairs.2d.jsonl"]
-        .into_iter()
-        .chain([
-            "--output-dir",
-            "out",
-            "--cache-dir",
-            "cache",
-            "--max-steps",
-            "2",
-            "--per-device-train-batch-size",
-            "2",
-            "--logging-steps",
-            "1",
-        ])
-        .collect::<Vec<_>>());
+    run(&[
+        "train",
+        "--no-progress",
+        "--loss",
+        "2d-dpo",
+        "--model",
+        "model",
+        "--train-file",
+        "pairs.2d.jsonl",
+        "--output-dir",
+        "out",
+        "--cache-dir",
+        "cache",
+        "--max-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "2",
+        "--logging-steps",
+        "1",
+    ]);
     let m = read_metrics(&d.path().join("out/metrics.jsonl")).unwrap();
     assert_eq!(m.iter().filter(|r| r.get("loss").is_some()).count(), 2);
     assert!(m.iter().all(|r| r.values.values().all(|v| v.is_finite())), "{m:?}");

@@ -93,6 +93,7 @@ pub fn run(a: Args) -> Result<()> {
     let mem_train = peak_rss_mib();
     // Generation, with the model loaded for inference as `dpo2d generate` does
     // (frozen weights take the faster gradient-free paths).
+    drop(lm);
     let lm = dpo2d_model::load(&path, &LoadOptions::default())?;
     let text = lm.text();
     let prompt = text.prompt_ids(&[Message::user("Write a short story about a robot who learns to paint.")])?;

@@ -119,8 +119,9 @@ struct Block {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionLayout {
     pub seq_ids: Vec<Vec<u32>>,
-    /// Per row, `(child id, parent id)` for sequences that continue another.
-    pub parents: Vec<Vec<(u32, u32)>>,
+    /// Per row, indexed by sequence id: the id that sequence continues (0:
+    /// none; ids past the end of a row's table continue nothing).
+    pub parents: Vec<Vec<u32>>,
 }
 
 impl AttentionLayout {
@@ -137,20 +138,8 @@ impl AttentionLayout {
     /// Packed rows: `lengths[b]` lists the lengths of the sequences laid
     /// end to end in row `b`; the rest of the row (up to `t`) is padding.
     pub fn packed(lengths: &[Vec<usize>], t: usize) -> Result<Self> {
-        let mut seq_ids = vec![];
-        for (b, ls) in lengths.iter().enumerate() {
-            let total: usize = ls.iter().sum();
-            if total > t {
-                bail!("packed row {b} holds {total} tokens but the batch is only {t} wide");
-            }
-            let mut row = Vec::with_capacity(t);
-            for (i, &l) in ls.iter().enumerate() {
-                row.extend(std::iter::repeat(i as u32 + 1).take(l));
-            }
-            row.resize(t, 0);
-            seq_ids.push(row);
-        }
-        Ok(Self::from_seq_ids(seq_ids))
+        let units: Vec<Vec<(usize, Vec<usize>)>> = lengths.iter().map(|ls| ls.iter().map(|&l| (l, vec![])).collect()).collect();
+        Self::packed_shared(&units, t)
     }
 
     /// Packed rows of prompt-sharing units: `units[b]` lists, for row `b`,
@@ -167,10 +156,10 @@ impl AttentionLayout {
                 bail!("packed row {b} holds {total} tokens but the batch is only {t} wide");
             }
             let mut row = Vec::with_capacity(t);
-            let mut links = vec![];
+            let mut parent = vec![];
             let mut next = 1u32;
             for (p, rs) in row_units {
-                if *p == 0 {
+                if *p == 0 && !rs.is_empty() {
                     bail!("packed row {b}: a shared prompt is empty");
                 }
                 let pid = next;
@@ -178,13 +167,14 @@ impl AttentionLayout {
                 next += 1;
                 for &r in rs {
                     row.extend(std::iter::repeat(next).take(r));
-                    links.push((next, pid));
+                    parent.resize(next as usize + 1, 0);
+                    parent[next as usize] = pid;
                     next += 1;
                 }
             }
             row.resize(t, 0);
             seq_ids.push(row);
-            parents.push(links);
+            parents.push(parent);
         }
         Ok(Self { seq_ids, parents })
     }
@@ -194,15 +184,9 @@ impl AttentionLayout {
         Self { seq_ids, parents }
     }
 
-    /// Row `b`'s parent table indexed by sequence id (0: none).
-    fn parent_table(&self, b: usize) -> Vec<u32> {
-        let links = self.parents.get(b).map(Vec::as_slice).unwrap_or(&[]);
-        let max_id = self.seq_ids[b].iter().copied().chain(links.iter().map(|l| l.0)).max().unwrap_or(0);
-        let mut table = vec![0u32; max_id as usize + 1];
-        for &(child, parent) in links {
-            table[child as usize] = parent;
-        }
-        table
+    /// The id that sequence `id` of row `b` continues (0: none).
+    fn parent_of(parents: &[Vec<u32>], b: usize, id: u32) -> u32 {
+        parents.get(b).and_then(|p| p.get(id as usize)).copied().unwrap_or(0)
     }
 
     /// Position of each token within its sequence (0 for padding).
@@ -212,8 +196,7 @@ impl AttentionLayout {
             .iter()
             .enumerate()
             .map(|(b, row)| {
-                let parent = self.parent_table(b);
-                let mut end = vec![0u32; parent.len()];
+                let mut end = vec![0u32; row.iter().max().map_or(0, |&m| m as usize + 1)];
                 let mut out = Vec::with_capacity(row.len());
                 let mut prev = 0u32;
                 let mut pos = 0u32;
@@ -223,7 +206,7 @@ impl AttentionLayout {
                         continue;
                     }
                     if s != prev {
-                        let p = parent[s as usize];
+                        let p = Self::parent_of(&self.parents, b, s);
                         pos = if p == 0 { 0 } else { end[p as usize] };
                     }
                     out.push(pos);
@@ -245,7 +228,7 @@ impl AttentionLayout {
     }
 
     fn is_plain_causal(&self) -> bool {
-        self.seq_ids.iter().all(|r| r.iter().all(|&s| s == 1)) && self.parents.iter().all(Vec::is_empty)
+        self.seq_ids.iter().all(|r| r.iter().all(|&s| s == 1)) && self.parents.iter().all(|p| p.iter().all(|&x| x == 0))
     }
 
     fn dims(&self) -> (usize, usize) {
@@ -498,8 +481,8 @@ impl CausalLM {
 
     /// Additive attention mask [B or 1, 1, 1, Tq, Tk] (0 allowed, -inf masked).
     /// Queries sit at absolute positions `offset..offset+Tq` of the key axis.
-    /// `parent[b]` maps a sequence id of row b to the id it continues (0: none).
-    fn build_mask(&self, q_seq: &[Vec<u32>], k_seq: &[Vec<u32>], parent: &[Vec<u32>], offset: usize) -> Result<Tensor> {
+    /// `parents` as [`AttentionLayout::parents`] (empty: no sequence continues another).
+    fn build_mask(&self, q_seq: &[Vec<u32>], k_seq: &[Vec<u32>], parents: &[Vec<u32>], offset: usize) -> Result<Tensor> {
         let b = q_seq.len();
         let tq = q_seq.first().map(|r| r.len()).unwrap_or(0);
         let tk = k_seq.first().map(|r| r.len()).unwrap_or(0);
@@ -508,7 +491,7 @@ impl CausalLM {
         for bi in 0..b {
             for i in 0..tq {
                 let qi = q_seq[bi][i];
-                let pi = parent.get(bi).and_then(|p| p.get(qi as usize)).copied().unwrap_or(0);
+                let pi = AttentionLayout::parent_of(parents, bi, qi);
                 let abs = offset + i;
                 let row = &mut m[(bi * tq + i) * tk..(bi * tq + i + 1) * tk];
                 for (j, cell) in row.iter_mut().enumerate() {
@@ -558,8 +541,7 @@ impl CausalLM {
         let mask = if layout.is_plain_causal() {
             self.causal_mask(t, t, 0)?
         } else {
-            let parent: Vec<Vec<u32>> = (0..b).map(|i| layout.parent_table(i)).collect();
-            self.build_mask(&layout.seq_ids, &layout.seq_ids, &parent, 0)?
+            self.build_mask(&layout.seq_ids, &layout.seq_ids, &layout.parents, 0)?
         };
         let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         for layer in &self.layers {

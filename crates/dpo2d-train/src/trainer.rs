@@ -165,9 +165,6 @@ struct PackedOut {
 fn packed_forward(model: &CausalLM, units: &[Unit], want_logits: bool) -> Result<PackedOut> {
     let lens: Vec<usize> = units.iter().map(Unit::len).collect();
     let width = *lens.iter().max().context("empty batch")?;
-    if units.iter().any(|u| u.prompt.is_empty()) {
-        bail!("a pair has an empty prompt after tokenization");
-    }
     let mut order: Vec<usize> = (0..units.len()).collect();
     order.sort_by(|a, b| lens[*b].cmp(&lens[*a]).then(a.cmp(b)));
     // rows[r] = (used width, list of unit indices)
