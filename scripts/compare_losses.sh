@@ -29,7 +29,7 @@ for loss in $LOSSES; do
     extra=()
     [ -n "$MAX_STEPS" ] && extra+=(--max-steps "$MAX_STEPS")
     start=$(date +%s)
-    "$DPO2D" train --preset quickstart --loss "$loss" --output-dir "$OUT_DIR/$loss" --no-progress "${extra[@]}" \
+    "$DPO2D" train --preset quickstart --loss "$loss" --output-dir "$OUT_DIR/$loss" --overwrite-output-dir --no-progress "${extra[@]}" \
         > "$OUT_DIR/$loss.log" 2>&1 || { echo "error: the $loss run failed; see $OUT_DIR/$loss.log" >&2; exit 1; }
     echo "$(( $(date +%s) - start ))" > "$OUT_DIR/$loss.seconds"
 done

@@ -3,199 +3,14 @@
 //! up), a resumed run ends exactly like an uninterrupted one, every loss
 //! trains through the binary, and 2-D losses refuse plain pairs.
 
+mod common;
+
+use common::{base_config, quiet, setup, strip_timing, write_tiny_model};
 use dpo2d_train::config::TrainConfig;
 use dpo2d_train::metrics::{read_metrics, Record};
 use dpo2d_train::trainer::{train, RunOptions};
 use serde_json::json;
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Command;
-
-const WORDS: &[&str] = &[
-    "user",
-    "assistant",
-    "system",
-    "q0",
-    "q1",
-    "q2",
-    "q3",
-    "q4",
-    "q5",
-    "q6",
-    "q7",
-    "q8",
-    "q9",
-    "what",
-    "is",
-    "it",
-    "good",
-    "fine",
-    "great",
-    "bad",
-    "awful",
-    "wrong",
-    "the",
-    "answer",
-    ".",
-];
-const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-/// Minimal safetensors writer (f32 only).
-fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
-    let mut header = serde_json::Map::new();
-    let mut off = 0usize;
-    for (name, shape, data) in tensors {
-        let n = data.len() * 4;
-        header.insert(name.clone(), json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + n]}));
-        off += n;
-    }
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
-    bytes.extend(h);
-    for (_, _, data) in tensors {
-        for x in data {
-            bytes.extend(x.to_le_bytes());
-        }
-    }
-    std::fs::write(path, bytes).unwrap();
-}
-
-/// A tiny Llama (2 layers, hidden 16) with random weights and a word-level
-/// tokenizer with ChatML special tokens.
-fn write_tiny_model(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let vocab = 32usize;
-    let (hid, inter, layers) = (16usize, 32usize, 2usize);
-    std::fs::write(
-        dir.join("config.json"),
-        json!({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-            "hidden_size": hid, "intermediate_size": inter, "num_hidden_layers": layers,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0,
-            "rms_norm_eps": 1e-5, "tie_word_embeddings": true, "max_position_embeddings": 256,
-            "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "float32"
-        })
-        .to_string(),
-    )
-    .unwrap();
-    let mut state = 12345u64;
-    let mut rnd = |n: usize, scale: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0 * scale
-            })
-            .collect()
-    };
-    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = vec![];
-    t.push(("model.embed_tokens.weight".into(), vec![vocab, hid], rnd(vocab * hid, 0.5)));
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        for (n, o, inp) in [("q_proj", 16, 16), ("k_proj", 8, 16), ("v_proj", 8, 16), ("o_proj", 16, 16)] {
-            t.push((format!("{p}.self_attn.{n}.weight"), vec![o, inp], rnd(o * inp, 0.3)));
-        }
-        for (n, o, inp) in [("gate_proj", inter, hid), ("up_proj", inter, hid), ("down_proj", hid, inter)] {
-            t.push((format!("{p}.mlp.{n}.weight"), vec![o, inp], rnd(o * inp, 0.3)));
-        }
-        t.push((format!("{p}.input_layernorm.weight"), vec![hid], vec![1.0; hid]));
-        t.push((format!("{p}.post_attention_layernorm.weight"), vec![hid], vec![1.0; hid]));
-    }
-    t.push(("model.norm.weight".into(), vec![hid], vec![1.0; hid]));
-    write_safetensors(&dir.join("model.safetensors"), &t);
-
-    let mut v = serde_json::Map::new();
-    v.insert("<|im_start|>".into(), 0.into());
-    v.insert("<|im_end|>".into(), 1.into());
-    v.insert("[UNK]".into(), 2.into());
-    for w in WORDS {
-        let n = v.len();
-        v.insert(w.to_string(), n.into());
-    }
-    assert!(v.len() <= vocab);
-    let special = |id: u32, c: &str| json!({"id": id, "content": c, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
-    let tok = json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "<|im_start|>"), special(1, "<|im_end|>")],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": v, "unk_token": "[UNK]"}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        json!({"eos_token": "<|im_end|>", "bos_token": null, "chat_template": CHATML, "tokenizer_class": "PreTrainedTokenizerFast"})
-            .to_string(),
-    )
-    .unwrap();
-}
-
-fn seg(text: &str, s: [u8; 5]) -> serde_json::Value {
-    json!({"text": text, "scores": {"helpfulness": s[0], "correctness": s[1], "safety": s[2], "completeness": s[3], "clarity": s[4]}})
-}
-
-/// Pairs whose chosen answers use "good/fine/great" and rejected ones
-/// "bad/awful/wrong"; `scored` = 2-D shape, else plain TRL strings.
-fn write_pairs(path: &Path, prompts: std::ops::Range<usize>, scored: bool) {
-    let good = ["good", "fine", "great"];
-    let bad = ["bad", "awful", "wrong"];
-    let mut lines = String::new();
-    for i in prompts {
-        let q = format!("what is q{} .", i % 10);
-        let (g1, g2) = (good[i % 3], good[(i + 1) % 3]);
-        let (b1, b2) = (bad[i % 3], bad[(i + 2) % 3]);
-        let line = if scored {
-            json!({
-                "prompt": q,
-                "chosen": {"segments": [seg(&format!("the answer is {g1} . "), [4, 4, 4, 2, 4]), seg(&format!("it is {g2} ."), [3, 4, 4, 4, 3])]},
-                "rejected": {"segments": [seg(&format!("the answer is {b1} . "), [1, 0, 4, 2, 2]), seg(&format!("it is {b2} ."), [0, 1, 4, 2, 2])]},
-            })
-        } else {
-            json!({"prompt": q, "chosen": format!("the answer is {g1} . it is {g2} ."), "rejected": format!("the answer is {b1} . it is {b2} .")})
-        };
-        lines.push_str(&line.to_string());
-        lines.push('\n');
-    }
-    std::fs::write(path, lines).unwrap();
-}
-
-fn base_config(dir: &Path, loss: &str) -> TrainConfig {
-    TrainConfig {
-        model: dir.join("model").display().to_string(),
-        train_file: Some(dir.join("train.jsonl")),
-        eval_file: Some(dir.join("eval.jsonl")),
-        output_dir: dir.join("out"),
-        loss_type: loss.into(),
-        beta: 0.1,
-        learning_rate: 1e-2,
-        lr_scheduler_type: "constant".into(),
-        per_device_train_batch_size: 4,
-        per_device_eval_batch_size: 8,
-        max_steps: 30,
-        max_length: 64,
-        max_prompt_length: 32,
-        logging_steps: 1,
-        eval_steps: 0,
-        save_steps: 0,
-        seed: 7,
-        ..TrainConfig::default()
-    }
-}
-
-fn setup(scored: bool) -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    write_tiny_model(&d.path().join("model"));
-    write_pairs(&d.path().join("train.jsonl"), 0..24, scored);
-    write_pairs(&d.path().join("eval.jsonl"), 100..108, scored);
-    d
-}
-
-fn quiet(d: &Path) -> RunOptions {
-    RunOptions { quiet: true, cache_dir: Some(d.join("cache")), ..RunOptions::default() }
-}
 
 #[test]
 fn two_d_dpo_raises_heldout_reward_accuracy() {
@@ -246,15 +61,6 @@ fn two_d_dpo_raises_heldout_reward_accuracy() {
     assert!((pref - 2.0 * std::f64::consts::LN_2).abs() < 1e-4, "{pref}");
 }
 
-fn strip_timing(r: &[Record]) -> Vec<(usize, String, BTreeMap<String, String>)> {
-    r.iter()
-        .map(|r| {
-            let v = r.values.iter().filter(|(k, _)| k.as_str() != "tokens/s").map(|(k, v)| (k.clone(), format!("{v:e}"))).collect();
-            (r.step, format!("{:e}", r.epoch), v)
-        })
-        .collect()
-}
-
 #[test]
 fn resume_ends_exactly_like_an_uninterrupted_run() {
     let d = setup(true);
@@ -265,7 +71,7 @@ fn resume_ends_exactly_like_an_uninterrupted_run() {
     cfg.eval_steps = 3;
     cfg.gradient_accumulation_steps = 2;
     cfg.per_device_train_batch_size = 5; // batches cross epoch ends
-    cfg.lr_scheduler_type = "cosine".into();
+    cfg.lr_scheduler_type = "cosine".parse().unwrap();
     cfg.warmup_ratio = 0.2;
     cfg.weight_decay = 0.01;
     cfg.output_dir = d.path().join("straight");
@@ -322,7 +128,7 @@ fn sequential_sampling_keeps_file_order() {
     let d = setup(true);
     let order_of = |strategy: &str| {
         let mut cfg = base_config(d.path(), "dpo");
-        cfg.train_sampling_strategy = strategy.into();
+        cfg.train_sampling_strategy = strategy.parse().unwrap();
         cfg.max_steps = 2;
         cfg.save_steps = 1;
         cfg.output_dir = d.path().join(strategy);
@@ -335,9 +141,9 @@ fn sequential_sampling_keeps_file_order() {
     let mut sorted = random.clone();
     sorted.sort();
     assert_eq!(sorted, (0..24).collect::<Vec<_>>());
-    let mut cfg = base_config(d.path(), "dpo");
-    cfg.train_sampling_strategy = "shuffled".into();
-    assert!(train(&cfg, &quiet(d.path())).unwrap_err().to_string().contains("train_sampling_strategy"));
+    let mut o = toml::Table::new();
+    o.insert("train_sampling_strategy".into(), "shuffled".into());
+    assert!(TrainConfig::resolve(None, None, o).unwrap_err().to_string().contains("train_sampling_strategy"));
 }
 
 #[test]

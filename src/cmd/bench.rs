@@ -2,7 +2,7 @@
 //! model on this machine's CPU, and the peak resident memory.
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use dpo2d_model::chat::Message;
 use dpo2d_model::fetch;
 use dpo2d_model::generate::{generate_ids, GenerationConfig};
@@ -36,6 +36,8 @@ pub struct Args {
     pub json: Option<PathBuf>,
     #[arg(long, env = "DPO2D_CACHE")]
     pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: super::DeviceArg,
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`).
@@ -56,22 +58,16 @@ fn cpu_model() -> String {
 pub fn run(a: Args) -> Result<()> {
     let path = fetch::resolve_model(&a.model, a.cache_dir.as_deref())?;
     let t0 = Instant::now();
-    let lm = dpo2d_model::load(&path, &LoadOptions { trainable: true, ..LoadOptions::default() })?;
+    let frozen = a.device.load_options()?;
+    let lm = dpo2d_model::load(&path, &LoadOptions { trainable: true, ..frozen.clone() })?;
     let load_s = t0.elapsed().as_secs_f64();
     let mem_load = peak_rss_mib();
     let vocab = lm.config.vocab_size as u64;
     let (b, t) = (a.batch_size.max(1), a.seq_len.max(2));
     // Deterministic pseudo-random token ids (vocabulary-wide).
-    let mut state = 0x9E3779B97F4A7C15u64;
-    let ids: Vec<u32> = (0..b * t)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % vocab) as u32
-        })
-        .collect();
-    let x = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+    let mut rng = dpo2d_train::sampler::SplitMix(0x5EED);
+    let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let x = Tensor::from_vec(ids, (b, t), &frozen.device)?;
     let layout = AttentionLayout::causal(b, t);
     let step = || -> Result<f64> {
         let s = Instant::now();
@@ -94,7 +90,7 @@ pub fn run(a: Args) -> Result<()> {
     // Generation, with the model loaded for inference as `dpo2d generate` does
     // (frozen weights take the faster gradient-free paths).
     drop(lm);
-    let lm = dpo2d_model::load(&path, &LoadOptions::default())?;
+    let lm = dpo2d_model::load(&path, &frozen)?;
     let text = lm.text();
     let prompt = text.prompt_ids(&[Message::user("Write a short story about a robot who learns to paint.")])?;
     let prompts = vec![prompt.clone(); a.gen_batch.max(1)];

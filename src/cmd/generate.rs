@@ -5,7 +5,6 @@ use anyhow::{bail, Context, Result};
 use dpo2d_model::chat::Message;
 use dpo2d_model::fetch;
 use dpo2d_model::generate::{generate_from_ids, GenerationConfig};
-use dpo2d_model::llama::LoadOptions;
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -15,6 +14,8 @@ pub struct Args {
     /// Hugging Face model directory, .gguf file, or a known model name (smollm2).
     #[arg(long)]
     pub model: String,
+    #[command(flatten)]
+    pub device: super::DeviceArg,
     /// A user prompt (repeatable).
     #[arg(long, conflicts_with = "input")]
     pub prompt: Vec<String>,
@@ -126,7 +127,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     cfg.validate()?;
     let path = fetch::resolve_model(&a.model, a.cache_dir.as_deref())?;
-    let lm = dpo2d_model::load(&path, &LoadOptions::default())?;
+    let lm = dpo2d_model::load(&path, &a.device.load_options()?)?;
     let text = lm.text();
     let mut prompts = vec![];
     for r in &rows {

@@ -3,7 +3,6 @@
 
 use anyhow::{bail, Context, Result};
 use dpo2d_model::fetch;
-use dpo2d_model::llama::LoadOptions;
 use dpo2d_model::logprobs::response_logprobs;
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
@@ -14,6 +13,8 @@ pub struct Args {
     /// Hugging Face model directory, .gguf file, or a known model name (smollm2).
     #[arg(long)]
     pub model: String,
+    #[command(flatten)]
+    pub device: super::DeviceArg,
     /// User prompt (rendered with the chat template).
     #[arg(long, requires = "response", conflicts_with = "input")]
     pub prompt: Option<String>,
@@ -60,7 +61,7 @@ pub fn run(a: Args) -> Result<()> {
         _ => bail!("give --prompt TEXT --response TEXT, or --input rows.jsonl"),
     };
     let path = fetch::resolve_model(&a.model, a.cache_dir.as_deref())?;
-    let lm = dpo2d_model::load(&path, &LoadOptions::default())?;
+    let lm = dpo2d_model::load(&path, &a.device.load_options()?)?;
     let text = lm.text();
     let mut out: Box<dyn Write> = match &a.output {
         Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?)),

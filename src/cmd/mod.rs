@@ -9,3 +9,21 @@ pub mod quickstart;
 pub mod segment;
 pub mod train;
 pub mod validate;
+
+use dpo2d_model::llama::LoadOptions;
+use dpo2d_model::DeviceSpec;
+
+/// `--device`, shared by the commands that run a model.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct DeviceArg {
+    /// Where to compute: cpu, cuda or cuda:N (CUDA needs a build with CUDA support).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: DeviceSpec,
+}
+
+impl DeviceArg {
+    /// Options to load a frozen model (inference) on this device.
+    pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
+        Ok(LoadOptions { device: self.device.device()?, ..LoadOptions::default() })
+    }
+}

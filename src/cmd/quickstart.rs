@@ -6,7 +6,6 @@ use anyhow::{bail, Context, Result};
 use dpo2d_data::{load_pairs, LoadOptions, Requirement};
 use dpo2d_model::chat::Message;
 use dpo2d_model::generate::{generate_chat, GenerationConfig};
-use dpo2d_model::llama::LoadOptions as ModelLoadOptions;
 use dpo2d_train::trainer::{train, RunOptions};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -39,6 +38,8 @@ pub struct Args {
     max_new_tokens: usize,
     #[arg(long)]
     no_progress: bool,
+    #[command(flatten)]
+    device: super::DeviceArg,
 }
 
 #[derive(Serialize)]
@@ -54,8 +55,8 @@ struct Overrides {
     max_steps: Option<usize>,
 }
 
-fn answer(model_dir: &Path, prompt: &str, max_new_tokens: usize) -> Result<String> {
-    let lm = dpo2d_model::load(model_dir, &ModelLoadOptions::default())?;
+fn answer(model_dir: &Path, prompt: &str, max_new_tokens: usize, device: super::DeviceArg) -> Result<String> {
+    let lm = dpo2d_model::load(model_dir, &device.load_options()?)?;
     let out = generate_chat(&lm, &[vec![Message::user(prompt)]], &GenerationConfig::greedy(max_new_tokens))?;
     Ok(out.into_iter().next().map(|c| c.completion).unwrap_or_default())
 }
@@ -87,11 +88,19 @@ pub fn run(args: Args) -> Result<()> {
     };
     eprintln!("model: {}", model_dir.display());
     eprintln!("before training: generating an answer to a held-out prompt ...");
-    let before = answer(&model_dir, &prompt, args.max_new_tokens)?;
+    let before = answer(&model_dir, &prompt, args.max_new_tokens, args.device)?;
 
     let progress = !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let outcome = train(&cfg, &RunOptions { progress, cache_dir: args.cache_dir.clone(), ..RunOptions::default() })?;
-    let after = answer(&outcome.final_model_dir, &prompt, args.max_new_tokens)?;
+    // Each quickstart replaces the previous one's outputs.
+    let run = RunOptions {
+        progress,
+        cache_dir: args.cache_dir.clone(),
+        device: args.device.device,
+        overwrite_output_dir: true,
+        ..RunOptions::default()
+    };
+    let outcome = train(&cfg, &run)?;
+    let after = answer(&outcome.final_model_dir, &prompt, args.max_new_tokens, args.device)?;
 
     let evals: Vec<_> = outcome.history.iter().filter(|r| r.get("eval_rewards/accuracies").is_some()).collect();
     println!("\n=== quickstart: 2D-DPO on SmolLM2-135M-Instruct ===");

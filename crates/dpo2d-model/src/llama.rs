@@ -76,11 +76,92 @@ impl Linear {
     }
 }
 
+/// What every block of one forward pass shares: the rotary tables for the
+/// tokens' positions and the additive attention mask.
+struct LayerCtx {
+    /// cos/sin `[B, T, head_dim/2]`.
+    cos: Tensor,
+    sin: Tensor,
+    /// Additive `[B or 1, 1, 1, Tq, Tk]` (0 allowed, -inf masked).
+    mask: Tensor,
+}
+
+/// Past keys and values of one layer (generation with a KV cache).
+type LayerCache = Option<(Tensor, Tensor)>;
+
+/// RMSNorm with a learned scale.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(b: &mut Builder, name: &str, size: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: b.param(&format!("{name}.weight"), &[size])?, eps })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+/// Grouped-query self-attention with rotary positions.
 struct Attention {
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(b: &mut Builder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (h, nh, nkv, hd, bias) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.attention_bias);
+        Ok(Attention {
+            q: b.linear(prefix, LoraTarget::Q, nh * hd, h, bias)?,
+            k: b.linear(prefix, LoraTarget::K, nkv * hd, h, bias)?,
+            v: b.linear(prefix, LoraTarget::V, nkv * hd, h, bias)?,
+            o: b.linear(prefix, LoraTarget::O, h, nh * hd, false)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// With a cache entry, past keys/values are prepended and the entry updated.
+    fn forward(&self, x: &Tensor, ctx: &LayerCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let n_rep = nh / nkv;
+        let q = self.q.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = self.k.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = self.v.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = ops::rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = ops::rope(&k, &ctx.cos, &ctx.sin)?;
+        let (k, v) = match cache {
+            Some(entry) => {
+                let (k, v) = match entry.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v.contiguous()?], 2)?),
+                    None => (k, v.contiguous()?),
+                };
+                *entry = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let tk = k.dim(2)?;
+        // Group the query heads that share a kv head: [B, n_kv, n_rep*T, d],
+        // so keys and values are never repeated.
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
+        let scores = scores.broadcast_add(&ctx.mask)?;
+        let probs = ops::softmax_last_dim(&scores)?.reshape((b, nkv, n_rep * t, tk))?;
+        let out = probs.matmul(&v.contiguous()?)?; // [B, n_kv, n_rep*T, d]
+        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o.forward(&out)
+    }
 }
 
 struct Mlp {
@@ -90,6 +171,15 @@ struct Mlp {
 }
 
 impl Mlp {
+    fn load(b: &mut Builder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (h, im) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate: b.linear(prefix, LoraTarget::Gate, im, h, false)?,
+            up: b.linear(prefix, LoraTarget::Up, im, h, false)?,
+            down: b.linear(prefix, LoraTarget::Down, h, im, false)?,
+        })
+    }
+
     /// SwiGLU: `down(silu(gate(x)) * up(x))`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.gate.forward(x)?.silu()?;
@@ -98,11 +188,32 @@ impl Mlp {
     }
 }
 
+/// A pre-norm decoder block: attention and MLP, each with a residual.
 struct Block {
-    input_norm: Tensor,
+    input_norm: RmsNorm,
     attn: Attention,
-    post_norm: Tensor,
+    post_norm: RmsNorm,
     mlp: Mlp,
+}
+
+impl Block {
+    /// Loads in Hugging Face order (q, k, v, o, gate, up, down, norms): the
+    /// order of trainable variables and of LoRA initialisation draws.
+    fn load(b: &mut Builder, i: usize, cfg: &ModelConfig) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let attn = Attention::load(b, &p, cfg)?;
+        let mlp = Mlp::load(b, &p, cfg)?;
+        let input_norm = RmsNorm::load(b, &format!("{p}.input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let post_norm = RmsNorm::load(b, &format!("{p}.post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        Ok(Block { input_norm, attn, post_norm, mlp })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &LayerCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        let residual = x;
+        let x = (self.attn.forward(&self.input_norm.forward(x)?, ctx, cache)? + residual)?;
+        let residual = &x;
+        Ok((self.mlp.forward(&self.post_norm.forward(&x)?)? + residual)?)
+    }
 }
 
 /// Which tokens of a batch belong to which sequence.
@@ -239,7 +350,7 @@ impl AttentionLayout {
 /// KV cache for incremental decoding. Stores, per layer, keys and values
 /// [B, n_kv, T_past, d] plus which past positions are real tokens.
 pub struct KvCache {
-    kv: Vec<Option<(Tensor, Tensor)>>,
+    kv: Vec<LayerCache>,
     valid: Vec<Vec<bool>>,
     next_pos: Vec<u32>,
 }
@@ -276,7 +387,7 @@ pub struct CausalLM {
     cfg: ModelConfig,
     embed: Tensor,
     layers: Vec<Block>,
-    norm: Tensor,
+    norm: RmsNorm,
     /// None when tied to the embeddings.
     lm_head: Option<Tensor>,
     vars: Vec<(String, Var)>,
@@ -287,10 +398,15 @@ pub struct CausalLM {
     device: Device,
 }
 
+/// Turns named weights into model parameters (Vars when trainable) and
+/// LoRA adapters, recording the trainable variables in load order.
 struct Builder<'a> {
     w: &'a WeightSet,
     opts: &'a LoadOptions,
     vars: Vec<(String, Var)>,
+    /// Draws LoRA A initialisations (seeded by the LoRA config).
+    rng: rand::rngs::StdRng,
+    runtime: Arc<LoraRuntime>,
 }
 
 impl Builder<'_> {
@@ -308,6 +424,24 @@ impl Builder<'_> {
         } else {
             Ok(t.detach())
         }
+    }
+    /// The linear layer `target` of the layer at `prefix`, with a LoRA
+    /// adapter when the LoRA config targets it.
+    fn linear(&mut self, prefix: &str, target: LoraTarget, out_f: usize, in_f: usize, bias: bool) -> Result<Linear> {
+        let name = format!("{prefix}.{}.{}", target.parent(), target.hf_name());
+        let weight = self.param(&format!("{name}.weight"), &[out_f, in_f])?;
+        let bias = if bias { Some(self.param(&format!("{name}.bias"), &[out_f])?) } else { None };
+        let opts = self.opts;
+        let lora = match &opts.lora {
+            Some(l) if l.targets.contains(&target) => {
+                let ad = LoraAdapter::new(in_f, out_f, l, &mut self.rng, opts.dtype, &opts.device, self.runtime.clone())?;
+                self.vars.push((format!("{name}.lora_A.weight"), ad.a.clone()));
+                self.vars.push((format!("{name}.lora_B.weight"), ad.b.clone()));
+                Some(ad)
+            }
+            _ => None,
+        };
+        Ok(Linear { weight, bias, lora })
     }
 }
 
@@ -338,47 +472,13 @@ impl CausalLM {
         if let Some(l) = &opts.lora {
             l.validate()?;
         }
-        let runtime = LoraRuntime::new(opts.lora.as_ref().map(|l| l.seed).unwrap_or(0));
-        let mut rng = rand::rngs::StdRng::seed_from_u64(opts.lora.as_ref().map(|l| l.seed).unwrap_or(0));
-        let mut b = Builder { w, opts, vars: vec![] };
-        let (h, v, im) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let seed = opts.lora.as_ref().map(|l| l.seed).unwrap_or(0);
+        let runtime = LoraRuntime::new(seed);
+        let mut b = Builder { w, opts, vars: vec![], rng: rand::rngs::StdRng::seed_from_u64(seed), runtime: runtime.clone() };
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = b.param("model.embed_tokens.weight", &[v, h])?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let mut lin = |b: &mut Builder, target: LoraTarget, out_f: usize, in_f: usize, bias: bool| -> Result<Linear> {
-                let name = format!("{p}.{}.{}", target.parent(), target.hf_name());
-                let weight = b.param(&format!("{name}.weight"), &[out_f, in_f])?;
-                let bias = if bias { Some(b.param(&format!("{name}.bias"), &[out_f])?) } else { None };
-                let lora = match &opts.lora {
-                    Some(l) if l.targets.contains(&target) => {
-                        let ad = LoraAdapter::new(in_f, out_f, l, &mut rng, opts.dtype, &opts.device, runtime.clone())?;
-                        b.vars.push((format!("{name}.lora_A.weight"), ad.a.clone()));
-                        b.vars.push((format!("{name}.lora_B.weight"), ad.b.clone()));
-                        Some(ad)
-                    }
-                    _ => None,
-                };
-                Ok(Linear { weight, bias, lora })
-            };
-            let ab = cfg.attention_bias;
-            let attn = Attention {
-                q: lin(&mut b, LoraTarget::Q, nh * hd, h, ab)?,
-                k: lin(&mut b, LoraTarget::K, nkv * hd, h, ab)?,
-                v: lin(&mut b, LoraTarget::V, nkv * hd, h, ab)?,
-                o: lin(&mut b, LoraTarget::O, h, nh * hd, false)?,
-            };
-            let mlp = Mlp {
-                gate: lin(&mut b, LoraTarget::Gate, im, h, false)?,
-                up: lin(&mut b, LoraTarget::Up, im, h, false)?,
-                down: lin(&mut b, LoraTarget::Down, h, im, false)?,
-            };
-            let input_norm = b.param(&format!("{p}.input_layernorm.weight"), &[h])?;
-            let post_norm = b.param(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
-            layers.push(Block { input_norm, attn, post_norm, mlp });
-        }
-        let norm = b.param("model.norm.weight", &[h])?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| Block::load(&mut b, i, &cfg)).collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&mut b, "model.norm", h, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else if w.contains("lm_head.weight") {
@@ -536,78 +636,18 @@ impl CausalLM {
         if layout.dims() != (b, t) {
             bail!("attention layout is {:?} but input_ids is [{b}, {t}]", layout.dims());
         }
-        let pos = layout.position_ids();
-        let (cos, sin) = self.rope_cos_sin(&pos)?;
+        let (cos, sin) = self.rope_cos_sin(&layout.position_ids())?;
         let mask = if layout.is_plain_causal() {
             self.causal_mask(t, t, 0)?
         } else {
             self.build_mask(&layout.seq_ids, &layout.seq_ids, &layout.parents, 0)?
         };
+        let ctx = LayerCtx { cos, sin, mask };
         let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         for layer in &self.layers {
-            x = self.block(layer, &x, &cos, &sin, &mask, None)?;
+            x = layer.forward(&x, &ctx, None)?;
         }
-        Ok(ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
-    }
-
-    /// One decoder block; with a cache entry, past keys/values are prepended
-    /// and the entry is updated.
-    fn block(
-        &self,
-        l: &Block,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
-        let eps = self.cfg.rms_norm_eps;
-        let h = ops::rms_norm(x, &l.input_norm, eps)?;
-        let a = self.attention(&l.attn, &h, cos, sin, mask, cache)?;
-        let x = (x + a)?;
-        let h = ops::rms_norm(&x, &l.post_norm, eps)?;
-        let m = l.mlp.forward(&h)?;
-        Ok((x + m)?)
-    }
-
-    fn attention(
-        &self,
-        at: &Attention,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let n_rep = nh / nkv;
-        let q = at.q.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = at.k.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = at.v.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let q = ops::rope(&q, cos, sin)?;
-        let k = ops::rope(&k, cos, sin)?;
-        let (k, v) = match cache {
-            Some(entry) => {
-                let (k, v) = match entry.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v.contiguous()?], 2)?),
-                    None => (k, v.contiguous()?),
-                };
-                *entry = Some((k.clone(), v.clone()));
-                (k, v)
-            }
-            None => (k, v),
-        };
-        let tk = k.dim(2)?;
-        // Group the query heads that share a kv head: [B, n_kv, n_rep*T, d],
-        // so keys and values are never repeated.
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
-        let scores = scores.broadcast_add(mask)?;
-        let probs = ops::softmax_last_dim(&scores)?.reshape((b, nkv, n_rep * t, tk))?;
-        let out = probs.matmul(&v.contiguous()?)?; // [B, n_kv, n_rep*T, d]
-        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        at.o.forward(&out)
+        self.norm.forward(&x)
     }
 
     /// Logits [B, T, V] (f32, or f64 for an f64 model) from hidden states.
@@ -693,11 +733,12 @@ impl CausalLM {
         let k_seq: Vec<Vec<u32>> = cache.valid.iter().map(|r| r.iter().map(|&v| v as u32).collect()).collect();
         let all_valid = k_seq.iter().all(|r| r.iter().all(|&v| v == 1));
         let mask = if all_valid { self.causal_mask(t, past + t, past)? } else { self.build_mask(&q_seq, &k_seq, &[], past)? };
+        let ctx = LayerCtx { cos, sin, mask };
         let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         for (layer, entry) in self.layers.iter().zip(cache.kv.iter_mut()) {
-            x = self.block(layer, &x, &cos, &sin, &mask, Some(entry))?;
+            x = layer.forward(&x, &ctx, Some(entry))?;
         }
-        Ok(ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
+        self.norm.forward(&x)
     }
 
     /// Current weights in HF naming (the base weights; LoRA adapters not
@@ -735,10 +776,10 @@ impl CausalLM {
                     out.push((format!("{name}.bias"), bias.detach()));
                 }
             }
-            out.push((format!("{p}.input_layernorm.weight"), l.input_norm.detach()));
-            out.push((format!("{p}.post_attention_layernorm.weight"), l.post_norm.detach()));
+            out.push((format!("{p}.input_layernorm.weight"), l.input_norm.weight.detach()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), l.post_norm.weight.detach()));
         }
-        out.push(("model.norm.weight".to_string(), self.norm.detach()));
+        out.push(("model.norm.weight".to_string(), self.norm.weight.detach()));
         if let Some(h) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), h.detach()));
         }
@@ -770,48 +811,12 @@ impl CausalLM {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::ops::tests::det;
+    use crate::test_support::{det, max_abs_diff as maxdiff};
 
     /// Write a tiny random model (2 layers, hidden 16, 4 heads, 2 kv heads,
     /// vocab 50) as config.json + model.safetensors.
     pub fn write_tiny(dir: &Path, qwen: bool, tied: bool, dtype: DType) -> ModelConfig {
-        let arch = if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" };
-        let cfg_text = format!(
-            r#"{{"architectures":["{arch}"],"vocab_size":50,"hidden_size":16,"intermediate_size":24,
-            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rope_theta":10000.0,
-            "rms_norm_eps":1e-5,"tie_word_embeddings":{tied},"max_position_embeddings":128,
-            "bos_token_id":1,"eos_token_id":2}}"#
-        );
-        std::fs::write(dir.join("config.json"), &cfg_text).unwrap();
-        let cfg = ModelConfig::from_json_str(&cfg_text, "config.json").unwrap();
-        let mut m: HashMap<String, Tensor> = HashMap::new();
-        let mut seed = 100;
-        let mut put = |name: String, shape: &[usize], scale: f64, offset: f64| {
-            seed += 1;
-            let t = ((det(shape, seed, DType::F64) * scale).unwrap() + offset).unwrap().to_dtype(dtype).unwrap();
-            m.insert(name, t);
-        };
-        put("model.embed_tokens.weight".into(), &[50, 16], 1.0, 0.0);
-        for i in 0..2 {
-            let p = format!("model.layers.{i}");
-            for (n, o, inp) in [("q_proj", 16, 16), ("k_proj", 8, 16), ("v_proj", 8, 16), ("o_proj", 16, 16)] {
-                put(format!("{p}.self_attn.{n}.weight"), &[o, inp], 0.5, 0.0);
-                if qwen && n != "o_proj" {
-                    put(format!("{p}.self_attn.{n}.bias"), &[o], 0.1, 0.0);
-                }
-            }
-            for (n, o, inp) in [("gate_proj", 24, 16), ("up_proj", 24, 16), ("down_proj", 16, 24)] {
-                put(format!("{p}.mlp.{n}.weight"), &[o, inp], 0.4, 0.0);
-            }
-            put(format!("{p}.input_layernorm.weight"), &[16], 0.2, 1.0);
-            put(format!("{p}.post_attention_layernorm.weight"), &[16], 0.2, 1.0);
-        }
-        put("model.norm.weight".into(), &[16], 0.2, 1.0);
-        if !tied {
-            put("lm_head.weight".into(), &[50, 16], 1.0, 0.0);
-        }
-        candle_core::safetensors::save(&m, dir.join("model.safetensors")).unwrap();
-        cfg
+        crate::test_support::TinyModel { qwen, tied, dtype, ..Default::default() }.write(dir)
     }
 
     pub fn opts64() -> LoadOptions {
@@ -820,17 +825,6 @@ pub(crate) mod tests {
 
     fn ids(rows: &[&[u32]]) -> Tensor {
         Tensor::new(rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(), &Device::Cpu).unwrap()
-    }
-
-    fn maxdiff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     #[test]
@@ -941,8 +935,9 @@ pub(crate) mod tests {
         for lay in layouts {
             let (cos, sin) = m.rope_cos_sin(&lay.position_ids()).unwrap();
             let mask = m.build_mask(&lay.seq_ids, &lay.seq_ids, &[], 0).unwrap();
+            let ctx = LayerCtx { cos, sin, mask };
             let f = |t: &[Tensor]| -> candle_core::Result<Tensor> {
-                m.attention(&m.layers[0].attn, &t[0], &cos, &sin, &mask, None).map_err(|e| candle_core::Error::Msg(e.to_string()))
+                m.layers[0].attn.forward(&t[0], &ctx, None).map_err(|e| candle_core::Error::Msg(e.to_string()))
             };
             crate::ops::tests::grad_check(&[x.clone()], &f, 1e-6);
         }

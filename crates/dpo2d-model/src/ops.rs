@@ -251,8 +251,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         let wd = w.detach();
         let op = Precomputed { name: "dpo2d-frozen-linear", out, bwd: Box::new(move |_args, g| Ok(vec![Some(g.matmul(&wd)?)])) };
         x2.apply_op1(op)?
-    } else if (2..=SMALL_BATCH_ROWS).contains(&rows) && w.elem_count() <= SMALL_BATCH_WEIGHT && !tracked(&x2) && !tracked(w) {
-        // Batched decoding: gemm's kernels for a few rows are far slower than
+    } else if (2..=SMALL_BATCH_ROWS).contains(&rows) && w.elem_count() <= SMALL_BATCH_WEIGHT && !tracked(&x2) && !tracked(w) && fast_ok(x) {
+        // Batched decoding on the CPU: gemm's kernels for a few rows are far slower than
         // one matrix-vector product per row while the weight sits in cache
         // (measured on a 2-core EPYC: 4 rows through a 1536 -> 576 weight took
         // 2 ms, 4 single rows 0.16 ms). Large weights (the lm_head) stay whole.
@@ -317,12 +317,26 @@ pub fn label_logprobs(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -> Resu
         return label_logprobs_plain(hidden, weight, &labels);
     }
     let it = internal_dtype(hidden.dtype());
-    let hd = hidden.detach();
-    let wd = weight.detach();
     let rows = chunk_rows(v);
-    // Forward: per chunk, logit of the label minus logsumexp.
-    let mut outs = vec![];
-    let mut lses = vec![];
+    let (out, lse) = label_logprobs_chunks(&hidden.detach(), &weight.detach(), &labels, rows, it)?;
+    if !tracked(hidden) && !tracked(weight) {
+        return Ok(out);
+    }
+    let labels_c = labels.clone();
+    let op = Precomputed {
+        name: "dpo2d-label-logprobs",
+        out,
+        bwd: Box::new(move |args, g| label_logprobs_backward(args[0], args[1], &labels_c, &lse, g, rows, it)),
+    };
+    hidden.apply_op3(weight, &labels, op)
+}
+
+/// Forward of [`label_logprobs`], `rows` rows at a time: each label's logit
+/// minus the row's logsumexp. Returns the log-probs `[N]` and the
+/// logsumexps `[N]` (kept for backward; the logits are not).
+fn label_logprobs_chunks(hd: &Tensor, wd: &Tensor, labels: &Tensor, rows: usize, it: DType) -> Result<(Tensor, Tensor)> {
+    let n = hd.dim(0)?;
+    let (mut outs, mut lses) = (vec![], vec![]);
     let mut s = 0;
     while s < n {
         let r = rows.min(n - s);
@@ -335,53 +349,57 @@ pub fn label_logprobs(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -> Resu
         lses.push(lse.squeeze(1)?);
         s += r;
     }
-    let out = if outs.is_empty() { Tensor::zeros(0, it, hidden.device())? } else { Tensor::cat(&outs, 0)? };
-    if !tracked(hidden) && !tracked(weight) {
-        return Ok(out);
-    }
+    let out = if outs.is_empty() { Tensor::zeros(0, it, hd.device())? } else { Tensor::cat(&outs, 0)? };
     let lse = if lses.is_empty() { out.clone() } else { Tensor::cat(&lses, 0)? };
-    let labels_c = labels.clone();
-    let op = Precomputed {
-        name: "dpo2d-label-logprobs",
-        out,
-        bwd: Box::new(move |args, g| {
-            let (hd, wd) = (args[0].detach(), args[1].detach());
-            let need_h = tracked(args[0]);
-            let need_w = tracked(args[1]);
-            let vocab = Tensor::arange(0u32, v as u32, hd.device())?;
-            let mut dh = vec![];
-            let mut dw: Option<Tensor> = None;
-            let mut s = 0;
-            while s < n {
-                let r = rows.min(n - s);
-                let hc = hd.narrow(0, s, r)?;
-                let logits = hc.matmul(&wd.t()?)?.to_dtype(it)?;
-                let p = logits.broadcast_sub(&lse.narrow(0, s, r)?.unsqueeze(1)?)?.exp()?;
-                let lab = labels_c.narrow(0, s, r)?.unsqueeze(1)?;
-                let onehot = vocab.unsqueeze(0)?.broadcast_eq(&lab)?.to_dtype(it)?;
-                let gl = (onehot - p)?.broadcast_mul(&g.narrow(0, s, r)?.unsqueeze(1)?)?.to_dtype(hd.dtype())?;
-                if need_h {
-                    dh.push(gl.matmul(&wd)?);
-                }
-                if need_w {
-                    let part = gl.t()?.matmul(&hc)?;
-                    dw = Some(match dw {
-                        None => part,
-                        Some(acc) => (acc + part)?,
-                    });
-                }
-                s += r;
-            }
-            let dh = if need_h { Some(Tensor::cat(&dh, 0)?) } else { None };
-            let dw = match (need_w, dw) {
-                (true, Some(d)) => Some(d.to_dtype(wd.dtype())?),
-                (true, None) => Some(wd.zeros_like()?),
-                _ => None,
-            };
-            Ok(vec![dh, dw, None])
-        }),
+    Ok((out, lse))
+}
+
+/// Backward of [`label_logprobs`]: recompute each chunk's logits and form
+/// `g * (onehot - softmax)` on the fly, for the hidden states and/or the
+/// lm_head, whichever is tracked.
+fn label_logprobs_backward(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+    rows: usize,
+    it: DType,
+) -> Result<Vec<Option<Tensor>>> {
+    let (hd, wd) = (hidden.detach(), weight.detach());
+    let (need_h, need_w) = (tracked(hidden), tracked(weight));
+    let (n, v) = (hd.dim(0)?, wd.dim(0)?);
+    let vocab = Tensor::arange(0u32, v as u32, hd.device())?;
+    let mut dh = vec![];
+    let mut dw: Option<Tensor> = None;
+    let mut s = 0;
+    while s < n {
+        let r = rows.min(n - s);
+        let hc = hd.narrow(0, s, r)?;
+        let logits = hc.matmul(&wd.t()?)?.to_dtype(it)?;
+        let p = logits.broadcast_sub(&lse.narrow(0, s, r)?.unsqueeze(1)?)?.exp()?;
+        let lab = labels.narrow(0, s, r)?.unsqueeze(1)?;
+        let onehot = vocab.unsqueeze(0)?.broadcast_eq(&lab)?.to_dtype(it)?;
+        let gl = (onehot - p)?.broadcast_mul(&g.narrow(0, s, r)?.unsqueeze(1)?)?.to_dtype(hd.dtype())?;
+        if need_h {
+            dh.push(gl.matmul(&wd)?);
+        }
+        if need_w {
+            let part = gl.t()?.matmul(&hc)?;
+            dw = Some(match dw {
+                None => part,
+                Some(acc) => (acc + part)?,
+            });
+        }
+        s += r;
+    }
+    let dh = if need_h { Some(Tensor::cat(&dh, 0)?) } else { None };
+    let dw = match (need_w, dw) {
+        (true, Some(d)) => Some(d.to_dtype(wd.dtype())?),
+        (true, None) => Some(wd.zeros_like()?),
+        _ => None,
     };
-    hidden.apply_op3(weight, &labels, op)
+    Ok(vec![dh, dw, None])
 }
 
 #[cfg(test)]
@@ -403,18 +421,7 @@ pub(crate) mod tests {
         }
     }
 
-    /// Deterministic pseudo-random tensor (no RNG dependency in tests).
-    pub fn det(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let v: Vec<f64> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
-    }
+    pub use crate::test_support::det;
 
     /// Check d(sum(f(x) * proj))/dx from autograd against central finite
     /// differences, for every input in `xs` (f64).
@@ -446,14 +453,7 @@ pub(crate) mod tests {
     }
 
     fn close(a: &Tensor, b: &Tensor, tol: f64) {
-        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = crate::test_support::max_abs_diff(a, b);
         assert!(d <= tol, "max abs diff {d} > {tol}");
     }
 

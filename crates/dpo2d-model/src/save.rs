@@ -1,40 +1,23 @@
 //! Saving models in Hugging Face layouts: full weights (`model.safetensors`
 //! + `config.json`), PEFT LoRA adapters (`adapter_model.safetensors` +
-//! `adapter_config.json`), and LoRA merged into full weights. Every file is
-//! written to a temporary name in the target directory and renamed into
-//! place, so a crash never leaves a half-written checkpoint under the real name.
+//! `adapter_config.json`), and LoRA merged into full weights. This is the one
+//! saving path: training checkpoints and final models go through it too.
+//! Every file is written with [`dpo2d_fs::write_file`] (temporary name,
+//! flushed, renamed), so a crash never leaves a half-written file under the
+//! real name.
 
 use crate::config::ModelConfig;
 use crate::llama::{CausalLM, LoadOptions};
 use crate::lora::{LoraConfig, LoraTarget};
+use crate::source::TextSide;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 /// PEFT's key prefix for a causal LM adapter.
 pub const PEFT_PREFIX: &str = "base_model.model.";
-
-/// Write `bytes` to `path` atomically (temp file in the same dir, fsync, rename).
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let res = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))?;
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
-}
 
 fn dtype_tag(dt: DType) -> Result<&'static str> {
     Ok(match dt {
@@ -94,7 +77,7 @@ pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()>
     out.extend_from_slice(&(h.len() as u64).to_le_bytes());
     out.extend_from_slice(&h);
     out.extend_from_slice(&data);
-    atomic_write(path, &out)
+    dpo2d_fs::write_file(path, &out)
 }
 
 fn convert(tensors: Vec<(String, Tensor)>, dtype: Option<DType>) -> Result<Vec<(String, Tensor)>> {
@@ -113,7 +96,7 @@ fn convert(tensors: Vec<(String, Tensor)>, dtype: Option<DType>) -> Result<Vec<(
 fn write_config(model: &CausalLM, dir: &Path, dtype: DType) -> Result<()> {
     let mut cfg: ModelConfig = model.config().clone();
     cfg.torch_dtype = Some(torch_dtype_name(dtype).to_string());
-    atomic_write(&dir.join("config.json"), cfg.to_hf_json_string().as_bytes())
+    dpo2d_fs::write_file(&dir.join("config.json"), cfg.to_hf_json_string())
 }
 
 /// Save the full model (`model.safetensors` + `config.json`). LoRA adapters,
@@ -160,7 +143,7 @@ pub fn save_lora_adapter(model: &CausalLM, dir: &Path, base_model: &str) -> Resu
         "alpha_pattern": {},
         "revision": null,
     });
-    atomic_write(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())
+    dpo2d_fs::write_file(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg)?)
 }
 
 /// Read a PEFT `adapter_config.json` into a [`LoraConfig`] (plus the base model name).
@@ -200,12 +183,26 @@ pub fn load_with_adapter(base_dir: &Path, adapter_dir: &Path, opts: &LoadOptions
     o.trainable = false;
     o.lora = Some(lcfg);
     let model = CausalLM::load(base_dir, &o)?;
+    load_lora_adapter(&model, adapter_dir)?;
+    Ok(model)
+}
+
+/// Set the LoRA weights of `model` (which already has adapters of the same
+/// configuration) from a PEFT adapter directory, e.g. a LoRA checkpoint.
+pub fn load_lora_adapter(model: &CausalLM, adapter_dir: &Path) -> Result<()> {
     let file = adapter_dir.join("adapter_model.safetensors");
-    let w = crate::weights::WeightSet::load_file(&file, &opts.device)?;
+    let w = crate::weights::WeightSet::load_file(&file, model.device())?;
     let map: HashMap<String, Tensor> =
         w.into_map().into_iter().map(|(k, t)| (k.strip_prefix(PEFT_PREFIX).unwrap_or(&k).to_string(), t)).collect();
-    model.set_lora_tensors(&map, &file.display().to_string())?;
-    Ok(model)
+    model.set_lora_tensors(&map, &file.display().to_string())
+}
+
+/// Write the tokenizer and chat template next to saved weights, so the
+/// directory loads on its own (in dpo2d and in transformers).
+pub fn save_text_side(dir: &Path, text: &TextSide) -> Result<()> {
+    text.tokenizer
+        .save_dir(dir, Some(text.chat.source()), "PreTrainedTokenizerFast")
+        .with_context(|| format!("writing the tokenizer into {}", dir.display()))
 }
 
 /// Copy tokenizer and generation files next to saved weights, so the output
@@ -215,7 +212,7 @@ pub fn copy_tokenizer_files(src_dir: &Path, dst_dir: &Path) -> Result<()> {
         let s = src_dir.join(name);
         if s.is_file() {
             let bytes = std::fs::read(&s).with_context(|| format!("cannot read {}", s.display()))?;
-            atomic_write(&dst_dir.join(name), &bytes)?;
+            dpo2d_fs::write_file(&dst_dir.join(name), &bytes)?;
         }
     }
     Ok(())
@@ -226,19 +223,8 @@ mod tests {
     use super::*;
     use crate::llama::tests::{opts64, write_tiny};
     use crate::llama::AttentionLayout;
-    use crate::ops::tests::det;
+    use crate::test_support::{det, max_abs_diff as maxdiff};
     use candle_core::Device;
-
-    fn maxdiff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     #[test]
     fn full_save_load_roundtrip_and_tied_once() {

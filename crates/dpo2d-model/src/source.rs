@@ -133,7 +133,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 /// Convert a GGUF file into a Hugging Face directory: config.json,
 /// model.safetensors (f32), tokenizer.json, tokenizer_config.json (with the
 /// chat template) and generation_config.json. Writes into a temporary
-/// sibling and renames, so `out` is either complete or absent.
+/// sibling and renames ([`dpo2d_fs::write_dir`]), so `out` is either
+/// complete or absent.
 pub fn convert_gguf(gguf: &Path, out: &Path) -> Result<()> {
     let g = GgufFile::open(gguf)?;
     let cfg = g.config()?;
@@ -147,13 +148,7 @@ pub fn convert_gguf(gguf: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         bail!("output {} already exists; remove it or choose another directory", out.display());
     }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let write = || -> Result<()> {
+    let write = |tmp: &Path| -> Result<()> {
         std::fs::write(tmp.join("config.json"), cfg.to_hf_json_string())?;
         let f32s: HashMap<String, Tensor> = tensors.iter().map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
         let st = tmp.join("model.safetensors");
@@ -188,12 +183,7 @@ pub fn convert_gguf(gguf: &Path, out: &Path) -> Result<()> {
         std::fs::write(tmp.join("generation_config.json"), serde_json::to_string_pretty(&gen)?)?;
         Ok(())
     };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("cannot write the converted model to {}", out.display())));
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot move {} to {}", tmp.display(), out.display()))?;
-    Ok(())
+    dpo2d_fs::write_dir(out, write).with_context(|| format!("cannot write the converted model to {}", out.display()))
 }
 
 /// Every tensor a Llama/Qwen2 model of `cfg` needs, with its shape.

@@ -1,19 +1,17 @@
 //! Checkpoints: model weights in Hugging Face form (full safetensors
-//! directory, or a PEFT LoRA adapter), optimizer state and trainer state,
-//! written into a temporary directory and renamed into place, so a
-//! checkpoint directory is either complete or absent.
+//! directory, or a PEFT LoRA adapter, through [`dpo2d_model::save`]),
+//! optimizer state and trainer state, written as one directory with
+//! [`dpo2d_fs::write_dir`], so a checkpoint directory is either complete
+//! (and flushed to disk) or absent.
 
 use crate::metrics::{Accumulator, Record};
+use crate::optim::AdamW;
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
 use dpo2d_model::llama::CausalLM;
+use dpo2d_model::save;
 use dpo2d_model::source::TextSide;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-/// PEFT stores adapter tensors under this prefix.
-pub const PEFT_PREFIX: &str = "base_model.model.";
 
 /// Everything besides weights and optimizer that a resumed run needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,88 +33,68 @@ pub struct TrainerState {
     pub window_tokens: usize,
     /// Hash of the resolved configuration's training-relevant part.
     pub config_hash: String,
+    /// The resolved configuration of the run (its identity, with
+    /// `data_fingerprint`; absent in older checkpoints).
+    #[serde(default)]
+    pub config: Option<crate::config::TrainConfig>,
+    /// Hash of the token ids of the training and held-out pairs.
+    #[serde(default)]
+    pub data_fingerprint: Option<String>,
+    /// Updates skipped because the loss or gradient was not finite.
+    #[serde(default)]
+    pub nonfinite_updates: usize,
     /// State of the LoRA dropout-mask stream (absent in older checkpoints).
     #[serde(default)]
     pub dropout_rng: Option<u64>,
 }
 
-/// Write `model.safetensors` + `config.json` + tokenizer files (full
-/// fine-tuning) or `adapter_model.safetensors` + `adapter_config.json`
-/// (LoRA) into `dir`.
-pub fn save_weights(dir: &Path, model: &CausalLM, text: &TextSide, base_model: &str) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// What a checkpoint holds besides its trainer state.
+pub struct Contents<'a> {
+    pub policy: &'a CausalLM,
+    pub text: &'a TextSide,
+    /// Recorded as the adapter's `base_model_name_or_path` (LoRA).
+    pub base_model: &'a str,
+    /// Saved for resuming (intermediate checkpoints).
+    pub optimizer: Option<&'a AdamW>,
+    /// Also write the LoRA weights merged into the base under `merged/`.
+    pub merged: bool,
+}
+
+/// Write the checkpoint `dir`: `model.safetensors` + `config.json` +
+/// tokenizer (full fine-tuning) or `adapter_model.safetensors` +
+/// `adapter_config.json` (LoRA), `optimizer.safetensors`, `trainer_state.json`.
+pub fn save(dir: &Path, c: &Contents, state: &TrainerState) -> Result<()> {
+    dpo2d_fs::write_dir(dir, |tmp| {
+        save_weights(tmp, c.policy, c.text, c.base_model)?;
+        if c.merged && c.policy.lora_config().is_some() {
+            let merged = tmp.join("merged");
+            save::save_merged(c.policy, &merged, None)?;
+            save::save_text_side(&merged, c.text)?;
+        }
+        if let Some(opt) = c.optimizer {
+            opt.save(&tmp.join("optimizer.safetensors"))?;
+        }
+        save_state(tmp, state)
+    })
+    .with_context(|| format!("writing checkpoint {}", dir.display()))
+}
+
+fn save_weights(dir: &Path, model: &CausalLM, text: &TextSide, base_model: &str) -> Result<()> {
     match model.lora_config() {
         None => {
-            let map: HashMap<String, Tensor> = model.hf_tensors()?.into_iter().collect();
-            let p = dir.join("model.safetensors");
-            candle_core::safetensors::save(&map, &p).with_context(|| format!("writing {}", p.display()))?;
-            write_text_side(dir, model, text)?;
+            save::save_full(model, dir, None)?;
+            save::save_text_side(dir, text)
         }
-        Some(lc) => {
-            let map: HashMap<String, Tensor> = model.lora_tensors().into_iter().map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t)).collect();
-            let p = dir.join("adapter_model.safetensors");
-            candle_core::safetensors::save(&map, &p).with_context(|| format!("writing {}", p.display()))?;
-            let cfg = serde_json::json!({
-                "peft_type": "LORA",
-                "task_type": "CAUSAL_LM",
-                "base_model_name_or_path": base_model,
-                "r": lc.r,
-                "lora_alpha": lc.alpha,
-                "lora_dropout": lc.dropout,
-                "target_modules": lc.targets.iter().map(|t| t.hf_name()).collect::<Vec<_>>(),
-                "bias": "none",
-                "fan_in_fan_out": false,
-                "inference_mode": true,
-            });
-            std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg)?)?;
-        }
+        Some(_) => save::save_lora_adapter(model, dir, base_model),
     }
-    Ok(())
-}
-
-/// LoRA weights merged into the base: a plain HF model directory.
-pub fn save_merged(dir: &Path, model: &CausalLM, text: &TextSide) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let map: HashMap<String, Tensor> = model.merged_hf_tensors()?.into_iter().collect();
-    let p = dir.join("model.safetensors");
-    candle_core::safetensors::save(&map, &p).with_context(|| format!("writing {}", p.display()))?;
-    write_text_side(dir, model, text)
-}
-
-fn write_text_side(dir: &Path, model: &CausalLM, text: &TextSide) -> Result<()> {
-    std::fs::write(dir.join("config.json"), model.config().to_hf_json_string())?;
-    text.tokenizer
-        .save_dir(dir, Some(text.chat.source()), "PreTrainedTokenizerFast")
-        .with_context(|| format!("writing the tokenizer into {}", dir.display()))?;
-    Ok(())
 }
 
 /// Restore LoRA adapter weights from a saved adapter directory.
 pub fn load_adapter(dir: &Path, model: &CausalLM) -> Result<()> {
-    let p = dir.join("adapter_model.safetensors");
-    let map = candle_core::safetensors::load(&p, model.device()).with_context(|| format!("reading {}", p.display()))?;
-    let map: HashMap<String, Tensor> = map.into_iter().map(|(k, v)| (k.strip_prefix(PEFT_PREFIX).unwrap_or(&k).to_string(), v)).collect();
-    model.set_lora_tensors(&map, &p.display().to_string())
+    save::load_lora_adapter(model, dir)
 }
 
-/// Write a checkpoint atomically: everything goes into `<dir>.tmp`, which is
-/// then renamed to `dir` (an older `dir` is replaced).
-pub fn write_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name = dir.file_name().context("checkpoint path has no name")?.to_string_lossy().to_string();
-    let tmp = dir.with_file_name(format!(".{name}.tmp"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    fill(&tmp)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
-    }
-    std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
-    Ok(())
-}
-
-pub fn save_state(dir: &Path, state: &TrainerState) -> Result<()> {
+fn save_state(dir: &Path, state: &TrainerState) -> Result<()> {
     std::fs::write(dir.join("trainer_state.json"), serde_json::to_string_pretty(state)?)
         .with_context(|| format!("writing trainer state into {}", dir.display()))
 }
@@ -127,33 +105,64 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
     serde_json::from_str(&text).with_context(|| format!("{}: not a trainer state file", p.display()))
 }
 
-/// The complete checkpoint with the highest step in `output_dir`.
-pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
+/// `checkpoint-N` directories of `output_dir`, newest (highest N) first.
+pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     let Ok(rd) = std::fs::read_dir(output_dir) else {
-        return Ok(None);
+        return vec![];
     };
-    let mut best: Option<(usize, PathBuf)> = None;
-    for e in rd {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) else {
-            continue;
-        };
-        if !e.path().join("trainer_state.json").is_file() {
-            continue;
-        }
-        if best.as_ref().map(|(b, _)| n > *b).unwrap_or(true) {
-            best = Some((n, e.path()));
-        }
-    }
-    Ok(best.map(|(_, p)| p))
+    let mut v: Vec<(usize, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_string_lossy().strip_prefix("checkpoint-")?.parse::<usize>().ok()?, e.path())))
+        .filter(|(_, p)| p.is_dir())
+        .collect();
+    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v
 }
 
-/// Resolve `--resume [PATH]`: a checkpoint directory, or the latest in `output_dir`.
+/// Why `dir` cannot be resumed from, if it cannot: its trainer state must
+/// parse, and its weights and optimizer files must be readable safetensors.
+pub fn check_complete(dir: &Path) -> Result<TrainerState> {
+    let state = load_state(dir)?;
+    let weights = ["model.safetensors", "adapter_model.safetensors"].iter().map(|f| dir.join(f)).find(|p| p.is_file());
+    let weights = weights.with_context(|| format!("{}: no model.safetensors or adapter_model.safetensors", dir.display()))?;
+    for f in [weights, dir.join("optimizer.safetensors")] {
+        check_safetensors(&f)?;
+    }
+    Ok(state)
+}
+
+/// The header of a safetensors file parses and its data is all there.
+fn check_safetensors(path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a readable safetensors file", path.display()))?;
+    drop(st);
+    Ok(())
+}
+
+/// The newest checkpoint in `output_dir` that is complete and readable;
+/// each newer one that is not is reported through `say` with the reason.
+pub fn latest_checkpoint_with(output_dir: &Path, say: &dyn Fn(&str)) -> Option<PathBuf> {
+    for (_, dir) in checkpoints(output_dir) {
+        match check_complete(&dir) {
+            Ok(_) => return Some(dir),
+            Err(e) => say(&format!("skipping {}: {e:#}", dir.display())),
+        }
+    }
+    None
+}
+
+/// [`latest_checkpoint_with`], silently.
+pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(latest_checkpoint_with(output_dir, &|_| {}))
+}
+
+/// Resolve `--resume [PATH]`: a checkpoint directory, or the newest
+/// complete one in `output_dir` (saying which newer ones it skipped).
 pub fn resolve_resume(arg: &str, output_dir: &Path) -> Result<PathBuf> {
     if arg.is_empty() || arg == "latest" {
-        return latest_checkpoint(output_dir)?
-            .with_context(|| format!("--resume: no checkpoint-* directory with a trainer_state.json in {}", output_dir.display()));
+        return latest_checkpoint_with(output_dir, &|s| eprintln!("warning: {s}"))
+            .with_context(|| format!("--resume: no complete checkpoint-* directory in {}", output_dir.display()));
     }
     let p = PathBuf::from(arg);
     if !p.join("trainer_state.json").is_file() {
@@ -167,16 +176,7 @@ pub fn rotate(output_dir: &Path, limit: usize) -> Result<()> {
     if limit == 0 {
         return Ok(());
     }
-    let mut cps: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e.file_name().to_string_lossy().strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-            Some((n, e.path()))
-        })
-        .collect();
-    cps.sort();
-    while cps.len() > limit {
-        let (_, p) = cps.remove(0);
+    for (_, p) in checkpoints(output_dir).into_iter().skip(limit) {
         std::fs::remove_dir_all(&p).with_context(|| format!("removing old checkpoint {}", p.display()))?;
     }
     Ok(())
@@ -190,7 +190,7 @@ mod tests {
     fn atomic_write_and_latest() -> Result<()> {
         let d = tempfile::tempdir()?;
         for step in [5usize, 10] {
-            write_atomic(&d.path().join(format!("checkpoint-{step}")), |tmp| {
+            dpo2d_fs::write_dir(&d.path().join(format!("checkpoint-{step}")), |tmp| {
                 save_state(
                     tmp,
                     &TrainerState {
@@ -205,12 +205,22 @@ mod tests {
                         window: Accumulator::default(),
                         window_tokens: 0,
                         config_hash: String::new(),
+                        config: None,
+                        data_fingerprint: None,
+                        nonfinite_updates: 0,
                     },
-                )
+                )?;
+                // Stand-ins for the weights and the optimizer state (any readable safetensors).
+                let t = std::collections::HashMap::from([(
+                    "x".to_string(),
+                    candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu)?,
+                )]);
+                candle_core::safetensors::save(&t, tmp.join("model.safetensors"))?;
+                Ok(candle_core::safetensors::save(&t, tmp.join("optimizer.safetensors"))?)
             })?;
         }
         // A failed write leaves only its temp dir, never a half checkpoint.
-        let r = write_atomic(&d.path().join("checkpoint-15"), |_| bail!("disk full"));
+        let r = dpo2d_fs::write_dir(&d.path().join("checkpoint-15"), |_| bail!("disk full"));
         assert!(r.is_err());
         assert!(!d.path().join("checkpoint-15").exists());
         let latest = latest_checkpoint(d.path())?.unwrap();
@@ -219,5 +229,26 @@ mod tests {
         rotate(d.path(), 1)?;
         assert!(!d.path().join("checkpoint-5").exists());
         Ok(())
+    }
+
+    #[test]
+    fn trainer_state_floats_round_trip_bit_for_bit() {
+        // Resumed metrics are exact only if every saved float reads back
+        // to the same bits (serde_json's `float_roundtrip`).
+        let mut rng = crate::sampler::SplitMix(1);
+        let mut window = Accumulator::default();
+        let mut values = vec![];
+        for i in 0..20_000 {
+            let v = f64::from_bits(rng.next_u64() >> 2) * if i % 2 == 0 { 1.0 } else { -1.0 };
+            let v = if v.is_finite() { v } else { 0.5 };
+            values.push(v);
+            window.add(&format!("k{i}"), v);
+        }
+        let text = serde_json::to_string(&window).unwrap();
+        let back: Accumulator = serde_json::from_str(&text).unwrap();
+        let means = back.clone().take_means("");
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(means[&format!("k{i}")].to_bits(), v.to_bits(), "value {v:e}");
+        }
     }
 }

@@ -4,9 +4,16 @@
 //!
 //! Sources are layered: built-in defaults < `--preset` < `--config` TOML file
 //! < command-line overrides. Unknown keys in a TOML file are an error that
-//! names the key, so a typo never silently falls back to a default.
+//! names the key, so a typo never silently falls back to a default. Options
+//! with a fixed set of values are enums, parsed once here by serde: a bad
+//! value fails when the configuration is read, naming the key and the
+//! allowed values.
 
-use anyhow::{bail, Context, Result};
+use crate::loss::{AspectWeights, LossConfig, LossType};
+use crate::sampler::SamplingStrategy;
+use crate::schedule::SchedulerType;
+use anyhow::{anyhow, bail, Context, Result};
+use dpo2d_model::lora::LoraTarget;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -26,12 +33,12 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
 
     // Loss.
-    pub loss_type: String,
+    pub loss_type: LossType,
     pub beta: f64,
     /// Weight of the SFT term (mean NLL per chosen token); paper: 0.1.
     pub sft_weight: f64,
     /// Aspect weights W (helpfulness, correctness, safety, completeness, clarity).
-    pub aspect_weights: [f64; 5],
+    pub aspect_weights: AspectWeights,
     /// SimPO target margin gamma (paper: 0.5).
     pub simpo_gamma: f64,
     /// TDPO alpha (paper: 0.5).
@@ -41,7 +48,7 @@ pub struct TrainConfig {
 
     // Optimisation.
     pub learning_rate: f64,
-    pub lr_scheduler_type: String,
+    pub lr_scheduler_type: SchedulerType,
     pub warmup_ratio: f64,
     pub warmup_steps: usize,
     pub weight_decay: f64,
@@ -62,7 +69,7 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `random`: a seeded permutation of the training pairs per epoch;
     /// `sequential`: file order (TRL's `train_sampling_strategy`).
-    pub train_sampling_strategy: String,
+    pub train_sampling_strategy: SamplingStrategy,
 
     // Sequences.
     pub max_length: usize,
@@ -85,7 +92,9 @@ pub struct TrainConfig {
     pub lora_r: usize,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
-    pub lora_target_modules: Vec<String>,
+    /// Modules that get adapters (`q_proj`, ..., or `all-linear`).
+    #[serde(with = "lora_targets")]
+    pub lora_target_modules: Vec<LoraTarget>,
 
     // Reference model handling.
     /// Precompute reference log-probs once and cache them on disk (TRL's
@@ -94,10 +103,15 @@ pub struct TrainConfig {
     pub precompute_ref_log_probs: bool,
     /// Skip invalid data lines (reported) instead of failing.
     pub skip_invalid: bool,
+    /// An update whose loss or gradient norm is not finite is skipped
+    /// (counted as `nonfinite_updates` in the metrics) instead of stopping
+    /// the run with an error.
+    pub skip_nonfinite_updates: bool,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
+        let loss = LossConfig::default();
         TrainConfig {
             model: "smollm2".into(),
             ref_model: None,
@@ -105,15 +119,15 @@ impl Default for TrainConfig {
             eval_file: None,
             eval_split: 0.0,
             output_dir: PathBuf::from("runs/train"),
-            loss_type: "2d-dpo".into(),
-            beta: 0.1,
-            sft_weight: 0.1,
-            aspect_weights: [0.3, 0.4, 0.1, 0.1, 0.1],
-            simpo_gamma: 0.5,
-            tdpo_alpha: 0.5,
-            label_smoothing: 0.0,
+            loss_type: loss.loss_type,
+            beta: loss.beta,
+            sft_weight: loss.sft_weight,
+            aspect_weights: loss.aspect_weights,
+            simpo_gamma: loss.simpo_gamma,
+            tdpo_alpha: loss.tdpo_alpha,
+            label_smoothing: loss.label_smoothing,
             learning_rate: 1e-6,
-            lr_scheduler_type: "linear".into(),
+            lr_scheduler_type: SchedulerType::Linear,
             warmup_ratio: 0.0,
             warmup_steps: 0,
             weight_decay: 0.0,
@@ -127,7 +141,7 @@ impl Default for TrainConfig {
             gradient_accumulation_steps: 1,
             num_train_epochs: 3.0,
             max_steps: 0,
-            train_sampling_strategy: "random".into(),
+            train_sampling_strategy: SamplingStrategy::Random,
             seed: 42,
             max_length: 1024,
             max_prompt_length: 512,
@@ -140,12 +154,44 @@ impl Default for TrainConfig {
             lora_r: 16,
             lora_alpha: 32.0,
             lora_dropout: 0.05,
-            lora_target_modules: vec!["q_proj".into(), "k_proj".into(), "v_proj".into(), "o_proj".into()],
+            lora_target_modules: vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O],
             precompute_ref_log_probs: true,
             skip_invalid: false,
+            skip_nonfinite_updates: false,
         }
     }
 }
+
+/// `lora_target_modules` as PEFT writes them (`["q_proj", ...]`); reading
+/// also takes `all-linear` and short names, through [`LoraTarget::parse_list`].
+mod lora_targets {
+    use dpo2d_model::lora::LoraTarget;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(targets: &[LoraTarget], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(targets.iter().map(|t| t.hf_name()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<LoraTarget>, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        LoraTarget::parse_list(&names.join(",")).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Options that do not change the trained weights, so a resumed run may
+/// set them differently (paths are covered by the data fingerprint).
+pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
+    "output_dir",
+    "train_file",
+    "eval_file",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "per_device_eval_batch_size",
+    "skip_invalid",
+    "skip_nonfinite_updates",
+];
 
 /// Named presets, as TOML text (the same text ships in `configs/`).
 pub fn preset(name: &str) -> Result<&'static str> {
@@ -179,15 +225,13 @@ impl TrainConfig {
         }
         check_keys(&overrides, "command line")?;
         table.extend(overrides);
-        let cfg: TrainConfig = toml::Value::Table(table).try_into().context("invalid training configuration")?;
+        let cfg = from_table(table)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// Checks that the types cannot express (ranges, combinations).
     pub fn validate(&self) -> Result<()> {
-        if !matches!(self.train_sampling_strategy.as_str(), "random" | "sequential") {
-            bail!("train_sampling_strategy must be `random` or `sequential`, got `{}`", self.train_sampling_strategy);
-        }
         if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
             bail!("per_device_train_batch_size and gradient_accumulation_steps must be at least 1");
         }
@@ -197,18 +241,43 @@ impl TrainConfig {
         if self.max_length < 2 {
             bail!("max_length must be at least 2");
         }
-        let s: f64 = self.aspect_weights.iter().sum();
-        if self.aspect_weights.iter().any(|w| *w < 0.0) || (s - 1.0).abs() > 1e-6 {
-            bail!("aspect_weights must be non-negative and sum to 1, got {:?} (sum {s})", self.aspect_weights);
-        }
         if self.learning_rate < 0.0 || !self.learning_rate.is_finite() {
             bail!("learning_rate must be a finite non-negative number");
         }
-        self.lr_scheduler_type.parse::<crate::schedule::SchedulerType>()?;
         if self.max_steps == 0 && self.num_train_epochs <= 0.0 {
             bail!("set max_steps or num_train_epochs to a positive value");
         }
-        Ok(())
+        self.loss_config().validate()
+    }
+
+    /// The loss hyper-parameters of this configuration.
+    pub fn loss_config(&self) -> LossConfig {
+        LossConfig {
+            loss_type: self.loss_type,
+            beta: self.beta,
+            sft_weight: self.sft_weight,
+            simpo_gamma: self.simpo_gamma,
+            tdpo_alpha: self.tdpo_alpha,
+            label_smoothing: self.label_smoothing,
+            aspect_weights: self.aspect_weights,
+            ..LossConfig::default()
+        }
+    }
+
+    /// The options that differ from `earlier` (a checkpoint's), as
+    /// `name: old -> new`, leaving out those a resumed run may change
+    /// ([`MAY_CHANGE_ON_RESUME`]).
+    pub fn changes_from(&self, earlier: &TrainConfig) -> Result<Vec<String>> {
+        let (now, then) = (toml::Table::try_from(self)?, toml::Table::try_from(earlier)?);
+        let mut keys: Vec<&String> = now.keys().chain(then.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let show = |v: Option<&toml::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "(unset)".into());
+        Ok(keys
+            .into_iter()
+            .filter(|k| !MAY_CHANGE_ON_RESUME.contains(&k.as_str()) && now.get(*k) != then.get(*k))
+            .map(|k| format!("{k}: {} -> {}", show(then.get(k)), show(now.get(k))))
+            .collect())
     }
 
     /// The configuration as TOML (written to the output directory).
@@ -230,6 +299,25 @@ fn check_keys(t: &toml::Table, source: &str) -> Result<()> {
     Ok(())
 }
 
+/// The configuration from merged TOML keys. When a value does not fit its
+/// option, the error names the key (serde alone may not), found by reading
+/// each key on its own over the defaults.
+fn from_table(table: toml::Table) -> Result<TrainConfig> {
+    let err = match toml::Value::Table(table.clone()).try_into::<TrainConfig>() {
+        Ok(cfg) => return Ok(cfg),
+        Err(e) => e,
+    };
+    let defaults = toml::Value::try_from(TrainConfig::default())?;
+    for (k, v) in &table {
+        let mut one = defaults.as_table().cloned().unwrap_or_default();
+        one.insert(k.clone(), v.clone());
+        if let Err(e) = toml::Value::Table(one).try_into::<TrainConfig>() {
+            return Err(anyhow!("option `{k}`: {}", e.to_string().trim()));
+        }
+    }
+    Err(anyhow!(err).context("invalid training configuration"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,7 +330,7 @@ mod tests {
         assert_eq!(cfg.gradient_accumulation_steps, 8);
         assert_eq!(cfg.per_device_train_batch_size, 1);
         assert_eq!(cfg.max_steps, 700);
-        assert_eq!(cfg.lr_scheduler_type, "cosine");
+        assert_eq!(cfg.lr_scheduler_type, SchedulerType::Cosine);
         let dir = tempfile::tempdir()?;
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "beta = 0.5\nlearning_rate = 2e-6\n")?;
@@ -271,5 +359,30 @@ mod tests {
         let mut o = toml::Table::new();
         o.insert("aspect_weights".into(), toml::Value::try_from([0.5, 0.5, 0.5, 0.0, 0.0]).unwrap());
         assert!(TrainConfig::resolve(None, None, o).is_err());
+    }
+
+    #[test]
+    fn bad_enum_values_name_the_key_and_the_choices() {
+        for (key, value, allowed) in [
+            ("loss_type", "dpp", "2d-dpo"),
+            ("lr_scheduler_type", "cosin", "cosine"),
+            ("train_sampling_strategy", "shuffled", "sequential"),
+            ("lora_target_modules", "qq_proj", "all-linear"),
+        ] {
+            let mut o = toml::Table::new();
+            let v = if key == "lora_target_modules" { toml::Value::try_from([value]).unwrap() } else { toml::Value::from(value) };
+            o.insert(key.into(), v);
+            let e = format!("{:#}", TrainConfig::resolve(None, None, o).unwrap_err());
+            assert!(e.contains(key) && e.contains(value) && e.contains(allowed), "{e}");
+        }
+    }
+
+    #[test]
+    fn one_default_per_hyper_parameter() {
+        let (cfg, loss) = (TrainConfig::default(), LossConfig::default());
+        assert_eq!(cfg.loss_config(), loss);
+        let all = toml::Value::try_from(&cfg).unwrap();
+        let back: TrainConfig = all.try_into().unwrap();
+        assert_eq!(back, cfg);
     }
 }

@@ -13,7 +13,7 @@
 //!   refuses plain TRL-shaped data for the 2-D losses with a clear message.
 //! * [`LossConfig`]: `beta`, `label_smoothing`, `simpo_gamma`, `tdpo_alpha`,
 //!   `desirable_weight`, `undesirable_weight`, `sft_weight`, `aspect_weights`
-//!   ([`AspectWeights`]); [`LossConfig::new`] gives the paper's defaults.
+//!   ([`AspectWeights`]); [`LossConfig::default`] holds the one default of each.
 //! * Inputs: [`PreferenceBatch`] = a [`SideBatch`] for chosen and for rejected
 //!   (per-token tensors `[B,T]`; `T` may differ between the sides) plus, for
 //!   KTO, [`KtoKl`]. 2-D losses read [`SegmentBatch`] (explicit per-token
@@ -248,7 +248,8 @@ impl fmt::Display for AspectWeights {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LossConfig {
     pub loss_type: LossType,
-    /// Strength of the implicit KL penalty (paper: 0.2 for every method).
+    /// Strength of the implicit KL penalty (TRL's default 0.1; the paper
+    /// uses 0.2 for every method).
     /// For ORPO it is the weight lambda of the odds-ratio term, as in TRL.
     pub beta: f64,
     /// Conservative-DPO label smoothing for `dpo` and `simpo`, in [0, 0.5).
@@ -269,12 +270,14 @@ pub struct LossConfig {
     pub aspect_weights: AspectWeights,
 }
 
-impl LossConfig {
-    /// The paper's hyper-parameters for `loss_type`.
-    pub fn new(loss_type: LossType) -> Self {
+/// The one set of loss defaults: TRL's `beta` (0.1; the paper's 0.2 is in
+/// the `paper` preset), the paper's SFT weight, gamma, alpha and aspect
+/// weights. [`crate::config::TrainConfig`]'s defaults come from here.
+impl Default for LossConfig {
+    fn default() -> Self {
         LossConfig {
-            loss_type,
-            beta: 0.2,
+            loss_type: LossType::TwoDDpo,
+            beta: 0.1,
             label_smoothing: 0.0,
             simpo_gamma: 0.5,
             tdpo_alpha: 0.5,
@@ -283,6 +286,13 @@ impl LossConfig {
             sft_weight: 0.1,
             aspect_weights: AspectWeights::PAPER,
         }
+    }
+}
+
+impl LossConfig {
+    /// The default hyper-parameters for `loss_type`.
+    pub fn new(loss_type: LossType) -> Self {
+        LossConfig { loss_type, ..LossConfig::default() }
     }
 
     /// The weights the 2-D loss actually uses (helpfulness only for 1d-dpo).
@@ -303,7 +313,7 @@ impl LossConfig {
         {
             ensure!(v.is_finite() && v >= 0.0, "{name} must be >= 0, got {v}");
         }
-        AspectWeights::new(self.aspect_weights.0)?;
+        // aspect_weights: valid by construction (AspectWeights::new, serde).
         Ok(())
     }
 }
@@ -397,6 +407,7 @@ impl LossOutput {
             ("logps/chosen", mean(&p.logps_chosen)),
             ("logps/rejected", mean(&p.logps_rejected)),
             ("nll_loss", self.sft_loss),
+            ("sft_loss", self.sft_loss),
         ];
         if let Some(n) = &p.segment_pairs {
             let n: Vec<f64> = n.iter().map(|&x| x as f64).collect();
@@ -481,80 +492,86 @@ fn sigmoid_losses(z: &Tensor, label_smoothing: f64) -> Result<Tensor> {
 // ---------------------------------------------------------------------------
 // Per-pair losses on sequence-level quantities `[B]`.
 
-/// DPO: `-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))`, with
-/// conservative label smoothing. Inputs: summed log-ratios per response.
-pub fn dpo_losses(logratio_chosen: &Tensor, logratio_rejected: &Tensor, beta: f64, label_smoothing: f64) -> Result<Tensor> {
-    let h = (logratio_chosen - logratio_rejected)?;
-    sigmoid_losses(&(h * beta)?, label_smoothing)
+/// DPO: `-log sigmoid(beta * (chosen_logratios - rejected_logratios))`, a
+/// log-ratio being `sum log pi - sum log pi_ref` over a response, with
+/// conservative label smoothing.
+pub fn dpo_losses(chosen_logratios: &Tensor, rejected_logratios: &Tensor, beta: f64, label_smoothing: f64) -> Result<Tensor> {
+    let logits = (chosen_logratios - rejected_logratios)?;
+    sigmoid_losses(&(logits * beta)?, label_smoothing)
 }
 
 /// IPO: `(h - 1/(2 beta))^2`, h = difference of the per-token AVERAGE
 /// log-ratios (TRL averages the log-probs for IPO).
-pub fn ipo_losses(avg_logratio_chosen: &Tensor, avg_logratio_rejected: &Tensor, beta: f64) -> Result<Tensor> {
-    let h = (avg_logratio_chosen - avg_logratio_rejected)?;
+pub fn ipo_losses(chosen_avg_logratios: &Tensor, rejected_avg_logratios: &Tensor, beta: f64) -> Result<Tensor> {
+    let h = (chosen_avg_logratios - rejected_avg_logratios)?;
     Ok((h - 1.0 / (2.0 * beta))?.sqr()?)
 }
 
-/// KTO on pairs (TRL's KTOTrainer): chosen is desirable, rejected
-/// undesirable, `z0` the clamped, detached KL estimate;
-/// `(dw (1 - sigmoid(beta (lr_w - z0))) + uw (1 - sigmoid(beta (z0 - lr_l)))) / 2`
+/// KTO on pairs (TRL's KTOTrainer): the chosen response is desirable, the
+/// rejected one undesirable, `z0` the clamped, detached KL estimate:
+///
+/// `chosen_losses   = 1 - sigmoid(beta (chosen_logratios - z0))`
+/// `rejected_losses = 1 - sigmoid(beta (z0 - rejected_logratios))`
+/// `loss = (desirable_weight chosen_losses + undesirable_weight rejected_losses) / 2`
+///
 /// (TRL averages over the 2B completions, hence the /2 per pair).
 pub fn kto_losses(
-    logratio_chosen: &Tensor,
-    logratio_rejected: &Tensor,
+    chosen_logratios: &Tensor,
+    rejected_logratios: &Tensor,
     z0: f64,
     beta: f64,
     desirable_weight: f64,
     undesirable_weight: f64,
 ) -> Result<Tensor> {
-    let chosen = (sigmoid(&((logratio_chosen - z0)? * beta)?)?.neg()? + 1.0)?;
-    let rejected = (sigmoid(&((logratio_rejected.neg()? + z0)? * beta)?)?.neg()? + 1.0)?;
-    Ok((((chosen * desirable_weight)? + (rejected * undesirable_weight)?)? * 0.5)?)
+    let one_minus = |t: Tensor| -> Result<Tensor> { Ok((t.neg()? + 1.0)?) };
+    let chosen_losses = one_minus(sigmoid(&((chosen_logratios - z0)? * beta)?)?)?;
+    let rejected_losses = one_minus(sigmoid(&((rejected_logratios.neg()? + z0)? * beta)?)?)?;
+    Ok((((chosen_losses * desirable_weight)? + (rejected_losses * undesirable_weight)?)? * 0.5)?)
 }
 
 /// ORPO's odds-ratio term (without the NLL): `-lambda log sigmoid(log_odds)`,
 /// `log_odds = (a_w - a_l) - (log(1 - e^{a_w}) - log(1 - e^{a_l}))`, `a` the
 /// per-token average policy log-probs (as TRL).
-pub fn orpo_losses(avg_logp_chosen: &Tensor, avg_logp_rejected: &Tensor, lambda: f64) -> Result<Tensor> {
+pub fn orpo_losses(chosen_avg_logps: &Tensor, rejected_avg_logps: &Tensor, lambda: f64) -> Result<Tensor> {
     let log1m_exp = |a: &Tensor| -> Result<Tensor> {
         // 1 - e^a underflows to 0 only for a response of probability ~1 per token.
         Ok((a.exp()?.neg()? + 1.0)?.clamp(1e-12, 1.0)?.log()?)
     };
-    let log_odds = ((avg_logp_chosen - avg_logp_rejected)? - (log1m_exp(avg_logp_chosen)? - log1m_exp(avg_logp_rejected)?)?)?;
+    let log_odds = ((chosen_avg_logps - rejected_avg_logps)? - (log1m_exp(chosen_avg_logps)? - log1m_exp(rejected_avg_logps)?)?)?;
     Ok((log_sigmoid(&log_odds)? * (-lambda))?)
 }
 
 /// SimPO: `-log sigmoid(beta (a_w - a_l) - gamma)` (with label smoothing),
 /// `a` the per-token average policy log-probs; gamma is a margin in reward
 /// units (TRL subtracts `gamma/beta` before scaling by beta: the same).
-pub fn simpo_losses(avg_logp_chosen: &Tensor, avg_logp_rejected: &Tensor, beta: f64, gamma: f64, label_smoothing: f64) -> Result<Tensor> {
-    let z = (((avg_logp_chosen - avg_logp_rejected)? * beta)? - gamma)?;
+pub fn simpo_losses(chosen_avg_logps: &Tensor, rejected_avg_logps: &Tensor, beta: f64, gamma: f64, label_smoothing: f64) -> Result<Tensor> {
+    let z = (((chosen_avg_logps - rejected_avg_logps)? * beta)? - gamma)?;
     sigmoid_losses(&z, label_smoothing)
 }
 
 /// TDPO (Zeng et al. 2024): `-log sigmoid(beta * logits)` with
-/// `margin = lr_w - lr_l` (summed log-ratios) and the sequential KLs
+/// `margin = chosen_logratios - rejected_logratios` and the sequential KLs
 /// `kl = sum_t KL(ref || policy)` of each response;
-/// TDPO1: `logits = margin - (kl_l - kl_w)`,
-/// TDPO2: `logits = margin - alpha (kl_l - detach(kl_w))`.
+/// TDPO1: `logits = margin - (rejected_kl - chosen_kl)`,
+/// TDPO2: `logits = margin - alpha (rejected_kl - detach(chosen_kl))`.
 pub fn tdpo_losses(
-    logratio_chosen: &Tensor,
-    logratio_rejected: &Tensor,
-    seq_kl_chosen: &Tensor,
-    seq_kl_rejected: &Tensor,
+    chosen_logratios: &Tensor,
+    rejected_logratios: &Tensor,
+    chosen_kl: &Tensor,
+    rejected_kl: &Tensor,
     beta: f64,
     tdpo2_alpha: Option<f64>,
 ) -> Result<Tensor> {
-    let margin = (logratio_chosen - logratio_rejected)?;
+    let margin = (chosen_logratios - rejected_logratios)?;
     let logits = match tdpo2_alpha {
-        None => (margin - (seq_kl_rejected - seq_kl_chosen)?)?,
-        Some(alpha) => (margin - ((seq_kl_rejected - seq_kl_chosen.detach())? * alpha)?)?,
+        None => (margin - (rejected_kl - chosen_kl)?)?,
+        Some(alpha) => (margin - ((rejected_kl - chosen_kl.detach())? * alpha)?)?,
     };
     sigmoid_losses(&(logits * beta)?, 0.0)
 }
 
 // ---------------------------------------------------------------------------
-// The batch loss.
+// The batch loss: input checks, per-pair losses, metrics.
 
 /// Check a `[B,T]` tensor of one side against the side's policy log-probs.
 fn check_like(name: &str, t: &Tensor, like: &Tensor) -> Result<()> {
@@ -591,9 +608,33 @@ fn check_side(side_name: &str, s: &SideBatch, lt: LossType) -> Result<()> {
     Ok(())
 }
 
-/// An input that `check_side` has already required.
+/// Everything `loss_type` needs is present and the shapes agree.
+fn check_batch(lt: LossType, batch: &PreferenceBatch) -> Result<()> {
+    let (w, l) = (&batch.chosen, &batch.rejected);
+    check_side("chosen", w, lt)?;
+    check_side("rejected", l, lt)?;
+    let b = w.policy_logps.dim(0)?;
+    ensure!(l.policy_logps.dim(0)? == b, "chosen and rejected batches differ in size: {b} vs {}", l.policy_logps.dim(0)?);
+    ensure!(b > 0, "empty batch");
+    ensure!(l.policy_logps.dtype() == w.policy_logps.dtype(), "chosen and rejected log-probs differ in dtype");
+    if lt.needs_kto_kl() {
+        let kl = batch.kto_kl.as_ref().context(
+            "loss_type kto needs log-probs of mismatched prompt/completion pairs under policy \
+             and reference for its KL estimate",
+        )?;
+        ensure!(
+            kl.policy_logps.dims() == kl.reference_logps.dims() && kl.policy_logps.rank() == 1,
+            "KTO KL log-probs must be two [M] tensors, got {:?} and {:?}",
+            kl.policy_logps.dims(),
+            kl.reference_logps.dims()
+        );
+    }
+    Ok(())
+}
+
+/// An input that `check_batch` has already required.
 fn need<T>(t: &Option<T>) -> &T {
-    t.as_ref().expect("presence checked by check_side")
+    t.as_ref().expect("presence checked by check_batch")
 }
 
 fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
@@ -604,73 +645,70 @@ fn scalar_f64(t: &Tensor) -> Result<f64> {
     Ok(t.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// The loss of `cfg.loss_type` on `batch`, plus metrics. See the module
-/// documentation for the inputs each loss type needs.
-pub fn compute_loss(cfg: &LossConfig, batch: &PreferenceBatch) -> Result<LossOutput> {
-    cfg.validate()?;
+/// The sequence-level quantities of one side that the losses are written in.
+struct SideLogps {
+    /// Summed policy log-probs `[B]`.
+    sum: Tensor,
+    /// Per-token average policy log-probs `[B]`.
+    avg: Tensor,
+    /// `(log pi - log pi_ref) * mask` per token `[B,T]`, reference detached
+    /// (losses with a reference only).
+    token_logratios: Option<Tensor>,
+    /// `token_logratios` summed over the response `[B]`.
+    logratios: Option<Tensor>,
+}
+
+impl SideLogps {
+    fn of(side: &SideBatch, lt: LossType) -> Result<Self> {
+        let token_logratios = match &side.reference_logps {
+            Some(r) if lt.needs_reference() => Some(((&side.policy_logps - r.detach())? * &side.mask)?),
+            _ => None,
+        };
+        let logratios = token_logratios.as_ref().map(|t| t.sum(D::Minus1)).transpose()?;
+        Ok(SideLogps {
+            sum: sequence_logps(&side.policy_logps, &side.mask)?,
+            avg: average_logps(&side.policy_logps, &side.mask)?,
+            token_logratios,
+            logratios,
+        })
+    }
+}
+
+/// Per-pair preference losses `[B]`, plus loss-specific metrics and, for
+/// the 2-D losses, the number of segment pairs of each pair.
+type PerPair = (Tensor, Vec<(&'static str, f64)>, Option<Vec<usize>>);
+
+fn per_pair_losses(cfg: &LossConfig, batch: &PreferenceBatch, chosen: &SideLogps, rejected: &SideLogps) -> Result<PerPair> {
     let lt = cfg.loss_type;
     let (w, l) = (&batch.chosen, &batch.rejected);
-    check_side("chosen", w, lt)?;
-    check_side("rejected", l, lt)?;
-    let b = w.policy_logps.dim(0)?;
-    ensure!(l.policy_logps.dim(0)? == b, "chosen and rejected batches differ in size: {b} vs {}", l.policy_logps.dim(0)?);
-    ensure!(b > 0, "empty batch");
-    ensure!(l.policy_logps.dtype() == w.policy_logps.dtype(), "chosen and rejected log-probs differ in dtype");
-
-    let sum_w = sequence_logps(&w.policy_logps, &w.mask)?;
-    let sum_l = sequence_logps(&l.policy_logps, &l.mask)?;
-    let avg_w = average_logps(&w.policy_logps, &w.mask)?;
-    let avg_l = average_logps(&l.policy_logps, &l.mask)?;
-    // Token log-ratios rho_t (reference detached) and their sums.
-    let rho = |s: &SideBatch| -> Result<Option<Tensor>> {
-        match &s.reference_logps {
-            Some(r) if lt.needs_reference() => Ok(Some(((&s.policy_logps - r.detach())? * &s.mask)?)),
-            _ => Ok(None),
-        }
-    };
-    let (rho_w, rho_l) = (rho(w)?, rho(l)?);
-    let lr = |r: &Option<Tensor>| -> Result<Option<Tensor>> { r.as_ref().map(|r| Ok(r.sum(D::Minus1)?)).transpose() };
-    let (lr_w, lr_l) = (lr(&rho_w)?, lr(&rho_l)?);
-
-    let nll = avg_w.neg()?.mean_all()?;
     let mut extra = Vec::new();
     let mut segment_pairs = None;
-    let per_pair = match lt {
-        LossType::Dpo => dpo_losses(need(&lr_w), need(&lr_l), cfg.beta, cfg.label_smoothing)?,
+    let losses = match lt {
+        LossType::Dpo => dpo_losses(need(&chosen.logratios), need(&rejected.logratios), cfg.beta, cfg.label_smoothing)?,
         LossType::Ipo => {
-            let avg_lr_w = average_logps(need(&rho_w), &w.mask)?;
-            let avg_lr_l = average_logps(need(&rho_l), &l.mask)?;
-            ipo_losses(&avg_lr_w, &avg_lr_l, cfg.beta)?
+            let chosen_avg = average_logps(need(&chosen.token_logratios), &w.mask)?;
+            let rejected_avg = average_logps(need(&rejected.token_logratios), &l.mask)?;
+            ipo_losses(&chosen_avg, &rejected_avg, cfg.beta)?
         }
         LossType::Kto => {
-            let kl = batch.kto_kl.as_ref().context(
-                "loss_type kto needs log-probs of mismatched prompt/completion pairs under policy \
-                 and reference for its KL estimate",
-            )?;
-            ensure!(
-                kl.policy_logps.dims() == kl.reference_logps.dims() && kl.policy_logps.rank() == 1,
-                "KTO KL log-probs must be two [M] tensors, got {:?} and {:?}",
-                kl.policy_logps.dims(),
-                kl.reference_logps.dims()
-            );
+            let kl = need(&batch.kto_kl);
             let z0 = scalar_f64(&(&kl.policy_logps - &kl.reference_logps)?.mean_all()?)?.max(0.0);
             extra.push(("kl", z0));
-            kto_losses(need(&lr_w), need(&lr_l), z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)?
+            let (c, r) = (need(&chosen.logratios), need(&rejected.logratios));
+            kto_losses(c, r, z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)?
         }
-        LossType::Orpo => orpo_losses(&avg_w, &avg_l, cfg.beta)?,
-        LossType::Simpo => simpo_losses(&avg_w, &avg_l, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)?,
+        LossType::Orpo => orpo_losses(&chosen.avg, &rejected.avg, cfg.beta)?,
+        LossType::Simpo => simpo_losses(&chosen.avg, &rejected.avg, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)?,
         LossType::Tdpo1 | LossType::Tdpo2 => {
-            let kl_w = sequence_logps(need(&w.token_kl), &w.mask)?;
-            let kl_l = sequence_logps(need(&l.token_kl), &l.mask)?;
-            extra.push(("kl/chosen", mean(&to_f64_vec(&kl_w)?)));
-            extra.push(("kl/rejected", mean(&to_f64_vec(&kl_l)?)));
+            let chosen_kl = sequence_logps(need(&w.token_kl), &w.mask)?;
+            let rejected_kl = sequence_logps(need(&l.token_kl), &l.mask)?;
             let alpha = (lt == LossType::Tdpo2).then_some(cfg.tdpo_alpha);
-            tdpo_losses(need(&lr_w), need(&lr_l), &kl_w, &kl_l, cfg.beta, alpha)?
+            tdpo_losses(need(&chosen.logratios), need(&rejected.logratios), &chosen_kl, &rejected_kl, cfg.beta, alpha)?
         }
         LossType::OneDDpo | LossType::TwoDDpo => {
             let out = two_d_dpo_losses(
-                need(&rho_w),
-                need(&rho_l),
+                need(&chosen.token_logratios),
+                need(&rejected.token_logratios),
                 &w.mask,
                 &l.mask,
                 need(&w.segments),
@@ -682,28 +720,58 @@ pub fn compute_loss(cfg: &LossConfig, batch: &PreferenceBatch) -> Result<LossOut
             out.losses
         }
     };
+    Ok((losses, extra, segment_pairs))
+}
+
+/// `kl/chosen`, `kl/rejected`: the mean sequence KL of each side: exact
+/// (from the full distributions) when the batch has token KLs, else the
+/// sampled estimate `sum(log pi - log pi_ref)` over the response.
+fn kl_metrics(batch: &PreferenceBatch, chosen: &SideLogps, rejected: &SideLogps) -> Result<Vec<(&'static str, f64)>> {
+    let exact = |s: &SideBatch| s.token_kl.as_ref().map(|k| sequence_logps(k, &s.mask)).transpose();
+    let (c, r) = match (exact(&batch.chosen)?, exact(&batch.rejected)?) {
+        (Some(c), Some(r)) => (c, r),
+        _ => match (&chosen.logratios, &rejected.logratios) {
+            (Some(c), Some(r)) => (c.clone(), r.clone()),
+            _ => return Ok(vec![]),
+        },
+    };
+    Ok(vec![("kl/chosen", mean(&to_f64_vec(&c)?)), ("kl/rejected", mean(&to_f64_vec(&r)?))])
+}
+
+/// The loss of `cfg.loss_type` on `batch`, plus metrics. See the module
+/// documentation for the inputs each loss type needs.
+pub fn compute_loss(cfg: &LossConfig, batch: &PreferenceBatch) -> Result<LossOutput> {
+    cfg.validate()?;
+    let lt = cfg.loss_type;
+    check_batch(lt, batch)?;
+    let chosen = SideLogps::of(&batch.chosen, lt)?;
+    let rejected = SideLogps::of(&batch.rejected, lt)?;
+
+    let (per_pair, mut extra, segment_pairs) = per_pair_losses(cfg, batch, &chosen, &rejected)?;
     let preference = per_pair.mean_all()?;
+    let nll = chosen.avg.neg()?.mean_all()?;
     let (loss, sft_coefficient) = match lt {
         LossType::Orpo => ((&nll + &preference)?, 1.0),
         _ if cfg.sft_weight > 0.0 => ((&preference + (&nll * cfg.sft_weight)?)?, cfg.sft_weight),
         _ => (preference.clone(), 0.0),
     };
-    let sft_loss = scalar_f64(&nll)?;
+    extra.extend(kl_metrics(batch, &chosen, &rejected)?);
 
+    // Rewards as TRL: beta * log-ratio, or beta * average log-prob without a reference.
     let (rewards_chosen, rewards_rejected) = if lt.needs_reference() {
-        (to_f64_vec(need(&lr_w))?, to_f64_vec(need(&lr_l))?)
+        (to_f64_vec(need(&chosen.logratios))?, to_f64_vec(need(&rejected.logratios))?)
     } else {
-        (to_f64_vec(&avg_w)?, to_f64_vec(&avg_l)?)
+        (to_f64_vec(&chosen.avg)?, to_f64_vec(&rejected.avg)?)
     };
     let scale = |v: Vec<f64>| v.into_iter().map(|x| cfg.beta * x).collect::<Vec<f64>>();
     let pairs = PairMetrics {
         rewards_chosen: scale(rewards_chosen),
         rewards_rejected: scale(rewards_rejected),
-        logps_chosen: to_f64_vec(&sum_w)?,
-        logps_rejected: to_f64_vec(&sum_l)?,
+        logps_chosen: to_f64_vec(&chosen.sum)?,
+        logps_rejected: to_f64_vec(&rejected.sum)?,
         segment_pairs,
     };
-    Ok(LossOutput { loss, preference_loss: scalar_f64(&preference)?, sft_loss, sft_coefficient, pairs, extra })
+    Ok(LossOutput { loss, preference_loss: scalar_f64(&preference)?, sft_loss: scalar_f64(&nll)?, sft_coefficient, pairs, extra })
 }
 
 #[cfg(test)]

@@ -69,9 +69,14 @@ impl MetricsWriter {
             text.push_str(&serde_json::to_string(r)?);
             text.push('\n');
         }
-        std::fs::write(&self.path, text).with_context(|| format!("writing {}", self.path.display()))
+        dpo2d_fs::write_file(&self.path, text)
     }
+    /// Append a record; a non-finite value (JSON would write `null`) is an
+    /// error naming the step and the metric.
     pub fn append(&self, r: &Record) -> Result<()> {
+        if let Some((k, v)) = r.values.iter().find(|(_, v)| !v.is_finite()) {
+            anyhow::bail!("step {}: metric {k} is {v}; not logging a non-finite value", r.step);
+        }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

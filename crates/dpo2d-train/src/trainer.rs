@@ -2,6 +2,10 @@
 //! reference) -> loss -> AdamW, with gradient accumulation, clipping, a
 //! learning-rate schedule, evaluation, metrics, checkpoints and exact resume.
 //!
+//! [`train`] is the loop; [`Trainer`] holds the run and has one method per
+//! part of it: `new` (data, models, tokens, reference), `step`, `log`,
+//! `evaluate`, `save` and `finish`.
+//!
 //! Exact resume: everything random is derived from the seed and a counter
 //! (epoch for the data order), weights and optimizer moments are saved
 //! bit-exactly, and the metrics window in progress is saved with the
@@ -9,29 +13,31 @@
 //! uninterrupted one. LoRA dropout masks come from the model's own RNG
 //! stream, whose state is saved with the checkpoint too.
 //!
-//! Speed: sequences of a micro-batch (prompt+chosen, prompt+rejected) are
-//! packed without padding into rows as wide as the longest sequence (each
-//! with its own positions and block-diagonal causal mask); label
-//! log-probabilities are taken only at response positions and without a
-//! stored full log-softmax; reference log-probs are precomputed once and
-//! cached on disk unless the loss needs the reference's full distribution.
+//! Speed: see [`crate::packing`] (padding-free packing, one forward for the
+//! prompt shared by both responses, label log-probs without a stored full
+//! log-softmax) and [`crate::reference`] (reference log-probs precomputed once).
 
-use crate::align::{AlignOptions, Aligner, TokenizedPair, TokenizedResponse, NO_SEGMENT};
+use crate::align::{AlignOptions, Aligner, TokenizedPair};
+use crate::batch::{Models, Split};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
-use crate::loss::{self, AspectWeights, KtoKl, LossConfig, LossOutput, LossType, PreferenceBatch, SegmentBatch, SideBatch};
+use crate::loss::LossConfig;
 use crate::metrics::{Accumulator, MetricsWriter, Record};
 use crate::optim::{clip_grad_norm, AdamW, AdamWParams};
+use crate::reference::{ModelRef, Precompute, Reference};
+use crate::sampler::Sampler;
 use crate::schedule::{self, SchedulerType};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor, Var};
 use dpo2d_data::{load_pairs, LoadOptions as DataLoadOptions, Pair, Requirement};
-use dpo2d_model::llama::{AttentionLayout, CausalLM, LoadOptions};
-use dpo2d_model::lora::{LoraConfig, LoraTarget};
+use dpo2d_model::llama::{CausalLM, LoadOptions};
+use dpo2d_model::lora::LoraConfig;
 use dpo2d_model::source::TextSide;
+use dpo2d_model::DeviceSpec;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// How to run (beyond the configuration).
@@ -44,10 +50,19 @@ pub struct RunOptions {
     /// Stop after this many updates as if interrupted (after any checkpoint of
     /// that step is written); for tests of resume.
     pub stop_after: Option<usize>,
-    /// Cache directory for precomputed reference log-probs (default: the dpo2d cache).
+    /// The dpo2d cache (fetched models, precomputed reference log-probs);
+    /// default: `$DPO2D_CACHE` or the user cache directory.
     pub cache_dir: Option<PathBuf>,
     /// Print a line per logging step to stderr when there is no progress bar.
     pub quiet: bool,
+    /// Where to compute.
+    pub device: DeviceSpec,
+    /// A fresh run may replace the outputs of an earlier run in `output_dir`
+    /// (HF's `overwrite_output_dir`); without it, such a directory is refused.
+    pub overwrite_output_dir: bool,
+    /// Set (e.g. by a Ctrl-C handler) to stop after the current update with
+    /// a checkpoint.
+    pub stop_signal: Option<Arc<AtomicBool>>,
 }
 
 /// What a finished run produced.
@@ -63,47 +78,597 @@ pub struct TrainOutcome {
     pub interrupted: bool,
     /// Step this run started from (0, or the resumed checkpoint's step).
     pub start_step: usize,
+    /// The checkpoint written when the run was stopped by its stop signal.
+    pub checkpoint: Option<PathBuf>,
 }
 
-/// Resolve a model name: `smollm2` is fetched into the cache.
-pub fn resolve_model(name: &str) -> Result<PathBuf> {
-    if name.eq_ignore_ascii_case("smollm2") {
-        return dpo2d_model::fetch::fetch_smollm2(None);
-    }
-    Ok(PathBuf::from(name))
-}
-
-/// Deterministic 64-bit generator (SplitMix64): tiny, seedable, and its
-/// whole state is one number, so data order is reproducible anywhere.
-#[derive(Debug, Clone)]
-pub struct SplitMix(pub u64);
-
-impl SplitMix {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Fisher-Yates shuffle.
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = (self.next_u64() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
+/// Train according to `cfg`. See the module documentation.
+pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
+    let mut trainer = Trainer::new(cfg, run)?;
+    trainer.evaluate_before_training()?;
+    while trainer.global_step < trainer.total {
+        let update = trainer.step()?;
+        trainer.log(&update)?;
+        trainer.evaluate_if_due()?;
+        let saved = trainer.save_if_due()?;
+        if trainer.signalled() && trainer.global_step < trainer.total {
+            let checkpoint = match saved {
+                Some(dir) => dir,
+                None => trainer.save_checkpoint()?,
+            };
+            return Ok(trainer.interrupted(Some(checkpoint)));
+        }
+        if trainer.stop_requested() {
+            return Ok(trainer.interrupted(None));
         }
     }
+    trainer.finish()
 }
 
-/// Order of the training pairs in `epoch`.
-pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut v: Vec<usize> = (0..n).collect();
-    SplitMix(seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407)).shuffle(&mut v);
-    v
+/// What one optimizer update reports to the log.
+pub struct Update {
+    /// `None` when the update was skipped (not finite).
+    pub grad_norm: Option<f64>,
+    pub lr: f64,
 }
 
-fn load_data(path: &Path, skip_invalid: bool) -> Result<Vec<Pair>> {
-    let loaded = load_pairs(path, &DataLoadOptions::new(Requirement::Plain).skip_invalid(skip_invalid))?;
+/// The metrics being gathered between logging steps, and the log so far.
+#[derive(Default)]
+struct MetricsLog {
+    history: Vec<Record>,
+    /// Per-pair sums since the last logging step.
+    window: Accumulator,
+    window_tokens: usize,
+    train_tokens: usize,
+    last_eval_step: Option<usize>,
+    /// Updates skipped for a non-finite loss or gradient.
+    nonfinite_updates: usize,
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    cfg: TrainConfig,
+    run: RunOptions,
+    loss: LossConfig,
+    model_path: PathBuf,
+    text: TextSide,
+    models: Models,
+    train: Vec<TokenizedPair>,
+    eval: Vec<TokenizedPair>,
+    sampler: Sampler,
+    scheduler: SchedulerType,
+    warmup: usize,
+    /// Optimizer updates of the whole run.
+    total: usize,
+    vars: Vec<(String, Var)>,
+    optimizer: AdamW,
+    config_hash: String,
+    /// Hash of the token ids of the training and held-out pairs.
+    data_fingerprint: String,
+    /// Held while the run writes into `output_dir`.
+    _lock: dpo2d_fs::DirLock,
+    /// Optimizer updates done.
+    global_step: usize,
+    start_step: usize,
+    metrics: MetricsLog,
+    writer: MetricsWriter,
+    progress: Option<indicatif::ProgressBar>,
+    /// Training time as HF's `train_runtime`: reference precompute + loop + evals.
+    clock: Instant,
+    window_clock: Instant,
+}
+
+impl Trainer {
+    /// Everything before the first update: data, models, tokens, the
+    /// reference, the optimizer, and the state of a resumed run.
+    pub fn new(cfg: &TrainConfig, run: &RunOptions) -> Result<Trainer> {
+        cfg.validate()?;
+        let loss = cfg.loss_config();
+        let say = |s: &str| {
+            if !run.quiet {
+                eprintln!("{s}");
+            }
+        };
+        let lock = dpo2d_fs::DirLock::acquire(&cfg.output_dir).with_context(|| format!("output_dir {}", cfg.output_dir.display()))?;
+        if run.resume.is_none() {
+            claim_output_dir(&cfg.output_dir, run.overwrite_output_dir, &say)?;
+        }
+        let (train_pairs, eval_pairs) = load_data(cfg)?;
+        if cfg.bf16 {
+            say("note: bf16 is not used on CPU (slower than f32 there); training in f32");
+        }
+        let model_path = dpo2d_model::fetch::resolve_model(&cfg.model, run.cache_dir.as_deref())?;
+        let text = dpo2d_model::source::load_text_side(&model_path)?;
+        let lora = lora_config(cfg)?;
+        let opts = LoadOptions { dtype: DType::F32, device: run.device.device()?, trainable: lora.is_none(), lora: lora.clone() };
+        let resume = run.resume.as_ref().map(|dir| Ok::<_, anyhow::Error>((dir.clone(), checkpoint::load_state(dir)?))).transpose()?;
+        let policy = load_policy(&model_path, &opts, resume.as_ref().map(|(d, _)| d.as_path()))?;
+
+        let (train, eval) = tokenize(cfg, &text, &train_pairs, &eval_pairs, &say)?;
+
+        let clock = Instant::now();
+        let frozen = LoadOptions { trainable: false, lora: None, ..opts.clone() };
+        let reference = prepare_reference(cfg, run, &model_path, &frozen, &policy, resume.is_some(), &train, &eval, &say)?;
+
+        let vars = policy.trainable_vars();
+        if vars.is_empty() {
+            bail!("the model has no trainable parameters");
+        }
+        let optimizer = AdamW::new(
+            vars.clone(),
+            AdamWParams { weight_decay: cfg.weight_decay, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon },
+        )?;
+        let micro_step = resume.as_ref().map(|(_, state)| state.micro_step).unwrap_or(0);
+        let sampler = Sampler::new(cfg.train_sampling_strategy, cfg.seed, train.len(), cfg.per_device_train_batch_size, micro_step);
+        let total = total_updates(cfg, &sampler);
+        let mut t = Trainer {
+            cfg: cfg.clone(),
+            run: run.clone(),
+            loss,
+            model_path,
+            text,
+            models: Models { policy, reference },
+            train,
+            eval,
+            sampler,
+            scheduler: cfg.lr_scheduler_type,
+            warmup: schedule::warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total),
+            total,
+            vars,
+            optimizer,
+            config_hash: config_hash(cfg),
+            data_fingerprint: String::new(),
+            _lock: lock,
+            global_step: 0,
+            start_step: 0,
+            metrics: MetricsLog::default(),
+            writer: MetricsWriter::new(&cfg.output_dir),
+            progress: None,
+            clock,
+            window_clock: Instant::now(),
+        };
+        t.data_fingerprint = data_fingerprint(&t.train, &t.eval);
+        match &resume {
+            Some((dir, state)) => {
+                t.restore(dir, state)?;
+                say(&format!("resuming from {} at step {}", dir.display(), t.start_step));
+            }
+            None => t.writer.rewrite(&[])?,
+        }
+        dpo2d_fs::write_file(&cfg.output_dir.join("config.toml"), cfg.to_toml()?)?;
+        say(&t.describe());
+        if run.progress {
+            t.progress = Some(t.progress_bar());
+        }
+        Ok(t)
+    }
+
+    fn progress_bar(&self) -> indicatif::ProgressBar {
+        let pb = crate::progress::bar(self.total as u64, "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}");
+        pb.set_position(self.start_step as u64);
+        pb
+    }
+
+    /// Continue where the checkpoint `dir` (with `state`) stopped.
+    fn restore(&mut self, dir: &Path, state: &TrainerState) -> Result<()> {
+        self.check_identity(dir, state)?;
+        self.metrics.nonfinite_updates = state.nonfinite_updates;
+        self.optimizer.load(&dir.join("optimizer.safetensors"))?;
+        self.start_step = state.global_step;
+        self.global_step = state.global_step;
+        self.metrics.history = state.log_history.clone();
+        self.metrics.window = state.window.clone();
+        self.metrics.window_tokens = state.window_tokens;
+        if let Some(rng) = state.dropout_rng {
+            self.models.policy.set_dropout_rng_state(rng);
+        }
+        self.writer.rewrite(&self.metrics.history)
+    }
+
+    /// A checkpoint continues only the run that wrote it: same settings
+    /// (those that change the weights), same data, a step before the end.
+    fn check_identity(&self, dir: &Path, state: &TrainerState) -> Result<()> {
+        let d = dir.display();
+        let changed = match &state.config {
+            Some(saved) => self.cfg.changes_from(saved)?,
+            None if state.config_hash != self.config_hash => vec!["(settings of an older checkpoint format)".into()],
+            None => vec![],
+        };
+        if !changed.is_empty() {
+            bail!(
+                "--resume {d}: the checkpoint belongs to a run with other settings:\n  {}\nresume with the same settings, \
+                 or start a new run (another --output-dir, or --overwrite-output-dir)",
+                changed.join("\n  ")
+            );
+        }
+        if state.data_fingerprint.as_ref().is_some_and(|f| *f != self.data_fingerprint) {
+            let files: Vec<String> =
+                [&self.cfg.train_file, &self.cfg.eval_file].into_iter().flatten().map(|f| f.display().to_string()).collect();
+            bail!(
+                "--resume {d}: the training data ({}) changed since the checkpoint was written; resume with the same data, \
+                 or start a new run",
+                files.join(", ")
+            );
+        }
+        if state.global_step >= self.total {
+            bail!("--resume {d}: the checkpoint is at step {}, but this run has {} updates", state.global_step, self.total);
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let params: usize = self.vars.iter().map(|(_, v)| v.elem_count()).sum();
+        format!(
+            "training {} pairs ({} held out), loss {}, {} updates of {} x {} pairs, {params} trainable parameters",
+            self.train.len(),
+            self.eval.len(),
+            self.loss.loss_type,
+            self.total,
+            self.cfg.per_device_train_batch_size,
+            self.cfg.gradient_accumulation_steps,
+        )
+    }
+
+    /// Held-out metrics before the first update: the baseline the run is judged against.
+    fn evaluate_before_training(&mut self) -> Result<()> {
+        if !self.eval.is_empty() && self.global_step == 0 {
+            let rec = self.evaluate()?;
+            self.record(rec)?;
+            self.window_clock = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// One optimizer update over `gradient_accumulation_steps` micro-batches.
+    /// A non-finite loss or gradient stops the run with an error naming the
+    /// step, or with `skip_nonfinite_updates` leaves the weights and the
+    /// metrics window as they were and counts the update as skipped.
+    pub fn step(&mut self) -> Result<Update> {
+        self.models.policy.set_training(true);
+        let window_before = (self.metrics.window.clone(), self.metrics.window_tokens, self.metrics.train_tokens);
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let mut finite = true;
+        for _ in 0..self.cfg.gradient_accumulation_steps {
+            let idx = self.sampler.next_batch();
+            finite &= self.accumulate(&idx, &mut grads)?;
+        }
+        let grad_norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+        let lr = schedule::lr_at(self.scheduler, self.cfg.learning_rate, self.global_step, self.warmup, self.total);
+        self.global_step += 1;
+        if !(finite && grad_norm.is_finite()) {
+            if !self.cfg.skip_nonfinite_updates {
+                bail!(
+                    "step {}: the loss or the gradient is not finite (NaN or infinite; gradient norm {grad_norm}); \
+                     lower the learning rate or check the model and data, or skip such updates with --skip-nonfinite-updates",
+                    self.global_step
+                );
+            }
+            (self.metrics.window, self.metrics.window_tokens, self.metrics.train_tokens) = window_before;
+            self.metrics.nonfinite_updates += 1;
+            self.say(&format!("warning: step {}: non-finite loss or gradient, update skipped", self.global_step));
+            return Ok(Update { grad_norm: None, lr });
+        }
+        self.optimizer.step(&grads, lr)?;
+        self.metrics.window.add("grad_norm", grad_norm);
+        self.metrics.window.add("lr", lr);
+        Ok(Update { grad_norm: Some(grad_norm), lr })
+    }
+
+    /// Add the gradient of one micro-batch (scaled to its share of the
+    /// update) to `grads`, and its metrics to the window. False when a
+    /// metric (the loss among them) is not finite.
+    fn accumulate(&mut self, idx: &[usize], grads: &mut [Option<Tensor>]) -> Result<bool> {
+        // Every loss but KTO (whose KL term mixes pairs) is a mean of
+        // per-pair losses, so a micro-batch can run as several smaller
+        // forward/backward passes with the same gradient and a fraction
+        // of the activation memory.
+        let chunk =
+            if self.loss.loss_type.needs_kto_kl() || self.cfg.pairs_per_forward == 0 { idx.len() } else { self.cfg.pairs_per_forward };
+        let gas = self.cfg.gradient_accumulation_steps as f64;
+        let mut finite = true;
+        for part in idx.chunks(chunk.max(1)) {
+            let out = self.models.loss(&self.loss, &self.train, part, Split::Train)?;
+            finite &= out.metrics.iter().all(|(_, v)| v.is_finite());
+            // Window means are per-pair means.
+            for (k, v) in &out.metrics {
+                self.metrics.window.add_weighted(k, v * part.len() as f64, part.len());
+            }
+            self.metrics.window_tokens += out.tokens;
+            self.metrics.train_tokens += out.tokens;
+            let share = part.len() as f64 / idx.len() as f64;
+            let part_grads = (out.loss * (share / gas))?.backward()?;
+            for (acc, (_, var)) in grads.iter_mut().zip(&self.vars) {
+                if let Some(g) = part_grads.get(var) {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        Ok(finite)
+    }
+
+    fn say(&self, s: &str) {
+        if !self.run.quiet {
+            eprintln!("{s}");
+        }
+    }
+
+    /// Write a record of the window's means on logging steps (and the last).
+    pub fn log(&mut self, update: &Update) -> Result<()> {
+        let step = self.global_step;
+        if step % self.cfg.logging_steps.max(1) != 0 && step != self.total {
+            return Ok(());
+        }
+        let secs = self.window_clock.elapsed().as_secs_f64().max(1e-9);
+        let mut values = self.metrics.window.take_means("");
+        // grad_norm and lr: the values of the step logged (as TRL).
+        if let Some(g) = update.grad_norm {
+            values.insert("grad_norm".into(), g);
+        }
+        values.insert("lr".into(), update.lr);
+        if self.cfg.skip_nonfinite_updates {
+            values.insert("nonfinite_updates".into(), self.metrics.nonfinite_updates as f64);
+        }
+        values.insert("tokens/s".into(), self.metrics.window_tokens as f64 / secs);
+        self.metrics.window_tokens = 0;
+        self.window_clock = Instant::now();
+        let rec = Record { step, epoch: self.sampler.epoch(), values };
+        if let Some(pb) = &self.progress {
+            pb.set_message(format!(
+                "loss {:.4} acc {:.2} margin {:.4}",
+                rec.get("loss").unwrap_or(f64::NAN),
+                rec.get("rewards/accuracies").unwrap_or(f64::NAN),
+                rec.get("rewards/margins").unwrap_or(f64::NAN)
+            ));
+        } else if !self.run.quiet {
+            eprintln!("{}", serde_json::to_string(&rec)?);
+        }
+        self.record(rec)
+    }
+
+    fn record(&mut self, rec: Record) -> Result<()> {
+        self.writer.append(&rec)?;
+        self.metrics.history.push(rec);
+        Ok(())
+    }
+
+    fn evaluate_if_due(&mut self) -> Result<()> {
+        let step = self.global_step;
+        if !self.eval.is_empty() && self.cfg.eval_steps > 0 && step % self.cfg.eval_steps == 0 {
+            let rec = self.evaluate()?;
+            self.record(rec)?;
+            self.metrics.last_eval_step = Some(step);
+        }
+        if let Some(pb) = &self.progress {
+            pb.set_position(step as u64);
+        }
+        Ok(())
+    }
+
+    /// Metrics over the eval set (no gradients, dropout off), prefixed `eval_`.
+    pub fn evaluate(&self) -> Result<Record> {
+        self.models.policy.set_training(false);
+        let bs = forward_chunk(&self.cfg, self.cfg.per_device_eval_batch_size);
+        let mut acc = Accumulator::default();
+        let idx: Vec<usize> = (0..self.eval.len()).collect();
+        for chunk in idx.chunks(bs) {
+            let out = self.models.loss(&self.loss, &self.eval, chunk, Split::Eval)?;
+            // Weight batch means by batch size so the result is a per-pair mean.
+            for (k, v) in &out.metrics {
+                acc.add_weighted(k, v * chunk.len() as f64, chunk.len());
+            }
+        }
+        self.models.policy.set_training(true);
+        Ok(Record { step: self.global_step, epoch: self.sampler.epoch(), values: acc.take_means("eval_") })
+    }
+
+    /// A checkpoint every `save_steps` updates (not at the end: `final/` is).
+    fn save_if_due(&mut self) -> Result<Option<PathBuf>> {
+        let step = self.global_step;
+        if self.cfg.save_steps > 0 && step % self.cfg.save_steps == 0 && step < self.total {
+            return self.save_checkpoint().map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Write the resumable `checkpoint-<step>` and drop the oldest beyond
+    /// `save_total_limit`.
+    fn save_checkpoint(&self) -> Result<PathBuf> {
+        let dir = self.cfg.output_dir.join(format!("checkpoint-{}", self.global_step));
+        self.save(&dir, true)?;
+        checkpoint::rotate(&self.cfg.output_dir, self.cfg.save_total_limit)?;
+        Ok(dir)
+    }
+
+    /// Write a checkpoint: resumable (with optimizer state) or final (with
+    /// LoRA weights merged).
+    pub fn save(&self, dir: &Path, resumable: bool) -> Result<()> {
+        let base_model = self.model_path.display().to_string();
+        let contents = checkpoint::Contents {
+            policy: &self.models.policy,
+            text: &self.text,
+            base_model: &base_model,
+            optimizer: resumable.then_some(&self.optimizer),
+            merged: !resumable,
+        };
+        let state = if resumable {
+            self.state()
+        } else {
+            TrainerState { data_order: vec![], window: Accumulator::default(), window_tokens: 0, ..self.state() }
+        };
+        checkpoint::save(dir, &contents, &state)
+    }
+
+    /// Everything besides weights and optimizer that a resumed run needs.
+    fn state(&self) -> TrainerState {
+        TrainerState {
+            global_step: self.global_step,
+            micro_step: self.sampler.micro_step(),
+            max_steps: self.total,
+            epoch: self.sampler.epoch(),
+            seed: self.cfg.seed,
+            data_order: self.sampler.current_order(),
+            log_history: self.metrics.history.clone(),
+            window: self.metrics.window.clone(),
+            window_tokens: self.metrics.window_tokens,
+            config_hash: self.config_hash.clone(),
+            config: Some(self.cfg.clone()),
+            data_fingerprint: Some(self.data_fingerprint.clone()),
+            nonfinite_updates: self.metrics.nonfinite_updates,
+            dropout_rng: Some(self.models.policy.dropout_rng_state()),
+        }
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.run.stop_after == Some(self.global_step) && self.global_step < self.total
+    }
+
+    /// The stop signal (Ctrl-C) has been given.
+    fn signalled(&self) -> bool {
+        self.run.stop_signal.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
+
+    /// The outcome of a run stopped before its last step (checkpoints so far stay).
+    fn interrupted(self, checkpoint: Option<PathBuf>) -> TrainOutcome {
+        if let Some(pb) = &self.progress {
+            pb.finish();
+        }
+        TrainOutcome {
+            output_dir: self.cfg.output_dir.clone(),
+            history: self.metrics.history,
+            global_step: self.global_step,
+            final_model_dir: self.cfg.output_dir,
+            summary: String::new(),
+            charts: vec![],
+            interrupted: true,
+            start_step: self.start_step,
+            checkpoint,
+        }
+    }
+
+    /// After the last step: final evaluation, `train_results.json`, the final
+    /// model in `final/` (LoRA: the adapter, plus the merged model in
+    /// `final/merged/`), charts and the summary.
+    pub fn finish(mut self) -> Result<TrainOutcome> {
+        if let Some(pb) = &self.progress {
+            pb.finish();
+        }
+        if !self.eval.is_empty() && self.metrics.last_eval_step != Some(self.total) {
+            let rec = self.evaluate()?;
+            self.record(rec)?;
+        }
+        self.write_results()?;
+        let out_dir = self.cfg.output_dir.clone();
+        let final_dir = out_dir.join("final");
+        self.save(&final_dir, false)?;
+        let final_model_dir = if self.models.policy.lora_config().is_some() { final_dir.join("merged") } else { final_dir };
+        let history = self.metrics.history;
+        let charts = crate::charts::draw_charts(&history, &out_dir)?;
+        let summary = crate::metrics::summary(&history);
+        dpo2d_fs::write_file(&out_dir.join("summary.txt"), &summary)?;
+        Ok(TrainOutcome {
+            output_dir: out_dir,
+            history,
+            global_step: self.global_step,
+            final_model_dir,
+            summary,
+            charts,
+            interrupted: false,
+            start_step: self.start_step,
+            checkpoint: None,
+        })
+    }
+
+    /// `train_results.json`, as HF's Trainer writes it.
+    fn write_results(&self) -> Result<()> {
+        let train_runtime = self.clock.elapsed().as_secs_f64();
+        let losses: Vec<f64> = self.metrics.history.iter().filter_map(|r| r.get("loss")).collect();
+        let tokens = self.metrics.train_tokens;
+        let results = serde_json::json!({
+            "train_runtime": train_runtime,
+            "global_step": self.total,
+            "train_loss": losses.iter().sum::<f64>() / losses.len().max(1) as f64,
+            "train_tokens": tokens,
+            "train_tokens_per_second": tokens as f64 / train_runtime.max(1e-9),
+            "resumed_from_step": self.start_step,
+            "note": "train_runtime covers reference log-prob precompute, training and evaluation of this process (not model loading or saving)",
+        });
+        dpo2d_fs::write_file(&self.cfg.output_dir.join("train_results.json"), serde_json::to_string_pretty(&results)?)
+    }
+}
+
+/// Pairs per gradient-free forward pass (evaluation, reference precompute):
+/// `pairs_per_forward` caps the batch, except for KTO.
+fn forward_chunk(cfg: &TrainConfig, batch: usize) -> usize {
+    if cfg.loss_type.needs_kto_kl() || cfg.pairs_per_forward == 0 {
+        batch.max(1)
+    } else {
+        batch.min(cfg.pairs_per_forward).max(1)
+    }
+}
+
+/// Optimizer updates of the whole run: `max_steps`, or `num_train_epochs`
+/// worth of micro-batches divided by `gradient_accumulation_steps`.
+fn total_updates(cfg: &TrainConfig, sampler: &Sampler) -> usize {
+    if cfg.max_steps > 0 {
+        return cfg.max_steps;
+    }
+    let micro_batches = cfg.num_train_epochs * sampler.micro_batches_per_epoch() as f64;
+    (micro_batches / cfg.gradient_accumulation_steps as f64).ceil().max(1.0) as usize
+}
+
+/// Token ids and segment alignment of the training and held-out pairs.
+fn tokenize(
+    cfg: &TrainConfig,
+    text: &TextSide,
+    train: &[Pair],
+    eval: &[Pair],
+    say: &dyn Fn(&str),
+) -> Result<(Vec<TokenizedPair>, Vec<TokenizedPair>)> {
+    let aligner = Aligner::new(&text.tokenizer.inner, &text.chat)?;
+    let opts = AlignOptions { max_length: cfg.max_length, max_prompt_length: cfg.max_prompt_length };
+    let (train, report) = aligner.pairs(train, opts)?;
+    say(&format!("train: {report}"));
+    let (eval, report) = aligner.pairs(eval, opts)?;
+    if !eval.is_empty() {
+        say(&format!("eval: {report}"));
+    }
+    Ok((train, eval))
+}
+
+/// Training and held-out pairs: the eval file, or `eval_split` of the
+/// training file. A 2-D loss reads the files as 2-D data, so a pair without
+/// scored segments is a bad line like any other (`file:line: reason`,
+/// skipped with `skip_invalid`).
+fn load_data(cfg: &TrainConfig) -> Result<(Vec<Pair>, Vec<Pair>)> {
+    let train_file = cfg.train_file.as_ref().context("no training data: set train_file (--train-file)")?;
+    let train = load_file(train_file, cfg)?;
+    let (train, eval) = match &cfg.eval_file {
+        Some(f) => (train, load_file(f, cfg)?),
+        None if cfg.eval_split > 0.0 => crate::sampler::split_held_out(train, cfg.eval_split, cfg.seed)?,
+        None => (train, vec![]),
+    };
+    let scored = train.iter().chain(&eval).all(|p| p.chosen.is_scored() && p.rejected.is_scored());
+    cfg.loss_type.check_data(scored).with_context(|| format!("{}", train_file.display()))?;
+    Ok((train, eval))
+}
+
+fn load_file(path: &Path, cfg: &TrainConfig) -> Result<Vec<Pair>> {
+    let lt = cfg.loss_type;
+    let requirement = if lt.needs_segment_scores() { Requirement::Scored } else { Requirement::Plain };
+    let loaded = load_pairs(path, &DataLoadOptions::new(requirement).skip_invalid(cfg.skip_invalid));
+    let loaded = if lt.needs_segment_scores() {
+        loaded.with_context(|| {
+            format!(
+                "loss_type {lt} needs every response split into segments with 5-aspect scores (`dpo2d segment`, \
+                 `dpo2d annotate`), or train with a response-level loss such as --loss dpo"
+            )
+        })?
+    } else {
+        loaded?
+    };
     if !loaded.skipped.is_empty() {
         eprintln!("warning: skipped {} invalid line(s):\n{}", loaded.skipped.lines_skipped, loaded.skipped);
     }
@@ -113,412 +678,105 @@ fn load_data(path: &Path, skip_invalid: bool) -> Result<Vec<Pair>> {
     Ok(loaded.pairs)
 }
 
-/// The loss configuration a training configuration implies.
-pub fn loss_config(cfg: &TrainConfig) -> Result<LossConfig> {
-    let loss_type: LossType = cfg.loss_type.parse()?;
-    let mut lc = LossConfig::new(loss_type);
-    lc.beta = cfg.beta;
-    lc.sft_weight = cfg.sft_weight;
-    lc.simpo_gamma = cfg.simpo_gamma;
-    lc.tdpo_alpha = cfg.tdpo_alpha;
-    lc.label_smoothing = cfg.label_smoothing;
-    lc.aspect_weights = AspectWeights::new(cfg.aspect_weights)?;
-    lc.validate()?;
-    Ok(lc)
-}
-
-/// Reference log-probs of one pair's responses (label positions only).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RefLogps {
-    pub chosen: Vec<f32>,
-    pub rejected: Vec<f32>,
-}
-
-/// A prompt and the responses that continue it, run as one packed unit
-/// `[prompt | response 1 | response 2 ...]` in which each response attends to
-/// the prompt and to itself only: the shared prompt goes through the model
-/// once, with the same result as separate prompt + response sequences.
-struct Unit<'a> {
-    prompt: &'a [u32],
-    responses: Vec<&'a [u32]>,
-}
-
-impl Unit<'_> {
-    fn len(&self) -> usize {
-        self.prompt.len() + self.responses.iter().map(|r| r.len()).sum::<usize>()
-    }
-}
-
-/// Per-response label log-probs from one packed forward pass.
-struct PackedOut {
-    /// Flat `[N]` log-probs of every response token of every unit, in order.
-    logps: Tensor,
-    /// Flat `[N, V]` logits at the same positions (only when asked).
-    logits: Option<Tensor>,
-    /// `starts[u][r]`: start of unit u's response r in the flat vector.
-    starts: Vec<Vec<usize>>,
-}
-
-/// Pack units into rows (first-fit by decreasing length, rows as wide as the
-/// longest unit), run the model once, and take label log-probs at the
-/// response positions only.
-fn packed_forward(model: &CausalLM, units: &[Unit], want_logits: bool) -> Result<PackedOut> {
-    let lens: Vec<usize> = units.iter().map(Unit::len).collect();
-    let width = *lens.iter().max().context("empty batch")?;
-    let mut order: Vec<usize> = (0..units.len()).collect();
-    order.sort_by(|a, b| lens[*b].cmp(&lens[*a]).then(a.cmp(b)));
-    // rows[r] = (used width, list of unit indices)
-    let mut rows: Vec<(usize, Vec<usize>)> = Vec::new();
-    let mut place = vec![(0usize, 0usize); units.len()]; // (row, offset)
-    for &i in &order {
-        let r = match rows.iter().position(|(used, _)| used + lens[i] <= width) {
-            Some(r) => r,
-            None => {
-                rows.push((0, vec![]));
-                rows.len() - 1
-            }
-        };
-        place[i] = (r, rows[r].0);
-        rows[r].0 += lens[i];
-        rows[r].1.push(i);
-    }
-    let n_rows = rows.len();
-    let mut ids = vec![0u32; n_rows * width];
-    for (i, u) in units.iter().enumerate() {
-        let (r, off) = place[i];
-        let mut at = r * width + off;
-        for part in std::iter::once(u.prompt).chain(u.responses.iter().copied()) {
-            ids[at..at + part.len()].copy_from_slice(part);
-            at += part.len();
+/// The policy: the starting model, or a resumed full fine-tuning
+/// checkpoint; a LoRA checkpoint's adapters go onto the starting model.
+fn load_policy(model_path: &Path, opts: &LoadOptions, resume: Option<&Path>) -> Result<CausalLM> {
+    match (resume, &opts.lora) {
+        (Some(dir), None) => {
+            Ok(dpo2d_model::source::load(dir, opts).with_context(|| format!("loading the policy from checkpoint {}", dir.display()))?.model)
         }
-    }
-    let shape: Vec<Vec<(usize, Vec<usize>)>> = rows
-        .iter()
-        .map(|(_, v)| v.iter().map(|&i| (units[i].prompt.len(), units[i].responses.iter().map(|r| r.len()).collect())).collect())
-        .collect();
-    let layout = AttentionLayout::packed_shared(&shape, width)?;
-    let dev = model.device();
-    let input = Tensor::from_vec(ids, (n_rows, width), dev)?;
-    let hidden = model.forward(&input, &layout)?;
-    let h = hidden.dim(2)?;
-    // The hidden state before a token predicts it: the prompt's last token
-    // for a response's first token, else the previous response token.
-    let mut hidx = Vec::new();
-    let mut labels = Vec::new();
-    let mut starts = Vec::with_capacity(units.len());
-    for (i, u) in units.iter().enumerate() {
-        let (r, off) = place[i];
-        let prompt_end = r * width + off + u.prompt.len();
-        let mut at = prompt_end;
-        let mut s = Vec::with_capacity(u.responses.len());
-        for resp in &u.responses {
-            s.push(labels.len());
-            for (j, &tok) in resp.iter().enumerate() {
-                hidx.push(if j == 0 { prompt_end - 1 } else { at + j - 1 } as u32);
-                labels.push(tok);
-            }
-            at += resp.len();
+        (Some(dir), Some(_)) => {
+            let policy = dpo2d_model::source::load(model_path, opts)?.model;
+            checkpoint::load_adapter(dir, &policy)?;
+            Ok(policy)
         }
-        starts.push(s);
-    }
-    let n = labels.len();
-    let sel = hidden.reshape((n_rows * width, h))?.index_select(&Tensor::from_vec(hidx, n, dev)?, 0)?.unsqueeze(0)?;
-    let lab = Tensor::from_vec(labels, (1, n), dev)?;
-    let logps = model.label_logprobs(&sel, &lab)?.squeeze(0)?;
-    let logits = if want_logits { Some(model.logits(&sel)?.squeeze(0)?) } else { None };
-    Ok(PackedOut { logps, logits, starts })
-}
-
-/// Unit per pair: its prompt with the chosen and then the rejected response.
-fn pair_units<'a>(pairs: &[&'a TokenizedPair]) -> Vec<Unit<'a>> {
-    pairs.iter().map(|p| Unit { prompt: &p.prompt, responses: vec![&p.chosen.ids, &p.rejected.ids] }).collect()
-}
-
-/// Flat starts of response `r` of every unit.
-fn starts_of(out: &PackedOut, r: usize) -> Vec<usize> {
-    out.starts.iter().map(|s| s[r]).collect()
-}
-
-/// Gather per-sequence runs of a flat `[N, ...]` tensor into `[B, T, ...]`
-/// (padding rows are zero), where sequence k has `lens[k]` entries at `starts[k]`.
-fn gather_side(flat: &Tensor, starts: &[usize], lens: &[usize]) -> Result<Tensor> {
-    let t = *lens.iter().max().unwrap_or(&1);
-    let n = flat.dim(0)?;
-    let mut pad_shape = flat.dims().to_vec();
-    pad_shape[0] = 1;
-    let padded = Tensor::cat(&[flat, &Tensor::zeros(pad_shape, flat.dtype(), flat.device())?], 0)?;
-    let mut idx = Vec::with_capacity(starts.len() * t);
-    for (s, l) in starts.iter().zip(lens) {
-        for j in 0..t {
-            idx.push(if j < *l { (s + j) as u32 } else { n as u32 });
-        }
-    }
-    let g = padded.index_select(&Tensor::from_vec(idx, starts.len() * t, flat.device())?, 0)?;
-    let mut shape = vec![starts.len(), t];
-    shape.extend_from_slice(&flat.dims()[1..]);
-    Ok(g.reshape(shape)?)
-}
-
-fn mask_for(lens: &[usize], dev: &Device) -> Result<Tensor> {
-    let t = *lens.iter().max().unwrap_or(&1);
-    let mut m = vec![0f32; lens.len() * t];
-    for (b, l) in lens.iter().enumerate() {
-        m[b * t..b * t + l].fill(1.0);
-    }
-    Ok(Tensor::from_vec(m, (lens.len(), t), dev)?)
-}
-
-fn padded_rows(rows: &[&[f32]], dev: &Device) -> Result<Tensor> {
-    let t = rows.iter().map(|r| r.len()).max().unwrap_or(1);
-    let mut m = vec![0f32; rows.len() * t];
-    for (b, r) in rows.iter().enumerate() {
-        m[b * t..b * t + r.len()].copy_from_slice(r);
-    }
-    Ok(Tensor::from_vec(m, (rows.len(), t), dev)?)
-}
-
-fn segment_batch(sides: &[&TokenizedResponse]) -> Result<SegmentBatch> {
-    let t = sides.iter().map(|s| s.ids.len()).max().unwrap_or(1);
-    let ids = sides
-        .iter()
-        .map(|s| {
-            let mut v = s.token_segments.clone();
-            v.resize(t, NO_SEGMENT);
-            v
-        })
-        .collect();
-    SegmentBatch::new(ids, sides.iter().map(|s| s.scores.clone()).collect())
-}
-
-/// Where the reference comes from.
-enum Reference {
-    /// Reference-free loss.
-    None,
-    /// Precomputed per pair (train and eval sets).
-    Cached { train: Vec<RefLogps>, eval: Vec<RefLogps> },
-    /// Run alongside the policy, without gradients.
-    Live(Box<CausalLM>),
-}
-
-/// Metrics of one micro-batch, plus what the loss needs for backward.
-struct MicroOut {
-    loss: Tensor,
-    values: Vec<(String, f64)>,
-    tokens: usize,
-}
-
-struct Ctx<'a> {
-    cfg: &'a TrainConfig,
-    lc: LossConfig,
-    policy: &'a CausalLM,
-    reference: &'a Reference,
-}
-
-impl Ctx<'_> {
-    /// Forward the pairs `idx` of `data` (eval: `is_eval`), compute the loss.
-    fn micro(&self, data: &[TokenizedPair], idx: &[usize], is_eval: bool) -> Result<MicroOut> {
-        let lt = self.lc.loss_type;
-        let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &data[i]).collect();
-        let units = pair_units(&pairs);
-        let want_logits = lt.needs_token_kl();
-        let out = packed_forward(self.policy, &units, want_logits)?;
-        let (starts_c, starts_r) = (starts_of(&out, 0), starts_of(&out, 1));
-        let lens_c: Vec<usize> = pairs.iter().map(|p| p.chosen.ids.len()).collect();
-        let lens_r: Vec<usize> = pairs.iter().map(|p| p.rejected.ids.len()).collect();
-        let dev = self.policy.device();
-        let pol_c = gather_side(&out.logps, &starts_c, &lens_c)?;
-        let pol_r = gather_side(&out.logps, &starts_r, &lens_r)?;
-        let mask_c = mask_for(&lens_c, dev)?;
-        let mask_r = mask_for(&lens_r, dev)?;
-        let mut chosen = SideBatch::new(pol_c.clone(), mask_c.clone());
-        let mut rejected = SideBatch::new(pol_r.clone(), mask_r.clone());
-        let mut exact_kl: Option<(Tensor, Tensor)> = None;
-        match self.reference {
-            Reference::None => {}
-            Reference::Cached { train, eval } => {
-                let src = if is_eval { eval } else { train };
-                let rc: Vec<&[f32]> = idx.iter().map(|&i| src[i].chosen.as_slice()).collect();
-                let rr: Vec<&[f32]> = idx.iter().map(|&i| src[i].rejected.as_slice()).collect();
-                chosen.reference_logps = Some(padded_rows(&rc, dev)?);
-                rejected.reference_logps = Some(padded_rows(&rr, dev)?);
-            }
-            Reference::Live(r) => {
-                // Same units, same packing: the flat layouts of policy and reference agree.
-                let ro = packed_forward(r, &units, want_logits)?;
-                chosen.reference_logps = Some(gather_side(&ro.logps, &starts_c, &lens_c)?.detach());
-                rejected.reference_logps = Some(gather_side(&ro.logps, &starts_r, &lens_r)?.detach());
-                if let (Some(pl), Some(rl)) = (&out.logits, &ro.logits) {
-                    let kl = loss::token_kl(&pl.unsqueeze(0)?, &rl.detach().unsqueeze(0)?)?.squeeze(0)?;
-                    let kc = gather_side(&kl, &starts_c, &lens_c)?;
-                    let kr = gather_side(&kl, &starts_r, &lens_r)?;
-                    exact_kl = Some((kc.clone(), kr.clone()));
-                    chosen.token_kl = Some(kc);
-                    rejected.token_kl = Some(kr);
-                }
-            }
-        }
-        if lt.needs_segment_scores() {
-            chosen.segments = Some(segment_batch(&pairs.iter().map(|p| &p.chosen).collect::<Vec<_>>())?);
-            rejected.segments = Some(segment_batch(&pairs.iter().map(|p| &p.rejected).collect::<Vec<_>>())?);
-        }
-        let kto_kl = if lt.needs_kto_kl() { Some(self.kto_kl(&pairs)?) } else { None };
-        let seq_kl = |s: &SideBatch| -> Result<Option<Vec<f64>>> {
-            match &s.reference_logps {
-                Some(r) => Ok(Some(((&s.policy_logps - r)? * &s.mask)?.sum(1)?.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?)),
-                None => Ok(None),
-            }
-        };
-        let (kl_c, kl_r) = match &exact_kl {
-            Some((kc, kr)) => (
-                Some((kc * &mask_c)?.sum(1)?.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?),
-                Some((kr * &mask_r)?.sum(1)?.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?),
-            ),
-            None => (seq_kl(&chosen)?, seq_kl(&rejected)?),
-        };
-        let batch = PreferenceBatch { chosen, rejected, kto_kl };
-        let lo: LossOutput = loss::compute_loss(&self.lc, &batch)?;
-        let mut values: Vec<(String, f64)> = lo.metrics().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        values.push(("sft_loss".into(), lo.sft_loss));
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        if let (Some(c), Some(r)) = (kl_c, kl_r) {
-            values.push(("kl/chosen".into(), mean(&c)));
-            values.push(("kl/rejected".into(), mean(&r)));
-        }
-        let tokens = pairs.iter().map(|p| p.num_tokens()).sum();
-        let _ = self.cfg;
-        Ok(MicroOut { loss: lo.loss, values, tokens })
-    }
-
-    /// KTO's KL estimate inputs: prompt i with the chosen response of pair
-    /// i+1 (mod B), under policy and reference, as constants.
-    fn kto_kl(&self, pairs: &[&TokenizedPair]) -> Result<KtoKl> {
-        let b = pairs.len();
-        let units: Vec<Unit> = (0..b).map(|i| Unit { prompt: &pairs[i].prompt, responses: vec![&pairs[(i + 1) % b].chosen.ids] }).collect();
-        let sums = |m: &CausalLM| -> Result<Tensor> {
-            let o = packed_forward(m, &units, false)?;
-            let lens: Vec<usize> = units.iter().map(|u| u.responses[0].len()).collect();
-            let g = gather_side(&o.logps.detach(), &starts_of(&o, 0), &lens)?;
-            Ok((g * mask_for(&lens, m.device())?)?.sum(1)?.detach())
-        };
-        let policy_logps = sums(self.policy)?;
-        let reference_logps = match self.reference {
-            Reference::Live(r) => sums(r)?,
-            _ => bail!("kto needs the reference model running alongside"),
-        };
-        Ok(KtoKl { policy_logps, reference_logps })
+        (None, _) => Ok(dpo2d_model::source::load(model_path, opts)?.model),
     }
 }
 
-/// Sha256 over model files (weights + config) of a directory or GGUF file.
-fn hash_model_files(path: &Path, h: &mut Sha256) -> Result<()> {
-    let files: Vec<PathBuf> = if path.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let n = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-                n.ends_with(".safetensors") || n == "config.json"
-            })
-            .collect();
-        v.sort();
-        v
-    } else {
-        vec![path.to_path_buf()]
+/// The reference the loss needs: none, run alongside the policy, or
+/// precomputed (cached on disk).
+#[allow(clippy::too_many_arguments)]
+fn prepare_reference(
+    cfg: &TrainConfig,
+    run: &RunOptions,
+    model_path: &Path,
+    frozen: &LoadOptions,
+    policy: &CausalLM,
+    resuming: bool,
+    train: &[TokenizedPair],
+    eval: &[TokenizedPair],
+    say: &dyn Fn(&str),
+) -> Result<Reference> {
+    let lt = cfg.loss_type;
+    if !lt.needs_reference() {
+        return Ok(Reference::None);
+    }
+    let ref_path = match &cfg.ref_model {
+        Some(r) => dpo2d_model::fetch::resolve_model(r, run.cache_dir.as_deref())?,
+        None => model_path.to_path_buf(),
     };
-    for f in files {
-        use std::io::Read;
-        let mut r = std::fs::File::open(&f).with_context(|| format!("reading {}", f.display()))?;
-        let mut buf = vec![0u8; 1 << 20];
-        h.update(f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default().as_bytes());
-        loop {
-            let n = r.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
+    let load = || -> Result<CausalLM> { Ok(dpo2d_model::source::load(&ref_path, frozen)?.model) };
+    if lt.needs_token_kl() || lt.needs_kto_kl() || !cfg.precompute_ref_log_probs {
+        return Ok(Reference::Live(Box::new(load()?)));
     }
+    let p = Precompute {
+        model_path: &ref_path,
+        cache_root: match &run.cache_dir {
+            Some(c) => c.clone(),
+            None => dpo2d_model::fetch::cache_dir(None)?,
+        },
+        batch: forward_chunk(cfg, cfg.per_device_eval_batch_size),
+        progress: run.progress,
+    };
+    let model = || -> Result<ModelRef> {
+        // Before its first update the policy IS the reference.
+        if cfg.ref_model.is_none() && !resuming {
+            policy.set_training(false);
+            Ok(ModelRef::Borrowed(policy))
+        } else {
+            Ok(ModelRef::Owned(Box::new(load()?)))
+        }
+    };
+    Reference::precomputed(&p, train, eval, model, say)
+}
+
+/// A fresh run must not mix its files with an earlier run's: refuse a
+/// directory that holds one, or with `overwrite` remove the earlier outputs.
+fn claim_output_dir(dir: &Path, overwrite: bool, say: &dyn Fn(&str)) -> Result<()> {
+    let mut old: Vec<PathBuf> = checkpoint::checkpoints(dir).into_iter().map(|(_, p)| p).collect();
+    old.extend(["final", "metrics.jsonl", "train_results.json"].iter().map(|f| dir.join(f)).filter(|p| p.exists()));
+    if old.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = old.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+    if !overwrite {
+        bail!(
+            "output_dir {} already holds a training run ({}); continue it with --resume, choose another --output-dir, \
+             or replace it with --overwrite-output-dir",
+            dir.display(),
+            names.join(", ")
+        );
+    }
+    for p in &old {
+        let res = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+        res.with_context(|| format!("--overwrite-output-dir: cannot remove {}", p.display()))?;
+    }
+    say(&format!("--overwrite-output-dir: removed the earlier run's {} from {}", names.join(", "), dir.display()));
     Ok(())
 }
 
-/// Cache key of reference log-probs: model files + token ids of every pair.
-fn ref_cache_key(model_path: &Path, sets: &[&[TokenizedPair]]) -> Result<String> {
+/// Hash of the token ids of the training and held-out pairs: what a
+/// resumed run must train on to continue the same run.
+fn data_fingerprint(train: &[TokenizedPair], eval: &[TokenizedPair]) -> String {
     let mut h = Sha256::new();
-    // v2: prompt shared by both responses in one forward (different rounding).
-    h.update(b"dpo2d-reflogps-v2");
-    hash_model_files(model_path, &mut h)?;
-    for set in sets {
-        h.update((set.len() as u64).to_le_bytes());
-        for p in *set {
-            for part in [&p.prompt, &p.chosen.ids, &p.rejected.ids] {
-                h.update((part.len() as u64).to_le_bytes());
-                for t in part.iter() {
-                    h.update(t.to_le_bytes());
-                }
-            }
-        }
-    }
-    Ok(hex::encode(h.finalize()))
+    crate::reference::hash_token_ids(&[train, eval], &mut h);
+    hex::encode(h.finalize())[..16].to_string()
 }
 
-/// Reference log-probs of every pair, `batch` pairs per forward pass.
-fn compute_ref_logps(model: &CausalLM, data: &[TokenizedPair], batch: usize, pb: Option<&indicatif::ProgressBar>) -> Result<Vec<RefLogps>> {
-    let mut out = Vec::with_capacity(data.len());
-    for chunk in data.chunks(batch.max(1)) {
-        let o = packed_forward(model, &pair_units(&chunk.iter().collect::<Vec<_>>()), false)?;
-        let flat = o.logps.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        for (k, p) in chunk.iter().enumerate() {
-            let (sc, sr) = (o.starts[k][0], o.starts[k][1]);
-            out.push(RefLogps {
-                chosen: flat[sc..sc + p.chosen.ids.len()].to_vec(),
-                rejected: flat[sr..sr + p.rejected.ids.len()].to_vec(),
-            });
-        }
-        if let Some(pb) = pb {
-            pb.inc(chunk.len() as u64);
-        }
-    }
-    Ok(out)
-}
-
-fn save_ref_cache(path: &Path, sets: &[&[RefLogps]]) -> Result<()> {
-    let mut map = HashMap::new();
-    for (s, set) in sets.iter().enumerate() {
-        for (i, r) in set.iter().enumerate() {
-            map.insert(format!("{s}.{i}.c"), Tensor::new(r.chosen.as_slice(), &Device::Cpu)?);
-            map.insert(format!("{s}.{i}.r"), Tensor::new(r.rejected.as_slice(), &Device::Cpu)?);
-        }
-    }
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let tmp = path.with_extension("tmp");
-    candle_core::safetensors::save(&map, &tmp)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-fn load_ref_cache(path: &Path, sizes: &[&[TokenizedPair]]) -> Result<Vec<Vec<RefLogps>>> {
-    let map = candle_core::safetensors::load(path, &Device::Cpu)?;
-    let mut out = Vec::new();
-    for (s, set) in sizes.iter().enumerate() {
-        let mut v = Vec::with_capacity(set.len());
-        for (i, p) in set.iter().enumerate() {
-            let get = |k: &str, n: usize| -> Result<Vec<f32>> {
-                let t = map.get(&format!("{s}.{i}.{k}")).context("entry missing")?.to_vec1::<f32>()?;
-                if t.len() != n {
-                    bail!("entry has the wrong length");
-                }
-                Ok(t)
-            };
-            v.push(RefLogps { chosen: get("c", p.chosen.ids.len())?, rejected: get("r", p.rejected.ids.len())? });
-        }
-        out.push(v);
-    }
-    Ok(out)
-}
-
+/// The fingerprint of the settings that change the numbers (output paths,
+/// step counts and checkpoint cadence do not).
 fn config_hash(cfg: &TrainConfig) -> String {
-    // Everything that changes the numbers; output paths and logging cadence do not.
     let mut c = cfg.clone();
     c.output_dir = PathBuf::new();
     c.save_steps = 0;
@@ -533,520 +791,13 @@ fn lora_config(cfg: &TrainConfig) -> Result<Option<LoraConfig>> {
     if !cfg.use_lora {
         return Ok(None);
     }
-    let mut targets = Vec::new();
-    for t in &cfg.lora_target_modules {
-        if t == "all-linear" {
-            targets.extend([
-                LoraTarget::Q,
-                LoraTarget::K,
-                LoraTarget::V,
-                LoraTarget::O,
-                LoraTarget::Gate,
-                LoraTarget::Up,
-                LoraTarget::Down,
-            ]);
-        } else {
-            targets.push(LoraTarget::parse(t)?);
-        }
-    }
-    let lc = LoraConfig { r: cfg.lora_r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, seed: cfg.seed };
+    let lc = LoraConfig {
+        r: cfg.lora_r,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout,
+        targets: cfg.lora_target_modules.clone(),
+        seed: cfg.seed,
+    };
     lc.validate()?;
     Ok(Some(lc))
-}
-
-/// Train according to `cfg`. See the module documentation.
-pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
-    cfg.validate()?;
-    let lc = loss_config(cfg)?;
-    let lt = lc.loss_type;
-    let out_dir = cfg.output_dir.clone();
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating output_dir {}", out_dir.display()))?;
-    let say = |s: &str| {
-        if !run.quiet {
-            eprintln!("{s}");
-        }
-    };
-
-    // Data.
-    let train_file = cfg.train_file.as_ref().context("no training data: set train_file (--train-file)")?;
-    let mut train_pairs = load_data(train_file, cfg.skip_invalid)?;
-    let mut eval_pairs = match &cfg.eval_file {
-        Some(f) => load_data(f, cfg.skip_invalid)?,
-        None => vec![],
-    };
-    if cfg.eval_file.is_none() && cfg.eval_split > 0.0 {
-        let n_eval = ((train_pairs.len() as f64) * cfg.eval_split).round().max(1.0) as usize;
-        if n_eval >= train_pairs.len() {
-            bail!("eval_split {} leaves no training pairs", cfg.eval_split);
-        }
-        let mut order: Vec<usize> = (0..train_pairs.len()).collect();
-        SplitMix(cfg.seed ^ 0x5EED_E7A1).shuffle(&mut order);
-        let eval_idx: std::collections::BTreeSet<usize> = order[..n_eval].iter().copied().collect();
-        let all = std::mem::take(&mut train_pairs);
-        for (i, p) in all.into_iter().enumerate() {
-            if eval_idx.contains(&i) {
-                eval_pairs.push(p);
-            } else {
-                train_pairs.push(p);
-            }
-        }
-    }
-    let scored = train_pairs.iter().chain(&eval_pairs).all(|p| p.chosen.is_scored() && p.rejected.is_scored());
-    lt.check_data(scored).with_context(|| format!("{}", train_file.display()))?;
-
-    // Models.
-    if cfg.bf16 {
-        say("note: bf16 is not used on CPU (slower than f32 there); training in f32");
-    }
-    let model_path = resolve_model(&cfg.model)?;
-    let text: TextSide = dpo2d_model::source::load_text_side(&model_path)?;
-    let lora = lora_config(cfg)?;
-    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, trainable: lora.is_none(), lora: lora.clone() };
-    let resume_state = match &run.resume {
-        Some(dir) => Some((dir.clone(), checkpoint::load_state(dir)?)),
-        None => None,
-    };
-    let policy = match (&resume_state, &lora) {
-        (Some((dir, _)), None) => {
-            dpo2d_model::source::load(dir, &opts).with_context(|| format!("loading the policy from checkpoint {}", dir.display()))?.model
-        }
-        _ => dpo2d_model::source::load(&model_path, &opts)?.model,
-    };
-    if let (Some((dir, _)), Some(_)) = (&resume_state, &lora) {
-        checkpoint::load_adapter(dir, &policy)?;
-    }
-
-    // Tokenize.
-    let aligner = Aligner::new(&text.tokenizer.inner, &text.chat)?;
-    let aopts = AlignOptions { max_length: cfg.max_length, max_prompt_length: cfg.max_prompt_length };
-    let (train, rep) = aligner.pairs(&train_pairs, aopts)?;
-    say(&format!("train: {rep}"));
-    let (eval, erep) = aligner.pairs(&eval_pairs, aopts)?;
-    if !eval.is_empty() {
-        say(&format!("eval: {erep}"));
-    }
-
-    // Training time as HF's `train_runtime`: reference precompute + loop + evals.
-    let train_clock = Instant::now();
-    // Reference.
-    let ref_path = match &cfg.ref_model {
-        Some(r) => resolve_model(r)?,
-        None => model_path.clone(),
-    };
-    let live = lt.needs_token_kl() || lt.needs_kto_kl() || !cfg.precompute_ref_log_probs;
-    let reference = if !lt.needs_reference() {
-        Reference::None
-    } else if live {
-        let r = dpo2d_model::source::load(&ref_path, &LoadOptions { trainable: false, lora: None, ..opts.clone() })?.model;
-        Reference::Live(Box::new(r))
-    } else {
-        let key = ref_cache_key(&ref_path, &[&train, &eval])?;
-        let cache_root = match &run.cache_dir {
-            Some(c) => c.clone(),
-            None => dpo2d_model::fetch::cache_dir(None)?,
-        };
-        let path = cache_root.join("reflogps").join(format!("{key}.safetensors"));
-        let cached = if path.is_file() { load_ref_cache(&path, &[&train, &eval]).ok() } else { None };
-        match cached {
-            Some(mut v) => {
-                say(&format!("reference log-probs: cached ({})", path.display()));
-                let eval_r = v.pop().unwrap_or_default();
-                let train_r = v.pop().unwrap_or_default();
-                Reference::Cached { train: train_r, eval: eval_r }
-            }
-            None => {
-                // Before its first update the policy IS the reference: use it
-                // rather than loading a second copy (peak memory: one model).
-                let own;
-                let r: &CausalLM = if cfg.ref_model.is_none() && resume_state.is_none() {
-                    policy.set_training(false);
-                    &policy
-                } else {
-                    own = dpo2d_model::source::load(&ref_path, &LoadOptions { trainable: false, lora: None, ..opts.clone() })?.model;
-                    &own
-                };
-                let pb = if run.progress {
-                    let pb = indicatif::ProgressBar::new((train.len() + eval.len()) as u64);
-                    pb.set_style(
-                        indicatif::ProgressStyle::with_template(
-                            "reference log-probs {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
-                        )
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                    );
-                    Some(pb)
-                } else {
-                    None
-                };
-                let bs = forward_chunk(cfg, lt, cfg.per_device_eval_batch_size);
-                let train_r = compute_ref_logps(r, &train, bs, pb.as_ref())?;
-                let eval_r = compute_ref_logps(r, &eval, bs, pb.as_ref())?;
-                if let Some(pb) = pb {
-                    pb.finish_and_clear();
-                }
-                if let Err(e) = save_ref_cache(&path, &[&train_r, &eval_r]) {
-                    say(&format!("warning: cannot cache reference log-probs in {}: {e:#}", path.display()));
-                }
-                Reference::Cached { train: train_r, eval: eval_r }
-            }
-        }
-    };
-
-    // Schedule.
-    let bs = cfg.per_device_train_batch_size;
-    let gas = cfg.gradient_accumulation_steps;
-    let mb_per_epoch = train.len().div_ceil(bs);
-    let total = if cfg.max_steps > 0 {
-        cfg.max_steps
-    } else {
-        ((cfg.num_train_epochs * mb_per_epoch as f64) / gas as f64).ceil().max(1.0) as usize
-    };
-    let warmup = schedule::warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
-    let sched: SchedulerType = cfg.lr_scheduler_type.parse()?;
-
-    let vars = policy.trainable_vars();
-    if vars.is_empty() {
-        bail!("the model has no trainable parameters");
-    }
-    let mut opt = AdamW::new(
-        vars.clone(),
-        AdamWParams { weight_decay: cfg.weight_decay, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon },
-    )?;
-
-    let chash = config_hash(cfg);
-    let mut history: Vec<Record> = vec![];
-    let mut window = Accumulator::default();
-    let mut window_tokens = 0usize;
-    let mut start_step = 0usize;
-    let mut micro = 0usize;
-    let writer = MetricsWriter::new(&out_dir);
-    if let Some((dir, st)) = &resume_state {
-        if st.config_hash != chash {
-            bail!(
-                "--resume {}: the checkpoint was written with different training settings; resume with the same configuration",
-                dir.display()
-            );
-        }
-        opt.load(&dir.join("optimizer.safetensors"))?;
-        start_step = st.global_step;
-        micro = st.micro_step;
-        history = st.log_history.clone();
-        window = st.window.clone();
-        window_tokens = st.window_tokens;
-        if let Some(state) = st.dropout_rng {
-            policy.set_dropout_rng_state(state);
-        }
-        writer.rewrite(&history)?;
-        say(&format!("resuming from {} at step {start_step}", dir.display()));
-    } else {
-        writer.rewrite(&[])?;
-    }
-    std::fs::write(out_dir.join("config.toml"), cfg.to_toml()?)?;
-    say(&format!(
-        "training {} pairs ({} held out), loss {lt}, {total} updates of {bs} x {gas} pairs, {} trainable parameters",
-        train.len(),
-        eval.len(),
-        vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>()
-    ));
-
-    let ctx = Ctx { cfg, lc, policy: &policy, reference: &reference };
-    let pb = if run.progress {
-        let pb = indicatif::ProgressBar::new(total as u64);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        pb.set_position(start_step as u64);
-        Some(pb)
-    } else {
-        None
-    };
-    let mut order_cache: Option<(usize, Vec<usize>)> = None;
-    let mut window_start = Instant::now();
-    let mut last_eval_step = None;
-    let mut interrupted = false;
-    let mut train_tokens_total = 0usize;
-    let epoch_of = |m: usize| m as f64 / mb_per_epoch as f64;
-    // Held-out metrics before the first update: the baseline the run is judged against.
-    if !eval.is_empty() && start_step == 0 {
-        let rec = evaluate(&ctx, &eval, 0, 0.0)?;
-        writer.append(&rec)?;
-        history.push(rec);
-        window_start = Instant::now();
-    }
-
-    for step in start_step..total {
-        policy.set_training(true);
-        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
-        for _ in 0..gas {
-            let ep = micro / mb_per_epoch;
-            let within = micro % mb_per_epoch;
-            if order_cache.as_ref().map(|(e, _)| *e != ep).unwrap_or(true) {
-                let order = if cfg.train_sampling_strategy == "sequential" {
-                    (0..train.len()).collect()
-                } else {
-                    epoch_order(train.len(), cfg.seed, ep)
-                };
-                order_cache = Some((ep, order));
-            }
-            let order = &order_cache.as_ref().expect("set above").1;
-            let idx: Vec<usize> = order[within * bs..((within + 1) * bs).min(train.len())].to_vec();
-            micro += 1;
-            // Every loss but KTO (whose KL term mixes pairs) is a mean of
-            // per-pair losses, so a micro-batch can run as several smaller
-            // forward/backward passes with the same gradient and a fraction
-            // of the activation memory.
-            let chunk = if lt.needs_kto_kl() || cfg.pairs_per_forward == 0 { idx.len() } else { cfg.pairs_per_forward };
-            for part in idx.chunks(chunk.max(1)) {
-                let mo = ctx.micro(&train, part, false)?;
-                let w = part.len() as f64 / idx.len() as f64;
-                // Window means are per-pair means.
-                for (k, v) in &mo.values {
-                    window.add_weighted(k, v * part.len() as f64, part.len());
-                }
-                window_tokens += mo.tokens;
-                train_tokens_total += mo.tokens;
-                let l = (mo.loss * (w / gas as f64))?;
-                let grads = l.backward()?;
-                for (i, (_, var)) in vars.iter().enumerate() {
-                    if let Some(g) = grads.get(var) {
-                        acc[i] = Some(match acc[i].take() {
-                            Some(a) => (a + g)?,
-                            None => g.clone(),
-                        });
-                    }
-                }
-            }
-        }
-        let grad_norm = clip_grad_norm(&mut acc, cfg.max_grad_norm)?;
-        let lr = schedule::lr_at(sched, cfg.learning_rate, step, warmup, total);
-        opt.step(&acc, lr)?;
-        drop(acc);
-        let gstep = step + 1;
-        window.add("grad_norm", grad_norm);
-        window.add("lr", lr);
-
-        if gstep % cfg.logging_steps.max(1) == 0 || gstep == total {
-            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-            let mut values = window.take_means("");
-            // grad_norm and lr: the values of the step logged (as TRL).
-            values.insert("grad_norm".into(), grad_norm);
-            values.insert("lr".into(), lr);
-            values.insert("tokens/s".into(), window_tokens as f64 / secs);
-            window_tokens = 0;
-            window_start = Instant::now();
-            let rec = Record { step: gstep, epoch: epoch_of(micro), values };
-            if let Some(pb) = &pb {
-                pb.set_message(format!(
-                    "loss {:.4} acc {:.2} margin {:.4}",
-                    rec.get("loss").unwrap_or(f64::NAN),
-                    rec.get("rewards/accuracies").unwrap_or(f64::NAN),
-                    rec.get("rewards/margins").unwrap_or(f64::NAN)
-                ));
-            } else if !run.quiet {
-                eprintln!("{}", serde_json::to_string(&rec)?);
-            }
-            writer.append(&rec)?;
-            history.push(rec);
-        }
-        if !eval.is_empty() && cfg.eval_steps > 0 && gstep % cfg.eval_steps == 0 {
-            let rec = evaluate(&ctx, &eval, gstep, epoch_of(micro))?;
-            writer.append(&rec)?;
-            history.push(rec);
-            last_eval_step = Some(gstep);
-        }
-        if let Some(pb) = &pb {
-            pb.set_position(gstep as u64);
-        }
-        if cfg.save_steps > 0 && gstep % cfg.save_steps == 0 && gstep < total {
-            let dir = out_dir.join(format!("checkpoint-{gstep}"));
-            let state = TrainerState {
-                global_step: gstep,
-                micro_step: micro,
-                max_steps: total,
-                epoch: epoch_of(micro),
-                seed: cfg.seed,
-                data_order: order_cache.as_ref().map(|(_, o)| o.clone()).unwrap_or_default(),
-                log_history: history.clone(),
-                window: window.clone(),
-                window_tokens,
-                config_hash: chash.clone(),
-                dropout_rng: Some(policy.dropout_rng_state()),
-            };
-            checkpoint::write_atomic(&dir, |tmp| {
-                checkpoint::save_weights(tmp, &policy, &text, &model_path.display().to_string())?;
-                opt.save(&tmp.join("optimizer.safetensors"))?;
-                checkpoint::save_state(tmp, &state)
-            })?;
-            checkpoint::rotate(&out_dir, cfg.save_total_limit)?;
-        }
-        if run.stop_after == Some(gstep) && gstep < total {
-            interrupted = true;
-            break;
-        }
-    }
-    if let Some(pb) = &pb {
-        pb.finish();
-    }
-    let global_step = if interrupted { run.stop_after.unwrap_or(total) } else { total };
-    if interrupted {
-        return Ok(TrainOutcome {
-            output_dir: out_dir.clone(),
-            history,
-            global_step,
-            final_model_dir: out_dir,
-            summary: String::new(),
-            charts: vec![],
-            interrupted,
-            start_step,
-        });
-    }
-    if !eval.is_empty() && last_eval_step != Some(total) {
-        let rec = evaluate(&ctx, &eval, total, epoch_of(micro))?;
-        writer.append(&rec)?;
-        history.push(rec);
-    }
-
-    let train_runtime = train_clock.elapsed().as_secs_f64();
-    let losses: Vec<f64> = history.iter().filter_map(|r| r.get("loss")).collect();
-    let results = serde_json::json!({
-        "train_runtime": train_runtime,
-        "global_step": total,
-        "train_loss": losses.iter().sum::<f64>() / losses.len().max(1) as f64,
-        "train_tokens": train_tokens_total,
-        "train_tokens_per_second": train_tokens_total as f64 / train_runtime.max(1e-9),
-        "resumed_from_step": start_step,
-        "note": "train_runtime covers reference log-prob precompute, training and evaluation of this process (not model loading or saving)",
-    });
-    std::fs::write(out_dir.join("train_results.json"), serde_json::to_string_pretty(&results)?)?;
-
-    // Final model: the output directory itself holds an HF model (LoRA: the
-    // adapter, plus the merged model in `merged/`).
-    let final_dir = out_dir.join("final");
-    checkpoint::write_atomic(&final_dir, |tmp| {
-        checkpoint::save_weights(tmp, &policy, &text, &model_path.display().to_string())?;
-        if policy.lora_config().is_some() {
-            checkpoint::save_merged(&tmp.join("merged"), &policy, &text)?;
-        }
-        checkpoint::save_state(
-            tmp,
-            &TrainerState {
-                global_step: total,
-                micro_step: micro,
-                max_steps: total,
-                epoch: epoch_of(micro),
-                seed: cfg.seed,
-                data_order: vec![],
-                log_history: history.clone(),
-                window: Accumulator::default(),
-                window_tokens: 0,
-                config_hash: chash.clone(),
-                dropout_rng: Some(policy.dropout_rng_state()),
-            },
-        )
-    })?;
-    let final_model_dir = if policy.lora_config().is_some() { final_dir.join("merged") } else { final_dir.clone() };
-    let charts = crate::charts::draw_charts(&history, &out_dir)?;
-    let summary = crate::metrics::summary(&history);
-    std::fs::write(out_dir.join("summary.txt"), &summary)?;
-    Ok(TrainOutcome { output_dir: out_dir, history, global_step, final_model_dir, summary, charts, interrupted, start_step })
-}
-
-/// Pairs per forward pass for gradient-free passes (evaluation, reference
-/// precompute): `pairs_per_forward` caps the batch, except for KTO.
-fn forward_chunk(cfg: &TrainConfig, lt: LossType, batch: usize) -> usize {
-    if lt.needs_kto_kl() || cfg.pairs_per_forward == 0 {
-        batch.max(1)
-    } else {
-        batch.min(cfg.pairs_per_forward).max(1)
-    }
-}
-
-/// Metrics over the eval set (no gradients, dropout off), prefixed `eval_`.
-fn evaluate(ctx: &Ctx, eval: &[TokenizedPair], step: usize, epoch: f64) -> Result<Record> {
-    ctx.policy.set_training(false);
-    let bs = forward_chunk(ctx.cfg, ctx.lc.loss_type, ctx.cfg.per_device_eval_batch_size);
-    let mut acc = Accumulator::default();
-    let idx: Vec<usize> = (0..eval.len()).collect();
-    for chunk in idx.chunks(bs) {
-        let mo = ctx.micro(eval, chunk, true)?;
-        // Weight batch means by batch size so the result is a per-pair mean.
-        for (k, v) in &mo.values {
-            acc.add_weighted(k, v * chunk.len() as f64, chunk.len());
-        }
-    }
-    ctx.policy.set_training(true);
-    Ok(Record { step, epoch, values: acc.take_means("eval_") })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use dpo2d_model::config::ModelConfig;
-
-    /// A random 2-layer model in f64 (exact comparisons).
-    fn tiny_model() -> CausalLM {
-        let cfg = ModelConfig::from_json_str(
-            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":32,"hidden_size":8,"intermediate_size":16,
-              "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,"rope_theta":10000.0,
-              "rms_norm_eps":1e-5,"tie_word_embeddings":true}"#,
-            "tiny",
-        )
-        .unwrap();
-        let dev = Device::Cpu;
-        let mut m = HashMap::new();
-        let mut add = |n: String, shape: &[usize]| {
-            m.insert(n, (Tensor::randn(0f64, 1.0, shape, &dev).unwrap() * 0.5).unwrap());
-        };
-        add("model.embed_tokens.weight".into(), &[32, 8]);
-        add("model.norm.weight".into(), &[8]);
-        for i in 0..2 {
-            let p = format!("model.layers.{i}");
-            for (n, o, inp) in [("q_proj", 8, 8), ("k_proj", 4, 8), ("v_proj", 4, 8), ("o_proj", 8, 8)] {
-                add(format!("{p}.self_attn.{n}.weight"), &[o, inp]);
-            }
-            for (n, o, inp) in [("gate_proj", 16, 8), ("up_proj", 16, 8), ("down_proj", 8, 16)] {
-                add(format!("{p}.mlp.{n}.weight"), &[o, inp]);
-            }
-            add(format!("{p}.input_layernorm.weight"), &[8]);
-            add(format!("{p}.post_attention_layernorm.weight"), &[8]);
-        }
-        let opts = LoadOptions { dtype: DType::F64, device: Device::Cpu, trainable: false, lora: None };
-        CausalLM::from_tensors(cfg, m, &opts).unwrap()
-    }
-
-    #[test]
-    fn shared_prompt_forward_equals_one_sequence_per_response() {
-        let model = tiny_model();
-        let (p1, c1, r1): (&[u32], &[u32], &[u32]) = (&[1, 2, 3, 4], &[5, 6, 7], &[8, 9]);
-        let (p2, c2, r2): (&[u32], &[u32], &[u32]) = (&[10, 11], &[12], &[13, 14, 15, 16, 17]);
-        let shared = vec![Unit { prompt: p1, responses: vec![c1, r1] }, Unit { prompt: p2, responses: vec![c2, r2] }];
-        let alone: Vec<Unit> =
-            [(p1, c1), (p1, r1), (p2, c2), (p2, r2)].iter().map(|&(p, r)| Unit { prompt: p, responses: vec![r] }).collect();
-        let a = packed_forward(&model, &shared, true).unwrap();
-        let b = packed_forward(&model, &alone, true).unwrap();
-        let (la, lb) = (a.logps.to_vec1::<f64>().unwrap(), b.logps.to_vec1::<f64>().unwrap());
-        let (xa, xb) = (a.logits.unwrap().to_vec2::<f64>().unwrap(), b.logits.unwrap().to_vec2::<f64>().unwrap());
-        for (u, resp) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-            let len = shared[u].responses[resp].len();
-            let (sa, sb) = (a.starts[u][resp], b.starts[2 * u + resp][0]);
-            for j in 0..len {
-                assert!((la[sa + j] - lb[sb + j]).abs() < 1e-10, "unit {u} response {resp} token {j}");
-                let d = xa[sa + j].iter().zip(&xb[sb + j]).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-                assert!(d < 1e-10, "logits of unit {u} response {resp} token {j}");
-            }
-        }
-        assert!(la.iter().all(|&x| x < 0.0));
-    }
-
-    #[test]
-    fn epoch_orders_are_seeded_permutations() {
-        let a = epoch_order(10, 42, 0);
-        let b = epoch_order(10, 42, 0);
-        let c = epoch_order(10, 42, 1);
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-        let mut s = a.clone();
-        s.sort();
-        assert_eq!(s, (0..10).collect::<Vec<_>>());
-    }
 }

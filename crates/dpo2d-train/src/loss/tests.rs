@@ -30,16 +30,17 @@ fn softplus(x: f64) -> f64 {
     (1.0 + x.exp()).ln()
 }
 
+/// The fixtures' hyper-parameters: the paper's beta 0.2.
 fn cfg(lt: LossType, sft_weight: f64) -> LossConfig {
-    LossConfig { sft_weight, ..LossConfig::new(lt) }
+    LossConfig { sft_weight, beta: 0.2, ..LossConfig::new(lt) }
 }
 
 /// Base fixture, one pair, beta 0.2.
 /// chosen:   policy [-1, -2, pad -3], ref [-1.5, -2.5, pad -9], mask [1,1,0]
-///           -> sum logp -3, log-ratio lr_w = 1.0, mean logp -1.5, mean lr 0.5,
+///           -> sum logp -3, log-ratio chosen_logratios = 1.0, mean logp -1.5, mean lr 0.5,
 ///              token KL [0.1, 0.2, pad 5] -> 0.3
 /// rejected: policy [-2, -1, -1], ref [-1, -1, -0.5], mask [1,1,1]
-///           -> sum logp -4, lr_l = -1.5, mean logp -4/3, mean lr -0.5,
+///           -> sum logp -4, rejected_logratios = -1.5, mean logp -4/3, mean lr -0.5,
 ///              token KL [0.3, 0.1, 0.4] -> 0.8
 /// KTO mismatched logps: policy [-3, -4], ref [-4, -4] -> z0 = 0.5.
 fn base_batch() -> PreferenceBatch {
@@ -138,7 +139,7 @@ fn loss_aspect_weights_validation() {
 #[test]
 fn loss_dpo_hand_values() {
     let b = base_batch();
-    // h = lr_w - lr_l = 1 - (-1.5) = 2.5; z = beta h = 0.5; -log sigmoid(0.5) = ln(1 + e^-0.5)
+    // h = chosen_logratios - rejected_logratios = 1 - (-1.5) = 2.5; z = beta h = 0.5; -log sigmoid(0.5) = ln(1 + e^-0.5)
     assert_close(pref_loss(LossType::Dpo, &b), 0.4740769841801067, TOL, "dpo");
     // label smoothing 0.1: 0.9 softplus(-0.5) + 0.1 softplus(0.5)
     let c = LossConfig { label_smoothing: 0.1, ..cfg(LossType::Dpo, 0.0) };
@@ -167,7 +168,7 @@ fn loss_sft_term_and_metrics() {
 #[test]
 fn loss_ipo_kto_orpo_simpo_tdpo_hand_values() {
     let b = base_batch();
-    // IPO: h = mean lr_w - mean lr_l = 0.5 - (-0.5) = 1; (1 - 1/(2*0.2))^2 = (-1.5)^2
+    // IPO: h = mean chosen_logratios - mean rejected_logratios = 0.5 - (-0.5) = 1; (1 - 1/(2*0.2))^2 = (-1.5)^2
     assert_close(pref_loss(LossType::Ipo, &b), 2.25, TOL, "ipo");
     // KTO: z0 = max(0, mean([-3+4, -4+4])) = 0.5;
     // ((1 - sig(0.2 (1 - 0.5))) + (1 - sig(0.2 (0.5 + 1.5)))) / 2 = (1 - sig(0.1) + 1 - sig(0.4)) / 2

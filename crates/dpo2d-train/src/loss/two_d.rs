@@ -158,7 +158,7 @@ pub fn plan_pair(g_w: &[f64], present_w: &[bool], g_l: &[f64], present_l: &[bool
 /// Per-pair 2-D losses and the number of segment pairs in each.
 #[derive(Debug, Clone)]
 pub struct TwoDLosses {
-    /// `[B]`, differentiable through `rho`.
+    /// `[B]`, differentiable through the token log-ratios.
     pub losses: Tensor,
     /// N for each pair (0: the pair contributed nothing).
     pub segment_pairs: Vec<usize>,
@@ -207,12 +207,12 @@ fn padded(rows: &[Vec<f64>], n_max: usize, like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (rows.len(), n_max), like.device())?.to_dtype(like.dtype())?)
 }
 
-/// The 2D-DPO loss of each pair. `rho_*`: per-token `log pi - log pi_ref`
+/// The 2D-DPO loss of each pair. `*_token_logratios`: per-token `log pi - log pi_ref`
 /// `[B, T_side]`; `mask_*`: response masks; `segments_*`: ids and scores.
 #[allow(clippy::too_many_arguments)]
 pub fn two_d_dpo_losses(
-    rho_chosen: &Tensor,
-    rho_rejected: &Tensor,
+    chosen_token_logratios: &Tensor,
+    rejected_token_logratios: &Tensor,
     mask_chosen: &Tensor,
     mask_rejected: &Tensor,
     segments_chosen: &SegmentBatch,
@@ -220,8 +220,8 @@ pub fn two_d_dpo_losses(
     weights: &AspectWeights,
     beta: f64,
 ) -> Result<TwoDLosses> {
-    let (b, t_w) = rho_chosen.dims2()?;
-    let (b_l, t_l) = rho_rejected.dims2()?;
+    let (b, t_w) = chosen_token_logratios.dims2()?;
+    let (b_l, t_l) = rejected_token_logratios.dims2()?;
     ensure!(b == b_l, "chosen and rejected batches differ in size: {b} vs {b_l}");
     segments_chosen.check_shape(b, t_w).context("chosen segments")?;
     segments_rejected.check_shape(b, t_l).context("rejected segments")?;
@@ -239,21 +239,21 @@ pub fn two_d_dpo_losses(
     let segment_pairs: Vec<usize> = plans.iter().map(PairPlan::len).collect();
     let n_max = segment_pairs.iter().copied().max().unwrap_or(0);
     if n_max == 0 {
-        let losses = Tensor::zeros(b, rho_chosen.dtype(), rho_chosen.device())?;
+        let losses = Tensor::zeros(b, chosen_token_logratios.dtype(), chosen_token_logratios.device())?;
         return Ok(TwoDLosses { losses, segment_pairs });
     }
 
     let sel_w: Vec<&[usize]> = plans.iter().map(|p| p.chosen.as_slice()).collect();
     let sel_l: Vec<&[usize]> = plans.iter().map(|p| p.rejected.as_slice()).collect();
-    let a_w = selection_matrix(segments_chosen, &mw, &sel_w, n_max, rho_chosen)?;
-    let a_l = selection_matrix(segments_rejected, &ml, &sel_l, n_max, rho_rejected)?;
+    let a_w = selection_matrix(segments_chosen, &mw, &sel_w, n_max, chosen_token_logratios)?;
+    let a_l = selection_matrix(segments_rejected, &ml, &sel_l, n_max, rejected_token_logratios)?;
     // Segment sums R of the selected segments, [B, N_max].
-    let r_w = rho_chosen.unsqueeze(1)?.contiguous()?.matmul(&a_w)?.squeeze(1)?;
-    let r_l = rho_rejected.unsqueeze(1)?.contiguous()?.matmul(&a_l)?.squeeze(1)?;
+    let r_w = chosen_token_logratios.unsqueeze(1)?.contiguous()?.matmul(&a_w)?.squeeze(1)?;
+    let r_l = rejected_token_logratios.unsqueeze(1)?.contiguous()?.matmul(&a_l)?.squeeze(1)?;
 
-    let coef_w = padded(&plans.iter().map(|p| p.coef_chosen.clone()).collect::<Vec<_>>(), n_max, rho_chosen)?;
-    let coef_l = padded(&plans.iter().map(|p| p.coef_rejected.clone()).collect::<Vec<_>>(), n_max, rho_chosen)?;
-    let valid = padded(&segment_pairs.iter().map(|&n| vec![1.0; n]).collect::<Vec<_>>(), n_max, rho_chosen)?;
+    let coef_w = padded(&plans.iter().map(|p| p.coef_chosen.clone()).collect::<Vec<_>>(), n_max, chosen_token_logratios)?;
+    let coef_l = padded(&plans.iter().map(|p| p.coef_rejected.clone()).collect::<Vec<_>>(), n_max, chosen_token_logratios)?;
+    let valid = padded(&segment_pairs.iter().map(|&n| vec![1.0; n]).collect::<Vec<_>>(), n_max, chosen_token_logratios)?;
     let logits = ((coef_w * r_w)? - (coef_l * r_l)?)?;
     let losses = (log_sigmoid(&logits)? * valid)?.sum(1)?.neg()?;
     Ok(TwoDLosses { losses, segment_pairs })

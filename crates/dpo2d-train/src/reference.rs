@@ -1,0 +1,196 @@
+//! The reference model's side of the losses. Most losses need only the
+//! reference's log-probs of the response tokens, which are computed once
+//! before training and cached on disk (TRL's `precompute_ref_log_probs`),
+//! keyed by the model files and the token ids; losses that need the
+//! reference's full distribution (TDPO) or its log-probs of other pairings
+//! (KTO) run the reference model alongside the policy instead.
+
+use crate::align::TokenizedPair;
+use crate::packing::{packed_forward, pair_units};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use dpo2d_model::llama::CausalLM;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Reference log-probs of one pair's responses (label positions only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefLogps {
+    pub chosen: Vec<f32>,
+    pub rejected: Vec<f32>,
+}
+
+/// Where the reference comes from.
+pub(crate) enum Reference {
+    /// Reference-free loss.
+    None,
+    /// Precomputed per pair (train and eval sets).
+    Cached { train: Vec<RefLogps>, eval: Vec<RefLogps> },
+    /// Run alongside the policy, without gradients.
+    Live(Box<CausalLM>),
+}
+
+/// How [`Reference::precomputed`] finds or computes the cached log-probs.
+pub(crate) struct Precompute<'a> {
+    /// The reference model's files (hashed into the cache key).
+    pub model_path: &'a Path,
+    pub cache_root: PathBuf,
+    /// Pairs per forward pass.
+    pub batch: usize,
+    pub progress: bool,
+}
+
+impl Reference {
+    /// Reference log-probs of the training and held-out pairs: from the
+    /// cache, or computed with `load()` (the model is loaded only on a miss).
+    pub fn precomputed<'m>(
+        p: &Precompute,
+        train: &[TokenizedPair],
+        eval: &[TokenizedPair],
+        load: impl FnOnce() -> Result<ModelRef<'m>>,
+        say: &dyn Fn(&str),
+    ) -> Result<Reference> {
+        let key = cache_key(p.model_path, &[train, eval])?;
+        let path = p.cache_root.join("reflogps").join(format!("{key}.safetensors"));
+        if let Some(mut v) = path.is_file().then(|| load_cache(&path, &[train, eval]).ok()).flatten() {
+            say(&format!("reference log-probs: cached ({})", path.display()));
+            let eval = v.pop().unwrap_or_default();
+            let train = v.pop().unwrap_or_default();
+            return Ok(Reference::Cached { train, eval });
+        }
+        let model = load()?;
+        let pb = p.progress.then(|| {
+            crate::progress::bar(
+                (train.len() + eval.len()) as u64,
+                "reference log-probs {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+            )
+        });
+        let train_r = compute(model.get(), train, p.batch, pb.as_ref())?;
+        let eval_r = compute(model.get(), eval, p.batch, pb.as_ref())?;
+        if let Some(pb) = pb {
+            pb.finish_and_clear();
+        }
+        if let Err(e) = save_cache(&path, &[&train_r, &eval_r]) {
+            say(&format!("warning: cannot cache reference log-probs in {}: {e:#}", path.display()));
+        }
+        Ok(Reference::Cached { train: train_r, eval: eval_r })
+    }
+}
+
+/// The model that computes reference log-probs: the starting policy itself
+/// (before its first update it IS the reference, and one model in memory
+/// is less memory than two) or a separately loaded one.
+pub(crate) enum ModelRef<'a> {
+    Borrowed(&'a CausalLM),
+    Owned(Box<CausalLM>),
+}
+
+impl ModelRef<'_> {
+    fn get(&self) -> &CausalLM {
+        match self {
+            ModelRef::Borrowed(m) => m,
+            ModelRef::Owned(m) => m,
+        }
+    }
+}
+
+/// Sha256 over model files (weights + config) of a directory or GGUF file.
+fn hash_model_files(path: &Path, h: &mut Sha256) -> Result<()> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                n.ends_with(".safetensors") || n == "config.json"
+            })
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for f in files {
+        let mut r = std::fs::File::open(&f).with_context(|| format!("reading {}", f.display()))?;
+        h.update(f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default().as_bytes());
+        std::io::copy(&mut r, h).with_context(|| format!("reading {}", f.display()))?;
+    }
+    Ok(())
+}
+
+/// Hash the token ids of every pair of `sets` (lengths included, so no two
+/// different data sets hash alike).
+pub(crate) fn hash_token_ids(sets: &[&[TokenizedPair]], h: &mut Sha256) {
+    for set in sets {
+        h.update((set.len() as u64).to_le_bytes());
+        for p in *set {
+            for part in [&p.prompt, &p.chosen.ids, &p.rejected.ids] {
+                h.update((part.len() as u64).to_le_bytes());
+                for t in part.iter() {
+                    h.update(t.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// Cache key of reference log-probs: model files + token ids of every pair.
+fn cache_key(model_path: &Path, sets: &[&[TokenizedPair]]) -> Result<String> {
+    let mut h = Sha256::new();
+    // v2: prompt shared by both responses in one forward (different rounding).
+    h.update(b"dpo2d-reflogps-v2");
+    hash_model_files(model_path, &mut h)?;
+    hash_token_ids(sets, &mut h);
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Reference log-probs of every pair, `batch` pairs per forward pass.
+fn compute(model: &CausalLM, data: &[TokenizedPair], batch: usize, pb: Option<&indicatif::ProgressBar>) -> Result<Vec<RefLogps>> {
+    let mut out = Vec::with_capacity(data.len());
+    for chunk in data.chunks(batch.max(1)) {
+        let o = packed_forward(model, &pair_units(&chunk.iter().collect::<Vec<_>>()), false)?;
+        let flat = o.logps.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        for (k, p) in chunk.iter().enumerate() {
+            let (sc, sr) = (o.starts[k][0], o.starts[k][1]);
+            out.push(RefLogps {
+                chosen: flat[sc..sc + p.chosen.ids.len()].to_vec(),
+                rejected: flat[sr..sr + p.rejected.ids.len()].to_vec(),
+            });
+        }
+        if let Some(pb) = pb {
+            pb.inc(chunk.len() as u64);
+        }
+    }
+    Ok(out)
+}
+
+fn save_cache(path: &Path, sets: &[&[RefLogps]]) -> Result<()> {
+    let mut map = HashMap::new();
+    for (s, set) in sets.iter().enumerate() {
+        for (i, r) in set.iter().enumerate() {
+            map.insert(format!("{s}.{i}.c"), Tensor::new(r.chosen.as_slice(), &Device::Cpu)?);
+            map.insert(format!("{s}.{i}.r"), Tensor::new(r.rejected.as_slice(), &Device::Cpu)?);
+        }
+    }
+    dpo2d_fs::write_file_with(path, |tmp| Ok(candle_core::safetensors::save(&map, tmp)?))
+}
+
+fn load_cache(path: &Path, sizes: &[&[TokenizedPair]]) -> Result<Vec<Vec<RefLogps>>> {
+    let map = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let mut out = Vec::new();
+    for (s, set) in sizes.iter().enumerate() {
+        let mut v = Vec::with_capacity(set.len());
+        for (i, p) in set.iter().enumerate() {
+            let get = |k: &str, n: usize| -> Result<Vec<f32>> {
+                let t = map.get(&format!("{s}.{i}.{k}")).context("entry missing")?.to_vec1::<f32>()?;
+                if t.len() != n {
+                    bail!("entry has the wrong length");
+                }
+                Ok(t)
+            };
+            v.push(RefLogps { chosen: get("c", p.chosen.ids.len())?, rejected: get("r", p.rejected.ids.len())? });
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
