@@ -78,6 +78,41 @@ fn missing_model() {
     assert!(e.contains("absent.gguf") && e.contains("does not exist"), "{e}");
 }
 
+/// Free-text values may start with `-`: they reach the model loader instead
+/// of being taken for an unknown option.
+#[test]
+fn free_text_values_may_start_with_a_dash() {
+    let t = tempfile::tempdir().unwrap();
+    let m = t.path().join("no-such-model");
+    for args in [
+        vec!["generate", "--model", s(&m), "--prompt", "- x"],
+        vec!["generate", "--model", s(&m), "--system", "-be brief", "--prompt", "-x"],
+        vec!["logprobs", "--model", s(&m), "--prompt", "- a", "--response", "- b"],
+        vec!["logprobs", "--model", s(&m), "--system", "-s", "--prompt", "a", "--response", "-1"],
+    ] {
+        let e = fails(&args);
+        assert!(e.contains("no-such-model") && e.contains("does not exist"), "{args:?}: {e}");
+    }
+}
+
+/// A finite-looking checkpoint with NaN in one tensor is refused, naming it.
+#[test]
+fn non_finite_weights_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("m");
+    write_dir(&d, CONFIG);
+    let weights = full_weights(8);
+    let mut bytes = safetensors(&weights);
+    // Poison the last value of up_proj, found through its data_offsets.
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let end = header["model.layers.0.mlp.up_proj.weight"]["data_offsets"][1].as_u64().unwrap() as usize;
+    bytes[8 + header_len + end - 4..8 + header_len + end].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+    let e = fails(&["generate", "--model", s(&d), "--prompt", "a"]);
+    assert!(e.contains("model.safetensors") && e.contains("model.layers.0.mlp.up_proj.weight: 1 non-finite value(s)"), "{e}");
+}
+
 #[test]
 fn missing_weights_file() {
     let t = tempfile::tempdir().unwrap();

@@ -108,6 +108,32 @@ fn validate_lists_every_bad_line_and_fails() {
 }
 
 #[test]
+fn validate_reports_bad_utf8_and_reads_past_it_and_a_bom() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("mixed.jsonl");
+    let mut bytes = format!("\u{feff}{}\n", scored_pair("a")).into_bytes();
+    bytes.extend_from_slice(b"{\"id\": \"caf\xe9\"}\n");
+    let mut bad_score = scored_pair("c");
+    bad_score["chosen"]["segments"][0]["scores"]["clarity"] = json!(3);
+    let bad_score = bad_score.to_string().replacen("\"clarity\":3", "\"clarity\":18446744073709551616", 1);
+    bytes.extend_from_slice(format!("{}\n{bad_score}\n", scored_pair("b")).as_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    // Strict: every problem listed, the lines after the bad bytes included.
+    let o = dpo2d(&["validate", p.to_str().unwrap(), "--require-scores"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("mixed.jsonl:2: not valid UTF-8 [not-utf8]"), "{err}");
+    assert!(err.contains("mixed.jsonl:4: chosen.segments[0].scores.clarity: 18446744073709551616 is outside 0..4"), "{err}");
+    assert!(err.contains("2 of 4 line(s) invalid"), "{err}");
+    // Skipping: the BOM line and line 3 are kept.
+    let o = dpo2d(&["validate", p.to_str().unwrap(), "--require-scores", "--skip-invalid"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("2 valid pair(s)") && out.contains("2 of 4 line(s) invalid and would be skipped"), "{out}");
+    assert!(out.contains("not-utf8: 1"), "{out}");
+}
+
+#[test]
 fn validate_gz_and_plain_requirement() {
     let dir = tempfile::tempdir().unwrap();
     let plain = json!({"prompt": "Q?", "chosen": "Yes.", "rejected": "No."});
@@ -164,6 +190,18 @@ fn segment_text_outputs_exact_spans() {
         let (a, b) = (s["start"].as_u64().unwrap() as usize, s["end"].as_u64().unwrap() as usize);
         assert_eq!(&text[a..b], s["text"].as_str().unwrap());
     }
+}
+
+#[test]
+fn segment_text_may_start_with_a_dash() {
+    let o = dpo2d(&["segment", "--text", "- item one. Two."]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let texts: Vec<String> =
+        stdout(&o).lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
+    assert_eq!(texts.concat(), "- item one. Two.");
+    let o = dpo2d(&["segment", "--text", "-5 degrees today."]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("-5 degrees today."));
 }
 
 #[test]

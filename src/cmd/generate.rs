@@ -16,15 +16,15 @@ pub struct Args {
     pub model: String,
     #[command(flatten)]
     pub device: super::DeviceArg,
-    /// A user prompt (repeatable).
-    #[arg(long, conflicts_with = "input")]
+    /// A user prompt (repeatable; may start with `-`).
+    #[arg(long, conflicts_with = "input", allow_hyphen_values = true)]
     pub prompt: Vec<String>,
     /// JSONL file: one row per prompt with `prompt` (a string or a list of
     /// {role, content} messages) or `messages`; other fields are copied.
     #[arg(long)]
     pub input: Option<PathBuf>,
     /// System message put before each prompt given as a string.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub system: Option<String>,
     /// Feed prompts to the model as raw text, without the chat template.
     #[arg(long)]

@@ -15,17 +15,17 @@ pub struct Args {
     pub model: String,
     #[command(flatten)]
     pub device: super::DeviceArg,
-    /// User prompt (rendered with the chat template).
-    #[arg(long, requires = "response", conflicts_with = "input")]
+    /// User prompt (rendered with the chat template; may start with `-`).
+    #[arg(long, requires = "response", conflicts_with = "input", allow_hyphen_values = true)]
     pub prompt: Option<String>,
-    /// Response to score.
-    #[arg(long)]
+    /// Response to score (may start with `-`).
+    #[arg(long, allow_hyphen_values = true)]
     pub response: Option<String>,
     /// JSONL file with `prompt` (string or messages) and `response` per row.
     #[arg(long)]
     pub input: Option<PathBuf>,
     /// System message for prompts given as strings.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub system: Option<String>,
     /// Also score the chat template's end-of-turn tokens after the response.
     #[arg(long)]

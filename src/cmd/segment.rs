@@ -27,8 +27,8 @@ pub enum Format {
 pub struct Args {
     /// Input file (.txt, .jsonl or .jsonl.gz); `-` or nothing reads standard input.
     pub input: Option<PathBuf>,
-    /// Segment this text instead of reading a file.
-    #[arg(long, conflicts_with = "input")]
+    /// Segment this text instead of reading a file (may start with `-`, e.g. a list item).
+    #[arg(long, conflicts_with = "input", allow_hyphen_values = true)]
     pub text: Option<String>,
     /// Input format.
     #[arg(long, value_enum, default_value = "auto")]

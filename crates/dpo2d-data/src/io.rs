@@ -28,10 +28,14 @@ pub fn open_reader(path: &Path) -> Result<Box<dyn BufRead>> {
     }
 }
 
-/// Reads a whole (possibly gzipped) text file into a string.
+/// Reads a whole (possibly gzipped) text file into a string, without a
+/// leading byte order mark.
 pub fn read_to_string(path: &Path) -> Result<String> {
     let mut s = String::new();
     open_reader(path)?.read_to_string(&mut s).with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
+    if s.starts_with('\u{feff}') {
+        s.drain(..'\u{feff}'.len_utf8());
+    }
     Ok(s)
 }
 
@@ -83,6 +87,15 @@ pub struct Line {
     pub text: String,
 }
 
+/// A line whose bytes are not UTF-8. Unlike an I/O error this spoils only
+/// its own line, so readers may report or skip it and go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{name}:{number}: not valid UTF-8")]
+pub struct NotUtf8 {
+    pub name: String,
+    pub number: usize,
+}
+
 /// Iterates the non-blank lines of a JSONL file (blank lines are allowed
 /// and skipped; they are not data). Errors name the file and line.
 pub fn jsonl_lines(path: &Path) -> Result<impl Iterator<Item = Result<Line>>> {
@@ -90,12 +103,42 @@ pub fn jsonl_lines(path: &Path) -> Result<impl Iterator<Item = Result<Line>>> {
 }
 
 /// Like [`jsonl_lines`] over any reader; `name` labels errors.
-pub fn lines_of<R: BufRead>(reader: R, name: String) -> impl Iterator<Item = Result<Line>> {
-    reader.lines().enumerate().filter_map(move |(i, line)| match line {
-        Ok(text) if text.trim().is_empty() => None,
-        Ok(text) => Some(Ok(Line { number: i + 1, text })),
-        Err(e) => Some(Err(anyhow::Error::new(e).context(format!("{name}:{}: cannot read line", i + 1)))),
+///
+/// A UTF-8 byte order mark at the start is dropped (editors on Windows write
+/// one). A line that is not UTF-8 yields a [`NotUtf8`] error and reading goes
+/// on with the next line; an I/O error ends the iteration.
+pub fn lines_of<R: BufRead>(mut reader: R, name: String) -> impl Iterator<Item = Result<Line>> {
+    let mut number = 0;
+    let mut done = false;
+    std::iter::from_fn(move || loop {
+        if done {
+            return None;
+        }
+        let mut buf = Vec::new();
+        number += 1;
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) => return None,
+            Ok(_) => {}
+            Err(e) => {
+                done = true;
+                return Some(Err(anyhow::Error::new(e).context(format!("{name}:{number}: cannot read line"))));
+            }
+        }
+        let bytes = strip_line_end(if number == 1 { buf.strip_prefix(BOM).unwrap_or(&buf) } else { &buf });
+        match std::str::from_utf8(bytes) {
+            Ok(text) if text.trim().is_empty() => continue,
+            Ok(text) => return Some(Ok(Line { number, text: text.to_string() })),
+            Err(_) => return Some(Err(NotUtf8 { name: name.clone(), number }.into())),
+        }
     })
+}
+
+const BOM: &[u8] = "\u{feff}".as_bytes();
+
+/// `line` without its `\n` or `\r\n`, as `BufRead::lines` returns it.
+fn strip_line_end(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 /// Writes items as JSONL (one compact JSON object per line).
@@ -137,6 +180,27 @@ mod tests {
         std::fs::write(&p, "{}\n\n  \n{\"x\":1}\n").unwrap();
         let nums: Vec<_> = jsonl_lines(&p).unwrap().map(|l| l.unwrap().number).collect();
         assert_eq!(nums, vec![1, 4]);
+    }
+
+    #[test]
+    fn bad_utf8_spoils_only_its_line() {
+        let data = b"{\"a\":1}\r\n{\"b\":\"\xff\xfe\"}\n\n{\"c\":3}";
+        let lines: Vec<_> = lines_of(&data[..], "d.jsonl".into()).collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0].as_ref().unwrap().text, r#"{"a":1}"#);
+        let err = lines[1].as_ref().err().unwrap();
+        assert_eq!(err.to_string(), "d.jsonl:2: not valid UTF-8");
+        assert_eq!(err.downcast_ref::<NotUtf8>().map(|e| e.number), Some(2));
+        let last = lines[2].as_ref().unwrap();
+        assert_eq!((last.number, last.text.as_str()), (4, r#"{"c":3}"#));
+    }
+
+    #[test]
+    fn leading_bom_is_dropped() {
+        let data = "\u{feff}{\"a\":1}\n\u{feff}{}\n";
+        let lines: Vec<_> = lines_of(data.as_bytes(), "d".into()).map(|l| l.unwrap().text).collect();
+        // Only the file's first bytes are a BOM; one later is data (and invalid JSON).
+        assert_eq!(lines, vec![r#"{"a":1}"#.to_string(), "\u{feff}{}".to_string()]);
     }
 
     #[test]

@@ -10,9 +10,10 @@
 //! per-reason counts, and a message naming the exact place: the side, the
 //! segment index and the aspect.
 
-use crate::io::{jsonl_lines, lines_of, Line};
+use crate::io::{jsonl_lines, lines_of, Line, NotUtf8};
 use crate::pair::{Message, Pair, Prompt, Response, Scores, Segment, ASPECTS};
 use anyhow::Result;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -190,7 +191,17 @@ fn load_pairs_from_lines(lines: impl Iterator<Item = Result<Line>>, name: &str, 
     let mut report = SkipReport { path: name.to_string(), ..Default::default() };
     let mut seen_ids: HashMap<String, usize> = HashMap::new();
     for line in lines {
-        let line = line?;
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => match e.downcast_ref::<NotUtf8>() {
+                Some(bad) => {
+                    report.lines_read += 1;
+                    report.add(bad.number, vec![Problem::new("not-utf8", "not valid UTF-8")], opts.max_listed);
+                    continue;
+                }
+                None => return Err(e),
+            },
+        };
         report.lines_read += 1;
         let mut result = parse_pair_line(&line.text, opts);
         if let Ok(pair) = &result {
@@ -229,7 +240,7 @@ fn id_key(id: &Value) -> String {
 /// which needs the whole file).
 pub fn parse_pair_line(text: &str, opts: &LoadOptions) -> Result<Pair, Vec<Problem>> {
     let value: Value = serde_json::from_str(text).map_err(|e| vec![Problem::new("invalid-json", format!("not valid JSON: {e}"))])?;
-    parse_pair_value(&value, opts)
+    parse_value(&value, Some(text), opts)
 }
 
 /// Validates an in-memory pair (e.g. one built or annotated by a tool).
@@ -242,6 +253,12 @@ pub fn check_pair(pair: &Pair, opts: &LoadOptions) -> Vec<Problem> {
 
 /// Validates a parsed JSON object as a pair.
 pub fn parse_pair_value(value: &Value, opts: &LoadOptions) -> Result<Pair, Vec<Problem>> {
+    parse_value(value, None, opts)
+}
+
+/// [`parse_pair_value`]; `line`, the JSON text `value` came from, lets
+/// messages quote numbers as written.
+fn parse_value(value: &Value, line: Option<&str>, opts: &LoadOptions) -> Result<Pair, Vec<Problem>> {
     let Some(obj) = value.as_object() else {
         return Err(vec![Problem::new("not-an-object", format!("a line must be a JSON object, found {}", type_name(value)))]);
     };
@@ -260,8 +277,8 @@ pub fn parse_pair_value(value: &Value, opts: &LoadOptions) -> Result<Pair, Vec<P
         }
     };
     let prompt = parse_prompt(obj.get("prompt"), &opts.limits, &mut problems);
-    let chosen = parse_response("chosen", obj.get("chosen"), opts, &mut problems);
-    let rejected = parse_response("rejected", obj.get("rejected"), opts, &mut problems);
+    let chosen = parse_response("chosen", obj.get("chosen"), line, opts, &mut problems);
+    let rejected = parse_response("rejected", obj.get("rejected"), line, opts, &mut problems);
     if let (Some(c), Some(r)) = (&chosen, &rejected) {
         if c.text() == r.text() {
             problems.push(Problem::new("identical-responses", "chosen and rejected have the same text (no preference to learn)"));
@@ -385,7 +402,7 @@ fn check_len(at: &str, chars: usize, max: usize, problems: &mut Vec<Problem>) {
     }
 }
 
-fn parse_response(side: &str, v: Option<&Value>, opts: &LoadOptions, problems: &mut Vec<Problem>) -> Option<Response> {
+fn parse_response(side: &str, v: Option<&Value>, line: Option<&str>, opts: &LoadOptions, problems: &mut Vec<Problem>) -> Option<Response> {
     let before = problems.len();
     let limits = &opts.limits;
     match v {
@@ -477,7 +494,7 @@ fn parse_response(side: &str, v: Option<&Value>, opts: &LoadOptions, problems: &
                         unscored.push(k);
                         None
                     }
-                    Some(Value::Object(m)) => parse_scores(&at, m, problems),
+                    Some(Value::Object(m)) => parse_scores(&at, m, &|aspect| line.and_then(|l| raw_score(l, side, k, aspect)), problems),
                     Some(other) => {
                         problems.push(Problem::new("wrong-type", format!("{at}.scores: must be an object, found {}", type_name(other))));
                         None
@@ -521,7 +538,9 @@ fn list_indices(ix: &[usize]) -> String {
     }
 }
 
-fn parse_scores(at: &str, m: &Map<String, Value>, problems: &mut Vec<Problem>) -> Option<Scores> {
+/// Checks one segment's scores; `raw(aspect)` gives a score's JSON text as
+/// written, when known, for messages.
+fn parse_scores(at: &str, m: &Map<String, Value>, raw: &dyn Fn(&str) -> Option<String>, problems: &mut Vec<Problem>) -> Option<Scores> {
     let before = problems.len();
     for key in m.keys() {
         if !ASPECTS.contains(&key.as_str()) {
@@ -538,10 +557,15 @@ fn parse_scores(at: &str, m: &Map<String, Value>, problems: &mut Vec<Problem>) -
             None | Some(Value::Null) => problems.push(Problem::new("missing-aspect", format!("{here}: missing"))),
             Some(Value::Number(n)) => {
                 let whole = n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1e9).map(|f| f as i64));
+                // Numbers beyond i64/u64 are held as f64, which would print as `1.8446744073709552e19`.
+                let shown = || if n.is_f64() { raw(*aspect).unwrap_or_else(|| n.to_string()) } else { n.to_string() };
                 match whole {
-                    None => problems.push(Problem::new("score-not-integer", format!("{here}: {n} is not a whole number 0..4"))),
+                    None if n.as_f64().is_some_and(|f| f.fract() == 0.0) => {
+                        problems.push(Problem::new("score-out-of-range", format!("{here}: {} is outside 0..4", shown())))
+                    }
+                    None => problems.push(Problem::new("score-not-integer", format!("{here}: {} is not a whole number 0..4", shown()))),
                     Some(x) if !(0..=4).contains(&x) => {
-                        problems.push(Problem::new("score-out-of-range", format!("{here}: {x} is outside 0..4")))
+                        problems.push(Problem::new("score-out-of-range", format!("{here}: {} is outside 0..4", shown())))
                     }
                     Some(x) if *aspect == "safety" && x != 0 && x != 4 => problems
                         .push(Problem::new("safety-not-binary", format!("{here}: {x} is not allowed (safety is 0 = fail or 4 = pass)"))),
@@ -552,6 +576,18 @@ fn parse_scores(at: &str, m: &Map<String, Value>, problems: &mut Vec<Problem>) -
         }
     }
     (problems.len() == before).then(|| Scores::from_array(vals))
+}
+
+/// The JSON text of `side.segments[k].scores.aspect` in `line`, as written.
+/// Only called for a message, so re-reading the line costs nothing that matters.
+fn raw_score(line: &str, side: &str, k: usize, aspect: &str) -> Option<String> {
+    type Obj<'a> = HashMap<String, &'a RawValue>;
+    let top: Obj = serde_json::from_str(line).ok()?;
+    let response: Obj = serde_json::from_str(top.get(side)?.get()).ok()?;
+    let segments: Vec<&RawValue> = serde_json::from_str(response.get("segments")?.get()).ok()?;
+    let segment: Obj = serde_json::from_str(segments.get(k)?.get()).ok()?;
+    let scores: Obj = serde_json::from_str(segment.get("scores")?.get()).ok()?;
+    Some(scores.get(aspect)?.get().to_string())
 }
 
 /// Why `pair` cannot feed a 2-D loss, or `None` when it can (both responses
@@ -872,6 +908,69 @@ mod tests {
     }
 
     #[test]
+    fn huge_and_fractional_scores_quoted_as_written() {
+        let line = good().to_string().replacen(r#""helpfulness":4"#, r#""helpfulness":18446744073709551616"#, 1);
+        let p = parse_pair_line(&line, &scored()).unwrap_err();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].code, "score-out-of-range");
+        assert_eq!(p[0].message, "chosen.segments[0].scores.helpfulness: 18446744073709551616 is outside 0..4");
+        let line = good().to_string().replacen(r#""clarity":3"#, r#""clarity":2.50"#, 1);
+        let p = parse_pair_line(&line, &scored()).unwrap_err();
+        assert_eq!(p[0].code, "score-not-integer");
+        assert!(p[0].message.ends_with("clarity: 2.50 is not a whole number 0..4"), "{}", p[0].message);
+        // A huge whole number is out of range, not "not a whole number", with or without the text.
+        let p = one(&scored(), |v| v["rejected"]["segments"][0]["scores"]["safety"] = json!(-1e300));
+        assert_eq!(p.code, "score-out-of-range");
+    }
+
+    /// A 2-D load of a file with a plain pair names the line, strict or skipping.
+    #[test]
+    fn plain_pair_in_scored_load_names_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut plain = good();
+        plain["id"] = json!("p3");
+        plain["chosen"] = json!("It is 4.");
+        let mut second = good();
+        second["id"] = json!("p2");
+        let p = write(dir.path(), "d.jsonl", &[good().to_string(), second.to_string(), plain.to_string()]);
+        let msg = format!("{:#}", load_pairs(&p, &scored()).unwrap_err());
+        assert!(msg.contains("d.jsonl:3: chosen: plain text, but the 2-D losses need segments with scores"), "{msg}");
+        let loaded = load_pairs(&p, &scored().skip_invalid(true)).unwrap();
+        assert_eq!(loaded.line_numbers, vec![1, 2]);
+        let report = loaded.skipped.to_string();
+        assert!(report.contains("d.jsonl:3: chosen: plain text") && report.contains("[not-segmented]"), "{report}");
+    }
+
+    #[test]
+    fn invalid_utf8_line_is_one_problem_not_an_abort() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        let mut second = good();
+        second["id"] = json!("p2");
+        let mut bytes = format!("{}\n", good()).into_bytes();
+        bytes.extend_from_slice(b"{\"id\": \"\xff\xfe\"}\n");
+        bytes.extend_from_slice(format!("{second}\n").as_bytes());
+        std::fs::write(&p, &bytes).unwrap();
+        let msg = format!("{:#}", load_pairs(&p, &scored()).unwrap_err());
+        assert!(msg.contains("d.jsonl:2: not valid UTF-8 [not-utf8]"), "{msg}");
+        assert!(msg.contains("1 of 3 line(s) invalid"), "{msg}");
+        let loaded = load_pairs(&p, &scored().skip_invalid(true)).unwrap();
+        assert_eq!(loaded.line_numbers, vec![1, 3]);
+        assert_eq!(loaded.skipped.by_reason.get("not-utf8"), Some(&1));
+    }
+
+    #[test]
+    fn byte_order_mark_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        std::fs::write(&p, format!("\u{feff}{}\n", good())).unwrap();
+        let loaded = load_pairs(&p, &scored()).unwrap();
+        assert_eq!(loaded.pairs.len(), 1);
+        let text = format!("\u{feff}{}\n", good());
+        assert_eq!(load_pairs_from_str(&text, "mem", &scored()).unwrap().pairs.len(), 1);
+    }
+
+    #[test]
     fn gz_input_loads() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.jsonl.gz");
@@ -912,5 +1011,151 @@ mod tests {
         assert!(err.contains("the 2d-dpo loss needs 2-D scored pairs"), "{err}");
         assert!(err.contains("pair 1 (id \"p1\"): chosen is plain text"), "{err}");
         assert!(err.contains("scalar loss"));
+    }
+}
+
+/// Property tests: random and mutated lines never panic the loader, and
+/// every refusal says why. `PROPTEST_CASES=100000 cargo test -p dpo2d-data
+/// fuzz` runs more cases than the default.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `default` cases, or `PROPTEST_CASES` when set.
+    fn config(default: u32) -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+        ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    fn seed_line() -> String {
+        tests_seed().to_string()
+    }
+
+    fn tests_seed() -> Value {
+        let s = |h: i64| serde_json::json!({"helpfulness": h, "correctness": 4, "safety": 4, "completeness": 3, "clarity": 4});
+        serde_json::json!({
+            "id": "p1",
+            "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is 2+2?"}],
+            "chosen": {"segments": [{"text": "It is 4. ", "scores": s(4)}, {"text": "Easy.", "scores": s(3)}]},
+            "rejected": "It is 5."
+        })
+    }
+
+    /// Overwrite, insert, delete or truncate bytes at random places.
+    fn mutate(mut bytes: Vec<u8>, edits: &[(u8, usize, u8)]) -> Vec<u8> {
+        for &(kind, at, byte) in edits {
+            let at = if bytes.is_empty() { 0 } else { at % bytes.len() };
+            match kind % 4 {
+                0 if !bytes.is_empty() => bytes[at] = byte,
+                1 => bytes.insert(at, byte),
+                2 if !bytes.is_empty() => {
+                    bytes.remove(at);
+                }
+                _ => bytes.truncate(at),
+            }
+        }
+        bytes
+    }
+
+    /// JSON values built from the pair format's own keys and awkward numbers.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let key = prop::sample::select(vec![
+            "id",
+            "prompt",
+            "chosen",
+            "rejected",
+            "segments",
+            "text",
+            "scores",
+            "role",
+            "content",
+            "helpfulness",
+            "correctness",
+            "safety",
+            "completeness",
+            "clarity",
+            "user",
+            "x",
+        ]);
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            (0i64..6).prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+            prop::sample::select(vec!["user", "assistant", "system", " ", ""]).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 64, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+            ]
+        })
+    }
+
+    fn check_outcome(result: &Result<Pair, Vec<Problem>>, opts: &LoadOptions) {
+        match result {
+            Ok(pair) => assert!(check_pair(pair, opts).is_empty(), "an accepted pair must re-validate"),
+            Err(problems) => {
+                assert!(!problems.is_empty(), "a refusal must say why");
+                assert!(problems.iter().all(|p| !p.message.is_empty() && !p.code.is_empty()));
+            }
+        }
+    }
+
+    fn requirement() -> impl Strategy<Value = Requirement> {
+        prop::sample::select(vec![Requirement::Plain, Requirement::Segmented, Requirement::Scored])
+    }
+
+    proptest! {
+        #![proptest_config(config(2000))]
+
+        #[test]
+        fn random_text_lines(text in ".{0,200}", req in requirement()) {
+            let opts = LoadOptions::new(req);
+            check_outcome(&parse_pair_line(&text, &opts), &opts);
+        }
+
+        #[test]
+        fn random_json_values(value in json_value(), req in requirement()) {
+            let opts = LoadOptions::new(req);
+            check_outcome(&parse_pair_line(&value.to_string(), &opts), &opts);
+        }
+
+        #[test]
+        fn structured_values_near_a_valid_pair(field in json_value(), place in 0usize..6, req in requirement()) {
+            let mut v = tests_seed();
+            match place {
+                0 => v["prompt"] = field,
+                1 => v["chosen"] = field,
+                2 => v["chosen"]["segments"][0] = field,
+                3 => v["chosen"]["segments"][1]["scores"] = field,
+                4 => v["rejected"] = field,
+                _ => v["id"] = field,
+            }
+            let opts = LoadOptions::new(req);
+            check_outcome(&parse_pair_line(&v.to_string(), &opts), &opts);
+        }
+
+        #[test]
+        fn mutated_files(edits in prop::collection::vec((any::<u8>(), any::<usize>(), any::<u8>()), 1..8), skip in any::<bool>()) {
+            let file = format!("{}\n{}\n", seed_line(), seed_line().replace("\"p1\"", "\"p2\""));
+            let bytes = mutate(file.into_bytes(), &edits);
+            let opts = LoadOptions::new(Requirement::Plain).skip_invalid(skip);
+            match load_pairs_from_lines(lines_of(&bytes[..], "f".into()), "f", &opts) {
+                Ok(loaded) => {
+                    prop_assert_eq!(loaded.pairs.len() + loaded.skipped.lines_skipped, loaded.skipped.lines_read);
+                    prop_assert!(skip || loaded.skipped.is_empty());
+                }
+                Err(e) => {
+                    let inv = e.downcast_ref::<InvalidData>();
+                    prop_assert!(!skip && inv.is_some_and(|i| !i.report.first.is_empty()), "{e:#}");
+                }
+            }
+        }
     }
 }

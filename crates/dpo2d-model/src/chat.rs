@@ -241,3 +241,82 @@ mod tests {
         assert!(e.contains("chat_template.jinja"), "{e}");
     }
 }
+
+/// Random templates and messages: compiling and rendering return errors,
+/// never panic. Set `PROPTEST_CASES` for more cases.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzz::config;
+    use proptest::prelude::*;
+
+    /// Template fragments real chat templates use, plus broken ones.
+    const PIECES: &[&str] = &[
+        "{% for message in messages %}",
+        "{% endfor %}",
+        "{% if add_generation_prompt %}",
+        "{% if loop.first and messages[0]['role'] != 'system' %}",
+        "{% else %}",
+        "{% endif %}",
+        "{{ message['content'] }}",
+        "{{ message.content.strip() }}",
+        "{{ message['role'] | upper }}",
+        "{{ messages[0] | tojson }}",
+        "{{ messages | tojson(indent=2) }}",
+        "{{ messages[7].content }}",
+        "{{ raise_exception('bad role') }}",
+        "{{ bos_token }}",
+        "{{ eos_token }}",
+        "{% set ns = namespace(x=0) %}",
+        "{{ loop.index / 0 }}",
+        "{{ messages | length }}",
+        "{{ message.content.split('\\n')[1] }}",
+        "{{ strftime_now('%Y') }}",
+        "<|im_start|>",
+        "\n  ",
+        "{{",
+        "}}",
+        "{%",
+        "%}",
+        "{#",
+        "{{ message['content'] + 1 }}",
+        "{{ x.y.z }}",
+    ];
+
+    fn template() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::collection::vec(prop::sample::select(PIECES), 0..14).prop_map(|v| v.concat()),
+            1 => ".{0,80}",
+        ]
+    }
+
+    fn messages() -> impl Strategy<Value = Vec<Message>> {
+        let role = prop::sample::select(vec!["system", "user", "assistant", "tool", ""]);
+        let content = prop_oneof![".{0,40}", Just("{{ bos_token }}".to_string()), Just("\u{1}".to_string())];
+        prop::collection::vec((role, content).prop_map(|(r, c)| Message::new(r, c)), 0..5)
+    }
+
+    proptest! {
+        #![proptest_config(config(3000))]
+
+        #[test]
+        fn random_templates_render_or_fail_cleanly(src in template(), msgs in messages(), gen in any::<bool>()) {
+            let Ok(t) = ChatTemplate::new(&src, Some("<s>"), Some("</s>")) else { return Ok(()) };
+            if let Err(e) = t.render(&msgs, gen) {
+                let msg = format!("{e:#}");
+                prop_assert!(!msg.is_empty());
+            }
+            let _ = t.assistant_suffix();
+            let _ = t.generation_prefix();
+        }
+
+        #[test]
+        fn real_template_renders_any_messages(msgs in messages()) {
+            let t = ChatTemplate::new(CHATML_TEMPLATE, None, None).unwrap();
+            let s = t.render(&msgs, true).unwrap();
+            for m in &msgs {
+                prop_assert!(s.contains(&m.content));
+            }
+        }
+    }
+}

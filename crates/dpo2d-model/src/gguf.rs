@@ -12,6 +12,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// An opened GGUF file: header, metadata and tensor directory (tensor data is
@@ -32,6 +33,11 @@ impl GgufFile {
             bail!("GGUF file {} does not exist", path.display());
         }
         let mut f = std::fs::File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
+        // candle's parser divides by the alignment: refuse a zero one first.
+        if stored_alignment(&mut std::io::BufReader::new(&f)) == Some(0) {
+            bail!("{} is not a valid GGUF file: general.alignment is 0", path.display());
+        }
+        f.seek(SeekFrom::Start(0)).with_context(|| format!("cannot read GGUF file {}", path.display()))?;
         let content = Content::read(&mut f).map_err(|e| {
             let msg = e.to_string();
             if msg.contains("dtype") {
@@ -43,6 +49,9 @@ impl GgufFile {
                 anyhow::anyhow!("{} is not a valid GGUF file (truncated or corrupt?): {msg}", path.display())
             }
         })?;
+        let len = f.metadata().with_context(|| format!("cannot read GGUF file {}", path.display()))?.len();
+        check_tensor_extents(&content, len)
+            .map_err(|e| anyhow::anyhow!("{} is not a valid GGUF file (truncated or corrupt?): {e}", path.display()))?;
         Ok(Self { path: path.to_path_buf(), content })
     }
 
@@ -183,7 +192,7 @@ impl GgufFile {
         let embd = self.content.tensor_infos.get("token_embd.weight").ok_or_else(|| self.err("tensor `token_embd.weight` is missing"))?;
         let vocab = match self.get_u64(&format!("{a}.vocab_size")) {
             Some(v) => v,
-            None => embd.shape.dims()[0] as u64,
+            None => *embd.shape.dims().first().ok_or_else(|| self.err("tensor `token_embd.weight` has no dimensions"))? as u64,
         };
         let tied = !self.content.tensor_infos.contains_key("output.weight");
         let eps = self
@@ -245,6 +254,10 @@ impl GgufFile {
                 .dequantize(&Device::Cpu)
                 .and_then(|t| t.to_dtype(DType::F32))
                 .map_err(|e| self.err(format!("cannot dequantize tensor `{name}`: {e}")))?;
+            let bad = crate::weights::count_non_finite_f32(&t)?;
+            if bad > 0 {
+                return Err(self.err(crate::weights::non_finite_message(&format!("tensor `{name}` ({hf})"), bad)));
+            }
             if cfg.architecture == Architecture::Llama {
                 if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
                     t = unpermute_qk(&t, cfg.num_attention_heads).map_err(|e| self.err(format!("tensor `{name}`: {e}")))?;
@@ -257,6 +270,109 @@ impl GgufFile {
         }
         Ok(out)
     }
+}
+
+/// Checks that every tensor has elements and a size that computes without
+/// overflow and lies inside the file, so that reading one can neither
+/// over-allocate nor crash (candle reads an empty tensor through a
+/// misaligned pointer, which aborts the process).
+fn check_tensor_extents(content: &Content, file_len: u64) -> std::result::Result<(), String> {
+    for (name, info) in &content.tensor_infos {
+        let dt = info.ggml_dtype;
+        if info.shape.dims().contains(&0) {
+            return Err(format!("tensor `{name}` has a zero dimension (shape {:?})", info.shape.dims()));
+        }
+        let elems = info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let bytes = elems.and_then(|n| (n / dt.block_size()).checked_mul(dt.type_size()));
+        let end = bytes.and_then(|b| content.tensor_data_offset.checked_add(info.offset)?.checked_add(b as u64));
+        if !end.is_some_and(|end| end <= file_len) {
+            return Err(format!("tensor `{name}` ({dt:?}, shape {:?}) does not fit in the file's {file_len} bytes", info.shape.dims()));
+        }
+    }
+    Ok(())
+}
+
+/// `general.alignment` as stored (when an unsigned or non-negative integer),
+/// found by skipping through the metadata. `None` when absent or when the
+/// header cannot be read (the full parser then says what is wrong).
+fn stored_alignment(r: &mut impl Read) -> Option<u64> {
+    let mut head = [0u8; 8];
+    r.read_exact(&mut head).ok()?;
+    if &head[..4] != b"GGUF" {
+        return None;
+    }
+    let wide = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) >= 2;
+    let _tensors = read_len(r, wide)?;
+    for _ in 0..read_len(r, wide)? {
+        let key_len = read_len(r, wide)?;
+        let key = skip_or_read(r, key_len, key_len <= 64)?;
+        let ty = read_u32(r)?;
+        if key == b"general.alignment" {
+            let size = [1, 2, 4].get(ty as usize / 2).copied().filter(|_| ty <= 5)?;
+            let value = skip_or_read(r, size, true)?.iter().rev().fold(0u64, |a, &x| a << 8 | x as u64);
+            // Types 1, 3, 5 are signed; the parser ignores a negative alignment.
+            return (ty % 2 == 0 || value >> (8 * size - 1) == 0).then_some(value);
+        }
+        skip_value(r, ty, wide, 0)?;
+    }
+    None
+}
+
+/// Size on disk of a fixed-size GGUF value type.
+fn fixed_size(ty: u32) -> Option<u64> {
+    match ty {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+fn skip_value(r: &mut impl Read, ty: u32, wide: bool, depth: usize) -> Option<()> {
+    if let Some(n) = fixed_size(ty) {
+        return skip_or_read(r, n, false).map(|_| ());
+    }
+    match ty {
+        8 => {
+            let n = read_len(r, wide)?;
+            skip_or_read(r, n, false).map(|_| ())
+        }
+        9 if depth < 8 => {
+            let elem = read_u32(r)?;
+            let n = read_len(r, wide)?;
+            match fixed_size(elem) {
+                Some(size) => skip_or_read(r, n.checked_mul(size)?, false).map(|_| ()),
+                // Each element takes at least 8 bytes, so a huge count ends at the end of the file.
+                None => (0..n).try_for_each(|_| skip_value(r, elem, wide, depth + 1)),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Consumes exactly `n` bytes (returned when `keep`), or `None` at end of file.
+fn skip_or_read(r: &mut impl Read, n: u64, keep: bool) -> Option<Vec<u8>> {
+    let mut kept = Vec::new();
+    let got =
+        if keep { r.take(n).read_to_end(&mut kept).ok()? as u64 } else { std::io::copy(&mut r.take(n), &mut std::io::sink()).ok()? };
+    (got == n).then_some(kept)
+}
+
+fn read_u32(r: &mut impl Read) -> Option<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b).ok()?;
+    Some(u32::from_le_bytes(b))
+}
+
+/// A length: u64 from GGUF v2 on, u32 in v1.
+fn read_len(r: &mut impl Read, wide: bool) -> Option<u64> {
+    if !wide {
+        return read_u32(r).map(u64::from);
+    }
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b).ok()?;
+    Some(u64::from_le_bytes(b))
 }
 
 fn round_sig(x: f64, digits: i32) -> f64 {
@@ -551,6 +667,69 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn non_finite_weights_name_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let mut ts = tiny_tensors(16, 32, 20, 4, 2);
+        let up = "model.layers.0.mlp.up_proj.weight";
+        let mut v = ts[up].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (v[3], v[7], v[300]) = (f32::NAN, f32::INFINITY, f32::NAN);
+        ts.insert(up.into(), Tensor::from_vec(v, (32, 16), &Device::Cpu).unwrap());
+        write_tiny_gguf(&path, "llama", &ts, 4, 2, vec![]);
+        let g = GgufFile::open(&path).unwrap();
+        let e = format!("{:#}", g.hf_tensors(&g.config().unwrap(), &Device::Cpu).unwrap_err());
+        assert!(
+            e.contains("m.gguf") && e.contains(&format!("tensor `blk.0.ffn_up.weight` ({up}): 3 non-finite value(s) (NaN/inf)")),
+            "{e}"
+        );
+    }
+
+    /// A GGUF v3 file with no metadata and one tensor `token_embd.weight`.
+    fn one_tensor_gguf(dims: [u64; 2], ty: u32, offset: u64, data: usize) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend(17u64.to_le_bytes());
+        b.extend(b"token_embd.weight");
+        b.extend(2u32.to_le_bytes());
+        b.extend(dims[0].to_le_bytes());
+        b.extend(dims[1].to_le_bytes());
+        b.extend(ty.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+        b.resize(b.len().next_multiple_of(32) + data, 0);
+        b
+    }
+
+    #[test]
+    fn corrupt_sizes_and_alignment_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let open_err = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).unwrap();
+            format!("{:#}", GgufFile::open(&path).err().expect("must be refused"))
+        };
+        std::fs::write(&path, one_tensor_gguf([32, 4], 0, 0, 512)).unwrap();
+        assert_eq!(GgufFile::open(&path).unwrap().tensor_names(), vec!["token_embd.weight"]);
+        let e = open_err(&one_tensor_gguf([1 << 40, 1 << 40], 0, 0, 512));
+        assert!(e.contains("m.gguf") && e.contains("`token_embd.weight`") && e.contains("does not fit"), "{e}");
+        let e = open_err(&one_tensor_gguf([32, 4], 0, u64::MAX - 8, 512));
+        assert!(e.contains("does not fit"), "{e}");
+        let e = open_err(&one_tensor_gguf([32, 4], 0, 0, 500));
+        assert!(e.contains("does not fit"), "{e}");
+        // An empty tensor would be read through a misaligned pointer (a process abort).
+        let e = open_err(&one_tensor_gguf([0, 4], 0, 0, 512));
+        assert!(e.contains("`token_embd.weight` has a zero dimension"), "{e}");
+        for alignment in [Value::U32(0), Value::U8(0), Value::I16(0)] {
+            write_tiny_gguf(&path, "llama", &tiny_tensors(16, 32, 20, 4, 2), 4, 2, vec![("general.alignment".into(), alignment)]);
+            let e = format!("{:#}", GgufFile::open(&path).err().expect("zero alignment"));
+            assert!(e.contains("m.gguf") && e.contains("general.alignment is 0"), "{e}");
+        }
+        write_tiny_gguf(&path, "llama", &tiny_tensors(16, 32, 20, 4, 2), 4, 2, vec![("general.alignment".into(), Value::I32(-1))]);
+        assert!(GgufFile::open(&path).is_ok(), "a negative alignment is ignored, as the parser does");
+    }
+
+    #[test]
     fn errors_name_file_and_problem() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
@@ -558,14 +737,12 @@ pub(crate) mod tests {
         write_tiny_gguf(&path, "gpt2", &ts, 4, 2, vec![]);
         let e = format!("{:#}", GgufFile::open(&path).unwrap().config().unwrap_err());
         assert!(e.contains("m.gguf") && e.contains("unsupported GGUF architecture `gpt2`"), "{e}");
-        // Truncated in the tensor data: header parses, tensor read fails.
+        // Truncated in the tensor data: the header parses, and the tensor directory names what is cut.
         write_tiny_gguf(&path, "llama", &ts, 4, 2, vec![]);
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
-        let g = GgufFile::open(&path).unwrap();
-        let cfg = g.config().unwrap();
-        let e = format!("{:#}", g.hf_tensors(&cfg, &Device::Cpu).unwrap_err());
-        assert!(e.contains("m.gguf") && e.contains("truncated"), "{e}");
+        let e = format!("{:#}", GgufFile::open(&path).err().unwrap());
+        assert!(e.contains("m.gguf") && e.contains("truncated") && e.contains("does not fit"), "{e}");
         // Truncated in the header.
         std::fs::write(&path, &bytes[..40]).unwrap();
         let e = format!("{:#}", GgufFile::open(&path).err().unwrap());
@@ -592,5 +769,46 @@ pub(crate) mod tests {
         assert!(e.contains("not a valid GGUF"), "{e}");
         let e = format!("{:#}", GgufFile::open(&dir.path().join("nope.gguf")).err().unwrap());
         assert!(e.contains("nope.gguf") && e.contains("does not exist"), "{e}");
+    }
+}
+
+/// Mutated GGUF files: the reader (header, metadata, tokenizer, tensors)
+/// fails with a message and never panics. Set `PROPTEST_CASES` for more cases.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzz::{config, edits, mutate};
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    /// A tiny complete model as GGUF bytes, and where its tensor data starts.
+    fn seed() -> &'static (Vec<u8>, usize) {
+        static SEED: OnceLock<(Vec<u8>, usize)> = OnceLock::new();
+        SEED.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("seed.gguf");
+            // 32-wide rows: Q8_0 blocks, with their f16 scales, in the data.
+            let ts = tests::tiny_tensors(32, 32, 259, 4, 2);
+            let md = crate::source::tests::byte_tokenizer_md();
+            tests::write_tiny_gguf_as(&p, "llama", &ts, 4, 2, md, candle_core::quantized::GgmlDType::Q8_0);
+            let data_start = GgufFile::open(&p).unwrap().content.tensor_data_offset as usize;
+            (std::fs::read(&p).unwrap(), data_start)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(config(2000))]
+
+        #[test]
+        fn mutated_gguf_loads_or_fails_cleanly(e in edits(6)) {
+            let (bytes, data_start) = seed();
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("m.gguf");
+            std::fs::write(&p, mutate(bytes.clone(), *data_start, &e)).unwrap();
+            if let Err(err) = crate::source::load(&p, &crate::llama::LoadOptions::default()) {
+                let msg = format!("{err:#}");
+                prop_assert!(!msg.trim().is_empty());
+            }
+        }
     }
 }

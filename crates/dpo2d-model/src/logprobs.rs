@@ -52,7 +52,8 @@ pub fn sequence_logprobs(model: &CausalLM, ids: &[u32]) -> Result<Vec<f32>> {
     Ok(lp.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
-/// Per-token log-probabilities of `response` after `prompt`.
+/// Per-token log-probabilities of `response` after `prompt`. A NaN or
+/// infinite one is an error: printed, it would read as a score.
 pub fn response_logprobs(
     model: &CausalLM,
     text: &TextSide,
@@ -62,6 +63,14 @@ pub fn response_logprobs(
 ) -> Result<Vec<TokenLogprob>> {
     let t = tokenize_pair(text, prompt, response, with_end_of_turn)?;
     let lps = sequence_logprobs(model, &t.ids)?;
+    if let Some(i) = lps[t.response_start..].iter().position(|lp| !lp.is_finite()) {
+        let id = t.ids[t.response_start + i];
+        bail!(
+            "the model gives a non-finite log-probability ({}) for response token {i} ({:?}): its weights or activations overflow",
+            lps[t.response_start + i],
+            text.tokenizer.token_text(id)
+        );
+    }
     Ok(t.ids[t.response_start..]
         .iter()
         .zip(&lps[t.response_start..])
@@ -98,5 +107,19 @@ mod tests {
         assert!((lps[0].logprob - want).abs() < 1e-4, "{} vs {want}", lps[0].logprob);
         assert!(lps.iter().all(|t| t.logprob <= 0.0));
         assert!(tokenize_pair(&text, &prompt, "", false).is_err());
+    }
+
+    #[test]
+    fn overflowing_model_is_an_error_not_a_nan_score() {
+        use crate::gguf::tests::{tiny_tensors, write_tiny_gguf};
+        let dir = tempfile::tempdir().unwrap();
+        let gg = dir.path().join("huge.gguf");
+        // Finite weights whose final norm overflows f32: the logits become inf - inf.
+        let mut ts = tiny_tensors(16, 32, 259, 4, 2);
+        ts.insert("model.norm.weight".into(), Tensor::full(f32::MAX, 16, &candle_core::Device::Cpu).unwrap());
+        write_tiny_gguf(&gg, "llama", &ts, 4, 2, crate::source::tests::byte_tokenizer_md());
+        let lm = crate::source::load(&gg, &LoadOptions::default()).unwrap();
+        let e = format!("{:#}", response_logprobs(&lm.model, &lm.text(), &[Message::user("2+2?")], "4.", false).unwrap_err());
+        assert!(e.contains("non-finite log-probability") && e.contains("response token 0"), "{e}");
     }
 }

@@ -2,7 +2,7 @@
 //! checks whose errors name the file and the tensor at fault.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -130,17 +130,58 @@ fn load_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     // as with any memory-mapped checkpoint loader.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
     let mut out = HashMap::new();
-    for (name, _) in st.tensors() {
+    for (name, view) in st.tensors() {
+        // Checked on the raw bytes: one pass, before any conversion or device copy.
+        let bad = DType::try_from(view.dtype()).map(|dt| count_non_finite(dt, view.data())).unwrap_or(0);
+        if bad > 0 {
+            bail!("{}: {}", path.display(), non_finite_message(&name, bad));
+        }
         let t = st.load(&name, device).map_err(|e| anyhow::anyhow!("{}: cannot load tensor `{name}`: {e}", path.display()))?;
         out.insert(name, t);
     }
     Ok(out)
 }
 
+/// How many NaN or infinite values `bytes` (little-endian values of `dtype`)
+/// hold, read in place in one pass. Integer types hold none.
+pub(crate) fn count_non_finite(dtype: DType, bytes: &[u8]) -> usize {
+    /// Values whose exponent bits are all set are NaN or infinite.
+    fn count<const N: usize>(bytes: &[u8], exponent: u64) -> usize {
+        let bits = |c: &[u8]| {
+            let mut b = [0u8; 8];
+            b[..N].copy_from_slice(c);
+            u64::from_le_bytes(b)
+        };
+        bytes.chunks_exact(N).filter(|c| bits(c) & exponent == exponent).count()
+    }
+    match dtype {
+        DType::F32 => count::<4>(bytes, 0x7f80_0000),
+        DType::F64 => count::<8>(bytes, 0x7ff0_0000_0000_0000),
+        DType::F16 => count::<2>(bytes, 0x7c00),
+        DType::BF16 => count::<2>(bytes, 0x7f80),
+        _ => 0,
+    }
+}
+
+/// NaN and infinite values in an f32 tensor held on the CPU.
+pub(crate) fn count_non_finite_f32(t: &Tensor) -> Result<usize> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(cpu.as_slice::<f32>()?[start..end].iter().filter(|x| !x.is_finite()).count());
+        }
+    }
+    Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().filter(|x| !x.is_finite()).count())
+}
+
+/// The error text for a tensor with `n` non-finite values.
+pub(crate) fn non_finite_message(name: &str, n: usize) -> String {
+    format!("{name}: {n} non-finite value(s) (NaN/inf); the weights are corrupt or were saved from a diverged run")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::DType;
 
     #[test]
     fn load_check_and_errors() {
@@ -169,6 +210,32 @@ mod tests {
     }
 
     #[test]
+    fn non_finite_weights_are_refused_naming_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let name = "model.layers.0.mlp.up_proj.weight";
+        let mut v = vec![0.5f32; 12];
+        (v[1], v[5], v[11]) = (f32::NAN, f32::INFINITY, f32::NEG_INFINITY);
+        for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+            let mut m = HashMap::new();
+            m.insert(name.to_string(), Tensor::from_vec(v.clone(), (3, 4), &dev).unwrap().to_dtype(dtype).unwrap());
+            m.insert("ok".to_string(), Tensor::ones(4, dtype, &dev).unwrap());
+            candle_core::safetensors::save(&m, dir.path().join("model.safetensors")).unwrap();
+            let e = format!("{:#}", WeightSet::load_dir(dir.path(), &dev).err().unwrap());
+            assert!(e.contains("model.safetensors") && e.contains(&format!("{name}: 3 non-finite value(s) (NaN/inf)")), "{dtype:?}: {e}");
+        }
+        // Largest finite values and integers pass.
+        let mut m = HashMap::new();
+        m.insert("big".to_string(), Tensor::new(&[f32::MAX, f32::MIN, -0.0], &dev).unwrap());
+        m.insert("ids".to_string(), Tensor::new(&[u32::MAX, 0x7f80_0000], &dev).unwrap());
+        candle_core::safetensors::save(&m, dir.path().join("model.safetensors")).unwrap();
+        assert_eq!(WeightSet::load_dir(dir.path(), &dev).unwrap().names().len(), 2);
+        let t = Tensor::new(&[1f32, f32::NAN, 2.0, f32::INFINITY], &dev).unwrap();
+        assert_eq!(count_non_finite_f32(&t).unwrap(), 2);
+        assert_eq!(count_non_finite_f32(&t.narrow(0, 2, 2).unwrap()).unwrap(), 1);
+    }
+
+    #[test]
     fn sharded_index() {
         let dir = tempfile::tempdir().unwrap();
         let dev = Device::Cpu;
@@ -184,5 +251,54 @@ mod tests {
         std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
         let e = format!("{:#}", WeightSet::load_dir(dir.path(), &dev).err().unwrap());
         assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("does not exist"), "{e}");
+    }
+}
+
+/// Mutated safetensors files: loading fails with a message naming the file,
+/// never a panic. Set `PROPTEST_CASES` for more cases.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzz::{config, edits, mutate};
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    /// A small file with tensors of several dtypes, and its header length.
+    fn seed() -> &'static (Vec<u8>, usize) {
+        static SEED: OnceLock<(Vec<u8>, usize)> = OnceLock::new();
+        SEED.get_or_init(|| {
+            let dev = Device::Cpu;
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("seed.safetensors");
+            let a = Tensor::arange(0f32, 24., &dev).unwrap().reshape((4, 6)).unwrap();
+            let m: HashMap<String, Tensor> = [
+                ("model.embed_tokens.weight".to_string(), a.clone()),
+                ("model.norm.weight".to_string(), a.to_dtype(DType::BF16).unwrap()),
+                ("lm_head.weight".to_string(), a.to_dtype(DType::F16).unwrap().narrow(0, 0, 2).unwrap()),
+                ("ids".to_string(), Tensor::new(&[1u32, 2, 3], &dev).unwrap()),
+            ]
+            .into_iter()
+            .collect();
+            candle_core::safetensors::save(&m, &p).unwrap();
+            let bytes = std::fs::read(&p).unwrap();
+            let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            (bytes, header)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(config(2000))]
+
+        #[test]
+        fn mutated_safetensors_load_or_fail_cleanly(e in edits(6)) {
+            let (bytes, header) = seed();
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("model.safetensors");
+            std::fs::write(&p, mutate(bytes.clone(), *header, &e)).unwrap();
+            if let Err(err) = WeightSet::load_file(&p, &Device::Cpu) {
+                let msg = format!("{err:#}");
+                prop_assert!(msg.contains("model.safetensors"), "{msg}");
+            }
+        }
     }
 }
