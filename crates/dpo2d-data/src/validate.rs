@@ -318,79 +318,90 @@ fn parse_prompt(v: Option<&Value>, limits: &Limits, problems: &mut Vec<Problem>)
             (problems.len() == before).then(|| Prompt::Text(s.clone()))
         }
         Some(Value::Array(items)) => {
-            if items.is_empty() {
-                problems.push(Problem::new("empty-prompt", "prompt: empty message list"));
-                return None;
-            }
-            if items.len() > limits.max_messages {
-                problems.push(Problem::new(
-                    "too-many-messages",
-                    format!("prompt: {} messages, more than the limit of {}", items.len(), limits.max_messages),
-                ));
-            }
-            let mut messages = Vec::with_capacity(items.len());
-            let mut chars = 0;
-            for (i, item) in items.iter().enumerate() {
-                let at = format!("prompt[{i}]");
-                let Some(m) = item.as_object() else {
-                    problems.push(Problem::new(
-                        "wrong-type",
-                        format!("{at}: a message must be an object with role and content, found {}", type_name(item)),
-                    ));
-                    continue;
-                };
-                let role = match m.get("role") {
-                    Some(Value::String(r)) if ROLES.contains(&r.as_str()) => Some(r.clone()),
-                    Some(Value::String(r)) => {
-                        problems.push(Problem::new("bad-role", format!("{at}.role: {r:?} is not one of system, user, assistant")));
-                        None
-                    }
-                    None => {
-                        problems.push(Problem::new("missing-field", format!("{at}.role: missing")));
-                        None
-                    }
-                    Some(other) => {
-                        problems.push(Problem::new("wrong-type", format!("{at}.role: must be a string, found {}", type_name(other))));
-                        None
-                    }
-                };
-                let content = match m.get("content") {
-                    Some(Value::String(c)) if c.trim().is_empty() => {
-                        problems.push(Problem::new("empty-message", format!("{at}.content: empty")));
-                        None
-                    }
-                    Some(Value::String(c)) => Some(c.clone()),
-                    None => {
-                        problems.push(Problem::new("missing-field", format!("{at}.content: missing")));
-                        None
-                    }
-                    Some(other) => {
-                        problems.push(Problem::new("wrong-type", format!("{at}.content: must be a string, found {}", type_name(other))));
-                        None
-                    }
-                };
-                if role.as_deref() == Some("system") && i > 0 {
-                    problems.push(Problem::new("bad-role", format!("{at}.role: a system message may only come first")));
-                }
-                if let (Some(role), Some(content)) = (role, content) {
-                    chars += content.chars().count();
-                    messages.push(Message { role, content });
-                }
-            }
-            if let Some(last) = items.last().and_then(|m| m.get("role")).and_then(Value::as_str) {
-                if last != "user" {
-                    problems.push(Problem::new(
-                        "history-not-ending-with-user",
-                        format!("prompt: the history must end with a user turn, the last message is {last:?}"),
-                    ));
-                }
-            }
-            check_len("prompt", chars, limits.max_prompt_chars, problems);
+            let messages = parse_messages(items, limits, problems)?;
             (problems.len() == before).then_some(Prompt::Messages(messages))
         }
         Some(other) => {
             problems
                 .push(Problem::new("wrong-type", format!("prompt: must be a string or a list of messages, found {}", type_name(other))));
+            None
+        }
+    }
+}
+
+/// A prompt given as a chat history: `{role, content}` objects, a system
+/// message only first, ending with a user turn.
+fn parse_messages(items: &[Value], limits: &Limits, problems: &mut Vec<Problem>) -> Option<Vec<Message>> {
+    if items.is_empty() {
+        problems.push(Problem::new("empty-prompt", "prompt: empty message list"));
+        return None;
+    }
+    if items.len() > limits.max_messages {
+        problems.push(Problem::new(
+            "too-many-messages",
+            format!("prompt: {} messages, more than the limit of {}", items.len(), limits.max_messages),
+        ));
+    }
+    let mut messages = Vec::with_capacity(items.len());
+    let mut chars = 0;
+    for (i, item) in items.iter().enumerate() {
+        if let Some(m) = parse_message(i, item, problems) {
+            chars += m.content.chars().count();
+            messages.push(m);
+        }
+    }
+    if let Some(last) = items.last().and_then(|m| m.get("role")).and_then(Value::as_str) {
+        if last != "user" {
+            problems.push(Problem::new(
+                "history-not-ending-with-user",
+                format!("prompt: the history must end with a user turn, the last message is {last:?}"),
+            ));
+        }
+    }
+    check_len("prompt", chars, limits.max_prompt_chars, problems);
+    Some(messages)
+}
+
+/// Message `i` of a chat history.
+fn parse_message(i: usize, item: &Value, problems: &mut Vec<Problem>) -> Option<Message> {
+    let at = format!("prompt[{i}]");
+    let Some(m) = item.as_object() else {
+        problems.push(Problem::new(
+            "wrong-type",
+            format!("{at}: a message must be an object with role and content, found {}", type_name(item)),
+        ));
+        return None;
+    };
+    let role = string_field(m, &at, "role", problems).filter(|r| {
+        let known = ROLES.contains(r);
+        if !known {
+            problems.push(Problem::new("bad-role", format!("{at}.role: {r:?} is not one of system, user, assistant")));
+        }
+        known
+    });
+    let content = string_field(m, &at, "content", problems).filter(|c| {
+        if c.trim().is_empty() {
+            problems.push(Problem::new("empty-message", format!("{at}.content: empty")));
+        }
+        !c.trim().is_empty()
+    });
+    if role == Some("system") && i > 0 {
+        problems.push(Problem::new("bad-role", format!("{at}.role: a system message may only come first")));
+    }
+    Some(Message { role: role?.to_string(), content: content?.to_string() })
+}
+
+/// The string field `key` of the object at `at`; a missing field or one of
+/// another type is reported.
+fn string_field<'a>(obj: &'a Map<String, Value>, at: &str, key: &str, problems: &mut Vec<Problem>) -> Option<&'a str> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Some(s),
+        None => {
+            problems.push(Problem::new("missing-field", format!("{at}.{key}: missing")));
+            None
+        }
+        Some(other) => {
+            problems.push(Problem::new("wrong-type", format!("{at}.{key}: must be a string, found {}", type_name(other))));
             None
         }
     }
@@ -404,7 +415,6 @@ fn check_len(at: &str, chars: usize, max: usize, problems: &mut Vec<Problem>) {
 
 fn parse_response(side: &str, v: Option<&Value>, line: Option<&str>, opts: &LoadOptions, problems: &mut Vec<Problem>) -> Option<Response> {
     let before = problems.len();
-    let limits = &opts.limits;
     match v {
         None | Some(Value::Null) => {
             problems.push(Problem::new("missing-field", format!("{side}: missing")));
@@ -414,113 +424,116 @@ fn parse_response(side: &str, v: Option<&Value>, line: Option<&str>, opts: &Load
             if s.trim().is_empty() {
                 problems.push(Problem::new("empty-response", format!("{side}: empty")));
             } else if opts.requirement != Requirement::Plain {
-                problems.push(Problem::new(
-                    "not-segmented",
-                    format!(
-                        "{side}: plain text, but {} (run `dpo2d segment`{})",
-                        if opts.requirement == Requirement::Scored {
-                            "the 2-D losses need segments with scores"
-                        } else {
-                            "segments are required"
-                        },
-                        if opts.requirement == Requirement::Scored { ", then `dpo2d annotate`" } else { "" },
-                    ),
-                ));
+                problems.push(not_segmented(side, opts.requirement));
             }
-            check_len(side, s.chars().count(), limits.max_response_chars, problems);
+            check_len(side, s.chars().count(), opts.limits.max_response_chars, problems);
             (problems.len() == before).then(|| Response::Plain(s.clone()))
         }
         Some(Value::Object(o)) => {
-            let segs = match o.get("segments") {
-                Some(Value::Array(a)) => a,
-                None => {
-                    problems.push(Problem::new(
-                        "missing-field",
-                        format!("{side}.segments: missing (a response is a string or {{\"segments\": [...]}})"),
-                    ));
-                    return None;
-                }
-                Some(other) => {
-                    problems.push(Problem::new("wrong-type", format!("{side}.segments: must be a list, found {}", type_name(other))));
-                    return None;
-                }
-            };
-            if segs.is_empty() {
-                problems.push(Problem::new("no-segments", format!("{side}.segments: empty list")));
-                return None;
-            }
-            if segs.len() > limits.max_segments {
-                problems.push(Problem::new(
-                    "too-many-segments",
-                    format!("{side}.segments: {} segments, more than the limit of {}", segs.len(), limits.max_segments),
-                ));
-            }
-            let mut segments = Vec::with_capacity(segs.len());
-            let mut unscored = Vec::new();
-            let mut chars = 0;
-            for (k, s) in segs.iter().enumerate() {
-                let at = format!("{side}.segments[{k}]");
-                let Some(so) = s.as_object() else {
-                    problems.push(Problem::new(
-                        "wrong-type",
-                        format!("{at}: a segment must be an object with text (and scores), found {}", type_name(s)),
-                    ));
-                    continue;
-                };
-                let text = match so.get("text") {
-                    Some(Value::String(t)) if t.is_empty() => {
-                        problems.push(Problem::new("empty-segment", format!("{at}.text: empty")));
-                        None
-                    }
-                    Some(Value::String(t)) if t.trim().is_empty() => {
-                        problems.push(Problem::new(
-                            "empty-segment",
-                            format!("{at}.text: only whitespace (attach it to a neighbouring segment)"),
-                        ));
-                        None
-                    }
-                    Some(Value::String(t)) => Some(t.clone()),
-                    None => {
-                        problems.push(Problem::new("missing-field", format!("{at}.text: missing")));
-                        None
-                    }
-                    Some(other) => {
-                        problems.push(Problem::new("wrong-type", format!("{at}.text: must be a string, found {}", type_name(other))));
-                        None
-                    }
-                };
-                let scores = match so.get("scores") {
-                    None | Some(Value::Null) => {
-                        unscored.push(k);
-                        None
-                    }
-                    Some(Value::Object(m)) => parse_scores(&at, m, &|aspect| line.and_then(|l| raw_score(l, side, k, aspect)), problems),
-                    Some(other) => {
-                        problems.push(Problem::new("wrong-type", format!("{at}.scores: must be an object, found {}", type_name(other))));
-                        None
-                    }
-                };
-                if let Some(text) = text {
-                    chars += text.chars().count();
-                    segments.push(Segment { text, scores });
-                }
-            }
-            if !unscored.is_empty() && unscored.len() < segs.len() {
-                problems.push(Problem::new(
-                    "partly-scored",
-                    format!("{side}: segment(s) {} have no scores while the others do", list_indices(&unscored)),
-                ));
-            } else if !unscored.is_empty() && opts.requirement == Requirement::Scored {
-                problems.push(Problem::new(
-                    "unscored",
-                    format!("{side}: segments have no scores, but the 2-D losses need every segment scored (run `dpo2d annotate`)"),
-                ));
-            }
-            check_len(side, chars, limits.max_response_chars, problems);
+            let segments = parse_segments(side, o, line, opts, problems)?;
             (problems.len() == before).then_some(Response::Segmented { segments })
         }
         Some(other) => problems_wrong_response(side, other, problems),
     }
+}
+
+fn not_segmented(side: &str, requirement: Requirement) -> Problem {
+    let (need, then) = if requirement == Requirement::Scored {
+        ("the 2-D losses need segments with scores", ", then `dpo2d annotate`")
+    } else {
+        ("segments are required", "")
+    };
+    Problem::new("not-segmented", format!("{side}: plain text, but {need} (run `dpo2d segment`{then})"))
+}
+
+/// A segmented response `{"segments": [{text, scores}, ...]}`: every
+/// segment scored, or none (and then only where scores are not required).
+fn parse_segments(
+    side: &str,
+    o: &Map<String, Value>,
+    line: Option<&str>,
+    opts: &LoadOptions,
+    problems: &mut Vec<Problem>,
+) -> Option<Vec<Segment>> {
+    let segs = match o.get("segments") {
+        Some(Value::Array(a)) => a,
+        None => {
+            problems.push(Problem::new(
+                "missing-field",
+                format!("{side}.segments: missing (a response is a string or {{\"segments\": [...]}})"),
+            ));
+            return None;
+        }
+        Some(other) => {
+            problems.push(Problem::new("wrong-type", format!("{side}.segments: must be a list, found {}", type_name(other))));
+            return None;
+        }
+    };
+    if segs.is_empty() {
+        problems.push(Problem::new("no-segments", format!("{side}.segments: empty list")));
+        return None;
+    }
+    let limits = &opts.limits;
+    if segs.len() > limits.max_segments {
+        problems.push(Problem::new(
+            "too-many-segments",
+            format!("{side}.segments: {} segments, more than the limit of {}", segs.len(), limits.max_segments),
+        ));
+    }
+    let mut segments = Vec::with_capacity(segs.len());
+    let mut unscored = Vec::new();
+    let mut chars = 0;
+    for (k, s) in segs.iter().enumerate() {
+        let (segment, scored) = parse_segment(side, k, s, line, problems);
+        if !scored {
+            unscored.push(k);
+        }
+        if let Some(segment) = segment {
+            chars += segment.text.chars().count();
+            segments.push(segment);
+        }
+    }
+    if !unscored.is_empty() && unscored.len() < segs.len() {
+        problems.push(Problem::new(
+            "partly-scored",
+            format!("{side}: segment(s) {} have no scores while the others do", list_indices(&unscored)),
+        ));
+    } else if !unscored.is_empty() && opts.requirement == Requirement::Scored {
+        problems.push(Problem::new(
+            "unscored",
+            format!("{side}: segments have no scores, but the 2-D losses need every segment scored (run `dpo2d annotate`)"),
+        ));
+    }
+    check_len(side, chars, limits.max_response_chars, problems);
+    Some(segments)
+}
+
+/// Segment `k` of `side`, and whether it carries scores (absent scores are
+/// not a problem on their own).
+fn parse_segment(side: &str, k: usize, s: &Value, line: Option<&str>, problems: &mut Vec<Problem>) -> (Option<Segment>, bool) {
+    let at = format!("{side}.segments[{k}]");
+    let Some(so) = s.as_object() else {
+        problems
+            .push(Problem::new("wrong-type", format!("{at}: a segment must be an object with text (and scores), found {}", type_name(s))));
+        return (None, true);
+    };
+    let text = string_field(so, &at, "text", problems).filter(|t| {
+        if t.is_empty() {
+            problems.push(Problem::new("empty-segment", format!("{at}.text: empty")));
+        } else if t.trim().is_empty() {
+            problems.push(Problem::new("empty-segment", format!("{at}.text: only whitespace (attach it to a neighbouring segment)")));
+        }
+        !t.trim().is_empty()
+    });
+    let (scores, scored) = match so.get("scores") {
+        None | Some(Value::Null) => (None, false),
+        Some(Value::Object(m)) => (parse_scores(&at, m, &|aspect| line.and_then(|l| raw_score(l, side, k, aspect)), problems), true),
+        Some(other) => {
+            problems.push(Problem::new("wrong-type", format!("{at}.scores: must be an object, found {}", type_name(other))));
+            (None, true)
+        }
+    };
+    (text.map(|t| Segment { text: t.to_string(), scores }), scored)
 }
 
 fn problems_wrong_response(side: &str, v: &Value, problems: &mut Vec<Problem>) -> Option<Response> {

@@ -122,6 +122,25 @@ const KNOWN_FIELDS: &[&str] = &[
     "mlp_bias",
 ];
 
+/// The architecture a config names (`architectures`, else `model_type`).
+fn architecture_of(obj: &Map<String, Value>, file: &str) -> Result<Architecture> {
+    let arch_name = match obj.get("architectures") {
+        Some(Value::Array(a)) if !a.is_empty() => {
+            a[0].as_str().with_context(|| format!("{file}: `architectures` must hold strings"))?.to_string()
+        }
+        _ => match obj.get("model_type").and_then(|m| m.as_str()) {
+            Some("llama") => "LlamaForCausalLM".to_string(),
+            Some("qwen2") => "Qwen2ForCausalLM".to_string(),
+            Some(other) => {
+                bail!("{file}: unsupported model_type `{other}` (supported architectures: {})", SUPPORTED_ARCHITECTURES.join(", "))
+            }
+            None => bail!("{file}: missing required field `architectures`"),
+        },
+    };
+    Architecture::from_hf_name(&arch_name)
+        .with_context(|| format!("{file}: unsupported architecture `{arch_name}` (supported: {})", SUPPORTED_ARCHITECTURES.join(", ")))
+}
+
 impl ModelConfig {
     /// Read and validate `config.json` (or a directory holding it).
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -134,22 +153,7 @@ impl ModelConfig {
     pub fn from_json_str(text: &str, file: &str) -> Result<Self> {
         let v: Value = serde_json::from_str(text).with_context(|| format!("{file}: not valid JSON"))?;
         let obj = v.as_object().with_context(|| format!("{file}: expected a JSON object"))?;
-        let arch_name = match obj.get("architectures") {
-            Some(Value::Array(a)) if !a.is_empty() => {
-                a[0].as_str().with_context(|| format!("{file}: `architectures` must hold strings"))?.to_string()
-            }
-            _ => match obj.get("model_type").and_then(|m| m.as_str()) {
-                Some("llama") => "LlamaForCausalLM".to_string(),
-                Some("qwen2") => "Qwen2ForCausalLM".to_string(),
-                Some(other) => {
-                    bail!("{file}: unsupported model_type `{other}` (supported architectures: {})", SUPPORTED_ARCHITECTURES.join(", "))
-                }
-                None => bail!("{file}: missing required field `architectures`"),
-            },
-        };
-        let architecture = Architecture::from_hf_name(&arch_name).with_context(|| {
-            format!("{file}: unsupported architecture `{arch_name}` (supported: {})", SUPPORTED_ARCHITECTURES.join(", "))
-        })?;
+        let architecture = architecture_of(obj, file)?;
         let hidden_size = req_usize(obj, "hidden_size", file)?;
         let num_attention_heads = req_usize(obj, "num_attention_heads", file)?;
         if num_attention_heads == 0 {
