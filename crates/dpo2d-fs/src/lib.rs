@@ -27,8 +27,17 @@ fn temp_sibling(path: &Path) -> Result<PathBuf> {
     Ok(parent_of(path).join(format!(".{name}.tmp-{}{ext}", std::process::id())))
 }
 
+/// Flush a file's data to disk.
+fn sync_file(path: &Path) -> Result<()> {
+    #[cfg(test)]
+    tests::SYNCED.with(|s| s.borrow_mut().push(path.to_path_buf()));
+    File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("cannot flush {}", path.display()))
+}
+
 /// Flush a directory's entries (a rename is durable only once its directory is).
 pub fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(test)]
+    tests::SYNCED.with(|s| s.borrow_mut().push(dir.to_path_buf()));
     #[cfg(unix)]
     File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("cannot flush directory {}", dir.display()))?;
     #[cfg(not(unix))]
@@ -43,7 +52,7 @@ fn sync_tree(dir: &Path) -> Result<()> {
         if p.is_dir() {
             sync_tree(&p)?;
         } else {
-            File::open(&p).and_then(|f| f.sync_all()).with_context(|| format!("cannot flush {}", p.display()))?;
+            sync_file(&p)?;
         }
     }
     sync_dir(dir)
@@ -59,7 +68,7 @@ pub fn write_file_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     let tmp = temp_sibling(path)?;
     let res = (|| -> Result<()> {
         fill(&tmp)?;
-        File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("cannot flush {}", tmp.display()))?;
+        sync_file(&tmp)?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))?;
         sync_dir(dir)
     })();
@@ -108,6 +117,44 @@ pub fn ensure_absent(path: &Path, what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// Every path flushed by this thread, in order.
+        pub(super) static SYNCED: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn synced() -> Vec<PathBuf> {
+        SYNCED.with(|s| s.borrow_mut().drain(..).collect())
+    }
+
+    #[test]
+    fn data_and_directories_are_flushed_around_the_rename() {
+        let d = tempfile::tempdir().unwrap();
+        synced();
+        write_file(&d.path().join("a.json"), b"{}").unwrap();
+        let s = synced();
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert!(s[0].file_name().unwrap().to_string_lossy().starts_with(".a.json.tmp"), "the data before the rename: {s:?}");
+        assert_eq!(s[1], d.path(), "the directory after it");
+        let cp = d.path().join("checkpoint-1");
+        write_dir(&cp, |tmp| {
+            std::fs::create_dir(tmp.join("merged"))?;
+            std::fs::write(tmp.join("merged/model.safetensors"), b"x")?;
+            Ok(std::fs::write(tmp.join("trainer_state.json"), b"{}")?)
+        })
+        .unwrap();
+        let names: Vec<String> = synced().iter().map(|p| p.strip_prefix(d.path()).unwrap().display().to_string()).collect();
+        for want in [
+            ".checkpoint-1.tmp/merged/model.safetensors",
+            ".checkpoint-1.tmp/merged",
+            ".checkpoint-1.tmp/trainer_state.json",
+            ".checkpoint-1.tmp",
+        ] {
+            assert!(names.contains(&want.to_string()), "{want} not flushed: {names:?}");
+        }
+        assert_eq!(names.last().map(String::as_str), Some(""), "the parent after the rename: {names:?}");
+    }
 
     fn names(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
