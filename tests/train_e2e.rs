@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{base_config, quiet, setup, strip_timing, write_tiny_model};
+use common::{base_config, quiet, setup, strip_timing, train_command, write_tiny_model};
 use dpo2d_train::config::TrainConfig;
 use dpo2d_train::metrics::{read_metrics, Record};
 use dpo2d_train::trainer::{train, RunOptions};
@@ -151,19 +151,11 @@ fn every_loss_trains_through_the_binary() {
     let d = setup(true);
     for loss in ["dpo", "ipo", "kto", "orpo", "simpo", "tdpo1", "tdpo2", "1d-dpo", "2d-dpo"] {
         let out = d.path().join(format!("out-{loss}"));
-        let o = Command::new(env!("CARGO_BIN_EXE_dpo2d"))
-            .args(["train", "--no-progress", "--loss", loss, "--max-steps", "2", "--per-device-train-batch-size", "3"])
+        let o = train_command(d.path(), &out)
+            .args(["--loss", loss, "--max-steps", "2", "--per-device-train-batch-size", "3"])
             .args(["--learning_rate", "1e-3", "--max-length", "64", "--logging-steps", "1"])
-            .arg("--model")
-            .arg(d.path().join("model"))
-            .arg("--train-file")
-            .arg(d.path().join("train.jsonl"))
             .arg("--eval-file")
             .arg(d.path().join("eval.jsonl"))
-            .arg("--output-dir")
-            .arg(&out)
-            .arg("--cache-dir")
-            .arg(d.path().join("cache"))
             .output()
             .unwrap();
         assert!(o.status.success(), "{loss}: {}", String::from_utf8_lossy(&o.stderr));
@@ -178,16 +170,7 @@ fn every_loss_trains_through_the_binary() {
 fn two_d_losses_refuse_plain_pairs() {
     let d = setup(false);
     for loss in ["2d-dpo", "1d-dpo"] {
-        let o = Command::new(env!("CARGO_BIN_EXE_dpo2d"))
-            .args(["train", "--no-progress", "--loss", loss, "--max-steps", "1"])
-            .arg("--model")
-            .arg(d.path().join("model"))
-            .arg("--train-file")
-            .arg(d.path().join("train.jsonl"))
-            .arg("--output-dir")
-            .arg(d.path().join("out"))
-            .output()
-            .unwrap();
+        let o = train_command(d.path(), &d.path().join("out")).args(["--loss", loss, "--max-steps", "1"]).output().unwrap();
         assert!(!o.status.success());
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("segment") && err.contains(loss), "{err}");

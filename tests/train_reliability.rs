@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{base_config, quiet, setup, write_pairs, TinyModelExt};
+use common::{base_config, quiet, setup, train_command, write_pairs, TinyModelExt};
 use dpo2d_model::test_support::TinyModel;
 use dpo2d_train::checkpoint;
 use dpo2d_train::metrics::read_metrics;
@@ -138,17 +138,9 @@ fn a_plain_pair_in_a_two_d_run_is_reported_by_line_or_skipped() {
 fn ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_130() {
     let d = setup(true);
     let out = d.path().join("out");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dpo2d"))
-        .args(["train", "--no-progress", "--loss", "dpo", "--max-steps", "100000", "--logging-steps", "1", "--save-steps", "0"])
+    let mut child = train_command(d.path(), &out)
+        .args(["--loss", "dpo", "--max-steps", "100000", "--logging-steps", "1", "--save-steps", "0"])
         .args(["--learning_rate", "1e-3", "--max-length", "64", "--per-device-train-batch-size", "2"])
-        .arg("--model")
-        .arg(d.path().join("model"))
-        .arg("--train-file")
-        .arg(d.path().join("train.jsonl"))
-        .arg("--output-dir")
-        .arg(&out)
-        .arg("--cache-dir")
-        .arg(d.path().join("cache"))
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

@@ -11,6 +11,7 @@ use dpo2d_train::trainer::RunOptions;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Command;
 
 const WORDS: &[&str] = &[
     "user",
@@ -165,4 +166,13 @@ impl TinyModelExt for TinyModel {
             ..Default::default()
         }
     }
+}
+
+/// `dpo2d train --no-progress` on the fixture's model and training file,
+/// writing into `out`; the caller adds the rest.
+pub fn train_command(d: &Path, out: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dpo2d"));
+    c.args(["train", "--no-progress"]).arg("--model").arg(d.join("model")).arg("--train-file").arg(d.join("train.jsonl"));
+    c.arg("--output-dir").arg(out).arg("--cache-dir").arg(d.join("cache"));
+    c
 }
