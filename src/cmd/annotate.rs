@@ -80,6 +80,8 @@ struct RunArgs {
     no_progress: bool,
 }
 
+/// The values of `--response-format`, parsed once by clap; the library's
+/// [`ResponseFormat`] stays free of clap.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum FormatArg {
     Auto,
