@@ -369,13 +369,17 @@ impl ChatClient {
             return Attempt::FormatRejected("the server rejected response_format earlier in this run".into());
         }
         let outcome = self.exchange(body, structured).await;
+        // Before the slot is given back, so the next request in it sees the flag.
+        if let Attempt::FormatRejected(_) = &outcome {
+            self.format_rejected.store(true, Ordering::SeqCst);
+        }
         match &outcome {
             Attempt::Done(_) => self.window.on_success(),
             Attempt::Retry { reason: Reason::Timeout, .. } if self.stats.successes.load(Ordering::Relaxed) > 0 => {
                 if let Some((from, to)) = self.window.on_timeout(&slot) {
                     tracing::warn!(
                         "requests time out while others succeed: at most {to} request(s) in flight from now on (was {from}); \
-                         the server may have fewer parallel slots than --concurrency"
+                         the server may have fewer parallel slots than --concurrency, or be overloaded"
                     );
                 }
             }
@@ -384,9 +388,6 @@ impl ChatClient {
         drop(slot);
         if let Attempt::Retry { reason, .. } = &outcome {
             self.stats.by_reason[*reason as usize].fetch_add(1, Ordering::Relaxed);
-        }
-        if let Attempt::FormatRejected(_) = &outcome {
-            self.format_rejected.store(true, Ordering::SeqCst);
         }
         if let Attempt::Fail(_) | Attempt::FormatRejected(_) = &outcome {
             self.stats.by_reason[Reason::Rejected as usize].fetch_add(1, Ordering::Relaxed);
