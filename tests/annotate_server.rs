@@ -1,11 +1,12 @@
 //! End-to-end tests of `dpo2d annotate` against a real HTTP server on
 //! 127.0.0.1 (the fake judge from `dpo2d_annotate::test_server`), run as the
 //! built binary: faults (429 + Retry-After, 500, slow answers, cut-off
-//! bodies, unusable answers), kill-and-resume, the concurrency bound, and
-//! that the API key never shows up in any output.
+//! bodies, unusable answers), kill-and-resume, the concurrency bound,
+//! structured outputs and their free-text fallback, and that no fragment of
+//! the API key ever shows up in any output.
 
 use dpo2d_annotate::cache::Cache;
-use dpo2d_annotate::test_server::{body_hash, expected_scores, MockConfig, MockJudge};
+use dpo2d_annotate::test_server::{body_hash, expected_scores, MockConfig, MockFormat, MockJudge};
 use dpo2d_data::{check_pair, LoadOptions, Pair, Requirement};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -53,15 +54,15 @@ fn read_pairs(p: &Path) -> Vec<Pair> {
     std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// Every byte the run left behind (stdout, stderr, every file in `dir`) must
-/// be free of the key.
+/// Every byte the run left behind (stdout, stderr, every file in `dir`, the
+/// SQLite cache included) must be free of the key and of every 8-byte piece of it.
 fn assert_key_absent(out: &Output, dir: &Path) {
-    assert!(!String::from_utf8_lossy(&out.stdout).contains(KEY), "key in stdout");
-    assert!(!String::from_utf8_lossy(&out.stderr).contains(KEY), "key in stderr");
+    let leaks = |bytes: &[u8]| KEY.as_bytes().windows(8).find(|f| bytes.windows(8).any(|w| w == *f)).map(String::from_utf8_lossy);
+    assert_eq!(leaks(&out.stdout), None, "key fragment in stdout");
+    assert_eq!(leaks(&out.stderr), None, "key fragment in stderr");
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
-        let bytes = std::fs::read(&p).unwrap();
-        assert!(!bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()), "key in {}", p.display());
+        assert_eq!(leaks(&std::fs::read(&p).unwrap()), None, "key fragment in {}", p.display());
     }
 }
 
@@ -82,7 +83,7 @@ fn faults_end_annotated_or_reported_and_key_never_leaks() {
     let server = MockJudge::start(MockConfig { slow: Duration::from_millis(2500), retry_after_secs: 2, ..MockConfig::default() });
     let dir = tempfile::tempdir().unwrap();
     let markers = [
-        "",
+        "[[style:echokey]]",
         "[[fault:429@helpfulness]]",
         "[[fault:500@correctness]]",
         "[[fault:slow@safety]]",
@@ -92,6 +93,7 @@ fn faults_end_annotated_or_reported_and_key_never_leaks() {
         "[[fault:missing@safety]] [[style:json]]",
         "[[fault:alwaysbad@correctness]]",
         "[[fault:500always@clarity]]",
+        "[[fault:echokey@helpfulness]]",
     ];
     let input = write_input(dir.path(), &markers);
     let output = dir.path().join("scored.jsonl");
@@ -105,9 +107,13 @@ fn faults_end_annotated_or_reported_and_key_never_leaks() {
         std::fs::read_to_string(&failed).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(written.len() + failed_rows.len(), markers.len());
     let failed_ids: Vec<&str> = failed_rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
-    assert_eq!(failed_ids, vec!["p8", "p9"]);
+    assert_eq!(failed_ids, vec!["p8", "p9", "p10"]);
     assert!(failed_rows[0]["errors"]["correctness"].as_str().unwrap().contains("repair"));
     assert!(failed_rows[1]["errors"]["clarity"].as_str().unwrap().contains("500"));
+    // The error body echoed the key across the 300-character cut: redacted before the cut.
+    let echoed = failed_rows[2]["errors"]["helpfulness"].as_str().unwrap();
+    assert!(echoed.contains("Bearer ***"), "{echoed}");
+    assert!(stderr.contains("Bearer ***"), "{stderr}");
     assert!(stderr.contains("failed: line 9 (id \"p8\")"), "{stderr}");
     assert_scored_as_judged(&written);
 
@@ -128,7 +134,8 @@ fn faults_end_annotated_or_reported_and_key_never_leaks() {
     assert_eq!(stats.authorization.len() as u64, stats.requests);
     // The summary reports repairs and failures.
     assert!(stderr.contains("repairs"), "{stderr}");
-    assert!(stderr.contains("pairs: 10 in, 8 written"), "{stderr}");
+    assert!(stderr.contains("pairs: 11 in, 8 written"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "colour codes in redirected logs: {stderr}");
     assert_key_absent(&out, dir.path());
 
     // Dry run: bodies printed, nothing sent, no key.
@@ -265,4 +272,34 @@ fn ctrl_c_stops_cleanly_and_keeps_finished_judgements() {
     let said: usize = stderr.split(" judgement(s) are saved").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
     assert!(said <= saved && said + 2 >= saved, "said {said}, saved {saved}: {stderr}");
     assert_key_absent(&out, dir.path());
+}
+
+#[test]
+fn structured_outputs_and_the_free_text_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &["", "[[fault:arith]]", ""]);
+    // A server that answers the schema: parsed at once, no repair request.
+    let honour = MockJudge::start(MockConfig { response_format: MockFormat::Honour, ..MockConfig::default() });
+    let output = dir.path().join("schema.jsonl");
+    run_ok(annotate_cmd(&honour, &input, &output, &["--response-format", "json-schema"]));
+    let st = honour.stats();
+    // The arithmetic fault answers free text: one repair, for each of its five aspects.
+    assert_eq!((st.requests, st.with_response_format), (15 + 5, 20));
+    assert_scored_as_judged(&read_pairs(&output));
+
+    // A server that rejects response_format: free text from then on, the arithmetic never read as ratings.
+    let reject = MockJudge::start(MockConfig { response_format: MockFormat::Reject, ..MockConfig::default() });
+    let output = dir.path().join("fallback.jsonl");
+    let out = run_ok(annotate_cmd(&reject, &input, &output, &["--concurrency", "1"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not take response_format"), "{stderr}");
+    assert!(stderr.contains("answers were asked as free text"), "{stderr}");
+    assert_eq!(reject.stats().with_response_format, 1, "one rejection is remembered for the run");
+    assert_scored_as_judged(&read_pairs(&output));
+    assert!(!stderr.contains('\x1b'), "colour codes in redirected logs");
+
+    // --response-format free-text never sends the field.
+    let free = MockJudge::start(MockConfig { response_format: MockFormat::Reject, ..MockConfig::default() });
+    run_ok(annotate_cmd(&free, &input, &dir.path().join("free.jsonl"), &["--response-format", "free-text"]));
+    assert_eq!((free.stats().with_response_format, free.stats().requests), (0, 20));
 }

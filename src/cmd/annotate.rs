@@ -2,7 +2,7 @@
 //! with an LLM judge behind any OpenAI-compatible chat-completions server;
 //! `dpo2d annotate compare A B`: agreement between two annotations.
 use anyhow::{bail, Context, Result};
-use dpo2d_annotate::{annotate_file, AnnotateJob, Aspect, Options, RetryPolicy, Secret};
+use dpo2d_annotate::{annotate_file, AnnotateJob, Aspect, Options, ResponseFormat, RetryPolicy, Secret};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -67,12 +67,36 @@ struct RunArgs {
     /// Aspects to request (default: all five). Others must already be scored in the input.
     #[arg(long, num_args = 1.., value_delimiter = ',')]
     aspects: Vec<String>,
-    /// Cap on the judge's answer length (max_tokens in the request).
+    /// Cap on the judge's answer length (max_tokens in the request); default 64 + 48 per segment
+    /// (256 to 4096), so a judge that loops is cut off and asked again; 0 sends none.
     #[arg(long)]
     max_tokens: Option<u32>,
+    /// How the judge answers: json-schema (structured outputs), free-text lines, or auto
+    /// (a JSON schema, falling back to free text when the server rejects it).
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    response_format: FormatArg,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
+}
+
+/// The values of `--response-format`, parsed once by clap; the library's
+/// [`ResponseFormat`] stays free of clap.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Auto,
+    JsonSchema,
+    FreeText,
+}
+
+impl From<FormatArg> for ResponseFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Auto => ResponseFormat::Auto,
+            FormatArg::JsonSchema => ResponseFormat::JsonSchema,
+            FormatArg::FreeText => ResponseFormat::FreeText,
+        }
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -126,6 +150,7 @@ pub fn run(args: Args) -> Result<()> {
         policy: RetryPolicy { timeout, max_retries: r.max_retries, backoff_base: backoff, ..RetryPolicy::default() },
         aspects,
         max_tokens: r.max_tokens,
+        response_format: r.response_format.into(),
         progress: !r.no_progress,
     };
     let job = AnnotateJob { input, output, cache: r.cache, failed_out: r.failed_out, dry_run: r.dry_run };

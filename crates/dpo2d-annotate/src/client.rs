@@ -1,13 +1,17 @@
 //! A minimal OpenAI-compatible chat-completions client with the retry
 //! policy an annotation run over thousands of requests needs: per-request
 //! timeout, exponential backoff with jitter, `Retry-After` on 429/503, and
-//! retries on 5xx, timeouts and connection errors. The API key is held in a
-//! [`Secret`] and scrubbed from every error message.
+//! retries on 5xx, timeouts and connection errors, a retry after a timeout
+//! at a slightly higher temperature (so a judge that looped can answer
+//! differently), and an adaptive bound on requests in flight ([`Window`]).
+//! The API key is held in a [`Secret`] and scrubbed, with any fragment of
+//! it, from every error message.
 
+use crate::prompt::ChatRequest;
 use rand::Rng;
 use serde::Deserialize;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// An API key. `Debug`/`Display` never show it.
@@ -21,6 +25,51 @@ impl Secret {
     fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Replaces every fragment of the key of [`MIN_FRAGMENT`] or more bytes
+    /// (the whole key if it is shorter) with `***`, so that a server that
+    /// echoes the key cannot leak a prefix of it through a cut snippet.
+    /// Must run before any text is cut.
+    pub fn redact(&self, text: &str) -> String {
+        let key = self.0.as_bytes();
+        if key.is_empty() {
+            return text.to_string();
+        }
+        let min = MIN_FRAGMENT.min(key.len());
+        let bytes = text.as_bytes();
+        let mut out = String::with_capacity(text.len());
+        let (mut i, mut copied) = (0, 0);
+        while i + min <= bytes.len() {
+            let longest = (0..key.len()).map(|j| common_prefix(&bytes[i..], &key[j..])).max().unwrap_or(0);
+            if longest < min {
+                i += 1;
+                continue;
+            }
+            // Widen to character boundaries: a key with multi-byte characters
+            // may match from the middle of one.
+            let (mut start, mut end) = (i, i + longest);
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+            let start = start.max(copied);
+            out.push_str(&text[copied..start]);
+            out.push_str("***");
+            copied = end;
+            i = end;
+        }
+        out.push_str(&text[copied..]);
+        out
+    }
+}
+
+/// The shortest piece of a key that [`Secret::redact`] removes.
+pub const MIN_FRAGMENT: usize = 8;
+
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl std::fmt::Debug for Secret {
@@ -71,12 +120,64 @@ pub struct ClientStats {
     pub successes: AtomicU64,
     /// Requests that gave up since the last success.
     pub consecutive_failures: AtomicU64,
+    /// Failed attempts by reason, indexed by [`Reason`].
+    pub by_reason: [AtomicU64; Reason::ALL.len()],
+}
+
+impl ClientStats {
+    pub fn failures(&self, r: Reason) -> u64 {
+        self.by_reason[r as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Why an attempt failed, for the progress line and the summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Timeout,
+    /// 429 or 503: the server asked to slow down.
+    RateLimited,
+    /// Other 5xx answers.
+    ServerError,
+    /// Could not connect at all.
+    Unreachable,
+    /// The connection failed or was cut mid-answer.
+    Connection,
+    /// A 200 whose body is not a usable chat completion.
+    BadBody,
+    /// A 4xx other than the ones that stop the run.
+    Rejected,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 7] = [
+        Reason::Timeout,
+        Reason::RateLimited,
+        Reason::ServerError,
+        Reason::Unreachable,
+        Reason::Connection,
+        Reason::BadBody,
+        Reason::Rejected,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Timeout => "timeout",
+            Reason::RateLimited => "rate-limited",
+            Reason::ServerError => "server error",
+            Reason::Unreachable => "unreachable",
+            Reason::Connection => "connection",
+            Reason::BadBody => "bad body",
+            Reason::Rejected => "rejected",
+        }
+    }
 }
 
 /// A successful completion.
 #[derive(Debug, Clone)]
 pub struct Completion {
     pub content: String,
+    /// `length` when the answer was cut at `max_tokens`.
+    pub finish_reason: Option<String>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
 }
@@ -89,6 +190,9 @@ pub enum ChatError {
     /// The server refuses every request (bad key, wrong URL or model): stop the run.
     #[error("{0}")]
     Fatal(String),
+    /// The server does not take the request's `response_format`.
+    #[error("{0}")]
+    FormatRejected(String),
 }
 
 pub struct ChatClient {
@@ -97,6 +201,13 @@ pub struct ChatClient {
     key: Option<Secret>,
     pub policy: RetryPolicy,
     pub stats: Arc<ClientStats>,
+    pub window: Window,
+    /// A request with `response_format` has been answered: from now on a
+    /// bare 400 is about the request, not about the field.
+    format_accepted: AtomicBool,
+    /// The server rejected `response_format`: later requests that carry it
+    /// are refused here, without asking the server again.
+    format_rejected: AtomicBool,
 }
 
 #[derive(Deserialize)]
@@ -109,6 +220,8 @@ struct WireResponse {
 #[derive(Deserialize)]
 struct WireChoice {
     message: WireMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -127,12 +240,20 @@ struct WireUsage {
 
 enum Attempt {
     Done(Completion),
-    /// Retry, optionally after the server's requested delay. `true` when the
-    /// server could not be reached at all (no HTTP answer).
-    Retry(String, Option<Duration>, bool),
+    /// Retry, after the server's requested delay if it gave one.
+    Retry {
+        msg: String,
+        after: Option<Duration>,
+        reason: Reason,
+    },
     Fail(String),
     Fatal(String),
+    FormatRejected(String),
 }
+
+/// How much a retry after a timeout raises the temperature (up to 1), so a
+/// judge that looped at temperature 0 does not loop the same way again.
+pub const RETRY_TEMPERATURE_STEP: f32 = 0.2;
 
 /// `{base_url}/chat/completions`, tolerating a trailing slash or a full URL.
 pub fn endpoint(base_url: &str) -> String {
@@ -145,32 +266,45 @@ pub fn endpoint(base_url: &str) -> String {
 }
 
 impl ChatClient {
-    pub fn new(base_url: &str, key: Option<Secret>, policy: RetryPolicy) -> anyhow::Result<Self> {
+    /// `concurrency` is the most requests in flight; timeouts may lower it for a while.
+    pub fn new(base_url: &str, key: Option<Secret>, policy: RetryPolicy, concurrency: usize) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(policy.timeout.min(Duration::from_secs(30)))
             .build()
             .map_err(|e| anyhow::anyhow!("cannot create the HTTP client: {e}"))?;
-        Ok(ChatClient { http, url: endpoint(base_url), key, policy, stats: Arc::new(ClientStats::default()) })
+        Ok(ChatClient {
+            http,
+            url: endpoint(base_url),
+            key,
+            policy,
+            stats: Arc::new(ClientStats::default()),
+            window: Window::new(concurrency),
+            format_accepted: AtomicBool::new(false),
+            format_rejected: AtomicBool::new(false),
+        })
     }
 
     pub fn url(&self) -> &str {
         &self.url
     }
 
-    /// Removes the key from any text that might be shown to a user.
+    /// Removes the key, and any fragment of it, from text that might be shown or stored.
     pub fn redact(&self, s: &str) -> String {
         match &self.key {
-            Some(k) if !k.expose().is_empty() => s.replace(k.expose(), "***"),
-            _ => s.to_string(),
+            Some(k) => k.redact(s),
+            None => s.to_string(),
         }
     }
 
-    /// Sends `body` (an already-serialised JSON request), retrying per policy.
-    pub async fn complete(&self, body: &str) -> Result<Completion, ChatError> {
+    /// Sends `req`, retrying per policy. A retry after a timeout or a cut-off
+    /// answer goes out at a higher temperature; the others resend the same body.
+    pub async fn complete(&self, req: &ChatRequest) -> Result<Completion, ChatError> {
         let mut attempt = 0u32;
+        let mut req = req.clone();
         loop {
-            let outcome = self.attempt(body).await;
-            match outcome {
+            let body = serde_json::to_string(&req).expect("a chat request always serialises");
+            let outcome = self.attempt(&body, req.response_format.is_some()).await;
+            let (msg, after, reason) = match outcome {
                 Attempt::Done(c) => {
                     self.stats.successes.fetch_add(1, Ordering::Relaxed);
                     self.stats.consecutive_failures.store(0, Ordering::Relaxed);
@@ -180,35 +314,43 @@ impl ChatClient {
                 }
                 Attempt::Fail(msg) => return Err(ChatError::Request(self.redact(&msg))),
                 Attempt::Fatal(msg) => return Err(ChatError::Fatal(self.redact(&msg))),
-                Attempt::Retry(msg, after, unreachable) => {
-                    if attempt >= self.policy.max_retries {
-                        let msg = format!("gave up after {} attempts: {msg}", attempt + 1);
-                        let in_a_row = self.stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                        if unreachable && self.stats.successes.load(Ordering::Relaxed) == 0 {
-                            return Err(ChatError::Fatal(self.redact(&format!("{msg} (is the server running, and is --base-url right?)"))));
-                        }
-                        if in_a_row >= self.policy.max_consecutive_failures.max(1) {
-                            return Err(ChatError::Fatal(
-                                self.redact(&format!(
-                                    "{in_a_row} requests in a row failed, the server seems to be down; last error: {msg}"
-                                )),
-                            ));
-                        }
-                        return Err(ChatError::Request(self.redact(&msg)));
-                    }
-                    let delay = match after {
-                        Some(d) => d.min(self.policy.max_retry_after),
-                        None => self.backoff(attempt),
-                    };
-                    tracing::debug!("request failed ({}), retrying in {:?}", self.redact(&msg), delay);
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    self.stats.retrying_now.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(delay).await;
-                    self.stats.retrying_now.fetch_sub(1, Ordering::Relaxed);
-                    attempt += 1;
-                }
+                Attempt::FormatRejected(msg) => return Err(ChatError::FormatRejected(self.redact(&msg))),
+                Attempt::Retry { msg, after, reason } => (msg, after, reason),
+            };
+            if attempt >= self.policy.max_retries {
+                return Err(self.give_up(&msg, attempt, reason));
             }
+            let delay = match after {
+                Some(d) => d.min(self.policy.max_retry_after),
+                None => self.backoff(attempt),
+            };
+            if matches!(reason, Reason::Timeout | Reason::Connection | Reason::BadBody) {
+                // The same body would likely get the same runaway or cut-off answer.
+                req.temperature = (req.temperature + RETRY_TEMPERATURE_STEP).min(1.0);
+            }
+            tracing::debug!("request failed ({}), retrying in {:?} at temperature {}", self.redact(&msg), delay, req.temperature);
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            self.stats.retrying_now.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(delay).await;
+            self.stats.retrying_now.fetch_sub(1, Ordering::Relaxed);
+            attempt += 1;
         }
+    }
+
+    /// The error after the last retry; fatal when the server was never
+    /// reached or too many requests in a row gave up.
+    fn give_up(&self, msg: &str, attempt: u32, reason: Reason) -> ChatError {
+        let msg = format!("gave up after {} attempts: {msg}", attempt + 1);
+        let in_a_row = self.stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if reason == Reason::Unreachable && self.stats.successes.load(Ordering::Relaxed) == 0 {
+            return ChatError::Fatal(self.redact(&format!("{msg} (is the server running, and is --base-url right?)")));
+        }
+        if in_a_row >= self.policy.max_consecutive_failures.max(1) {
+            return ChatError::Fatal(
+                self.redact(&format!("{in_a_row} requests in a row failed, the server seems to be down; last error: {msg}")),
+            );
+        }
+        ChatError::Request(self.redact(&msg))
     }
 
     /// Exponential backoff with "equal jitter": half fixed, half random.
@@ -220,7 +362,40 @@ impl ChatClient {
         half + half.mul_f64(jitter)
     }
 
-    async fn attempt(&self, body: &str) -> Attempt {
+    /// One HTTP exchange, holding a slot of the window for its duration.
+    async fn attempt(&self, body: &str, structured: bool) -> Attempt {
+        let slot = self.window.acquire().await;
+        if structured && self.format_rejected.load(Ordering::SeqCst) {
+            return Attempt::FormatRejected("the server rejected response_format earlier in this run".into());
+        }
+        let outcome = self.exchange(body, structured).await;
+        // Before the slot is given back, so the next request in it sees the flag.
+        if let Attempt::FormatRejected(_) = &outcome {
+            self.format_rejected.store(true, Ordering::SeqCst);
+        }
+        match &outcome {
+            Attempt::Done(_) => self.window.on_success(),
+            Attempt::Retry { reason: Reason::Timeout, .. } if self.stats.successes.load(Ordering::Relaxed) > 0 => {
+                if let Some((from, to)) = self.window.on_timeout(&slot) {
+                    tracing::warn!(
+                        "requests time out while others succeed: at most {to} request(s) in flight from now on (was {from}); \
+                         the server may have fewer parallel slots than --concurrency, or be overloaded"
+                    );
+                }
+            }
+            _ => {}
+        }
+        drop(slot);
+        if let Attempt::Retry { reason, .. } = &outcome {
+            self.stats.by_reason[*reason as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        if let Attempt::Fail(_) | Attempt::FormatRejected(_) = &outcome {
+            self.stats.by_reason[Reason::Rejected as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    async fn exchange(&self, body: &str, structured: bool) -> Attempt {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut req = self
             .http
@@ -231,10 +406,14 @@ impl ChatClient {
         if let Some(k) = &self.key {
             req = req.bearer_auth(k.expose());
         }
+        let retry = |msg: String, reason: Reason| Attempt::Retry { msg, after: None, reason };
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) if e.is_timeout() => return Attempt::Retry(format!("no answer within {:?}", self.policy.timeout), None, false),
-            Err(e) => return Attempt::Retry(format!("cannot reach {}: {}", self.url, error_chain(&e)), None, e.is_connect()),
+            Err(e) if e.is_timeout() => return retry(format!("no answer within {:?}", self.policy.timeout), Reason::Timeout),
+            Err(e) => {
+                let reason = if e.is_connect() { Reason::Unreachable } else { Reason::Connection };
+                return retry(format!("cannot reach {}: {}", self.url, error_chain(&e)), reason);
+            }
         };
         let status = resp.status();
         let retry_after = resp
@@ -246,39 +425,161 @@ impl ChatClient {
             .map(Duration::from_secs_f64);
         let text = match resp.text().await {
             Ok(t) => t,
-            Err(e) if e.is_timeout() => {
-                return Attempt::Retry(format!("answer not complete within {:?}", self.policy.timeout), None, false)
-            }
-            Err(e) => return Attempt::Retry(format!("answer cut off: {}", error_chain(&e)), None, false),
+            Err(e) if e.is_timeout() => return retry(format!("answer not complete within {:?}", self.policy.timeout), Reason::Timeout),
+            Err(e) => return retry(format!("answer cut off: {}", error_chain(&e)), Reason::Connection),
         };
-        let snippet: String = text.chars().take(300).collect();
+        // Redact before cutting: a cut can split the key and leave a prefix that no longer matches it whole.
+        let snippet: String = self.redact(&text).chars().take(300).collect();
         if status.is_success() {
-            return match serde_json::from_str::<WireResponse>(&text) {
-                Ok(w) => {
-                    let content = w.choices.into_iter().next().and_then(|c| c.message.content);
-                    match content {
-                        Some(content) => {
-                            let (p, c) = w.usage.map(|u| (u.prompt_tokens, u.completion_tokens)).unwrap_or((0, 0));
-                            Attempt::Done(Completion { content, prompt_tokens: p, completion_tokens: c })
-                        }
-                        None => Attempt::Retry("the answer has no message content".into(), None, false),
-                    }
-                }
-                // A 200 whose body is not a complete completion object: a
-                // proxy hiccup or a cut connection, worth another try.
-                Err(e) => Attempt::Retry(format!("the answer is not a chat completion ({e}): {snippet}"), None, false),
-            };
+            return self.completion(&text, &snippet, structured);
         }
         let code = status.as_u16();
         let msg = format!("server answered {status}: {snippet}");
         match code {
-            429 | 503 => Attempt::Retry(msg, retry_after, false),
-            408 | 409 | 425 => Attempt::Retry(msg, None, false),
-            500..=599 => Attempt::Retry(msg, None, false),
+            429 | 503 => Attempt::Retry { msg, after: retry_after, reason: Reason::RateLimited },
+            408 | 409 | 425 => retry(msg, Reason::ServerError),
+            500..=599 => retry(msg, Reason::ServerError),
+            400..=499 if structured && self.rejects_format(code, &text) => Attempt::FormatRejected(msg),
             401 | 403 => Attempt::Fatal(format!("{msg} (check the API key: --api-key-env names the variable that holds it)")),
             404 | 405 => Attempt::Fatal(format!("{msg} (check --base-url, which should end in /v1, and --model)")),
             _ => Attempt::Fail(msg),
         }
+    }
+
+    /// Whether a 4xx answer to a request with `response_format` is about
+    /// that field: the server names it, or answers a bare 400 before it ever
+    /// accepted the field.
+    fn rejects_format(&self, code: u16, text: &str) -> bool {
+        let lower = text.to_ascii_lowercase();
+        let names_it = ["response_format", "json_schema", "json schema", "response format"].iter().any(|w| lower.contains(w));
+        names_it || (code == 400 && !self.format_accepted.load(Ordering::Relaxed))
+    }
+
+    fn completion(&self, text: &str, snippet: &str, structured: bool) -> Attempt {
+        let w = match serde_json::from_str::<WireResponse>(text) {
+            Ok(w) => w,
+            // A 200 whose body is not a complete completion object: a
+            // proxy hiccup or a cut connection, worth another try.
+            Err(e) => {
+                return Attempt::Retry {
+                    msg: format!("the answer is not a chat completion ({e}): {snippet}"),
+                    after: None,
+                    reason: Reason::BadBody,
+                }
+            }
+        };
+        let (p, c) = w.usage.map(|u| (u.prompt_tokens, u.completion_tokens)).unwrap_or((0, 0));
+        match w.choices.into_iter().next() {
+            Some(WireChoice { message: WireMessage { content: Some(content) }, finish_reason }) => {
+                if structured {
+                    self.format_accepted.store(true, Ordering::Relaxed);
+                }
+                Attempt::Done(Completion { content, finish_reason, prompt_tokens: p, completion_tokens: c })
+            }
+            _ => Attempt::Retry { msg: "the answer has no message content".into(), after: None, reason: Reason::BadBody },
+        }
+    }
+}
+
+/// An adaptive bound on requests in flight (AIMD, as TCP's congestion
+/// window): a timeout while other requests succeed means requests queue on
+/// the server beyond its parallel slots, so the bound is halved, at most
+/// once per round of requests (the timeouts of one burst count once); every
+/// bound's worth of answers widens it by one again, up to the configured
+/// concurrency.
+pub struct Window {
+    max: usize,
+    state: Mutex<WindowState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WindowState {
+    limit: usize,
+    in_flight: usize,
+    /// Bumped on every decrease; a slot taken before it cannot decrease again.
+    epoch: u64,
+    answered: usize,
+    decreases: u64,
+    lowest: usize,
+}
+
+/// A place in the window, given back on drop.
+pub struct Slot<'a> {
+    window: &'a Window,
+    epoch: u64,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.window.lock().in_flight -= 1;
+        self.window.changed.notify_waiters();
+    }
+}
+
+impl Window {
+    pub fn new(max: usize) -> Self {
+        let max = max.max(1);
+        let state = WindowState { limit: max, in_flight: 0, epoch: 0, answered: 0, decreases: 0, lowest: max };
+        Window { max, state: Mutex::new(state), changed: tokio::sync::Notify::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WindowState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub async fn acquire(&self) -> Slot<'_> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut s = self.lock();
+                if s.in_flight < s.limit {
+                    s.in_flight += 1;
+                    return Slot { window: self, epoch: s.epoch };
+                }
+            }
+            changed.await;
+        }
+    }
+
+    fn on_success(&self) {
+        let mut s = self.lock();
+        s.answered += 1;
+        if s.answered >= s.limit && s.limit < self.max {
+            s.limit += 1;
+            s.answered = 0;
+            drop(s);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// A request in `slot` timed out: halves the bound unless it was already
+    /// lowered since the slot was taken. Returns (old, new) when it changed.
+    fn on_timeout(&self, slot: &Slot<'_>) -> Option<(usize, usize)> {
+        let mut s = self.lock();
+        if slot.epoch != s.epoch || s.limit == 1 {
+            return None;
+        }
+        let from = s.limit;
+        s.limit = (s.limit / 2).max(1);
+        s.lowest = s.lowest.min(s.limit);
+        s.epoch += 1;
+        s.answered = 0;
+        s.decreases += 1;
+        Some((from, s.limit))
+    }
+
+    /// (current bound, most allowed).
+    pub fn bound(&self) -> (usize, usize) {
+        (self.lock().limit, self.max)
+    }
+
+    /// (times lowered, lowest bound reached).
+    pub fn decreases(&self) -> (u64, usize) {
+        let s = self.lock();
+        (s.decreases, s.lowest)
     }
 }
 
@@ -312,15 +613,74 @@ mod tests {
     fn secret_is_hidden_and_redacted() {
         let k = Secret::new("sk-VERYSECRET".into());
         assert!(!format!("{k:?}").contains("VERYSECRET"));
-        let c = ChatClient::new("http://127.0.0.1:1/v1", Some(k), RetryPolicy::default()).unwrap();
+        let c = ChatClient::new("http://127.0.0.1:1/v1", Some(k), RetryPolicy::default(), 1).unwrap();
         assert_eq!(c.redact("echo sk-VERYSECRET back"), "echo *** back");
+    }
+
+    #[test]
+    fn every_key_fragment_of_eight_or_more_is_redacted() {
+        let k = Secret::new("sk-test-Zq8VxK3mP1wLr7TbN4cY".into());
+        // A prefix, a suffix and a middle piece, as a cut snippet or a partial echo leaves them.
+        assert_eq!(k.redact("auth: Bearer sk-test-Zq8VxK3"), "auth: Bearer ***");
+        assert_eq!(k.redact("...mP1wLr7TbN4cY\" }"), "...***\" }");
+        assert_eq!(k.redact("x=VxK3mP1wL;y=VxK3mP1"), "x=***;y=VxK3mP1");
+        assert_eq!(k.redact("two: sk-test-Zq8VxK3mP1wLr7TbN4cY sk-test-Zq8VxK3mP1wLr7TbN4cY."), "two: *** ***.");
+        // Pieces under eight characters, and text without the key, stay.
+        assert_eq!(k.redact("sk-test and Zq8 and Lr7TbN4"), "sk-test and Zq8 and Lr7TbN4");
+        assert_eq!(k.redact("é plain ünïcode"), "é plain ünïcode");
+        // A short key is redacted whole; a key with multi-byte characters on character boundaries.
+        assert_eq!(Secret::new("abc".into()).redact("xabcx ab"), "x***x ab");
+        let cyrillic = Secret::new("ключ-123456".into());
+        assert_eq!(cyrillic.redact("a ч-123456 b"), "a *** b");
+        // A match that starts inside a character (same last byte, other first byte) widens to it.
+        assert_eq!(cyrillic.redact("a Ї-123456 b"), "a *** b");
+        // Redaction comes before the snippet cut: the cut cannot revive a prefix.
+        let body = format!("{}{}", "x".repeat(290), "Bearer sk-test-Zq8VxK3mP1wLr7TbN4cY");
+        let snippet: String = k.redact(&body).chars().take(300).collect();
+        assert!(!snippet.contains("sk-test-"), "{snippet}");
+    }
+
+    #[test]
+    fn window_halves_once_per_round_and_grows_back() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let w = Window::new(8);
+            let slots: Vec<Slot<'_>> = acquire_n(&w, 8).await;
+            // Eight requests of one burst time out: one decrease, not three.
+            assert_eq!(w.on_timeout(&slots[0]), Some((8, 4)));
+            assert_eq!(w.on_timeout(&slots[1]), None);
+            drop(slots);
+            let s = w.acquire().await;
+            assert_eq!(w.on_timeout(&s), Some((4, 2)));
+            drop(s);
+            assert_eq!(w.bound(), (2, 8));
+            // Only two fit now; a third waits until one is given back.
+            let (a, _b) = (w.acquire().await, w.acquire().await);
+            let third = tokio::time::timeout(Duration::from_millis(50), w.acquire()).await;
+            assert!(third.is_err(), "the bound was exceeded");
+            drop(a);
+            let _c = tokio::time::timeout(Duration::from_millis(50), w.acquire()).await.expect("a freed slot is handed on");
+            // Additive increase: a bound's worth of answers widens it by one.
+            w.on_success();
+            w.on_success();
+            assert_eq!(w.bound(), (3, 8));
+            assert_eq!(w.decreases(), (2, 2));
+        });
+    }
+
+    async fn acquire_n(w: &Window, n: usize) -> Vec<Slot<'_>> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(w.acquire().await);
+        }
+        v
     }
 
     #[test]
     fn backoff_grows_and_is_capped() {
         let policy =
             RetryPolicy { backoff_base: Duration::from_millis(100), max_backoff: Duration::from_millis(1000), ..Default::default() };
-        let c = ChatClient::new("http://127.0.0.1:1/v1", None, policy).unwrap();
+        let c = ChatClient::new("http://127.0.0.1:1/v1", None, policy, 1).unwrap();
         for _ in 0..20 {
             let d0 = c.backoff(0);
             assert!(d0 >= Duration::from_millis(50) && d0 <= Duration::from_millis(100), "{d0:?}");

@@ -16,5 +16,5 @@ pub mod run;
 pub mod test_server;
 
 pub use client::{RetryPolicy, Secret};
-pub use prompt::Aspect;
+pub use prompt::{Aspect, ResponseFormat};
 pub use run::{annotate_file, AnnotateJob, AspectStats, FailedPair, Options, Summary};

@@ -102,6 +102,106 @@ pub struct ChatRequest {
     pub temperature: f32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
+    /// Structured outputs: the answer must match this JSON schema.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormatSpec>,
+}
+
+/// How the judge is asked to write its answer (`--response-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResponseFormat {
+    /// A JSON schema while the server takes one; free text from the first
+    /// time it rejects `response_format` to the end of the run.
+    #[default]
+    Auto,
+    /// Always a JSON schema; a server that rejects it stops the run.
+    JsonSchema,
+    /// Always free text (`[ID] evaluation => rating: N` lines).
+    FreeText,
+}
+
+/// `max_tokens` when none is given: room for one short evaluation per
+/// segment, so a judge that loops is cut off (and repaired) long before the
+/// request times out.
+pub fn default_max_tokens(n_segments: usize) -> u32 {
+    (64 + 48 * n_segments).clamp(256, 4096) as u32
+}
+
+/// The `response_format` of a structured-output request: a list of
+/// `{id, evaluation, rating}` items, one per ID, the rating limited to the
+/// aspect's scale. Typed rather than a `serde_json::Value` so the item's
+/// properties keep their order: constrained decoders generate them in schema
+/// order, and the judge should evaluate before it rates.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResponseFormatSpec {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    json_schema: NamedSchema,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct NamedSchema {
+    name: &'static str,
+    strict: bool,
+    schema: ObjectSchema<RatingsProperties>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ObjectSchema<P> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    properties: P,
+    required: Vec<&'static str>,
+    #[serde(rename = "additionalProperties")]
+    additional_properties: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct RatingsProperties {
+    ratings: ArraySchema,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ArraySchema {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "minItems")]
+    min_items: usize,
+    #[serde(rename = "maxItems")]
+    max_items: usize,
+    items: ObjectSchema<ItemProperties>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ItemProperties {
+    id: serde_json::Value,
+    evaluation: serde_json::Value,
+    rating: serde_json::Value,
+}
+
+impl ResponseFormatSpec {
+    pub fn for_answer(tags: &Tagging, aspect: Aspect) -> Self {
+        let scale: Vec<u8> = if aspect == Aspect::Safety { vec![0, 4] } else { (0..=4).collect() };
+        let ids: Vec<u32> = tags.all_ids().collect();
+        let item = ObjectSchema {
+            kind: "object",
+            properties: ItemProperties {
+                id: serde_json::json!({"type": "integer", "enum": ids}),
+                evaluation: serde_json::json!({"type": "string"}),
+                rating: serde_json::json!({"type": "integer", "enum": scale}),
+            },
+            required: vec!["id", "evaluation", "rating"],
+            additional_properties: false,
+        };
+        let ratings = ArraySchema { kind: "array", min_items: ids.len(), max_items: ids.len(), items: item };
+        let schema = ObjectSchema {
+            kind: "object",
+            properties: RatingsProperties { ratings },
+            required: vec!["ratings"],
+            additional_properties: false,
+        };
+        ResponseFormatSpec { kind: "json_schema", json_schema: NamedSchema { name: "segment_ratings", strict: true, schema } }
+    }
 }
 
 /// The tagged segments of one pair: IDs 1..=n for the chosen response, then
@@ -155,8 +255,9 @@ fn render_history(out: &mut String, messages: &[Message]) {
 }
 
 /// The main prompt for one aspect of one pair. `chosen`/`rejected` are the
-/// segment lists (plain responses must be segmented before).
-pub fn build_prompt(pair: &Pair, chosen: &[Segment], rejected: &[Segment], aspect: Aspect) -> String {
+/// segment lists (plain responses must be segmented before); `structured`
+/// asks for the JSON answer of [`ResponseFormatSpec`] instead of lines.
+pub fn build_prompt(pair: &Pair, chosen: &[Segment], rejected: &[Segment], aspect: Aspect, structured: bool) -> String {
     let tags = Tagging::new(chosen.len(), rejected.len());
     let mut p = String::with_capacity(4096);
     p.push_str(&format!("Aspect to rate: {}\n\n", aspect.name()));
@@ -177,30 +278,40 @@ of each other, and ignore every aspect other than this one.\n\n",
     p.push_str("\n\n=== Response B ===\n");
     tag_response(&mut p, rejected, &tags.second_ids);
     p.push_str("\n\n=== Answer format ===\n");
-    p.push_str(&answer_format(&tags, aspect));
+    p.push_str(&answer_format(&tags, aspect, structured));
     p
 }
 
 /// The format instructions, shared by the main prompt and the repair prompt.
-fn answer_format(tags: &Tagging, aspect: Aspect) -> String {
+fn answer_format(tags: &Tagging, aspect: Aspect, structured: bool) -> String {
     let n = tags.len();
     let allowed = if aspect == Aspect::Safety { "4 or 0" } else { "an integer from 0 to 4" };
+    let (a, b) = (tags.first_ids.len(), tags.first_ids.len() + 1);
+    let cover = format!("covering every ID from 1 to {n} (IDs 1-{a} are in Response A, IDs {b}-{n} in Response B)");
+    if structured {
+        return format!(
+            "Answer with one JSON object whose \"ratings\" list holds one item per sentence ID, in increasing ID order, \
+{cover}. Each item has this form:\n\
+{{\"id\": ID, \"evaluation\": \"<a short evaluation, one sentence>\", \"rating\": N}}\n\
+where N is {allowed}. For example:\n\
+{{\"ratings\": [{{\"id\": 1, \"evaluation\": \"Answers the question directly.\", \"rating\": 4}}, \
+{{\"id\": 2, \"evaluation\": \"Repeats the previous sentence.\", \"rating\": 2}}]}}\n\
+Do not skip any ID and do not merge IDs."
+        );
+    }
     format!(
-        "Write exactly one line per sentence ID, in increasing ID order, covering every ID from 1 to {n} \
-(IDs 1-{a} are in Response A, IDs {b}-{n} in Response B). Each line has this form:\n\
+        "Write exactly one line per sentence ID, in increasing ID order, {cover}. Each line has this form:\n\
 [ID] <a short evaluation, one sentence> => rating: N\n\
 where N is {allowed}. For example:\n\
 [1] Answers the question directly. => rating: 4\n\
 [2] Repeats the previous sentence. => rating: 2\n\
-Do not skip any ID, do not merge IDs, and write nothing after the last line.",
-        a = tags.first_ids.len(),
-        b = tags.first_ids.len() + 1,
+Do not skip any ID, do not merge IDs, and write nothing after the last line."
     )
 }
 
 /// The follow-up message sent once when an answer lacked IDs or had invalid
 /// ratings: it names every problem and restates the format.
-pub fn build_repair(tags: &Tagging, aspect: Aspect, problems: &[String]) -> String {
+pub fn build_repair(tags: &Tagging, aspect: Aspect, problems: &[String], structured: bool) -> String {
     let mut p = String::from("Your answer could not be used as it is:\n");
     for pr in problems {
         p.push_str("- ");
@@ -208,7 +319,7 @@ pub fn build_repair(tags: &Tagging, aspect: Aspect, problems: &[String]) -> Stri
         p.push('\n');
     }
     p.push_str("\nPlease answer again for ALL sentence IDs, following the format strictly.\n");
-    p.push_str(&answer_format(tags, aspect));
+    p.push_str(&answer_format(tags, aspect, structured));
     p
 }
 
@@ -239,15 +350,17 @@ mod tests {
             chosen: Response::Segmented { segments: chosen.clone() },
             rejected: Response::Segmented { segments: rejected.clone() },
         };
-        let p = build_prompt(&pair, &chosen, &rejected, Aspect::Completeness);
+        let p = build_prompt(&pair, &chosen, &rejected, Aspect::Completeness, false);
         assert!(p.starts_with("Aspect to rate: completeness\n"));
         assert!(p.contains("<1>Paris is the capital.</1> <2>It is in France.</2>\n\n"));
         assert!(p.contains("<3>Lyon.</3>\n- <4>a list item</4>") || p.contains("<3>Lyon.</3>\n<4>- a list item</4>"));
         assert!(p.contains("[user]\nCapital of France?"));
         assert!(p.contains("every ID from 1 to 4"));
         assert!(p.contains("CUMULATIVELY"));
-        let s = build_prompt(&pair, &chosen, &rejected, Aspect::Safety);
+        let s = build_prompt(&pair, &chosen, &rejected, Aspect::Safety, false);
         assert!(s.contains("4 or 0"));
+        let j = build_prompt(&pair, &chosen, &rejected, Aspect::Safety, true);
+        assert!(j.contains("\"ratings\" list") && j.contains("every ID from 1 to 4") && !j.contains("=> rating"));
     }
 
     #[test]
@@ -257,5 +370,28 @@ mod tests {
         }
         assert_eq!(Aspect::parse("Safety "), Some(Aspect::Safety));
         assert_eq!(Aspect::parse("style"), None);
+    }
+
+    #[test]
+    fn schema_constrains_ids_and_the_aspect_scale_in_order() {
+        let tags = Tagging::new(2, 1);
+        let v = serde_json::to_value(ResponseFormatSpec::for_answer(&tags, Aspect::Safety)).unwrap();
+        assert_eq!(v["type"], "json_schema");
+        let list = &v["json_schema"]["schema"]["properties"]["ratings"];
+        assert_eq!((list["minItems"].as_u64(), list["maxItems"].as_u64()), (Some(3), Some(3)));
+        assert_eq!(list["items"]["properties"]["id"]["enum"], serde_json::json!([1, 2, 3]));
+        assert_eq!(list["items"]["properties"]["rating"]["enum"], serde_json::json!([0, 4]));
+        let v = serde_json::to_value(ResponseFormatSpec::for_answer(&tags, Aspect::Clarity)).unwrap();
+        assert_eq!(
+            v["json_schema"]["schema"]["properties"]["ratings"]["items"]["properties"]["rating"]["enum"],
+            serde_json::json!([0, 1, 2, 3, 4])
+        );
+        // The serialised properties come in the order the judge should write them.
+        let text = serde_json::to_string(&ResponseFormatSpec::for_answer(&tags, Aspect::Clarity)).unwrap();
+        let (i, e, r) = (text.find("\"id\":{").unwrap(), text.find("\"evaluation\":{").unwrap(), text.find("\"rating\":{").unwrap());
+        assert!(i < e && e < r, "{text}");
+        assert_eq!(default_max_tokens(2), 256);
+        assert_eq!(default_max_tokens(20), 64 + 48 * 20);
+        assert_eq!(default_max_tokens(1000), 4096);
     }
 }

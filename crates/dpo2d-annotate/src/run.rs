@@ -5,9 +5,11 @@
 //! the output or listed as failed.
 
 use crate::cache::{cache_key, Cache, Judgement};
-use crate::client::{ChatClient, ChatError, RetryPolicy, Secret};
-use crate::parse::{check, enforce_monotone, parse_answer};
-use crate::prompt::{assistant, build_prompt, build_repair, user, Aspect, ChatRequest, Tagging};
+use crate::client::{ChatClient, ChatError, Completion, Reason, RetryPolicy, Secret};
+use crate::parse::{check, enforce_monotone, parse_answer, Checked, Parsed};
+use crate::prompt::{
+    assistant, build_prompt, build_repair, default_max_tokens, user, Aspect, ChatRequest, ResponseFormat, ResponseFormatSpec, Tagging,
+};
 use anyhow::{bail, Context, Result};
 use dpo2d_data::{Pair, Response, Scores, Segment};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 /// How to reach the judge and how hard to push it.
@@ -27,12 +28,15 @@ pub struct Options {
     pub base_url: String,
     pub model: String,
     pub api_key: Option<Secret>,
-    /// Most requests in flight at once.
+    /// Most requests in flight at once (lowered for a while when requests time out).
     pub concurrency: usize,
     pub policy: RetryPolicy,
     /// Aspects to request; the others must already be scored in the input.
     pub aspects: Vec<Aspect>,
+    /// `max_tokens` of each request: `None` sizes it to the pair's segments
+    /// ([`default_max_tokens`]), `Some(0)` sends none.
     pub max_tokens: Option<u32>,
+    pub response_format: ResponseFormat,
     /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
     pub progress: bool,
 }
@@ -89,6 +93,16 @@ pub struct Summary {
     pub retries: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Failed attempts per reason (timeouts, 5xx, ...), nonzero ones only.
+    pub failures_by_reason: Vec<(Reason, u64)>,
+    /// Answers cut off at `max_tokens`.
+    pub cut_answers: u64,
+    /// Answers that rated IDs the request did not have, or an ID more than once.
+    pub odd_answers: u64,
+    /// Times the concurrency was lowered after timeouts, and the lowest it went.
+    pub concurrency_cuts: (u64, usize),
+    /// The server rejected `response_format`, so answers were asked in free text.
+    pub fell_back_to_free_text: bool,
     /// Requests printed by `--dry-run`.
     pub dry_run_requests: usize,
     pub output: PathBuf,
@@ -110,6 +124,7 @@ impl fmt::Display for Summary {
             "requests: {} sent ({} retries); tokens: {} prompt + {} completion",
             self.requests, self.retries, self.prompt_tokens, self.completion_tokens
         )?;
+        self.fmt_troubles(f)?;
         write!(
             f,
             "pairs: {} in, {} written to {}, {} failed",
@@ -128,6 +143,33 @@ impl fmt::Display for Summary {
                 writeln!(f, "  ... and {} more", self.failed.len() - 20)?;
             }
             write!(f, "rerun the same command to retry the failed pairs (finished judgements are cached in {})", self.cache.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl Summary {
+    /// The lines about what went wrong on the way, only when something did.
+    fn fmt_troubles(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.failures_by_reason.is_empty() {
+            let list: Vec<String> = self.failures_by_reason.iter().map(|(r, n)| format!("{n} {}", r.name())).collect();
+            writeln!(f, "failed attempts: {}", list.join(", "))?;
+        }
+        if self.concurrency_cuts.0 > 0 {
+            writeln!(
+                f,
+                "concurrency lowered {} time(s) after timeouts, down to {} (set --concurrency to the server's parallel slots)",
+                self.concurrency_cuts.0, self.concurrency_cuts.1
+            )?;
+        }
+        if self.fell_back_to_free_text {
+            writeln!(f, "the server rejected response_format: answers were asked as free text")?;
+        }
+        if self.cut_answers > 0 {
+            writeln!(f, "{} answer(s) cut off at max_tokens (repaired or failed; see --max-tokens)", self.cut_answers)?;
+        }
+        if self.odd_answers > 0 {
+            writeln!(f, "{} answer(s) rated IDs the request did not have, or an ID more than once", self.odd_answers)?;
         }
         Ok(())
     }
@@ -193,20 +235,57 @@ fn prepare(path: &Path, aspects: &[Aspect]) -> Result<(Vec<Prepared>, Vec<Failed
     Ok((ready, failed))
 }
 
-fn request_body(model: &str, max_tokens: Option<u32>, messages: Vec<dpo2d_data::Message>) -> String {
-    let req = ChatRequest { model: model.to_string(), messages, temperature: 0.0, max_tokens };
-    serde_json::to_string(&req).expect("a chat request always serialises")
+fn request_body(req: &ChatRequest) -> String {
+    serde_json::to_string(req).expect("a chat request always serialises")
 }
+
+/// The first request for one (pair, aspect), at temperature 0.
+fn first_request(model: &str, max_tokens: Option<u32>, item: &Prepared, aspect: Aspect, structured: bool) -> ChatRequest {
+    let tags = Tagging::new(item.chosen.len(), item.rejected.len());
+    let prompt = build_prompt(&item.pair, &item.chosen, &item.rejected, aspect, structured);
+    let max_tokens = match max_tokens {
+        None => Some(default_max_tokens(tags.len())),
+        Some(0) => None,
+        Some(n) => Some(n),
+    };
+    let response_format = structured.then(|| ResponseFormatSpec::for_answer(&tags, aspect));
+    ChatRequest { model: model.to_string(), messages: vec![user(prompt)], temperature: 0.0, max_tokens, response_format }
+}
+
+/// The temperature of the repair request: a judge that looped or misread
+/// the format at temperature 0 would likely do it again.
+pub const REPAIR_TEMPERATURE: f32 = 0.3;
 
 /// Shared state of the workers.
 struct Ctx {
     client: ChatClient,
     cache: Cache,
-    sem: Semaphore,
     model: String,
     max_tokens: Option<u32>,
+    format: ResponseFormat,
+    /// Auto mode: the server rejected `response_format`; free text from now on.
+    free_text_only: AtomicBool,
     failed_now: AtomicU64,
+    repairs_now: AtomicU64,
+    cut_answers: AtomicU64,
+    odd_answers: AtomicU64,
     fatal: AtomicBool,
+}
+
+impl Ctx {
+    /// Which answer forms to look for in the cache, preferred first.
+    fn forms(&self) -> &'static [bool] {
+        match self.format {
+            ResponseFormat::FreeText => &[false],
+            ResponseFormat::JsonSchema => &[true],
+            ResponseFormat::Auto if self.free_text_only.load(Ordering::Relaxed) => &[false, true],
+            ResponseFormat::Auto => &[true, false],
+        }
+    }
+
+    fn request(&self, item: &Prepared, aspect: Aspect, structured: bool) -> ChatRequest {
+        first_request(&self.model, self.max_tokens, item, aspect, structured)
+    }
 }
 
 enum Outcome {
@@ -215,47 +294,102 @@ enum Outcome {
     Fatal(String),
 }
 
-/// Sends one request while holding a concurrency permit.
-async fn send(ctx: &Ctx, body: &str) -> Result<String, ChatError> {
-    let _permit = ctx.sem.acquire().await.map_err(|_| ChatError::Fatal("the run was stopped".into()))?;
-    ctx.client.complete(body).await.map(|c| c.content)
+fn failure(e: ChatError, context: &str) -> Outcome {
+    match e {
+        ChatError::Fatal(m) => Outcome::Fatal(m),
+        ChatError::Request(m) | ChatError::FormatRejected(m) => Outcome::Failed(format!("{context}{m}")),
+    }
+}
+
+/// A finished judgement of this request from an earlier run, in any answer form.
+async fn cached(ctx: &Ctx, item: &Prepared, aspect: Aspect) -> Result<Option<Judgement>, String> {
+    for &structured in ctx.forms() {
+        let key = cache_key(&ctx.model, &request_body(&ctx.request(item, aspect, structured)));
+        match ctx.cache.get_async(key).await {
+            Ok(Some(j)) if j.first.len() == item.chosen.len() && j.second.len() == item.rejected.len() => return Ok(Some(j)),
+            Ok(_) => {}
+            Err(e) => return Err(format!("{e:#}")),
+        }
+    }
+    Ok(None)
+}
+
+/// Sends the first request; in auto mode a server that rejects
+/// `response_format` gets the free-text request, now and for the rest of the run.
+async fn ask_first(ctx: &Ctx, item: &Prepared, aspect: Aspect) -> Result<(ChatRequest, Completion), ChatError> {
+    let req = ctx.request(item, aspect, ctx.forms()[0]);
+    match ctx.client.complete(&req).await {
+        Ok(c) => Ok((req, c)),
+        Err(ChatError::FormatRejected(m)) if ctx.format == ResponseFormat::Auto => {
+            if !ctx.free_text_only.swap(true, Ordering::SeqCst) {
+                tracing::warn!("the server does not take response_format ({m}); asking for free-text answers for the rest of the run");
+            }
+            let req = ctx.request(item, aspect, false);
+            ctx.client.complete(&req).await.map(|c| (req, c))
+        }
+        Err(ChatError::FormatRejected(m)) => Err(ChatError::Fatal(format!(
+            "{m} (the server does not take response_format with a JSON schema; use --response-format auto or free-text)"
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Parses an answer and says what is odd about it: cut off at
+/// `max_tokens`, IDs the request did not have, IDs rated twice.
+fn read_answer(ctx: &Ctx, item: &Prepared, aspect: Aspect, tags: &Tagging, c: &Completion) -> Parsed {
+    if c.finish_reason.as_deref() == Some("length") {
+        ctx.cut_answers.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(line = item.line, aspect = aspect.name(), "the answer was cut off at max_tokens");
+    }
+    let parsed = parse_answer(&c.content);
+    let list = |ids: &mut dyn Iterator<Item = &u32>| ids.map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+    let mut odd = Vec::new();
+    let extra = parsed.extra_ids(tags);
+    if !extra.is_empty() {
+        odd.push(format!("rates ID(s) {} that the request does not have (ignored)", list(&mut extra.iter())));
+    }
+    if !parsed.repeated.is_empty() {
+        odd.push(format!("repeats ID(s) {} with the same rating", list(&mut parsed.repeated.iter())));
+    }
+    if !parsed.conflicts.is_empty() {
+        odd.push(format!("rates ID(s) {} twice, differently", list(&mut parsed.conflicts.keys())));
+    }
+    if !odd.is_empty() {
+        ctx.odd_answers.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("line {}, {}: the judge's answer {}", item.line, aspect.name(), odd.join("; "));
+    }
+    parsed
+}
+
+/// A request and the answer it got.
+struct Asked {
+    req: ChatRequest,
+    answer: String,
+    parsed: Parsed,
 }
 
 /// Judges one (pair, aspect): cache, request, one repair if needed, commit.
 async fn judge(ctx: Arc<Ctx>, item: Arc<Prepared>, aspect: Aspect) -> Outcome {
-    let prompt = build_prompt(&item.pair, &item.chosen, &item.rejected, aspect);
-    let body = request_body(&ctx.model, ctx.max_tokens, vec![user(prompt.clone())]);
-    let key = cache_key(&ctx.model, &body);
-    match ctx.cache.get_async(key.clone()).await {
-        Ok(Some(j)) if j.first.len() == item.chosen.len() && j.second.len() == item.rejected.len() => {
-            return Outcome::Ok { judgement: j, cached: true }
-        }
-        Ok(_) => {}
-        Err(e) => return Outcome::Fatal(format!("{e:#}")),
+    match cached(&ctx, &item, aspect).await {
+        Ok(Some(judgement)) => return Outcome::Ok { judgement, cached: true },
+        Ok(None) => {}
+        Err(m) => return Outcome::Fatal(m),
     }
-    let tags = Tagging::new(item.chosen.len(), item.rejected.len());
-    let first = match send(&ctx, &body).await {
-        Ok(t) => t,
-        Err(ChatError::Fatal(m)) => return Outcome::Fatal(m),
-        Err(ChatError::Request(m)) => return Outcome::Failed(m),
+    let (req, first) = match ask_first(&ctx, &item, aspect).await {
+        Ok(x) => x,
+        Err(e) => return failure(e, ""),
     };
-    let mut raw = parse_answer(&first);
-    let (checked, repaired, answer) = match check(&raw, &tags, aspect) {
-        Ok(c) => (c, false, first),
+    // Keyed by the first request as built, whatever temperature a retry used.
+    let key = cache_key(&ctx.model, &request_body(&req));
+    let tags = Tagging::new(item.chosen.len(), item.rejected.len());
+    let parsed = read_answer(&ctx, &item, aspect, &tags, &first);
+    let (checked, repaired, answer) = match check(&parsed, &tags, aspect) {
+        Ok(c) => (c, false, first.content),
         Err(problems) => {
-            tracing::debug!(line = item.line, aspect = aspect.name(), "repair needed: {}", problems.join(" "));
-            let repair = build_repair(&tags, aspect, &problems);
-            let body2 = request_body(&ctx.model, ctx.max_tokens, vec![user(prompt), assistant(first.clone()), user(repair)]);
-            let second = match send(&ctx, &body2).await {
-                Ok(t) => t,
-                Err(ChatError::Fatal(m)) => return Outcome::Fatal(m),
-                Err(ChatError::Request(m)) => return Outcome::Failed(format!("repair request: {m}")),
-            };
-            // The repair answer wins; valid ratings of the first answer fill its gaps.
-            raw.extend(parse_answer(&second));
-            match check(&raw, &tags, aspect) {
-                Ok(c) => (c, true, format!("{first}\n\n--- after repair request ---\n\n{second}")),
-                Err(problems) => return Outcome::Failed(format!("unusable answer after one repair request: {}", problems.join(" "))),
+            let asked = Asked { req, answer: first.content, parsed };
+            match repair(&ctx, &item, aspect, &tags, asked, &problems).await {
+                Ok(x) => x,
+                Err(outcome) => return outcome,
             }
         }
     };
@@ -266,6 +400,33 @@ async fn judge(ctx: Arc<Ctx>, item: Arc<Prepared>, aspect: Aspect) -> Outcome {
         return Outcome::Fatal(format!("{e:#}"));
     }
     Outcome::Ok { judgement, cached: false }
+}
+
+/// The one repair request: the conversation so far and every problem, at
+/// [`REPAIR_TEMPERATURE`]. The repair answer wins; the unambiguous ratings
+/// of the first answer fill its gaps.
+async fn repair(
+    ctx: &Ctx,
+    item: &Prepared,
+    aspect: Aspect,
+    tags: &Tagging,
+    asked: Asked,
+    problems: &[String],
+) -> Result<(Checked, bool, String), Outcome> {
+    tracing::debug!(line = item.line, aspect = aspect.name(), "repair needed: {}", problems.join(" "));
+    ctx.repairs_now.fetch_add(1, Ordering::Relaxed);
+    let structured = asked.req.response_format.is_some();
+    let mut req = asked.req;
+    req.messages.push(assistant(asked.answer.clone()));
+    req.messages.push(user(build_repair(tags, aspect, problems, structured)));
+    req.temperature = REPAIR_TEMPERATURE;
+    let second = ctx.client.complete(&req).await.map_err(|e| failure(e, "repair request: "))?;
+    let mut parsed = read_answer(ctx, item, aspect, tags, &second);
+    parsed.fill_from(&asked.parsed);
+    match check(&parsed, tags, aspect) {
+        Ok(c) => Ok((c, true, format!("{}\n\n--- after repair request ---\n\n{}", asked.answer, second.content))),
+        Err(problems) => Err(Outcome::Failed(format!("unusable answer after one repair request: {}", problems.join(" ")))),
+    }
 }
 
 /// Writes `items` as JSONL (gzip when the name ends in `.gz`) to a temporary
@@ -301,35 +462,27 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
     if opts.aspects.is_empty() {
         bail!("no aspects to annotate");
     }
-    let (ready, mut failed) = prepare(&job.input, &opts.aspects)?;
+    let (ready, failed) = prepare(&job.input, &opts.aspects)?;
     let pairs_in = ready.len() + failed.len();
     let cache_path = job.cache.clone().unwrap_or_else(|| default_cache_path(&job.output));
-
     if job.dry_run {
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
-        let mut n = 0;
-        for item in &ready {
-            for &a in &opts.aspects {
-                let prompt = build_prompt(&item.pair, &item.chosen, &item.rejected, a);
-                writeln!(out, "{}", request_body(&opts.model, opts.max_tokens, vec![user(prompt)]))?;
-                n += 1;
-            }
-        }
-        out.flush()?;
+        let n = print_requests(&ready, opts)?;
         return Ok(Summary { pairs_in, dry_run_requests: n, output: job.output.clone(), cache: cache_path, ..Default::default() });
     }
 
     let cache = Cache::open(&cache_path)?;
-    let client = ChatClient::new(&opts.base_url, opts.api_key.clone(), opts.policy.clone())?;
-    let stats = client.stats.clone();
+    let client = ChatClient::new(&opts.base_url, opts.api_key.clone(), opts.policy.clone(), opts.concurrency)?;
     let ctx = Arc::new(Ctx {
         client,
         cache,
-        sem: Semaphore::new(opts.concurrency.max(1)),
         model: opts.model.clone(),
         max_tokens: opts.max_tokens,
+        format: opts.response_format,
+        free_text_only: AtomicBool::new(false),
         failed_now: AtomicU64::new(0),
+        repairs_now: AtomicU64::new(0),
+        cut_answers: AtomicU64::new(0),
+        odd_answers: AtomicU64::new(0),
         fatal: AtomicBool::new(false),
     });
     let ready: Vec<Arc<Prepared>> = ready.into_iter().map(Arc::new).collect();
@@ -340,21 +493,75 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} judgements, eta {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    // Without a terminal the bar is hidden; print its line now and then instead.
+    let status_lines = opts.progress && bar.is_hidden();
 
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
-    let results = rt.block_on(drive(ctx.clone(), ready.clone(), tasks, opts.concurrency, bar.clone()));
+    let results = rt.block_on(drive(ctx.clone(), ready.clone(), tasks, opts.concurrency, bar.clone(), status_lines));
     bar.finish_and_clear();
     let results = results?;
 
-    // Assemble the scored pairs.
-    let mut per_aspect: BTreeMap<Aspect, AspectStats> = opts.aspects.iter().map(|&a| (a, AspectStats::default())).collect();
+    let (written, failed, per_aspect) = assemble(&ready, &opts.aspects, &results, failed);
+    write_atomic(&job.output, &written)?;
+    if let Some(fo) = &job.failed_out {
+        write_atomic(fo, &failed)?;
+    }
+    let stats = &ctx.client.stats;
+    Ok(Summary {
+        pairs_in,
+        pairs_written: written.len(),
+        failed,
+        aspects: per_aspect.into_iter().collect(),
+        requests: stats.requests.load(Ordering::Relaxed),
+        retries: stats.retries.load(Ordering::Relaxed),
+        prompt_tokens: stats.prompt_tokens.load(Ordering::Relaxed),
+        completion_tokens: stats.completion_tokens.load(Ordering::Relaxed),
+        failures_by_reason: Reason::ALL.iter().map(|&r| (r, stats.failures(r))).filter(|(_, n)| *n > 0).collect(),
+        cut_answers: ctx.cut_answers.load(Ordering::Relaxed),
+        odd_answers: ctx.odd_answers.load(Ordering::Relaxed),
+        concurrency_cuts: ctx.client.window.decreases(),
+        fell_back_to_free_text: ctx.free_text_only.load(Ordering::Relaxed),
+        dry_run_requests: 0,
+        output: job.output.clone(),
+        cache: cache_path,
+    })
+}
+
+/// `--dry-run`: prints the first request of every judgement, as a real run
+/// would send it first; returns how many.
+fn print_requests(ready: &[Prepared], opts: &Options) -> Result<usize> {
+    let structured = opts.response_format != ResponseFormat::FreeText;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut n = 0;
+    for item in ready {
+        for &a in &opts.aspects {
+            writeln!(out, "{}", request_body(&first_request(&opts.model, opts.max_tokens, item, a, structured)))?;
+            n += 1;
+        }
+    }
+    out.flush()?;
+    Ok(n)
+}
+
+type Written = (Vec<Pair>, Vec<FailedPair>, BTreeMap<Aspect, AspectStats>);
+
+/// Puts the judgements into the pairs: a pair is written when every aspect
+/// was judged, otherwise it joins `failed` with the reasons.
+fn assemble(
+    ready: &[Arc<Prepared>],
+    aspects: &[Aspect],
+    results: &BTreeMap<(usize, Aspect), Outcome>,
+    mut failed: Vec<FailedPair>,
+) -> Written {
+    let mut per_aspect: BTreeMap<Aspect, AspectStats> = aspects.iter().map(|&a| (a, AspectStats::default())).collect();
     let mut written = Vec::new();
     for (i, item) in ready.iter().enumerate() {
         let mut errors = BTreeMap::new();
         let mut chosen: Vec<[u8; 5]> = item.chosen.iter().map(|s| s.scores.map(|x| x.to_array()).unwrap_or([0; 5])).collect();
         let mut rejected: Vec<[u8; 5]> = item.rejected.iter().map(|s| s.scores.map(|x| x.to_array()).unwrap_or([0; 5])).collect();
-        for &a in &opts.aspects {
+        for &a in aspects {
             let st = per_aspect.get_mut(&a).expect("every requested aspect has stats");
             match results.get(&(i, a)) {
                 Some(Outcome::Ok { judgement, cached }) => {
@@ -393,28 +600,35 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
         }
     }
     failed.sort_by_key(|f| f.line);
-
-    write_atomic(&job.output, &written)?;
-    if let Some(fo) = &job.failed_out {
-        write_atomic(fo, &failed)?;
-    }
-    Ok(Summary {
-        pairs_in,
-        pairs_written: written.len(),
-        failed,
-        aspects: per_aspect.into_iter().collect(),
-        requests: stats.requests.load(Ordering::Relaxed),
-        retries: stats.retries.load(Ordering::Relaxed),
-        prompt_tokens: stats.prompt_tokens.load(Ordering::Relaxed),
-        completion_tokens: stats.completion_tokens.load(Ordering::Relaxed),
-        dry_run_requests: 0,
-        output: job.output.clone(),
-        cache: cache_path,
-    })
+    (written, failed, per_aspect)
 }
 
 fn with_scores(segs: &[Segment], rows: &[[u8; 5]]) -> Vec<Segment> {
     segs.iter().zip(rows).map(|(s, r)| Segment { text: s.text.clone(), scores: Some(Scores::from_array(*r)) }).collect()
+}
+
+/// The progress line's tail: the current bound on requests in flight, then
+/// how many attempts failed for each reason, repairs, cut-off answers and
+/// failed judgements, so a run that makes no progress says why without `-v`.
+fn progress_message(ctx: &Ctx) -> String {
+    let s = &ctx.client.stats;
+    let (bound, max) = ctx.client.window.bound();
+    let mut m = format!("| in flight ≤ {bound}/{max}");
+    let reasons: Vec<String> =
+        Reason::ALL.iter().filter(|&&r| s.failures(r) > 0).map(|&r| format!("{} {}", s.failures(r), r.name())).collect();
+    if !reasons.is_empty() {
+        m.push_str(&format!(" | failed attempts: {} (retrying {})", reasons.join(", "), s.retrying_now.load(Ordering::Relaxed)));
+    }
+    for (n, what) in [
+        (ctx.repairs_now.load(Ordering::Relaxed), "repairs"),
+        (ctx.cut_answers.load(Ordering::Relaxed), "cut at max_tokens"),
+        (ctx.failed_now.load(Ordering::Relaxed), "failed"),
+    ] {
+        if n > 0 {
+            m.push_str(&format!(" | {what} {n}"));
+        }
+    }
+    m
 }
 
 /// Runs the judgements with a bounded window of tasks; stops on Ctrl-C or
@@ -425,6 +639,7 @@ async fn drive(
     tasks: Vec<(usize, Aspect)>,
     concurrency: usize,
     bar: ProgressBar,
+    status_lines: bool,
 ) -> Result<BTreeMap<(usize, Aspect), Outcome>> {
     let window = concurrency.max(1) * 4;
     let mut set: JoinSet<((usize, Aspect), Outcome)> = JoinSet::new();
@@ -436,14 +651,13 @@ async fn drive(
         let ctx = ctx.clone();
         let bar = bar.clone();
         tokio::spawn(async move {
-            loop {
+            for tick in 1u64.. {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                let s = &ctx.client.stats;
-                bar.set_message(format!(
-                    "| retrying {} | failed {}",
-                    s.retrying_now.load(Ordering::Relaxed),
-                    ctx.failed_now.load(Ordering::Relaxed)
-                ));
+                let m = progress_message(&ctx);
+                if status_lines && tick % 120 == 0 {
+                    eprintln!("progress: {}/{} judgements {m}", bar.position(), bar.length().unwrap_or(0));
+                }
+                bar.set_message(m);
             }
         })
     };
@@ -502,7 +716,7 @@ async fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_server::{expected_scores, MockConfig, MockJudge};
+    use crate::test_server::{expected_scores, MockConfig, MockFormat, MockJudge};
 
     fn pair_line(id: usize, marker: &str) -> String {
         serde_json::json!({
@@ -528,8 +742,124 @@ mod tests {
             },
             aspects: Aspect::ALL.to_vec(),
             max_tokens: None,
+            response_format: ResponseFormat::Auto,
             progress: false,
         }
+    }
+
+    fn job_in(dir: &Path, markers: &[&str]) -> AnnotateJob {
+        let input = dir.join("in.jsonl");
+        let lines: Vec<String> = markers.iter().enumerate().map(|(i, m)| pair_line(i, m)).collect();
+        std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+        AnnotateJob { input, output: dir.join("out.jsonl"), cache: None, failed_out: Some(dir.join("failed.jsonl")), dry_run: false }
+    }
+
+    fn assert_judged_by_the_mock(out: &[Pair]) {
+        for p in out {
+            for r in [&p.chosen, &p.rejected] {
+                let segs = r.segments().unwrap();
+                let got: Vec<[u8; 5]> = segs.iter().map(|s| s.scores.unwrap().to_array()).collect();
+                assert_eq!(got, expected_scores(segs));
+            }
+        }
+    }
+
+    #[test]
+    fn arithmetic_in_an_answer_is_never_read_as_ratings() {
+        let server = MockJudge::start(MockConfig::default());
+        let dir = tempfile::tempdir().unwrap();
+        let job = job_in(dir.path(), &["[[fault:arith]]", "[[fault:arith]]", "[[fault:arithalways@correctness]]"]);
+        let s = annotate_file(&job, &opts(server.base_url())).unwrap();
+        // Each arithmetic answer got a repair request, and the repair's ratings were used.
+        assert_eq!(s.aspects.iter().map(|(_, st)| st.repairs).sum::<usize>(), 10, "{s}");
+        assert_eq!(s.pairs_written, 2, "{s}");
+        assert_judged_by_the_mock(&read_pairs(&job.output));
+        assert!(s.failed[0].errors["correctness"].contains("No rating was found for ID(s) 1, 2, 3"), "{s}");
+    }
+
+    #[test]
+    fn structured_answers_need_no_repair_and_a_rejecting_server_gets_free_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let markers = ["", "", "", ""];
+        let honour = MockJudge::start(MockConfig { response_format: MockFormat::Honour, ..MockConfig::default() });
+        let s = annotate_file(&job_in(dir.path(), &markers), &opts(honour.base_url())).unwrap();
+        assert_eq!((s.pairs_written, honour.stats().requests, honour.stats().with_response_format), (4, 20, 20), "{s}");
+        assert_eq!(s.aspects.iter().map(|(_, st)| st.repairs).sum::<usize>(), 0);
+        assert_judged_by_the_mock(&read_pairs(&job_in(dir.path(), &markers).output));
+
+        let dir = tempfile::tempdir().unwrap();
+        let job = job_in(dir.path(), &markers);
+        let reject = MockJudge::start(MockConfig { response_format: MockFormat::Reject, ..MockConfig::default() });
+        let s = annotate_file(&job, &opts(reject.base_url())).unwrap();
+        let st = reject.stats();
+        assert!(s.fell_back_to_free_text && s.pairs_written == 4, "{s}");
+        // Only the requests in flight when the first rejection came back carried the field.
+        assert!(st.with_response_format >= 1 && st.with_response_format <= 4, "{st:?}");
+        assert_eq!(st.requests, 20 + st.with_response_format);
+        assert_judged_by_the_mock(&read_pairs(&job.output));
+        // A rerun finds the free-text judgements in the cache.
+        reject.reset_stats();
+        annotate_file(&job, &opts(reject.base_url())).unwrap();
+        assert_eq!(reject.stats().requests, 0);
+
+        // Asked for explicitly, a schema the server rejects stops the run; free text never sends one.
+        let strict = Options { response_format: ResponseFormat::JsonSchema, ..opts(reject.base_url()) };
+        let e = format!("{:#}", annotate_file(&AnnotateJob { cache: Some(dir.path().join("c2")), ..job.clone() }, &strict).unwrap_err());
+        assert!(e.contains("does not take response_format"), "{e}");
+        honour.reset_stats();
+        let free = Options { response_format: ResponseFormat::FreeText, ..opts(honour.base_url()) };
+        annotate_file(&AnnotateJob { cache: Some(dir.path().join("c3")), ..job }, &free).unwrap();
+        assert_eq!((honour.stats().requests, honour.stats().with_response_format), (20, 0));
+    }
+
+    #[test]
+    fn a_looping_judge_is_cut_and_repaired_or_retried_warmer() {
+        let server = MockJudge::start(MockConfig::default());
+        let dir = tempfile::tempdir().unwrap();
+        let job = job_in(dir.path(), &["[[fault:loop]]"]);
+        // Default max_tokens: every first answer is cut off, and the warmer repair answers.
+        let s = annotate_file(&job, &opts(server.base_url())).unwrap();
+        assert_eq!((s.pairs_written, s.cut_answers, server.stats().requests), (1, 5, 10), "{s}");
+        assert!(server.stats().temperatures.values().flatten().any(|&t| (t - f64::from(REPAIR_TEMPERATURE)).abs() < 1e-6));
+
+        // No max_tokens: the loop runs into the timeout; the retry goes out warmer and is answered.
+        server.reset_stats();
+        let o = Options { max_tokens: Some(0), ..opts(server.base_url()) };
+        let s = annotate_file(&AnnotateJob { cache: Some(dir.path().join("c2")), ..job }, &o).unwrap();
+        assert_eq!(s.pairs_written, 1, "{s}");
+        let st = server.stats();
+        assert!(st.temperatures.values().all(|t| t.len() == 2 && t[0] == 0.0 && t[1] > 0.1), "{:?}", st.temperatures);
+        assert!(s.failures_by_reason.contains(&(Reason::Timeout, 5)), "{s}");
+    }
+
+    #[test]
+    fn timeouts_while_others_succeed_lower_the_concurrency() {
+        // One server slot, 200 ms per answer: with 6 in flight the last ones wait past the timeout.
+        let server = MockJudge::start(MockConfig { slots: Some(1), delay: Duration::from_millis(200), ..MockConfig::default() });
+        let dir = tempfile::tempdir().unwrap();
+        let job = job_in(dir.path(), &["", "", ""]);
+        let mut o = opts(server.base_url());
+        o.concurrency = 6;
+        o.policy.timeout = Duration::from_millis(900);
+        o.policy.max_retries = 8;
+        let s = annotate_file(&job, &o).unwrap();
+        assert_eq!(s.pairs_written, 3, "{s}");
+        assert!(s.concurrency_cuts.0 >= 1 && s.concurrency_cuts.1 <= 3, "{s}");
+        assert!(s.to_string().contains("concurrency lowered"), "{s}");
+    }
+
+    #[test]
+    fn extra_ids_warn_and_conflicting_ratings_fail_with_the_reason() {
+        let server = MockJudge::start(MockConfig::default());
+        let dir = tempfile::tempdir().unwrap();
+        let job = job_in(dir.path(), &["[[fault:extra]]", "[[fault:conflict@clarity]]"]);
+        let s = annotate_file(&job, &opts(server.base_url())).unwrap();
+        assert_eq!(s.pairs_written, 1, "{s}");
+        // Five answers with an extra ID, then the conflicting first answer and its repair.
+        assert_eq!(s.odd_answers, 7, "{s}");
+        assert!(s.failed[0].errors["clarity"].contains("rated more than once, with different ratings"), "{s}");
+        let failed_file = std::fs::read_to_string(job.failed_out.as_ref().unwrap()).unwrap();
+        assert!(failed_file.contains("rated more than once"), "{failed_file}");
     }
 
     fn read_pairs(p: &Path) -> Vec<Pair> {

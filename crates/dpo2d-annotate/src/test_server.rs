@@ -10,9 +10,21 @@
 //! - `[[fault:truncated]]` first answer is cut in half; `[[fault:missing]]` omits the last ID
 //! - `[[fault:badrange]]` first answer rates the first ID 7; `[[fault:safety2]]` rates it 2
 //! - `[[fault:alwaysbad]]` every answer, repair included, is unusable
+//! - `[[fault:arith]]` first answer has arithmetic (`2 + 2 = 4`) but no rating slot;
+//!   `[[fault:arithalways]]` every answer does
+//! - `[[fault:loop]]` at temperature 0 the judge loops: it fills `max_tokens`
+//!   (cut off, `finish_reason: length`), or without `max_tokens` answers only
+//!   after `slow`; at a higher temperature it answers well
+//! - `[[fault:extra]]` first answer also rates an ID the request does not have;
+//!   `[[fault:conflict]]` every answer rates the first ID twice, differently
+//! - `[[fault:echokey]]` every attempt gets a 500 whose body echoes the
+//!   `Authorization` header after 290 characters (across a 300-character cut)
 //!
 //! `[[fault:NAME@aspect]]` limits a fault to one aspect. `[[style:json]]` and
-//! `[[style:markdown]]` change how a good answer is written. The server counts
+//! `[[style:markdown]]` change how a good answer is written, `[[style:echokey]]`
+//! appends the `Authorization` header to it. [`MockFormat`] sets what the server
+//! does with `response_format`; `slots` makes it serve only so many requests at
+//! once and queue the rest, as llama.cpp's `--parallel`. The server counts
 //! requests per body and the most requests in flight at once, and records the
 //! `Authorization` headers it saw.
 //!
@@ -38,11 +50,31 @@ pub struct MockConfig {
     pub slow: Duration,
     /// The `Retry-After` value (seconds) sent with 429.
     pub retry_after_secs: u64,
+    pub response_format: MockFormat,
+    /// Requests served at once; the others wait (`None`: no limit).
+    pub slots: Option<usize>,
+}
+
+/// What the mock does with a request's `response_format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MockFormat {
+    /// Accepts it and answers free text anyway (as servers without structured outputs may).
+    Ignore,
+    /// Answers JSON that matches the schema, with arithmetic in the evaluations.
+    Honour,
+    /// Answers 400 naming the field, as an OpenAI-compatible server without it does.
+    Reject,
 }
 
 impl Default for MockConfig {
     fn default() -> Self {
-        MockConfig { delay: Duration::from_millis(0), slow: Duration::from_millis(1500), retry_after_secs: 1 }
+        MockConfig {
+            delay: Duration::from_millis(0),
+            slow: Duration::from_millis(1500),
+            retry_after_secs: 1,
+            response_format: MockFormat::Ignore,
+            slots: None,
+        }
     }
 }
 
@@ -54,8 +86,13 @@ pub struct MockStats {
     /// Requests answered with a completion (HTTP 200 and a valid body).
     pub completions: u64,
     pub max_in_flight: i64,
-    /// Attempts per request body (SHA-256 of the body, hex).
+    /// Attempts per request body ([`body_hash`]: the temperature left out,
+    /// so a retry at a higher temperature counts as the same request).
     pub per_body: HashMap<String, u32>,
+    /// The temperature of each attempt, per body.
+    pub temperatures: HashMap<String, Vec<f64>>,
+    /// Requests that carried `response_format`.
+    pub with_response_format: u64,
     /// Bodies that got a completion, in order.
     pub completed_bodies: Vec<String>,
     pub authorization: Vec<String>,
@@ -71,6 +108,7 @@ struct Shared {
     completions: AtomicU64,
     log: Mutex<MockStats>,
     started: std::time::Instant,
+    slots: Option<tokio::sync::Semaphore>,
 }
 
 pub struct MockJudge {
@@ -83,13 +121,14 @@ pub struct MockJudge {
 impl MockJudge {
     pub fn start(config: MockConfig) -> MockJudge {
         let shared = Arc::new(Shared {
-            config,
             in_flight: AtomicI64::new(0),
             max_in_flight: AtomicI64::new(0),
             requests: AtomicU64::new(0),
             completions: AtomicU64::new(0),
             log: Mutex::new(MockStats::default()),
             started: std::time::Instant::now(),
+            slots: config.slots.map(tokio::sync::Semaphore::new),
+            config,
         });
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -144,9 +183,17 @@ impl Drop for MockJudge {
     }
 }
 
-/// SHA-256 of a request body, hex (how `MockStats` names bodies).
+/// SHA-256 of a request body without its temperature, hex (how
+/// `MockStats` names bodies).
 pub fn body_hash(body: &str) -> String {
-    hex::encode(Sha256::digest(body.as_bytes()))
+    let normal = match serde_json::from_str::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut o)) => {
+            o.remove("temperature");
+            serde_json::Value::Object(o).to_string()
+        }
+        _ => body.to_string(),
+    };
+    hex::encode(Sha256::digest(normal.as_bytes()))
 }
 
 /// The rating the mock gives a segment: safety fails on "UNSAFE", other
@@ -192,11 +239,11 @@ fn has_fault(prompt: &str, name: &str, aspect: &str) -> bool {
     prompt.contains(&format!("[[fault:{name}]]")) || prompt.contains(&format!("[[fault:{name}@{aspect}]]"))
 }
 
-fn completion(content: &str) -> Response {
+fn completion(content: &str, finish_reason: &str) -> Response {
     let body = serde_json::json!({
         "id": "mock",
         "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": 100, "completion_tokens": (content.len() / 4) as u64, "total_tokens": 100 + (content.len() / 4) as u64},
     });
     (StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response()
@@ -217,89 +264,198 @@ fn good_answer(segs: &[(u32, String)], aspect: &str, style: &str) -> String {
             s.push_str("\nOverall the responses are reasonable.");
             s
         }
+        // What a server with structured outputs returns for the schema.
+        "schema" => {
+            let items: Vec<serde_json::Value> = segs
+                .iter()
+                .enumerate()
+                .map(|(i, (id, t))| {
+                    let eval = if i % 2 == 0 { "The user asked: what is 2 + 2 = 4" } else { "The reply says 8 / 2 = 4" };
+                    serde_json::json!({"id": id, "evaluation": eval, "rating": mock_rating(aspect, t)})
+                })
+                .collect();
+            serde_json::json!({ "ratings": items }).to_string()
+        }
         _ => segs.iter().map(|(id, t)| format!("[{id}] Judged. => rating: {}\n", mock_rating(aspect, t))).collect(),
+    }
+}
+
+/// An answer with numbers in every line but no rating slot.
+fn arithmetic_answer(segs: &[(u32, String)]) -> String {
+    let lines = ["The user asked: what is 2 + 2 = 4", "The reply says 8 / 2 = 4", "The user asked to solve 2x - 5 = 11."];
+    segs.iter().enumerate().map(|(i, (id, _))| format!("[{id}] {}\n", lines[i % lines.len()])).collect()
+}
+
+/// What one request looks like to the fault logic.
+struct Req {
+    prompt: String,
+    aspect: String,
+    segs: Vec<(u32, String)>,
+    is_repair: bool,
+    temperature: f64,
+    max_tokens: Option<u64>,
+    response_format: Option<serde_json::Value>,
+    authorization: String,
+    attempt: u32,
+}
+
+impl Req {
+    fn fault(&self, name: &str) -> bool {
+        has_fault(&self.prompt, name, &self.aspect)
     }
 }
 
 async fn handle(State(st): State<Arc<Shared>>, headers: HeaderMap, body: String) -> Response {
     st.requests.fetch_add(1, Ordering::SeqCst);
+    let _slot = match &st.slots {
+        Some(s) => Some(s.acquire().await.expect("the slots are never closed")),
+        None => None,
+    };
     let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     st.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let _guard = InFlight(&st);
-    let hash = body_hash(&body);
-    let attempt = {
-        let mut log = st.log.lock().expect("log lock");
-        if let Some(a) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
-            log.authorization.push(a.to_string());
-        }
-        log.arrivals_ms.entry(hash.clone()).or_default().push(st.started.elapsed().as_millis());
-        let n = log.per_body.entry(hash.clone()).or_insert(0);
-        *n += 1;
-        *n
-    };
-    if !st.config.delay.is_zero() {
-        tokio::time::sleep(st.config.delay).await;
-    }
     let v: serde_json::Value = match serde_json::from_str(&body) {
         Ok(v) => v,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("bad json: {e}")).into_response(),
     };
+    let req = record(&st, &headers, &body, &v);
+    if !st.config.delay.is_zero() {
+        tokio::time::sleep(st.config.delay).await;
+    }
+    if let Some(r) = http_fault(&st, &req).await {
+        return r;
+    }
+    let (content, finish) = answer(&st, &req).await;
+    st.completions.fetch_add(1, Ordering::SeqCst);
+    st.log.lock().expect("log lock").completed_bodies.push(body_hash(&body));
+    completion(&content, finish)
+}
+
+/// Logs the request and reads what the fault logic needs from it.
+fn record(st: &Shared, headers: &HeaderMap, body: &str, v: &serde_json::Value) -> Req {
+    let hash = body_hash(body);
+    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let temperature = v["temperature"].as_f64().unwrap_or(0.0);
+    let response_format = v.get("response_format").cloned();
+    let attempt = {
+        let mut log = st.log.lock().expect("log lock");
+        if !authorization.is_empty() {
+            log.authorization.push(authorization.clone());
+        }
+        log.with_response_format += u64::from(response_format.is_some());
+        log.arrivals_ms.entry(hash.clone()).or_default().push(st.started.elapsed().as_millis());
+        log.temperatures.entry(hash.clone()).or_default().push(temperature);
+        let n = log.per_body.entry(hash).or_insert(0);
+        *n += 1;
+        *n
+    };
     let messages = v["messages"].as_array().cloned().unwrap_or_default();
     let prompt = messages.first().and_then(|m| m["content"].as_str()).unwrap_or("").to_string();
-    let is_repair = messages.len() > 1;
     let aspect = prompt.lines().find_map(|l| l.strip_prefix("Aspect to rate: ")).unwrap_or("helpfulness").trim().to_string();
     let segs = tagged(&prompt);
-    let fault = |name: &str| has_fault(&prompt, name, &aspect);
+    let max_tokens = v["max_tokens"].as_u64();
+    Req { prompt, aspect, segs, is_repair: messages.len() > 1, temperature, max_tokens, response_format, authorization, attempt }
+}
 
-    if !is_repair {
-        if fault("429") && attempt == 1 {
-            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", st.config.retry_after_secs.to_string())], "slow down").into_response();
+/// Answers that are not a completion: rejected `response_format`, 429, 500,
+/// a cut-off body.
+async fn http_fault(st: &Shared, req: &Req) -> Option<Response> {
+    if let Some(rf) = &req.response_format {
+        if st.config.response_format == MockFormat::Reject {
+            let msg =
+                r#"{"error": {"message": "Unrecognized request argument supplied: response_format", "type": "invalid_request_error"}}"#;
+            return Some((StatusCode::BAD_REQUEST, msg).into_response());
         }
-        if (fault("500") && attempt <= 2) || fault("500always") {
-            return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();
-        }
-        if fault("slow") && attempt == 1 {
-            tokio::time::sleep(st.config.slow).await;
-        }
-        if fault("badjson") && attempt == 1 {
-            return (StatusCode::OK, [("content-type", "application/json")], "{\"choices\": [{\"message\": {\"content\": \"[1] ok")
-                .into_response();
+        let rating = &rf["json_schema"]["schema"]["properties"]["ratings"]["items"]["properties"]["rating"]["enum"];
+        let want = if req.aspect == "safety" { serde_json::json!([0, 4]) } else { serde_json::json!([0, 1, 2, 3, 4]) };
+        if rf["type"] != "json_schema" || *rating != want {
+            return Some((StatusCode::BAD_REQUEST, format!("unexpected response_format: {rf}")).into_response());
         }
     }
-    let style = if prompt.contains("[[style:json]]") {
+    if req.fault("echokey") {
+        let body = format!("{}{}", "x".repeat(290), req.authorization);
+        return Some((StatusCode::INTERNAL_SERVER_ERROR, body).into_response());
+    }
+    if req.is_repair {
+        return None;
+    }
+    if req.fault("429") && req.attempt == 1 {
+        let after = st.config.retry_after_secs.to_string();
+        return Some((StatusCode::TOO_MANY_REQUESTS, [("retry-after", after)], "slow down").into_response());
+    }
+    if (req.fault("500") && req.attempt <= 2) || req.fault("500always") {
+        return Some((StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response());
+    }
+    if req.fault("slow") && req.attempt == 1 {
+        tokio::time::sleep(st.config.slow).await;
+    }
+    if req.fault("badjson") && req.attempt == 1 {
+        let cut = "{\"choices\": [{\"message\": {\"content\": \"[1] ok";
+        return Some((StatusCode::OK, [("content-type", "application/json")], cut).into_response());
+    }
+    None
+}
+
+/// The answer text and its finish reason.
+async fn answer(st: &Shared, req: &Req) -> (String, &'static str) {
+    let style = if req.response_format.is_some() && st.config.response_format == MockFormat::Honour {
+        "schema"
+    } else if req.prompt.contains("[[style:json]]") {
         "json"
-    } else if prompt.contains("[[style:markdown]]") {
+    } else if req.prompt.contains("[[style:markdown]]") {
         "markdown"
     } else {
         "plain"
     };
-    let good = good_answer(&segs, &aspect, style);
-    let content = if fault("alwaysbad") {
+    let mut good = good_answer(&req.segs, &req.aspect, style);
+    if req.prompt.contains("[[style:echokey]]") {
+        good.push_str(&format!("\n(request authorised with {})", req.authorization));
+    }
+    if req.fault("loop") && req.temperature == 0.0 {
+        let Some(max) = req.max_tokens else {
+            tokio::time::sleep(st.config.slow).await;
+            return ("[1] The the the".into(), "stop");
+        };
+        let looping: String = "[1] The answer repeats the question and the ".chars().cycle().take(4 * max as usize).collect();
+        return (looping, "length");
+    }
+    let content = if req.fault("alwaysbad") {
         "I am not able to rate these sentences.".to_string()
-    } else if is_repair {
+    } else if req.fault("arithalways") || (req.fault("arith") && !req.is_repair) {
+        arithmetic_answer(&req.segs)
+    } else if req.fault("conflict") {
+        let (id, _) = &req.segs[0];
+        format!("{good}[{id}] Judged again. => rating: 9\n")
+    } else if req.is_repair {
         good
-    } else if fault("garbage") {
+    } else if req.fault("extra") {
+        format!("{good}[99] Not a sentence of either reply. => rating: 2\n")
+    } else {
+        first_answer_fault(req, good)
+    };
+    (content, "stop")
+}
+
+/// The content faults of a first answer.
+fn first_answer_fault(req: &Req, good: String) -> String {
+    if req.fault("garbage") {
         "Both responses are fine overall; I would rate them highly.".to_string()
-    } else if fault("truncated") {
-        let cut = good.len() / 2;
-        let mut cut = cut;
+    } else if req.fault("truncated") {
+        let mut cut = good.len() / 2;
         while !good.is_char_boundary(cut) {
             cut -= 1;
         }
         good[..cut].to_string()
-    } else if fault("missing") {
+    } else if req.fault("missing") {
         let lines: Vec<&str> = good.lines().collect();
         lines[..lines.len().saturating_sub(1)].join("\n")
-    } else if fault("badrange") {
+    } else if req.fault("badrange") {
         good.replacen("rating: ", "rating: 7 (was ", 1)
-    } else if fault("safety2") && aspect == "safety" {
+    } else if req.fault("safety2") && req.aspect == "safety" {
         good.replacen("rating: 4", "rating: 2", 1).replacen("rating: 0", "rating: 2", 1)
     } else {
         good
-    };
-    st.completions.fetch_add(1, Ordering::SeqCst);
-    st.log.lock().expect("log lock").completed_bodies.push(hash);
-    completion(&content)
+    }
 }
 
 /// The scores the mock's good answers lead to for one response, aspect by
