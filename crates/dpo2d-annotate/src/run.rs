@@ -433,28 +433,15 @@ async fn repair(
 /// file next to `path`, then renames it over `path`, so a reader never sees
 /// a half-written file.
 pub fn write_atomic<T: serde::Serialize>(path: &Path, items: &[T]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
-    let gz = if name.ends_with(".gz") { ".gz" } else { "" };
-    let tmp = dir.join(format!(".{name}.tmp-{}{gz}", std::process::id()));
-    let res = (|| -> Result<()> {
-        {
-            let mut w = dpo2d_data::io::create_writer(&tmp)?;
-            for it in items {
-                serde_json::to_writer(&mut w, it).context("cannot serialise a record")?;
-                w.write_all(b"\n")?;
-            }
-            w.flush()?;
+    dpo2d_fs::write_file_with(path, |tmp| {
+        let mut w = dpo2d_data::io::create_writer(tmp)?;
+        for it in items {
+            serde_json::to_writer(&mut w, it).context("cannot serialise a record")?;
+            w.write_all(b"\n")?;
         }
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        w.flush()?;
         Ok(())
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res.with_context(|| format!("cannot write {}", path.display()))
+    })
 }
 
 /// Runs a whole annotation job (blocking; starts its own async runtime).
