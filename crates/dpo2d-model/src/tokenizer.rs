@@ -60,6 +60,24 @@ pub fn pre_tokenizer_for(pre: &str) -> Value {
     }
 }
 
+/// The post-processor of a GGUF tokenizer: prepend BOS when the metadata
+/// asks for it, else byte-level offsets only.
+fn post_processor(special: &SpecialTokens, tokens: &[String]) -> Value {
+    match (&special.add_bos, &special.bos) {
+        (true, Some(bos)) => {
+            let bos_id = tokens.iter().position(|t| t == bos).unwrap_or(0);
+            json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos.clone(): {"id": bos, "ids": [bos_id], "tokens": [bos]}}})
+        }
+        _ => {
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+        }
+    }
+}
+
 impl ModelTokenizer {
     /// Rebuild the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`).
     /// Only byte-level BPE (`gpt2`) tokenizers are supported.
@@ -114,19 +132,7 @@ impl ModelTokenizer {
                     .with_context(|| format!("{file}: malformed merge `{m}` (expected two tokens separated by a space)"))
             })
             .collect::<Result<_>>()?;
-        let post = match (&special.add_bos, &special.bos) {
-            (true, Some(bos)) => {
-                let bos_id = tokens.iter().position(|t| t == bos).unwrap_or(0);
-                json!({"type": "TemplateProcessing",
-                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                             {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                    "special_tokens": {bos.clone(): {"id": bos, "ids": [bos_id], "tokens": [bos]}}})
-            }
-            _ => {
-                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
-            }
-        };
+        let post = post_processor(&special, &tokens);
         let tj = json!({
             "version": "1.0",
             "truncation": null,

@@ -169,10 +169,7 @@ impl Trainer {
                 eprintln!("{s}");
             }
         };
-        let lock = dpo2d_fs::DirLock::acquire(&cfg.output_dir).with_context(|| format!("output_dir {}", cfg.output_dir.display()))?;
-        if run.resume.is_none() {
-            claim_output_dir(&cfg.output_dir, run.overwrite_output_dir, &say)?;
-        }
+        let lock = open_output_dir(cfg, run, &say)?;
         let (train_pairs, eval_pairs) = load_data(cfg)?;
         if cfg.bf16 {
             say("note: bf16 is not used on CPU (slower than f32 there); training in f32");
@@ -739,6 +736,16 @@ fn prepare_reference(
         }
     };
     Reference::precomputed(&p, train, eval, model, say)
+}
+
+/// Lock `output_dir` for this run and, unless resuming, make sure it holds
+/// no earlier run's outputs.
+fn open_output_dir(cfg: &TrainConfig, run: &RunOptions, say: &dyn Fn(&str)) -> Result<dpo2d_fs::DirLock> {
+    let lock = dpo2d_fs::DirLock::acquire(&cfg.output_dir).with_context(|| format!("output_dir {}", cfg.output_dir.display()))?;
+    if run.resume.is_none() {
+        claim_output_dir(&cfg.output_dir, run.overwrite_output_dir, say)?;
+    }
+    Ok(lock)
 }
 
 /// A fresh run must not mix its files with an earlier run's: refuse a
