@@ -119,16 +119,28 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     bail!("no weights in {}: expected model.safetensors or model.safetensors.index.json", dir.display())
 }
 
-/// Read one safetensors file. The header is validated against the file
-/// length when it is opened, so a truncated file fails here, not later.
-fn load_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+/// Open one safetensors file, memory-mapped. The header is validated
+/// against the file length here, so a truncated file fails on opening,
+/// without reading the tensor data.
+fn open(path: &Path) -> Result<candle_core::safetensors::MmapedSafetensors> {
     if !path.is_file() {
         bail!("weights file {} does not exist", path.display());
     }
     let bad = |e: candle_core::Error| anyhow::anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display());
     // SAFETY: the file is only read; modifying it while loading is the caller's problem,
     // as with any memory-mapped checkpoint loader.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
+    unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)
+}
+
+/// Whether `path` is a complete, readable safetensors file (its header
+/// parses and its data is all there), without loading it.
+pub fn check_file(path: &Path) -> Result<()> {
+    open(path).map(drop)
+}
+
+/// Read one safetensors file.
+fn load_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let st = open(path)?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         // Checked on the raw bytes: one pass, before any conversion or device copy.

@@ -126,18 +126,9 @@ pub fn check_complete(dir: &Path) -> Result<TrainerState> {
     let weights = ["model.safetensors", "adapter_model.safetensors"].iter().map(|f| dir.join(f)).find(|p| p.is_file());
     let weights = weights.with_context(|| format!("{}: no model.safetensors or adapter_model.safetensors", dir.display()))?;
     for f in [weights, dir.join("optimizer.safetensors")] {
-        check_safetensors(&f)?;
+        dpo2d_model::weights::check_file(&f)?;
     }
     Ok(state)
-}
-
-/// The header of a safetensors file parses and its data is all there.
-fn check_safetensors(path: &Path) -> Result<()> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st =
-        safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a readable safetensors file", path.display()))?;
-    drop(st);
-    Ok(())
 }
 
 /// The newest checkpoint in `output_dir` that is complete and readable;

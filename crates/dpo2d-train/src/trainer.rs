@@ -183,6 +183,7 @@ impl Trainer {
 
         let (train, eval) = tokenize(cfg, &text, &train_pairs, &eval_pairs, &say)?;
 
+        let data_fingerprint = data_fingerprint(&train, &eval);
         let clock = Instant::now();
         let frozen = LoadOptions { trainable: false, lora: None, ..opts.clone() };
         let reference = prepare_reference(cfg, run, &model_path, &frozen, &policy, resume.is_some(), &train, &eval, &say)?;
@@ -214,7 +215,7 @@ impl Trainer {
             vars,
             optimizer,
             config_hash: config_hash(cfg),
-            data_fingerprint: String::new(),
+            data_fingerprint,
             _lock: lock,
             global_step: 0,
             start_step: 0,
@@ -224,7 +225,6 @@ impl Trainer {
             clock,
             window_clock: Instant::now(),
         };
-        t.data_fingerprint = data_fingerprint(&t.train, &t.eval);
         match &resume {
             Some((dir, state)) => {
                 t.restore(dir, state)?;
@@ -719,10 +719,7 @@ fn prepare_reference(
     }
     let p = Precompute {
         model_path: &ref_path,
-        cache_root: match &run.cache_dir {
-            Some(c) => c.clone(),
-            None => dpo2d_model::fetch::cache_dir(None)?,
-        },
+        cache_root: dpo2d_model::fetch::cache_dir(run.cache_dir.as_deref())?,
         batch: forward_chunk(cfg, cfg.per_device_eval_batch_size),
         progress: run.progress,
     };
