@@ -8,6 +8,7 @@ pub mod device;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod llama;
 pub mod logprobs;
 pub mod lora;

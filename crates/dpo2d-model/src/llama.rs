@@ -135,11 +135,10 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let n_rep = nh / nkv;
-        let q = self.q.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = self.k.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        // [B, T, heads, d] -> rotated [B, heads, T, d].
+        let q = ops::rope_heads(&self.q.forward(x)?.reshape((b, t, nh, hd))?, &ctx.cos, &ctx.sin)?;
+        let k = ops::rope_heads(&self.k.forward(x)?.reshape((b, t, nkv, hd))?, &ctx.cos, &ctx.sin)?;
         let v = self.v.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let q = ops::rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = ops::rope(&k, &ctx.cos, &ctx.sin)?;
         let (k, v) = match cache {
             Some(entry) => {
                 let (k, v) = match entry.take() {
@@ -156,8 +155,7 @@ impl Attention {
         // so keys and values are never repeated.
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
-        let scores = scores.broadcast_add(&ctx.mask)?;
-        let probs = ops::softmax_last_dim(&scores)?.reshape((b, nkv, n_rep * t, tk))?;
+        let probs = ops::masked_softmax(&scores, &ctx.mask)?.reshape((b, nkv, n_rep * t, tk))?;
         let out = probs.matmul(&v.contiguous()?)?; // [B, n_kv, n_rep*T, d]
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o.forward(&out)
@@ -182,9 +180,9 @@ impl Mlp {
 
     /// SwiGLU: `down(silu(gate(x)) * up(x))`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?.silu()?;
-        let u = self.up.forward(x)?;
-        self.down.forward(&(g * u)?)
+        let gate = self.gate.forward(x)?;
+        let up = self.up.forward(x)?;
+        self.down.forward(&ops::swiglu(&gate, &up)?)
     }
 }
 

@@ -1,17 +1,20 @@
 //! Differentiable building blocks with fast forward kernels and explicit backward.
 //!
-//! candle's fast kernels (`candle_nn::ops::rms_norm`, `softmax_last_dim`,
-//! `rotary_emb::rope`) have no backward pass. Here each op runs the fast
-//! kernel on detached inputs, then attaches the result to the autograd graph
-//! through a custom op whose `bwd` is written with ordinary tensor ops.
-//! Every op has a `*_plain` twin built only from differentiable primitives;
-//! tests check the two agree (forward) and check gradients by finite
-//! differences. On non-CPU devices the plain versions are used.
+//! In f32 and f64 on the CPU, each op is one of the fused, multi-threaded
+//! kernels of [`crate::kernels`]. For half types on the CPU, candle's fast
+//! kernels (`candle_nn::ops::rms_norm`, `softmax_last_dim`,
+//! `rotary_emb::rope`, which have no backward pass) run on detached inputs
+//! and the result joins the autograd graph through a custom op whose `bwd`
+//! is written with ordinary tensor ops. Every op has a `*_plain` twin built
+//! only from differentiable primitives; tests check the two agree (values
+//! and gradients) and check gradients by finite differences. On non-CPU
+//! devices the plain versions are used.
 //!
 //! Also here: the fused label log-probability op, which never keeps a
 //! `[tokens x vocab]` tensor alive for backward, and a linear layer with a
 //! frozen weight that skips the (unused) weight gradient.
 
+use crate::kernels;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 type BwdFn = dyn Fn(&[&Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
@@ -118,18 +121,16 @@ pub fn rms_norm_plain(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     xf.broadcast_mul(&r)?.to_dtype(dt)?.broadcast_mul(w)
 }
 
-/// RMSNorm with candle's fast kernel forward and a hand-written backward.
+/// RMSNorm: the fused kernel in f32/f64 on the CPU; for half types candle's
+/// fast forward and a hand-written backward.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if !fast_ok(x) || x.dtype() != w.dtype() {
         return rms_norm_plain(x, w, eps);
     }
-    // candle's kernel has no f64 version; f64 (tests) takes the plain forward
-    // but still goes through the custom backward below.
-    let out = if x.dtype() == DType::F64 {
-        rms_norm_plain(&x.detach(), &w.detach(), eps)?
-    } else {
-        candle_nn::ops::rms_norm(&x.detach().contiguous()?, &w.detach(), eps as f32)?
-    };
+    if kernels::supports(x) {
+        return x.contiguous()?.apply_op2(&w.contiguous()?, kernels::rms_norm::RmsNorm { eps });
+    }
+    let out = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
     if !tracked(x) && !tracked(w) {
         return Ok(out);
     }
@@ -195,6 +196,30 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.apply_op1(op)
 }
 
+/// Attention's `softmax(scores + mask)` over the last dim; `mask` is additive
+/// (0 or -inf), `[B or 1, 1, .., Tq, Tk]` against scores `[B, .., Tq, Tk]`.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if kernels::supports(scores) && mask.dtype() == scores.dtype() {
+        return scores.contiguous()?.apply_op1(kernels::softmax::MaskedSoftmax { mask: mask.contiguous()? });
+    }
+    softmax_last_dim(&scores.broadcast_add(mask)?)
+}
+
+// ---------------------------------------------------------------- swiglu
+
+/// SwiGLU's gate from primitives: `silu(gate) * up`.
+pub fn swiglu_plain(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
+}
+
+/// `silu(gate) * up`, fused in f32/f64 on the CPU.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if kernels::supports(gate) && up.dtype() == gate.dtype() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, kernels::swiglu::SwiGlu);
+    }
+    swiglu_plain(gate, up)
+}
+
 // ---------------------------------------------------------------- rope
 
 /// Rotary embedding, HF "rotate_half" convention, from primitives.
@@ -228,6 +253,16 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         bwd: Box::new(move |_args, g| Ok(vec![Some(candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)?)])),
     };
     x.apply_op1(op)
+}
+
+/// Rotary embedding of a projection's output `[B, T, H, D]`, returned in
+/// attention's layout `[B, H, T, D]` (transpose and rotation in one pass in
+/// f32/f64 on the CPU). `cos`, `sin`: `[B, T, D/2]`.
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if kernels::supports(x) && cos.dtype() == x.dtype() && sin.dtype() == x.dtype() {
+        return x.contiguous()?.apply_op1(kernels::rope::RopeHeads { cos: cos.contiguous()?, sin: sin.contiguous()? });
+    }
+    rope(&x.transpose(1, 2)?.contiguous()?, cos, sin)
 }
 
 // ---------------------------------------------------------------- linear
@@ -342,11 +377,17 @@ fn label_logprobs_chunks(hd: &Tensor, wd: &Tensor, labels: &Tensor, rows: usize,
         let r = rows.min(n - s);
         let logits = hd.narrow(0, s, r)?.matmul(&wd.t()?)?.to_dtype(it)?;
         let lab = labels.narrow(0, s, r)?;
-        let m = logits.max_keepdim(1)?;
-        let lse = (logits.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + &m)?;
-        let picked = logits.gather(&lab.unsqueeze(1)?, 1)?;
-        outs.push((picked - &lse)?.squeeze(1)?);
-        lses.push(lse.squeeze(1)?);
+        if kernels::supports(&logits) {
+            let (picked, lse) = kernels::logprobs::pick_and_lse(&logits, &lab)?;
+            outs.push(picked);
+            lses.push(lse);
+        } else {
+            let m = logits.max_keepdim(1)?;
+            let lse = (logits.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + &m)?;
+            let picked = logits.gather(&lab.unsqueeze(1)?, 1)?;
+            outs.push((picked - &lse)?.squeeze(1)?);
+            lses.push(lse.squeeze(1)?);
+        }
         s += r;
     }
     let out = if outs.is_empty() { Tensor::zeros(0, it, hd.device())? } else { Tensor::cat(&outs, 0)? };
@@ -377,10 +418,15 @@ fn label_logprobs_backward(
         let r = rows.min(n - s);
         let hc = hd.narrow(0, s, r)?;
         let logits = hc.matmul(&wd.t()?)?.to_dtype(it)?;
-        let p = logits.broadcast_sub(&lse.narrow(0, s, r)?.unsqueeze(1)?)?.exp()?;
-        let lab = labels.narrow(0, s, r)?.unsqueeze(1)?;
-        let onehot = vocab.unsqueeze(0)?.broadcast_eq(&lab)?.to_dtype(it)?;
-        let gl = (onehot - p)?.broadcast_mul(&g.narrow(0, s, r)?.unsqueeze(1)?)?.to_dtype(hd.dtype())?;
+        let (lse_c, lab, g_c) = (lse.narrow(0, s, r)?, labels.narrow(0, s, r)?, g.narrow(0, s, r)?);
+        let gl = if kernels::supports(&logits) {
+            kernels::logprobs::logit_grads(&logits, &lab, &lse_c, &g_c)?
+        } else {
+            let p = logits.broadcast_sub(&lse_c.unsqueeze(1)?)?.exp()?;
+            let onehot = vocab.unsqueeze(0)?.broadcast_eq(&lab.unsqueeze(1)?)?.to_dtype(it)?;
+            (onehot - p)?.broadcast_mul(&g_c.unsqueeze(1)?)?
+        }
+        .to_dtype(hd.dtype())?;
         if need_h {
             dh.push(gl.matmul(&wd)?);
         }

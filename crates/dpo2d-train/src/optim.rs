@@ -9,6 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
+use dpo2d_model::kernels::adamw::{self, AdamWStep};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -30,8 +31,9 @@ impl Default for AdamWParams {
 /// AdamW with named parameters; the names key the saved state.
 pub struct AdamW {
     vars: Vec<(String, Var)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// Per parameter `[2, N]` f32: the first moment, then the second (f32
+    /// even for bf16 weights: they underflow otherwise).
+    moments: Vec<Tensor>,
     /// Number of updates applied so far (the `t` of the bias correction).
     pub t: u64,
     pub params: AdamWParams,
@@ -39,15 +41,8 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
-        let mut m = Vec::with_capacity(vars.len());
-        let mut v = Vec::with_capacity(vars.len());
-        for (_, var) in &vars {
-            // Moments in f32 even for bf16 weights: they underflow otherwise.
-            let z = var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
-            m.push(z.clone());
-            v.push(z);
-        }
-        Ok(AdamW { vars, m, v, t: 0, params })
+        let moments = vars.iter().map(|(_, var)| adamw::new_moments(var.as_tensor())).collect::<candle_core::Result<_>>()?;
+        Ok(AdamW { vars, moments, t: 0, params })
     }
 
     pub fn vars(&self) -> &[(String, Var)] {
@@ -56,30 +51,23 @@ impl AdamW {
 
     /// Apply one update with the given gradients (same order as `vars`;
     /// `None` = no gradient reached this parameter, it is left unchanged,
-    /// including its weight decay, as PyTorch does).
-    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+    /// including its weight decay, as PyTorch does), each multiplied by
+    /// `grad_scale` first (the clipping factor, see [`clip_scale`]).
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
         if grads.len() != self.vars.len() {
             bail!("optimizer got {} gradients for {} parameters", grads.len(), self.vars.len());
         }
         self.t += 1;
         let p = self.params;
-        let bc1 = 1.0 - p.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - p.beta2.powi(self.t as i32);
+        let s = AdamWStep { lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay, step: self.t, grad_scale };
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
             let var = &self.vars[i].1;
-            let dtype = var.dtype();
-            let g = g.to_dtype(DType::F32)?;
-            let m = ((&self.m[i] * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
-            let v = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let w = var.as_tensor().to_dtype(DType::F32)?;
-            let w = if p.weight_decay != 0.0 { (&w * (1.0 - lr * p.weight_decay))? } else { w };
-            let denom = ((&v / bc2)?.sqrt()? + p.eps)?;
-            let upd = ((&m / bc1)? / denom)?;
-            let w = (w - (upd * lr)?)?;
-            var.set(&w.to_dtype(dtype)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            if adamw::supports(var.as_tensor()) {
+                adamw::adamw_step(var.as_tensor(), &self.moments[i], g, s)?;
+            } else {
+                self.moments[i] = composed_step(var, &self.moments[i], g, s)?;
+            }
         }
         Ok(())
     }
@@ -87,9 +75,9 @@ impl AdamW {
     /// Save moments and step count to one safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut map: HashMap<String, Tensor> = HashMap::new();
-        for (i, (name, _)) in self.vars.iter().enumerate() {
-            map.insert(format!("{name}.exp_avg"), self.m[i].clone());
-            map.insert(format!("{name}.exp_avg_sq"), self.v[i].clone());
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            map.insert(format!("{name}.exp_avg"), self.moments[i].get(0)?.reshape(var.dims())?);
+            map.insert(format!("{name}.exp_avg_sq"), self.moments[i].get(1)?.reshape(var.dims())?);
         }
         map.insert("__step__".into(), Tensor::new(&[self.t as i64], &candle_core::Device::Cpu)?);
         candle_core::safetensors::save(&map, path).with_context(|| format!("writing optimizer state {}", path.display()))
@@ -101,13 +89,15 @@ impl AdamW {
         let dev = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
         let map = candle_core::safetensors::load(path, &dev).with_context(|| format!("reading optimizer state {}", path.display()))?;
         for (i, (name, var)) in self.vars.iter().enumerate() {
-            for (key, slot) in [("exp_avg", &mut self.m[i]), ("exp_avg_sq", &mut self.v[i])] {
+            let mut rows = vec![];
+            for key in ["exp_avg", "exp_avg_sq"] {
                 let t = map.get(&format!("{name}.{key}")).with_context(|| format!("{}: no {key} for parameter {name}", path.display()))?;
                 if t.dims() != var.dims() {
                     bail!("{}: {name}.{key} has shape {:?}, parameter has {:?}", path.display(), t.dims(), var.dims());
                 }
-                *slot = t.to_dtype(DType::F32)?;
+                rows.push(t.to_dtype(DType::F32)?.flatten_all()?);
             }
+            self.moments[i] = Tensor::stack(&rows, 0)?.contiguous()?;
         }
         let step = map.get("__step__").with_context(|| format!("{}: no step count", path.display()))?;
         self.t = step.to_vec1::<i64>()?[0] as u64;
@@ -115,26 +105,39 @@ impl AdamW {
     }
 }
 
+/// The same update as [`adamw::adamw_step`] with composed tensor ops, for
+/// parameters the fused kernel does not take (bf16, other devices); returns
+/// the new moments.
+fn composed_step(var: &Var, moments: &Tensor, g: &Tensor, s: AdamWStep) -> Result<Tensor> {
+    let g = (g.to_dtype(DType::F32)?.flatten_all()? * s.grad_scale)?;
+    let m = ((moments.get(0)? * s.beta1)? + (&g * (1.0 - s.beta1))?)?;
+    let v = ((moments.get(1)? * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
+    let t = s.step as i32;
+    let w = (var.as_tensor().to_dtype(DType::F32)?.flatten_all()? * (1.0 - s.lr * s.weight_decay))?;
+    let denom = ((v.sqrt()? / (1.0 - s.beta2.powi(t)).sqrt())? + s.eps)?;
+    let w = (w - ((&m / denom)? * (s.lr / (1.0 - s.beta1.powi(t))))?)?;
+    var.set(&w.reshape(var.dims())?.to_dtype(var.dtype())?)?;
+    Ok(Tensor::stack(&[m, v], 0)?)
+}
+
 /// Global L2 norm of all gradients (f64), as `torch.nn.utils.clip_grad_norm_` computes it.
 pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.iter().flatten() {
-        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        sq += adamw::sum_squares(g)?;
     }
     Ok(sq.sqrt())
 }
 
-/// Scale the gradients so their global norm is at most `max_norm`; returns
-/// the norm before clipping (what TRL logs as `grad_norm`).
-pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
-    let norm = global_grad_norm(grads)?;
+/// The factor that brings gradients of global norm `norm` down to
+/// `max_norm` (1 when they are within it, or `max_norm` is 0), as
+/// `torch.nn.utils.clip_grad_norm_`.
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for g in grads.iter_mut().flatten() {
-            *g = (&*g * scale)?;
-        }
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
     }
-    Ok(norm)
 }
 
 #[cfg(test)]
@@ -164,7 +167,7 @@ mod tests {
         let mut opt = AdamW::new(vec![("w".into(), var.clone())], p)?;
         let gs = [0.3, -0.2, 0.5, 0.05];
         for g in gs {
-            opt.step(&[Some(Tensor::new(&[g as f32], &Device::Cpu)?)], 0.01)?;
+            opt.step(&[Some(Tensor::new(&[g as f32], &Device::Cpu)?)], 0.01, 1.0)?;
         }
         let got = var.as_tensor().to_vec1::<f32>()?[0] as f64;
         let want = reference(1.5, &gs, 0.01, p);
@@ -179,25 +182,47 @@ mod tests {
         let a = Var::new(&[1.0f32, 2.0], &Device::Cpu)?;
         let mut oa = AdamW::new(vec![("a".into(), a.clone())], p)?;
         let g = |x: f32| Tensor::new(&[x, -x], &Device::Cpu).unwrap();
-        oa.step(&[Some(g(0.5))], 0.1)?;
+        oa.step(&[Some(g(0.5))], 0.1, 1.0)?;
         oa.save(&dir.path().join("opt.safetensors"))?;
         let b = Var::new(&a.as_tensor().to_vec1::<f32>()?[..], &Device::Cpu)?;
         let mut ob = AdamW::new(vec![("a".into(), b.clone())], p)?;
         ob.load(&dir.path().join("opt.safetensors"))?;
         assert_eq!(ob.t, 1);
-        oa.step(&[Some(g(0.7))], 0.1)?;
-        ob.step(&[Some(g(0.7))], 0.1)?;
+        oa.step(&[Some(g(0.7))], 0.1, 1.0)?;
+        ob.step(&[Some(g(0.7))], 0.1, 1.0)?;
         assert_eq!(a.as_tensor().to_vec1::<f32>()?, b.as_tensor().to_vec1::<f32>()?);
         Ok(())
     }
 
     #[test]
     fn clipping_scales_to_max_norm() -> Result<()> {
-        let mut gs = vec![Some(Tensor::new(&[3f32, 4.0], &Device::Cpu)?), None];
-        let n = clip_grad_norm(&mut gs, 1.0)?;
+        let gs = vec![Some(Tensor::new(&[3f32, 4.0], &Device::Cpu)?), None];
+        let n = global_grad_norm(&gs)?;
         assert!((n - 5.0).abs() < 1e-6);
-        let after = global_grad_norm(&gs)?;
-        assert!((after - 1.0).abs() < 1e-4, "{after}");
+        assert!((clip_scale(n, 1.0) * n - 1.0).abs() < 1e-6);
+        assert_eq!(clip_scale(n, 10.0), 1.0);
+        assert_eq!(clip_scale(n, 0.0), 1.0);
+        assert_eq!(clip_scale(f64::NAN, 1.0), 1.0);
+        Ok(())
+    }
+
+    /// bf16 parameters take the composed update; it agrees with the fused
+    /// one on f32 parameters up to bf16 rounding.
+    #[test]
+    fn composed_update_matches_fused() -> Result<()> {
+        let p = AdamWParams { weight_decay: 0.1, ..Default::default() };
+        let w0: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let a = Var::new(&w0[..], &Device::Cpu)?;
+        let b = Var::from_tensor(&Tensor::new(&w0[..], &Device::Cpu)?.to_dtype(DType::BF16)?)?;
+        let mut oa = AdamW::new(vec![("w".into(), a.clone())], p)?;
+        let mut ob = AdamW::new(vec![("w".into(), b.clone())], p)?;
+        for step in 0..3 {
+            let g = Tensor::new(&w0.iter().map(|x| x * (step as f32 + 0.5)).collect::<Vec<_>>()[..], &Device::Cpu)?;
+            oa.step(&[Some(g.clone())], 0.05, 0.7)?;
+            ob.step(&[Some(g.to_dtype(DType::BF16)?)], 0.05, 0.7)?;
+        }
+        let d = (a.as_tensor() - b.as_tensor().to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-2, "{d}");
         Ok(())
     }
 }

@@ -23,13 +23,14 @@ use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
 use crate::loss::LossConfig;
 use crate::metrics::{Accumulator, MetricsWriter, Record};
-use crate::optim::{clip_grad_norm, AdamW, AdamWParams};
+use crate::optim::{clip_scale, global_grad_norm, AdamW, AdamWParams};
 use crate::reference::{ModelRef, Precompute, Reference};
 use crate::sampler::Sampler;
 use crate::schedule::{self, SchedulerType};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use dpo2d_data::{load_pairs, LoadOptions as DataLoadOptions, Pair, Requirement};
+use dpo2d_model::kernels;
 use dpo2d_model::llama::{CausalLM, LoadOptions};
 use dpo2d_model::lora::LoraConfig;
 use dpo2d_model::source::TextSide;
@@ -329,7 +330,7 @@ impl Trainer {
             let idx = self.sampler.next_batch();
             finite &= self.accumulate(&idx, &mut grads)?;
         }
-        let grad_norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+        let grad_norm = global_grad_norm(&grads)?;
         let lr = schedule::lr_at(self.scheduler, self.cfg.learning_rate, self.global_step, self.warmup, self.total);
         self.global_step += 1;
         if !(finite && grad_norm.is_finite()) {
@@ -345,7 +346,7 @@ impl Trainer {
             self.say(&format!("warning: step {}: non-finite loss or gradient, update skipped", self.global_step));
             return Ok(Update { grad_norm: None, lr });
         }
-        self.optimizer.step(&grads, lr)?;
+        self.optimizer.step(&grads, lr, clip_scale(grad_norm, self.cfg.max_grad_norm))?;
         self.metrics.window.add("grad_norm", grad_norm);
         self.metrics.window.add("lr", lr);
         Ok(Update { grad_norm: Some(grad_norm), lr })
@@ -377,7 +378,7 @@ impl Trainer {
             for (acc, (_, var)) in grads.iter_mut().zip(&self.vars) {
                 if let Some(g) = part_grads.get(var) {
                     *acc = Some(match acc.take() {
-                        Some(a) => (a + g)?,
+                        Some(a) => kernels::add(&a, g)?,
                         None => g.clone(),
                     });
                 }

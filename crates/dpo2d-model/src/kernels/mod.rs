@@ -1,0 +1,157 @@
+//! Fused CPU kernels for the training path, each a candle custom op with a
+//! forward and a backward, multi-threaded over rows with rayon (the pool the
+//! matrix products already use, so no second pool spins beside it).
+//!
+//! Why: composed candle ops make one pass over memory per primitive and run
+//! element-wise work on one thread; a fused op reads its inputs once and
+//! keeps both cores busy. Every kernel has a composed twin in
+//! [`crate::ops`] (`*_plain`) that the tests hold it to, values and
+//! gradients. Kernels exist for f32 and f64 (f64 for the gradient checks);
+//! other dtypes and devices take the composed path.
+
+pub mod adamw;
+pub mod logprobs;
+pub mod rms_norm;
+pub mod rope;
+pub mod softmax;
+pub mod swiglu;
+
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// The element types the kernels are written for.
+pub trait Float: num_traits::Float + WithDType + Send + Sync + std::iter::Sum + std::ops::AddAssign {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// Runs `$body` with `$T` bound to the Rust type of `$dtype` (f32 or f64).
+macro_rules! with_float {
+    ($dtype:expr, $name:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                #[allow(unused_imports)]
+                use $crate::kernels::prelude::*;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $T = f64;
+                #[allow(unused_imports)]
+                use $crate::kernels::prelude::*;
+                $body
+            }
+            dt => candle_core::bail!("{}: no CPU kernel for {dt:?}", $name),
+        }
+    };
+}
+pub(crate) use with_float;
+
+/// Traits the kernels' dtype-specific code calls through.
+pub(crate) mod prelude {
+    pub use candle_core::backend::BackendStorage as _;
+    pub use candle_core::WithDType as _;
+    pub use num_traits::Zero as _;
+}
+
+/// Whether the fused kernels can take tensors of this kind.
+pub fn supports(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// The contiguous elements of a CPU storage as a slice.
+pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{op}: input is not contiguous"),
+    }
+}
+
+/// Calls `f` with the elements of a (made contiguous) CPU tensor.
+pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, op: &str, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(cs) => Ok(f(slice::<T>(cs, l, op)?)),
+        _ => bail!("{op}: the CPU kernel got a tensor on another device"),
+    }
+}
+
+/// A CPU tensor from a vector.
+pub(crate) fn tensor<T: WithDType>(v: Vec<T>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
+}
+
+/// Rows per rayon task: at least ~16k elements, so splitting pays for itself.
+pub(crate) fn min_rows(row_len: usize) -> usize {
+    (16 * 1024 / row_len.max(1)).max(1)
+}
+
+/// Elements per rayon task for flat element-wise kernels.
+pub(crate) const MIN_FLAT: usize = 16 * 1024;
+
+/// `a + b` for tensors of one shape, in parallel (gradient accumulation);
+/// other cases go to candle's `+`.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !supports(a) || a.dtype() != b.dtype() || a.dims() != b.dims() {
+        return a + b;
+    }
+    with_float!(a.dtype(), "add", T => {
+        let sum = with_slice::<T, _>(a, "add", |a| {
+            with_slice::<T, _>(b, "add", |b| {
+                let mut out = vec![T::zero(); a.len()];
+                out.par_iter_mut().zip(a.par_iter().zip(b)).with_min_len(MIN_FLAT).for_each(|(o, (&x, &y))| *o = x + y);
+                out
+            })
+        })??;
+        tensor(sum, a.dims())
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use crate::test_support::det;
+    use candle_core::{DType, Tensor, Var};
+
+    /// Forward values and input gradients (for `sum(f(x) * proj)`) of a
+    /// function at `xs`.
+    pub fn value_and_grads(xs: &[Tensor], f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>) -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        let proj = det(y.dims(), 77, y.dtype());
+        let grads = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = vars.iter().map(|v| grads.get(v.as_tensor()).expect("no gradient").clone()).collect();
+        (y.detach(), gs)
+    }
+
+    /// A fused op and its composed twin agree in value and in every input
+    /// gradient, to `tol` (absolute, relative to the largest magnitude).
+    pub fn same_values_and_grads(
+        xs: &[Tensor],
+        fused: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+        plain: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+        tol: f64,
+    ) {
+        let (ya, ga) = value_and_grads(xs, fused);
+        let (yb, gb) = value_and_grads(xs, plain);
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+            let scale = b.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1.0);
+            let d = crate::test_support::max_abs_diff(a, b);
+            assert!(d <= tol * scale, "{what}: max abs diff {d} > {tol} x {scale}");
+        };
+        close(&ya, &yb, "value");
+        for (i, (a, b)) in ga.iter().zip(&gb).enumerate() {
+            close(a, b, &format!("gradient of input {i}"));
+        }
+    }
+
+    #[test]
+    fn parallel_add_matches_candle() {
+        for (shape, dt) in [(vec![3, 50_001], DType::F32), (vec![7], DType::F64)] {
+            let (a, b) = (det(&shape, 1, dt), det(&shape, 2, dt));
+            assert_eq!(crate::test_support::max_abs_diff(&super::add(&a, &b).unwrap(), &(&a + &b).unwrap()), 0.0);
+        }
+    }
+}
