@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use dpo2d_model::chat::Message;
 use dpo2d_model::fetch;
+use dpo2d_model::gemm_bench::{time_matmul, training_shapes};
 use dpo2d_model::generate::{generate_ids, GenerationConfig};
 use dpo2d_model::llama::{AttentionLayout, LoadOptions};
 use serde_json::json;
@@ -31,6 +32,14 @@ pub struct Args {
     /// Prompts decoded together in the generation run.
     #[arg(long, default_value_t = 1)]
     pub gen_batch: usize,
+    /// Only time the matrix products of a training step of this model's
+    /// shapes (f32, forward and backward) and report GFLOP/s.
+    #[arg(long)]
+    pub gemm: bool,
+    /// Tokens per forward pass for `--gemm` (two packed pairs of the
+    /// benchmark data are about 380).
+    #[arg(long, default_value_t = 384)]
+    pub gemm_tokens: usize,
     /// Also write the JSON result here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -38,6 +47,32 @@ pub struct Args {
     pub cache_dir: Option<PathBuf>,
     #[command(flatten)]
     pub device: super::DeviceArg,
+}
+
+/// `--gemm`: every product of one training step, timed alone.
+fn gemm(a: &Args, path: &std::path::Path) -> Result<()> {
+    let cfg = dpo2d_model::load_text_side(path)?.config;
+    let shapes = training_shapes(&cfg, a.gemm_tokens, dpo2d_model::ops::chunk_rows(cfg.vocab_size));
+    let threads = candle_core::utils::get_num_threads();
+    println!("CPU: {} ({threads} threads), f32, {} tokens per pass\n", cpu_model(), a.gemm_tokens);
+    println!("| product | batch x m x k x n | per step | GFLOP/s |");
+    println!("|---|---|---|---|");
+    let (mut rows, mut flops, mut secs) = (vec![], 0.0, 0.0);
+    for s in &shapes {
+        let t = time_matmul(s, 0.3)?;
+        let gf = s.flops() / t / 1e9;
+        println!("| {} | {} x {} x {} x {} | {} | {gf:.1} |", s.name, s.batch, s.m, s.k, s.n, s.count);
+        flops += s.flops() * s.count as f64;
+        secs += t * s.count as f64;
+        rows.push(json!({"shape": s, "seconds": t, "gflops": gf}));
+    }
+    println!("| all products of one step, weighted | | | {:.1} ({secs:.2} s) |", flops / secs / 1e9);
+    let result = json!({"cpu": cpu_model(), "threads": threads, "tokens": a.gemm_tokens, "products": rows, "step_seconds": secs, "step_gflops": flops / secs / 1e9});
+    println!("{}", serde_json::to_string(&result)?);
+    if let Some(j) = &a.json {
+        std::fs::write(j, serde_json::to_string_pretty(&result)?).with_context(|| format!("cannot write {}", j.display()))?;
+    }
+    Ok(())
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`).
@@ -57,6 +92,9 @@ fn cpu_model() -> String {
 
 pub fn run(a: Args) -> Result<()> {
     let path = fetch::resolve_model(&a.model, a.cache_dir.as_deref())?;
+    if a.gemm {
+        return gemm(&a, &path);
+    }
     let t0 = Instant::now();
     let frozen = a.device.load_options()?;
     let lm = dpo2d_model::load(&path, &LoadOptions { trainable: true, ..frozen.clone() })?;

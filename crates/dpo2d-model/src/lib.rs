@@ -6,6 +6,7 @@ pub mod chat;
 pub mod config;
 pub mod device;
 pub mod fetch;
+pub mod gemm_bench;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;

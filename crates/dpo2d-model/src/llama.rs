@@ -67,6 +67,16 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The same layer outside autograd: weights shared (not copied) but
+    /// detached, a LoRA adapter merged into the weight (exact while B = 0).
+    fn frozen(&self) -> Result<Self> {
+        let weight = match &self.lora {
+            Some(l) => (&self.weight + l.merged_delta()?.to_dtype(self.weight.dtype())?)?.detach(),
+            None => self.weight.detach(),
+        };
+        Ok(Linear { weight, bias: self.bias.as_ref().map(Tensor::detach), lora: None })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
         match &self.lora {
@@ -100,6 +110,10 @@ impl RmsNorm {
         Ok(RmsNorm { weight: b.param(&format!("{name}.weight"), &[size])?, eps })
     }
 
+    fn frozen(&self) -> Self {
+        RmsNorm { weight: self.weight.detach(), eps: self.eps }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::rms_norm(x, &self.weight, self.eps)?)
     }
@@ -128,6 +142,11 @@ impl Attention {
             num_kv_heads: nkv,
             head_dim: hd,
         })
+    }
+
+    fn frozen(&self) -> Result<Self> {
+        let (q, k, v, o) = (self.q.frozen()?, self.k.frozen()?, self.v.frozen()?, self.o.frozen()?);
+        Ok(Attention { q, k, v, o, ..*self })
     }
 
     /// With a cache entry, past keys/values are prepended and the entry updated.
@@ -178,6 +197,10 @@ impl Mlp {
         })
     }
 
+    fn frozen(&self) -> Result<Self> {
+        Ok(Mlp { gate: self.gate.frozen()?, up: self.up.frozen()?, down: self.down.frozen()? })
+    }
+
     /// SwiGLU: `down(silu(gate(x)) * up(x))`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate.forward(x)?;
@@ -204,6 +227,11 @@ impl Block {
         let input_norm = RmsNorm::load(b, &format!("{p}.input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let post_norm = RmsNorm::load(b, &format!("{p}.post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         Ok(Block { input_norm, attn, post_norm, mlp })
+    }
+
+    fn frozen(&self) -> Result<Self> {
+        let (input_norm, post_norm) = (self.input_norm.frozen(), self.post_norm.frozen());
+        Ok(Block { input_norm, attn: self.attn.frozen()?, post_norm, mlp: self.mlp.frozen()? })
     }
 
     fn forward(&self, x: &Tensor, ctx: &LayerCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
@@ -520,6 +548,27 @@ impl CausalLM {
     }
 
     /// Switch LoRA dropout on (training) or off (evaluation).
+    /// The model as it is now, outside autograd: the weights are shared, not
+    /// copied, but detached, so a forward pass records no graph and keeps
+    /// no activations for a backward pass that will not come (LoRA adapters
+    /// are merged into their weights). For gradient-free passes of a
+    /// trainable model, e.g. the reference log-probs before the first update.
+    pub fn frozen_view(&self) -> Result<CausalLM> {
+        Ok(CausalLM {
+            cfg: self.cfg.clone(),
+            embed: self.embed.detach(),
+            layers: self.layers.iter().map(Block::frozen).collect::<Result<_>>()?,
+            norm: self.norm.frozen(),
+            lm_head: self.lm_head.as_ref().map(Tensor::detach),
+            vars: vec![],
+            lora: None,
+            runtime: self.runtime.clone(),
+            inv_freq: self.inv_freq.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
+    }
+
     pub fn set_training(&self, on: bool) {
         self.runtime.set_training(on)
     }
@@ -1006,6 +1055,11 @@ pub(crate) mod tests {
         }
         let h1 = lm.forward(&batch, &lay).unwrap();
         assert!(maxdiff(&h0, &h1) > 1e-3);
+        // A frozen view computes the same without recording a graph.
+        let view = lm.frozen_view().unwrap();
+        let hv = view.forward(&batch, &lay).unwrap();
+        assert!(maxdiff(&h1, &hv) < 1e-10);
+        assert!(h1.track_op() && !hv.track_op() && view.trainable_vars().is_empty());
         let merged: HashMap<String, Tensor> = lm.merged_hf_tensors().unwrap().into_iter().collect();
         let mm = CausalLM::from_tensors(cfg, merged, &opts64()).unwrap();
         assert!(maxdiff(&h1, &mm.forward(&batch, &lay).unwrap()) < 1e-10);

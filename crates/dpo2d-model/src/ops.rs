@@ -324,7 +324,7 @@ pub fn label_logprobs_plain(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -
 }
 
 /// Rows per chunk so that one chunk's logits hold about 8M values.
-fn chunk_rows(vocab: usize) -> usize {
+pub fn chunk_rows(vocab: usize) -> usize {
     (8_000_000 / vocab.max(1)).clamp(1, 4096)
 }
 

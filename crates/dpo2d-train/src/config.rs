@@ -137,7 +137,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             per_device_train_batch_size: 8,
             per_device_eval_batch_size: 8,
-            pairs_per_forward: 1,
+            pairs_per_forward: 2,
             gradient_accumulation_steps: 1,
             num_train_epochs: 3.0,
             max_steps: 0,

@@ -44,11 +44,11 @@ pub(crate) struct Precompute<'a> {
 impl Reference {
     /// Reference log-probs of the training and held-out pairs: from the
     /// cache, or computed with `load()` (the model is loaded only on a miss).
-    pub fn precomputed<'m>(
+    pub fn precomputed(
         p: &Precompute,
         train: &[TokenizedPair],
         eval: &[TokenizedPair],
-        load: impl FnOnce() -> Result<ModelRef<'m>>,
+        load: impl FnOnce() -> Result<CausalLM>,
         say: &dyn Fn(&str),
     ) -> Result<Reference> {
         let key = cache_key(p.model_path, &[train, eval])?;
@@ -66,8 +66,8 @@ impl Reference {
                 "reference log-probs {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
             )
         });
-        let train_r = compute(model.get(), train, p.batch, pb.as_ref())?;
-        let eval_r = compute(model.get(), eval, p.batch, pb.as_ref())?;
+        let train_r = compute(&model, train, p.batch, pb.as_ref())?;
+        let eval_r = compute(&model, eval, p.batch, pb.as_ref())?;
         if let Some(pb) = pb {
             pb.finish_and_clear();
         }
@@ -75,23 +75,6 @@ impl Reference {
             say(&format!("warning: cannot cache reference log-probs in {}: {e:#}", path.display()));
         }
         Ok(Reference::Cached { train: train_r, eval: eval_r })
-    }
-}
-
-/// The model that computes reference log-probs: the starting policy itself
-/// (before its first update it IS the reference, and one model in memory
-/// is less memory than two) or a separately loaded one.
-pub(crate) enum ModelRef<'a> {
-    Borrowed(&'a CausalLM),
-    Owned(Box<CausalLM>),
-}
-
-impl ModelRef<'_> {
-    fn get(&self) -> &CausalLM {
-        match self {
-            ModelRef::Borrowed(m) => m,
-            ModelRef::Owned(m) => m,
-        }
     }
 }
 

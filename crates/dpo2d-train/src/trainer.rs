@@ -24,7 +24,7 @@ use crate::config::TrainConfig;
 use crate::loss::LossConfig;
 use crate::metrics::{Accumulator, MetricsWriter, Record};
 use crate::optim::{clip_scale, global_grad_norm, AdamW, AdamWParams};
-use crate::reference::{ModelRef, Precompute, Reference};
+use crate::reference::{Precompute, Reference};
 use crate::sampler::Sampler;
 use crate::schedule::{self, SchedulerType};
 use anyhow::{bail, Context, Result};
@@ -597,7 +597,7 @@ impl Trainer {
     }
 }
 
-/// Pairs per gradient-free forward pass (evaluation, reference precompute):
+/// Pairs per evaluation forward pass (the policy itself, whose graph is kept):
 /// `pairs_per_forward` caps the batch, except for KTO.
 fn forward_chunk(cfg: &TrainConfig, batch: usize) -> usize {
     if cfg.loss_type.needs_kto_kl() || cfg.pairs_per_forward == 0 {
@@ -721,16 +721,19 @@ fn prepare_reference(
     let p = Precompute {
         model_path: &ref_path,
         cache_root: dpo2d_model::fetch::cache_dir(run.cache_dir.as_deref())?,
-        batch: forward_chunk(cfg, cfg.per_device_eval_batch_size),
+        // Gradient-free passes over frozen weights keep no activations: the
+        // whole eval batch fits where a training pass would not.
+        batch: cfg.per_device_eval_batch_size.max(1),
         progress: run.progress,
     };
-    let model = || -> Result<ModelRef> {
-        // Before its first update the policy IS the reference.
+    let model = || -> Result<CausalLM> {
+        // Before its first update the policy IS the reference (one model in
+        // memory, not two); a frozen view shares its weights without
+        // recording a graph.
         if cfg.ref_model.is_none() && !resuming {
-            policy.set_training(false);
-            Ok(ModelRef::Borrowed(policy))
+            Ok(policy.frozen_view()?)
         } else {
-            Ok(ModelRef::Owned(Box::new(load()?)))
+            load()
         }
     };
     Reference::precomputed(&p, train, eval, model, say)
