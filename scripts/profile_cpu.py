@@ -42,12 +42,13 @@ KINDS = [
     ("SwiGLU", r"kernels::swiglu|silu"),
     ("gradient accumulation (ours)", r"kernels::add"),
     ("copies (memcpy, strided copies, cat)", r"memcpy|memmove|copy_strided|copy2d|Tensor::cat|index_add|index_select"),
-    ("other element-wise and reductions (candle)", r"candle_core::cpu_backend|binary_map|unary_map|ReduceIndex|ReduceSum|Affine|memset|cmp|where_cond"),
+    ("other candle element-wise ops and reductions", r"candle_core::cpu_backend|binary_map|unary_map|ReduceIndex|ReduceSum|Affine|memset|cmp|where_cond"),
 ]
 COMPILED = [(k, re.compile(p)) for k, p in KINDS]
 # candle's backward gives every tensor of the graph a zeroed gradient buffer
-# and adds each incoming gradient to it, on the calling thread.
-BACKPROP = "candle backprop: zeroed gradient buffers and gradient adds"
+# and adds each incoming gradient to it, on the calling thread; composed
+# backward formulas (ops without a fused kernel) land here too.
+BACKPROP = "candle element-wise in the backward pass (zeroed gradient buffers, gradient adds, composed backward formulas)"
 BACKPROP_LEAF = re.compile(r"binary_map|memset|zeros|unary_map")
 # A thread with nothing to do: rayon's and candle's pools waiting for work.
 IDLE = ("thread pools waiting for work (spinning, parking)",
