@@ -286,6 +286,22 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         let wd = w.detach();
         let op = Precomputed { name: "dpo2d-frozen-linear", out, bwd: Box::new(move |_args, g| Ok(vec![Some(g.matmul(&wd)?)])) };
         x2.apply_op1(op)?
+    } else if tracked(w) && fast_ok(x) {
+        // A trainable weight joins the graph once, through this op: with
+        // candle's matmul the transposed view `w.t()` is a graph node of its
+        // own, and backward gives it a zeroed gradient buffer and an add
+        // too, one more pass over every weight in every step.
+        let out = x2.detach().matmul(&w.detach().t()?)?;
+        let op = Precomputed {
+            name: "dpo2d-linear",
+            out,
+            bwd: Box::new(move |args, g| {
+                let (xd, wd) = (args[0].detach(), args[1].detach());
+                let dx = if tracked(args[0]) { Some(g.matmul(&wd)?) } else { None };
+                Ok(vec![dx, Some(g.t()?.matmul(&xd)?)])
+            }),
+        };
+        x2.apply_op2(w, op)?
     } else if (2..=SMALL_BATCH_ROWS).contains(&rows) && w.elem_count() <= SMALL_BATCH_WEIGHT && !tracked(&x2) && !tracked(w) && fast_ok(x) {
         // Batched decoding on the CPU: gemm's kernels for a few rows are far slower than
         // one matrix-vector product per row while the weight sits in cache
