@@ -280,46 +280,49 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let inp = *dims.last().unwrap_or(&0);
     let rows = x.elem_count() / inp.max(1);
     let (out_f, _) = w.dims2()?;
-    let x2 = x.reshape((rows, inp))?;
-    let y = if tracked(&x2) && !tracked(w) && fast_ok(x) {
-        let out = x2.detach().matmul(&w.t()?)?;
-        let wd = w.detach();
-        let op = Precomputed { name: "dpo2d-frozen-linear", out, bwd: Box::new(move |_args, g| Ok(vec![Some(g.matmul(&wd)?)])) };
-        x2.apply_op1(op)?
-    } else if tracked(w) && fast_ok(x) {
-        // A trainable weight joins the graph once, through this op: with
-        // candle's matmul the transposed view `w.t()` is a graph node of its
-        // own, and backward gives it a zeroed gradient buffer and an add
-        // too, one more pass over every weight in every step.
-        let out = x2.detach().matmul(&w.detach().t()?)?;
-        let op = Precomputed {
-            name: "dpo2d-linear",
-            out,
-            bwd: Box::new(move |args, g| {
-                let (xd, wd) = (args[0].detach(), args[1].detach());
-                let dx = if tracked(args[0]) { Some(g.matmul(&wd)?) } else { None };
-                Ok(vec![dx, Some(g.t()?.matmul(&xd)?)])
-            }),
-        };
-        x2.apply_op2(w, op)?
-    } else if (2..=SMALL_BATCH_ROWS).contains(&rows) && w.elem_count() <= SMALL_BATCH_WEIGHT && !tracked(&x2) && !tracked(w) && fast_ok(x) {
-        // Batched decoding on the CPU: gemm's kernels for a few rows are far slower than
-        // one matrix-vector product per row while the weight sits in cache
-        // (measured on a 2-core EPYC: 4 rows through a 1536 -> 576 weight took
-        // 2 ms, 4 single rows 0.16 ms). Large weights (the lm_head) stay whole.
-        let wt = w.t()?;
-        let rows_out = (0..rows).map(|r| x2.narrow(0, r, 1)?.matmul(&wt)).collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::cat(&rows_out, 0)?
-    } else {
-        x2.matmul(&w.t()?)?
-    };
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut od = dims;
+    let mut od = dims.clone();
     *od.last_mut().unwrap() = out_f;
-    y.reshape(od)
+    let y = if (tracked(x) || tracked(w)) && fast_ok(x) {
+        tracked_linear(x, w, (rows, inp), &od)?
+    } else {
+        let x2 = x.reshape((rows, inp))?;
+        let y = if (2..=SMALL_BATCH_ROWS).contains(&rows) && w.elem_count() <= SMALL_BATCH_WEIGHT && fast_ok(x) {
+            // Batched decoding on the CPU: gemm's kernels for a few rows are far slower than
+            // one matrix-vector product per row while the weight sits in cache
+            // (measured on a 2-core EPYC: 4 rows through a 1536 -> 576 weight took
+            // 2 ms, 4 single rows 0.16 ms). Large weights (the lm_head) stay whole.
+            let wt = w.t()?;
+            let rows_out = (0..rows).map(|r| x2.narrow(0, r, 1)?.matmul(&wt)).collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&rows_out, 0)?
+        } else {
+            x2.matmul(&w.t()?)?
+        };
+        y.reshape(od)?
+    };
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// `x @ w^T` as one graph node whatever the rank of `x`, with its own
+/// backward: `dx = g w` (when `x` is tracked) and `dW = g^T x` (when `w`
+/// is). With candle's ops the flattening reshape of `x`, the transposed view
+/// of `w` and the reshape back are graph nodes too, and backward gives each
+/// a zeroed gradient buffer and an add: three more passes over activations
+/// and one over every weight, in every step.
+fn tracked_linear(x: &Tensor, w: &Tensor, (rows, inp): (usize, usize), od: &[usize]) -> Result<Tensor> {
+    let out_f = w.dim(0)?;
+    let out = x.detach().reshape((rows, inp))?.matmul(&w.detach().t()?)?.reshape(od)?;
+    let bwd = move |args: &[&Tensor], g: &Tensor| -> Result<Vec<Option<Tensor>>> {
+        let (x, w) = (args[0], args[1]);
+        let g2 = g.reshape((rows, out_f))?;
+        let dx = if tracked(x) { Some(g2.matmul(&w.detach())?.reshape(x.dims())?) } else { None };
+        let dw = if tracked(w) { Some(g2.t()?.matmul(&x.detach().reshape((rows, inp))?)?) } else { None };
+        Ok(vec![dx, dw])
+    };
+    let name = if tracked(w) { "dpo2d-linear" } else { "dpo2d-frozen-linear" };
+    x.apply_op2(w, Precomputed { name, out, bwd: Box::new(bwd) })
 }
 
 // ---------------------------------------------------------------- log-probs
