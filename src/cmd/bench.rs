@@ -111,7 +111,8 @@ pub fn run(a: Args) -> Result<()> {
         let s = Instant::now();
         let lp = lm.model.token_logprobs(&x, &layout)?;
         let loss = (lp.sum_all()?.neg()? / (b * (t - 1)) as f64)?;
-        let _grads = loss.backward().context("backward pass")?;
+        // Collected as training does (the linear layers' own gradients included).
+        let _grads = lm.model.gradients(&loss.backward().context("backward pass")?)?;
         Ok(s.elapsed().as_secs_f64())
     };
     eprintln!("training: {b} x {t} tokens, 1 warm-up + {} timed steps", a.steps);

@@ -64,6 +64,8 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
+    /// Where the weight's gradient goes when the weight trains (full fine-tuning).
+    sink: Option<Arc<ops::GradSink>>,
 }
 
 impl Linear {
@@ -74,11 +76,11 @@ impl Linear {
             Some(l) => (&self.weight + l.merged_delta()?.to_dtype(self.weight.dtype())?)?.detach(),
             None => self.weight.detach(),
         };
-        Ok(Linear { weight, bias: self.bias.as_ref().map(Tensor::detach), lora: None })
+        Ok(Linear { weight, bias: self.bias.as_ref().map(Tensor::detach), lora: None, sink: None })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
+        let y = ops::linear_with(x, &self.weight, self.bias.as_ref(), self.sink.as_ref())?;
         match &self.lora {
             Some(l) => Ok((y + l.delta(x)?)?),
             None => Ok(y),
@@ -417,6 +419,8 @@ pub struct CausalLM {
     /// None when tied to the embeddings.
     lm_head: Option<Tensor>,
     vars: Vec<(String, Var)>,
+    /// Gradient sinks of the linear layers' weights, by variable name.
+    sinks: HashMap<String, Arc<ops::GradSink>>,
     lora: Option<LoraConfig>,
     runtime: Arc<LoraRuntime>,
     inv_freq: Vec<f64>,
@@ -430,6 +434,7 @@ struct Builder<'a> {
     w: &'a WeightSet,
     opts: &'a LoadOptions,
     vars: Vec<(String, Var)>,
+    sinks: HashMap<String, Arc<ops::GradSink>>,
     /// Draws LoRA A initialisations (seeded by the LoRA config).
     rng: rand::rngs::StdRng,
     runtime: Arc<LoraRuntime>,
@@ -467,7 +472,12 @@ impl Builder<'_> {
             }
             _ => None,
         };
-        Ok(Linear { weight, bias, lora })
+        let sink = opts.trainable.then(|| {
+            let sink = Arc::new(ops::GradSink::default());
+            self.sinks.insert(format!("{name}.weight"), sink.clone());
+            sink
+        });
+        Ok(Linear { weight, bias, lora, sink })
     }
 }
 
@@ -500,7 +510,14 @@ impl CausalLM {
         }
         let seed = opts.lora.as_ref().map(|l| l.seed).unwrap_or(0);
         let runtime = LoraRuntime::new(seed);
-        let mut b = Builder { w, opts, vars: vec![], rng: rand::rngs::StdRng::seed_from_u64(seed), runtime: runtime.clone() };
+        let mut b = Builder {
+            w,
+            opts,
+            vars: vec![],
+            sinks: HashMap::new(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            runtime: runtime.clone(),
+        };
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = b.param("model.embed_tokens.weight", &[v, h])?;
         let layers = (0..cfg.num_hidden_layers).map(|i| Block::load(&mut b, i, &cfg)).collect::<Result<Vec<_>>>()?;
@@ -520,6 +537,7 @@ impl CausalLM {
             norm,
             lm_head,
             vars: b.vars,
+            sinks: b.sinks,
             lora: opts.lora.clone(),
             runtime,
             inv_freq,
@@ -561,12 +579,31 @@ impl CausalLM {
             norm: self.norm.frozen(),
             lm_head: self.lm_head.as_ref().map(Tensor::detach),
             vars: vec![],
+            sinks: HashMap::new(),
             lora: None,
             runtime: self.runtime.clone(),
             inv_freq: self.inv_freq.clone(),
             dtype: self.dtype,
             device: self.device.clone(),
         })
+    }
+
+    /// The gradient of every trainable variable, in [`Self::trainable_vars`]
+    /// order, after a backward pass: what candle's gradient store holds plus
+    /// what the linear layers collected themselves ([`ops::GradSink`]; taken,
+    /// so the next backward pass starts from nothing). None: no gradient
+    /// reached the variable.
+    pub fn gradients(&self, store: &candle_core::backprop::GradStore) -> Result<Vec<Option<Tensor>>> {
+        self.vars
+            .iter()
+            .map(|(name, var)| {
+                let own = self.sinks.get(name).and_then(|s| s.take());
+                Ok(match (own, store.get(var.as_tensor()).cloned()) {
+                    (Some(a), Some(b)) => Some(crate::kernels::add(&a, &b)?),
+                    (a, b) => a.or(b),
+                })
+            })
+            .collect()
     }
 
     pub fn set_training(&self, on: bool) {
@@ -1006,6 +1043,9 @@ pub(crate) mod tests {
         let loss_of = |m: &CausalLM| m.token_logprobs(&batch, &lay).unwrap().sum_all().unwrap();
         let grads = loss_of(&m).backward().unwrap();
         let vars = m.trainable_vars();
+        let all = m.gradients(&grads).unwrap();
+        // The linear layers' weights collect their own gradients.
+        assert!(grads.get(vars.iter().find(|(n, _)| n.ends_with("q_proj.weight")).unwrap().1.as_tensor()).is_none());
         assert_eq!(vars.len(), 1 + 2 * (7 + 3 + 2) + 1); // embed, per layer 7 W + 3 bias + 2 norms, final norm
         let eps = 1e-5;
         for (name, var) in vars.iter().filter(|(n, _)| {
@@ -1016,7 +1056,7 @@ pub(crate) mod tests {
                 || n.contains("k_proj.bias")
                 || n == "model.norm.weight"
         }) {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no grad for {name}"));
+            let g = all[vars.iter().position(|(n, _)| n == name).unwrap()].clone().unwrap_or_else(|| panic!("no grad for {name}"));
             let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
             let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
             for j in (0..base.len()).step_by((base.len() / 6).max(1)) {

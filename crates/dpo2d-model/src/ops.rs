@@ -276,6 +276,37 @@ const SMALL_BATCH_WEIGHT: usize = 1 << 22;
 /// When `w` is frozen (not tracked) and `x` is, the weight gradient that
 /// candle's matmul backward would compute and throw away is skipped.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_with(x, w, b, None)
+}
+
+/// Collects the gradient of one weight that its op computes in its own
+/// backward, outside candle's gradient store. candle gives every gradient
+/// it stores a zeroed buffer and adds into it; a sink keeps the first
+/// gradient as it comes (and adds later ones in parallel), which for the
+/// weights of every linear layer saves two passes over all of them per
+/// backward pass. Read with [`GradSink::take`] (or `CausalLM::gradients`).
+#[derive(Default)]
+pub struct GradSink(std::sync::Mutex<Option<Tensor>>);
+
+impl GradSink {
+    fn add(&self, g: Tensor) -> Result<()> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some(match slot.take() {
+            None => g,
+            Some(a) => kernels::add(&a, &g)?,
+        });
+        Ok(())
+    }
+
+    /// The gradient collected since the last call (None: no backward pass reached it).
+    pub fn take(&self) -> Option<Tensor> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// [`linear`], with the weight's gradient going to `sink` (when given and the
+/// weight is tracked) instead of candle's gradient store.
+pub fn linear_with(x: &Tensor, w: &Tensor, b: Option<&Tensor>, sink: Option<&std::sync::Arc<GradSink>>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let inp = *dims.last().unwrap_or(&0);
     let rows = x.elem_count() / inp.max(1);
@@ -283,7 +314,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut od = dims.clone();
     *od.last_mut().unwrap() = out_f;
     let y = if (tracked(x) || tracked(w)) && fast_ok(x) {
-        tracked_linear(x, w, (rows, inp), &od)?
+        tracked_linear(x, w, (rows, inp), &od, sink.cloned())?
     } else {
         let x2 = x.reshape((rows, inp))?;
         let y = if (2..=SMALL_BATCH_ROWS).contains(&rows) && w.elem_count() <= SMALL_BATCH_WEIGHT && fast_ok(x) {
@@ -311,7 +342,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// of `w` and the reshape back are graph nodes too, and backward gives each
 /// a zeroed gradient buffer and an add: three more passes over activations
 /// and one over every weight, in every step.
-fn tracked_linear(x: &Tensor, w: &Tensor, (rows, inp): (usize, usize), od: &[usize]) -> Result<Tensor> {
+fn tracked_linear(
+    x: &Tensor,
+    w: &Tensor,
+    (rows, inp): (usize, usize),
+    od: &[usize],
+    sink: Option<std::sync::Arc<GradSink>>,
+) -> Result<Tensor> {
     let out_f = w.dim(0)?;
     let out = x.detach().reshape((rows, inp))?.matmul(&w.detach().t()?)?.reshape(od)?;
     let bwd = move |args: &[&Tensor], g: &Tensor| -> Result<Vec<Option<Tensor>>> {
@@ -319,7 +356,13 @@ fn tracked_linear(x: &Tensor, w: &Tensor, (rows, inp): (usize, usize), od: &[usi
         let g2 = g.reshape((rows, out_f))?;
         let dx = if tracked(x) { Some(g2.matmul(&w.detach())?.reshape(x.dims())?) } else { None };
         let dw = if tracked(w) { Some(g2.t()?.matmul(&x.detach().reshape((rows, inp))?)?) } else { None };
-        Ok(vec![dx, dw])
+        match (dw, &sink) {
+            (Some(dw), Some(sink)) => {
+                sink.add(dw)?;
+                Ok(vec![dx, None])
+            }
+            (dw, _) => Ok(vec![dx, dw]),
+        }
     };
     let name = if tracked(w) { "dpo2d-linear" } else { "dpo2d-frozen-linear" };
     x.apply_op2(w, Precomputed { name, out, bwd: Box::new(bwd) })

@@ -374,12 +374,12 @@ impl Trainer {
             self.metrics.window_tokens += out.tokens;
             self.metrics.train_tokens += out.tokens;
             let share = part.len() as f64 / idx.len() as f64;
-            let part_grads = (out.loss * (share / gas))?.backward()?;
-            for (acc, (_, var)) in grads.iter_mut().zip(&self.vars) {
-                if let Some(g) = part_grads.get(var) {
+            let part_grads = self.models.policy.gradients(&(out.loss * (share / gas))?.backward()?)?;
+            for (acc, g) in grads.iter_mut().zip(part_grads) {
+                if let Some(g) = g {
                     *acc = Some(match acc.take() {
-                        Some(a) => kernels::add(&a, g)?,
-                        None => g.clone(),
+                        Some(a) => kernels::add(&a, &g)?,
+                        None => g,
                     });
                 }
             }
