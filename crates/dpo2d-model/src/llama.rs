@@ -18,7 +18,8 @@
 //! let lp = model.token_logprobs(&input_ids, &layout)?;    // [B, T]: log p(token | earlier tokens
 //! //   of the same sequence); 0 at each sequence's first token and at padding.
 //! let lp = model.label_logprobs(&hidden, &labels)?;       // [B, T] for arbitrary labels
-//! // Training: model.trainable_vars() -> Vec<(name, Var)>; loss.backward(); optimizer step.
+//! // Training: model.trainable_vars() -> Vec<(name, Var)>;
+//! // let grads = model.gradients(&loss.backward()?)?; (same order); optimizer step.
 //! model.set_training(true); // LoRA dropout on
 //!
 //! // Generation with a KV cache (left padding allowed):
