@@ -36,8 +36,14 @@ pub(crate) struct Precompute<'a> {
     /// The reference model's files (hashed into the cache key).
     pub model_path: &'a Path,
     pub cache_root: PathBuf,
-    /// Pairs per forward pass.
+    /// Pairs per forward pass over the training pairs (taken in order of length).
     pub batch: usize,
+    /// Pairs per forward pass over the held-out pairs, taken in data order:
+    /// the passes of the policy's evaluation, so that before the first update
+    /// both compute the very same numbers and the rewards are exactly 0
+    /// (other batches differ in the last bits, which makes step 0's reward
+    /// accuracy a coin toss).
+    pub eval_batch: usize,
     pub progress: bool,
 }
 
@@ -66,8 +72,8 @@ impl Reference {
                 "reference log-probs {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
             )
         });
-        let train_r = compute(&model, train, p.batch, pb.as_ref())?;
-        let eval_r = compute(&model, eval, p.batch, pb.as_ref())?;
+        let train_r = compute(&model, train, p.batch, true, pb.as_ref())?;
+        let eval_r = compute(&model, eval, p.eval_batch, false, pb.as_ref())?;
         if let Some(pb) = pb {
             pb.finish_and_clear();
         }
@@ -127,14 +133,23 @@ fn cache_key(model_path: &Path, sets: &[&[TokenizedPair]]) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Reference log-probs of every pair, `batch` pairs per forward pass. The
-/// pairs go through in order of length, so that the pairs of one pass are
-/// about as long as each other and its rows carry little padding (a row is
-/// as wide as its longest pair; in data order a fifth of the positions of
-/// an 8-pair pass were padding); results come back in data order.
-fn compute(model: &CausalLM, data: &[TokenizedPair], batch: usize, pb: Option<&indicatif::ProgressBar>) -> Result<Vec<RefLogps>> {
+/// Reference log-probs of every pair, `batch` pairs per forward pass. With
+/// `by_length` the pairs go through in order of length, so that the pairs of
+/// one pass are about as long as each other and its rows carry little
+/// padding (a row is as wide as its longest pair; in data order a fifth of
+/// the positions of an 8-pair pass were padding); results come back in data
+/// order either way.
+fn compute(
+    model: &CausalLM,
+    data: &[TokenizedPair],
+    batch: usize,
+    by_length: bool,
+    pb: Option<&indicatif::ProgressBar>,
+) -> Result<Vec<RefLogps>> {
     let mut order: Vec<usize> = (0..data.len()).collect();
-    order.sort_by_key(|&i| (data[i].num_tokens(), i));
+    if by_length {
+        order.sort_by_key(|&i| (data[i].num_tokens(), i));
+    }
     let mut out: Vec<Option<RefLogps>> = (0..data.len()).map(|_| None).collect();
     for chunk in order.chunks(batch.max(1)) {
         let pairs: Vec<&TokenizedPair> = chunk.iter().map(|&i| &data[i]).collect();
@@ -212,8 +227,8 @@ mod tests {
         let model = tiny.build(&LoadOptions { dtype: DType::F64, ..LoadOptions::default() });
         let data: Vec<TokenizedPair> =
             [(5, 9, 2), (2, 1, 1), (7, 3, 6), (3, 4, 4), (4, 8, 1)].iter().enumerate().map(|(i, &(p, c, r))| pair(i, p, c, r)).collect();
-        let batched = compute(&model, &data, 3, None).unwrap();
-        let alone = compute(&model, &data, 1, None).unwrap();
+        let batched = compute(&model, &data, 3, true, None).unwrap();
+        let alone = compute(&model, &data, 1, false, None).unwrap();
         assert_eq!(batched.len(), data.len());
         for (i, (a, b)) in batched.iter().zip(&alone).enumerate() {
             assert_eq!((a.chosen.len(), a.rejected.len()), (data[i].chosen.ids.len(), data[i].rejected.ids.len()), "pair {i}");

@@ -597,7 +597,8 @@ impl Trainer {
     }
 }
 
-/// Pairs per evaluation forward pass (the policy itself, whose graph is kept):
+/// Pairs per evaluation forward pass (the policy itself, whose graph is kept;
+/// the reference pass over the held-out pairs uses the same):
 /// `pairs_per_forward` caps the batch, except for KTO.
 fn forward_chunk(cfg: &TrainConfig, batch: usize) -> usize {
     if cfg.loss_type.needs_kto_kl() || cfg.pairs_per_forward == 0 {
@@ -724,6 +725,7 @@ fn prepare_reference(
         // Gradient-free passes over frozen weights keep no activations: the
         // whole eval batch fits where a training pass would not.
         batch: cfg.per_device_eval_batch_size.max(1),
+        eval_batch: forward_chunk(cfg, cfg.per_device_eval_batch_size),
         progress: run.progress,
     };
     let model = || -> Result<CausalLM> {
