@@ -68,9 +68,14 @@ fn gemm(a: &Args, path: &std::path::Path) -> Result<()> {
     }
     println!("| all products of one step, weighted | | | {:.1} ({secs:.2} s) |", flops / secs / 1e9);
     let result = json!({"cpu": cpu_model(), "threads": threads, "tokens": a.gemm_tokens, "products": rows, "step_seconds": secs, "step_gflops": flops / secs / 1e9});
-    println!("{}", serde_json::to_string(&result)?);
+    report(a, &result)
+}
+
+/// The result as one JSON line on stdout and, with `--json`, pretty in that file.
+fn report(a: &Args, result: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string(result)?);
     if let Some(j) = &a.json {
-        std::fs::write(j, serde_json::to_string_pretty(&result)?).with_context(|| format!("cannot write {}", j.display()))?;
+        dpo2d_fs::write_file(j, serde_json::to_string_pretty(result)?)?;
     }
     Ok(())
 }
@@ -164,9 +169,5 @@ pub fn run(a: Args) -> Result<()> {
     if let (Some(l), Some(tr), Some(p)) = (mem_load, mem_train, mem_peak) {
         println!("| peak RSS after load / train / generate | {l:.0} / {tr:.0} / {p:.0} MiB |");
     }
-    println!("{}", serde_json::to_string(&result)?);
-    if let Some(j) = &a.json {
-        std::fs::write(j, serde_json::to_string_pretty(&result)?).with_context(|| format!("cannot write {}", j.display()))?;
-    }
-    Ok(())
+    report(&a, &result)
 }

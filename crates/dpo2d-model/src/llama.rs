@@ -598,11 +598,11 @@ impl CausalLM {
         self.vars
             .iter()
             .map(|(name, var)| {
-                let own = self.sinks.get(name).and_then(|s| s.take());
-                Ok(match (own, store.get(var.as_tensor()).cloned()) {
-                    (Some(a), Some(b)) => Some(crate::kernels::add(&a, &b)?),
-                    (a, b) => a.or(b),
-                })
+                let mut grad = self.sinks.get(name).and_then(|s| s.take());
+                if let Some(g) = store.get(var.as_tensor()) {
+                    crate::kernels::accumulate(&mut grad, g.clone())?;
+                }
+                Ok(grad)
             })
             .collect()
     }

@@ -290,12 +290,7 @@ pub struct GradSink(std::sync::Mutex<Option<Tensor>>);
 
 impl GradSink {
     fn add(&self, g: Tensor) -> Result<()> {
-        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        *slot = Some(match slot.take() {
-            None => g,
-            Some(a) => kernels::add(&a, &g)?,
-        });
-        Ok(())
+        kernels::accumulate(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()), g)
     }
 
     /// The gradient collected since the last call (None: no backward pass reached it).
@@ -493,11 +488,7 @@ fn label_logprobs_backward(
             dh.push(gl.matmul(&wd)?);
         }
         if need_w {
-            let part = gl.t()?.matmul(&hc)?;
-            dw = Some(match dw {
-                None => part,
-                Some(acc) => (acc + part)?,
-            });
+            kernels::accumulate(&mut dw, gl.t()?.matmul(&hc)?)?;
         }
         s += r;
     }

@@ -62,12 +62,7 @@ impl AdamW {
         let s = AdamWStep { lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay, step: self.t, grad_scale };
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
-            let var = &self.vars[i].1;
-            if adamw::supports(var.as_tensor()) {
-                adamw::adamw_step(var.as_tensor(), &self.moments[i], g, s)?;
-            } else {
-                self.moments[i] = composed_step(var, &self.moments[i], g, s)?;
-            }
+            adamw::adamw_step(&self.vars[i].1, &mut self.moments[i], g, s)?;
         }
         Ok(())
     }
@@ -103,21 +98,6 @@ impl AdamW {
         self.t = step.to_vec1::<i64>()?[0] as u64;
         Ok(())
     }
-}
-
-/// The same update as [`adamw::adamw_step`] with composed tensor ops, for
-/// parameters the fused kernel does not take (bf16, other devices); returns
-/// the new moments.
-fn composed_step(var: &Var, moments: &Tensor, g: &Tensor, s: AdamWStep) -> Result<Tensor> {
-    let g = (g.to_dtype(DType::F32)?.flatten_all()? * s.grad_scale)?;
-    let m = ((moments.get(0)? * s.beta1)? + (&g * (1.0 - s.beta1))?)?;
-    let v = ((moments.get(1)? * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
-    let t = s.step as i32;
-    let w = (var.as_tensor().to_dtype(DType::F32)?.flatten_all()? * (1.0 - s.lr * s.weight_decay))?;
-    let denom = ((v.sqrt()? / (1.0 - s.beta2.powi(t)).sqrt())? + s.eps)?;
-    let w = (w - ((&m / denom)? * (s.lr / (1.0 - s.beta1.powi(t))))?)?;
-    var.set(&w.reshape(var.dims())?.to_dtype(var.dtype())?)?;
-    Ok(Tensor::stack(&[m, v], 0)?)
 }
 
 /// Global L2 norm of all gradients (f64), as `torch.nn.utils.clip_grad_norm_` computes it.

@@ -127,7 +127,9 @@ pub(crate) fn hash_token_ids(sets: &[&[TokenizedPair]], h: &mut Sha256) {
 fn cache_key(model_path: &Path, sets: &[&[TokenizedPair]]) -> Result<String> {
     let mut h = Sha256::new();
     // v2: prompt shared by both responses in one forward (different rounding).
-    h.update(b"dpo2d-reflogps-v2");
+    // v3: fused kernels (logsumexp summed in f64) and the held-out pairs in
+    // evaluation's batches, which step 0's evaluation reproduces bit for bit.
+    h.update(b"dpo2d-reflogps-v3");
     hash_model_files(model_path, &mut h)?;
     hash_token_ids(sets, &mut h);
     Ok(hex::encode(h.finalize()))

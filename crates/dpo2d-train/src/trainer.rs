@@ -377,10 +377,7 @@ impl Trainer {
             let part_grads = self.models.policy.gradients(&(out.loss * (share / gas))?.backward()?)?;
             for (acc, g) in grads.iter_mut().zip(part_grads) {
                 if let Some(g) = g {
-                    *acc = Some(match acc.take() {
-                        Some(a) => kernels::add(&a, &g)?,
-                        None => g,
-                    });
+                    kernels::accumulate(acc, g)?;
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! The AdamW update of one parameter as two parallel in-place passes
-//! (moments, then the parameter) instead of a dozen composed tensor ops,
-//! plus the sum of squares that gradient clipping needs.
+//! (moments, then the parameter) instead of a dozen composed tensor ops
+//! (which remain for parameters the kernel does not take), plus the sum of
+//! squares that gradient clipping needs.
 //!
 //! The update is PyTorch's `torch.optim.AdamW`, with the gradient first
 //! multiplied by `grad_scale` (the clipping factor):
@@ -8,7 +9,7 @@
 //!  p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
 
 use super::{slice, with_slice, MIN_FLAT};
-use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 
 /// One update's scalars.
@@ -25,9 +26,17 @@ pub struct AdamWStep {
     pub grad_scale: f64,
 }
 
-/// Whether [`adamw_step`] takes a parameter of this kind (f32 on the CPU).
-pub fn supports(param: &Tensor) -> bool {
+/// Whether the fused kernel takes a parameter of this kind (f32 on the CPU).
+fn supports(param: &Tensor) -> bool {
     param.device().is_cpu() && param.dtype() == DType::F32
+}
+
+/// The contiguous f32 elements an in-place op writes.
+fn dst_f32<'a>(dst: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
+    match (dst, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => bail!("adamw: the {what} must be contiguous f32"),
+    }
 }
 
 /// Moments `[2, N]` (first row m, second v), f32, updated from the gradient.
@@ -40,9 +49,7 @@ impl InplaceOp2 for Moments {
 
     fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<()> {
         let g = slice::<f32>(gs, gl, self.name())?;
-        let Some((a, b)) = dl.contiguous_offsets() else { bail!("adamw: moments not contiguous") };
-        let CpuStorage::F32(mv) = dst else { bail!("adamw: moments must be f32") };
-        let (m, v) = mv[a..b].split_at_mut(g.len());
+        let (m, v) = dst_f32(dst, dl, "moments")?.split_at_mut(g.len());
         let s = self.0;
         let (b1, b2, scale) = (s.beta1 as f32, s.beta2 as f32, s.grad_scale as f32);
         let (c1, c2) = ((1.0 - s.beta1) as f32, (1.0 - s.beta2) as f32);
@@ -65,9 +72,7 @@ impl InplaceOp2 for Update {
 
     fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, ms: &CpuStorage, ml: &Layout) -> Result<()> {
         let mv = slice::<f32>(ms, ml, self.name())?;
-        let Some((a, b)) = dl.contiguous_offsets() else { bail!("adamw: parameter not contiguous") };
-        let CpuStorage::F32(p) = dst else { bail!("adamw: the fused update takes f32 parameters") };
-        let p = &mut p[a..b];
+        let p = dst_f32(dst, dl, "parameter")?;
         let (m, v) = mv.split_at(p.len());
         let s = self.0;
         let t = s.step as i32;
@@ -87,25 +92,41 @@ pub fn new_moments(param: &Tensor) -> Result<Tensor> {
     Tensor::zeros((2, param.elem_count()), DType::F32, param.device())
 }
 
-/// Updates `param` and its `moments` (from [`new_moments`]) in place.
-pub fn adamw_step(param: &Tensor, moments: &Tensor, grad: &Tensor, s: AdamWStep) -> Result<()> {
-    if !supports(param) || moments.dims() != [2, param.elem_count()] || grad.elem_count() != param.elem_count() {
-        bail!(
-            "adamw: parameter {:?} ({:?}), moments {:?}, gradient {:?} do not fit",
-            param.dims(),
-            param.dtype(),
-            moments.dims(),
-            grad.dims()
-        );
+/// Updates `param` and its `moments` (from [`new_moments`]): in place with
+/// the fused kernel for f32 on the CPU, else (bf16, other devices) with
+/// [`composed_update`] in f32, the moments replaced.
+pub fn adamw_step(param: &Var, moments: &mut Tensor, grad: &Tensor, s: AdamWStep) -> Result<()> {
+    let n = param.elem_count();
+    if moments.dims() != [2, n] || grad.elem_count() != n {
+        bail!("adamw: parameter {:?}, moments {:?}, gradient {:?} do not fit", param.dims(), moments.dims(), grad.dims());
     }
-    let grad = grad.to_dtype(DType::F32)?.contiguous()?;
-    moments.inplace_op2(&grad, &Moments(s))?;
-    param.inplace_op2(moments, &Update(s))
+    if supports(param) {
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        moments.inplace_op2(&grad, &Moments(s))?;
+        return param.inplace_op2(moments, &Update(s));
+    }
+    let f32_flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all();
+    let (p, m, v) = composed_update(&f32_flat(param)?, &moments.get(0)?, &moments.get(1)?, &f32_flat(grad)?, s)?;
+    param.set(&p.reshape(param.dims())?.to_dtype(param.dtype())?)?;
+    *moments = Tensor::stack(&[m, v], 0)?;
+    Ok(())
+}
+
+/// The same update with composed tensor ops, in the inputs' dtype:
+/// `(param, m, v)` after one step.
+pub fn composed_update(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, s: AdamWStep) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = (g * s.grad_scale)?;
+    let m = ((m * s.beta1)? + (&g * (1.0 - s.beta1))?)?;
+    let v = ((v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
+    let t = s.step as i32;
+    let denom = ((v.sqrt()? / (1.0 - s.beta2.powi(t)).sqrt())? + s.eps)?;
+    let p = ((p * (1.0 - s.lr * s.weight_decay))? - ((&m / denom)? * (s.lr / (1.0 - s.beta1.powi(t))))?)?;
+    Ok((p, m, v))
 }
 
 /// Sum of the squares of a tensor's elements, accumulated in f64.
 pub fn sum_squares(t: &Tensor) -> Result<f64> {
-    if !t.device().is_cpu() || !matches!(t.dtype(), DType::F32 | DType::F64) {
+    if !super::supports(t) {
         return t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>();
     }
     super::with_float!(t.dtype(), "sum of squares", T => {
@@ -118,32 +139,20 @@ mod tests {
     use super::*;
     use crate::test_support::det;
 
-    /// The same update written with composed tensor ops, in f64.
-    fn composed(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, s: AdamWStep) -> (Tensor, Tensor, Tensor) {
-        let g = (g * s.grad_scale).unwrap();
-        let m = ((m * s.beta1).unwrap() + (&g * (1.0 - s.beta1)).unwrap()).unwrap();
-        let v = ((v * s.beta2).unwrap() + (g.sqr().unwrap() * (1.0 - s.beta2)).unwrap()).unwrap();
-        let t = s.step as i32;
-        let denom = ((v.sqrt().unwrap() / (1.0 - s.beta2.powi(t)).sqrt()).unwrap() + s.eps).unwrap();
-        let upd = ((&m / denom).unwrap() * (s.lr / (1.0 - s.beta1.powi(t)))).unwrap();
-        let p = ((p * (1.0 - s.lr * s.weight_decay)).unwrap() - upd).unwrap();
-        (p, m, v)
-    }
-
     #[test]
     fn matches_composed_update_over_steps() {
         let n = 70_001; // more than one rayon task, not a multiple of one
         let p0 = det(&[n], 1, DType::F64);
-        let param = p0.to_dtype(DType::F32).unwrap();
-        let moments = new_moments(&param).unwrap();
+        let param = Var::from_tensor(&p0.to_dtype(DType::F32).unwrap()).unwrap();
+        let mut moments = new_moments(&param).unwrap();
         let (mut p, mut m, mut v) = (p0.clone(), p0.zeros_like().unwrap(), p0.zeros_like().unwrap());
         for step in 1..=3u64 {
             let g = det(&[n], 10 + step, DType::F64);
             let s = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
-            adamw_step(&param, &moments, &g.to_dtype(DType::F32).unwrap(), s).unwrap();
-            (p, m, v) = composed(&p, &m, &v, &g, s);
+            adamw_step(&param, &mut moments, &g.to_dtype(DType::F32).unwrap(), s).unwrap();
+            (p, m, v) = composed_update(&p, &m, &v, &g, s).unwrap();
         }
-        assert!(crate::test_support::max_abs_diff(&param, &p) < 1e-6);
+        assert!(crate::test_support::max_abs_diff(param.as_tensor(), &p) < 1e-6);
         assert!(crate::test_support::max_abs_diff(&moments.get(0).unwrap(), &m) < 1e-6);
         assert!(crate::test_support::max_abs_diff(&moments.get(1).unwrap(), &v) < 1e-7);
     }

@@ -108,6 +108,16 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// Adds `g` into an optional running sum (gradient accumulation): the first
+/// gradient is kept as it comes, later ones go through [`add`].
+pub fn accumulate(acc: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        None => g,
+        Some(a) => add(&a, &g)?,
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use crate::test_support::det;
