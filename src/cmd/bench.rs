@@ -40,6 +40,11 @@ pub struct Args {
     /// benchmark data are about 380).
     #[arg(long, default_value_t = 384)]
     pub gemm_tokens: usize,
+    /// Only check every fused op of the training path on `--device` against
+    /// its composed reference on the CPU (values and gradients, f32 and bf16
+    /// on a GPU); fails if one is off. Needs no model.
+    #[arg(long)]
+    pub check_kernels: bool,
     /// Also write the JSON result here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -95,7 +100,23 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// `--check-kernels`: the table of ops, dtypes and errors; an error if one failed.
+fn check_kernels(a: &Args) -> Result<()> {
+    let dev = a.device.device.device()?;
+    let rows = dpo2d_model::kernels::check::run(&dev)?;
+    println!("device: {}\n\n| op | dtype | max error / max magnitude | tolerance | |\n|---|---|---|---|---|", a.device.device);
+    for r in &rows {
+        println!("| {} | {:?} | {:.2e} | {:.0e} | {} |", r.op, r.dtype, r.rel_err, r.tolerance, if r.passed() { "ok" } else { "FAILED" });
+    }
+    let failed: Vec<_> = rows.iter().filter(|r| !r.passed()).map(|r| format!("{} ({:?})", r.op, r.dtype)).collect();
+    anyhow::ensure!(failed.is_empty(), "kernel check failed: {}", failed.join(", "));
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<()> {
+    if a.check_kernels {
+        return check_kernels(&a);
+    }
     let path = fetch::resolve_model(&a.model, a.cache_dir.as_deref())?;
     if a.gemm {
         return gemm(&a, &path);

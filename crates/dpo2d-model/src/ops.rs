@@ -20,32 +20,63 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 type BwdFn = dyn Fn(&[&Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
 
 /// A custom op whose forward result was computed beforehand (on detached
-/// inputs, with fast kernels); `cpu_fwd` just hands that result over, and
-/// `bwd` calls the closure with the op's inputs and the incoming gradient.
+/// inputs, with fast kernels); the forward hands that result over (on the
+/// CPU or the GPU, wherever it was computed), and `bwd` calls the closure
+/// with the op's inputs and the incoming gradient. On a GPU the result is
+/// taken out of the op as it is handed over, so the graph does not hold it
+/// twice; on the CPU it stays (dropping it early raised the peak resident
+/// memory of a SmolLM2 run by 350 MB: the allocator reused it worse).
 struct Precomputed {
     name: &'static str,
-    out: Tensor,
+    out: std::sync::Mutex<Option<Tensor>>,
     bwd: Box<BwdFn>,
 }
 
-fn storage_of(t: &Tensor) -> Result<(CpuStorage, Shape)> {
-    let t = t.contiguous()?;
-    let (st, layout) = t.storage_and_layout();
-    let (o1, o2) = match layout.contiguous_offsets() {
-        Some(o) => o,
-        None => bail!("internal: precomputed tensor not contiguous"),
-    };
-    let cs = match &*st {
-        Storage::Cpu(cs) => match cs {
-            CpuStorage::F32(v) => CpuStorage::F32(v[o1..o2].to_vec()),
-            CpuStorage::F64(v) => CpuStorage::F64(v[o1..o2].to_vec()),
-            CpuStorage::BF16(v) => CpuStorage::BF16(v[o1..o2].to_vec()),
-            CpuStorage::F16(v) => CpuStorage::F16(v[o1..o2].to_vec()),
-            _ => bail!("internal: unsupported dtype in precomputed op"),
-        },
-        _ => bail!("internal: precomputed ops run on the CPU only"),
-    };
-    Ok((cs, t.shape().clone()))
+impl Precomputed {
+    fn new(name: &'static str, out: Tensor, bwd: Box<BwdFn>) -> Self {
+        Precomputed { name, out: std::sync::Mutex::new(Some(out)), bwd }
+    }
+
+    /// The precomputed result, left in the op (`keep`) or taken out of it.
+    fn result(&self, keep: bool) -> Result<Tensor> {
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        match if keep { out.clone() } else { out.take() } {
+            Some(t) => t.contiguous(),
+            None => bail!("internal: {} ran its forward twice", self.name),
+        }
+    }
+
+    fn cpu_out(&self) -> Result<(CpuStorage, Shape)> {
+        let t = self.result(true)?;
+        let (st, layout) = t.storage_and_layout();
+        let (o1, o2) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("internal: precomputed tensor not contiguous".into()))?;
+        let cs = match &*st {
+            Storage::Cpu(cs) => match cs {
+                CpuStorage::F32(v) => CpuStorage::F32(v[o1..o2].to_vec()),
+                CpuStorage::F64(v) => CpuStorage::F64(v[o1..o2].to_vec()),
+                CpuStorage::BF16(v) => CpuStorage::BF16(v[o1..o2].to_vec()),
+                CpuStorage::F16(v) => CpuStorage::F16(v[o1..o2].to_vec()),
+                _ => bail!("internal: unsupported dtype in precomputed op"),
+            },
+            _ => bail!("internal: {} computed on another device than its inputs", self.name),
+        };
+        Ok((cs, t.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_out(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let mut t = self.result(false)?;
+        if t.layout().start_offset() != 0 {
+            // A view into a larger buffer: the storage handed over must start at the tensor.
+            t = t.affine(1.0, 0.0)?;
+        }
+        let (st, layout) = t.storage_and_layout();
+        match &*st {
+            Storage::Cuda(cs) => Ok((cs.try_clone(layout)?, t.shape().clone())),
+            _ => bail!("internal: {} computed on another device than its inputs", self.name),
+        }
+    }
 }
 
 impl CustomOp1 for Precomputed {
@@ -53,7 +84,11 @@ impl CustomOp1 for Precomputed {
         self.name
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        storage_of(&self.out)
+        self.cpu_out()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_out()
     }
     fn bwd(&self, a: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok((self.bwd)(&[a], g)?.into_iter().next().flatten())
@@ -65,7 +100,11 @@ impl CustomOp2 for Precomputed {
         self.name
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        storage_of(&self.out)
+        self.cpu_out()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_out()
     }
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let mut v = (self.bwd)(&[a, b], g)?.into_iter();
@@ -78,7 +117,19 @@ impl CustomOp3 for Precomputed {
         self.name
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        storage_of(&self.out)
+        self.cpu_out()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_out()
     }
     fn bwd(
         &self,
@@ -98,8 +149,10 @@ fn tracked(t: &Tensor) -> bool {
     t.track_op()
 }
 
+/// Whether candle's fast (gradient-free) kernels serve this tensor: on the
+/// CPU and on CUDA, in float types.
 fn fast_ok(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16)
+    (t.device().is_cpu() || t.device().is_cuda()) && matches!(t.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16)
 }
 
 fn internal_dtype(dt: DType) -> DType {
@@ -127,17 +180,17 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if !fast_ok(x) || x.dtype() != w.dtype() {
         return rms_norm_plain(x, w, eps);
     }
-    if kernels::supports(x) {
+    if kernels::fused(x) {
         return x.contiguous()?.apply_op2(&w.contiguous()?, kernels::rms_norm::RmsNorm { eps });
     }
     let out = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
     if !tracked(x) && !tracked(w) {
         return Ok(out);
     }
-    let op = Precomputed {
-        name: "dpo2d-rms-norm",
+    let op = Precomputed::new(
+        "dpo2d-rms-norm",
         out,
-        bwd: Box::new(move |args, g| {
+        Box::new(move |args, g| {
             let (x, w) = (args[0].detach(), args[1].detach());
             let dt = x.dtype();
             let it = internal_dtype(dt);
@@ -162,7 +215,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             };
             Ok(vec![if tracked(args[0]) { Some(dx) } else { None }, dw])
         }),
-    };
+    );
     x.apply_op2(w, op)
 }
 
@@ -185,21 +238,21 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         return Ok(out);
     }
     let y = out.clone();
-    let op = Precomputed {
-        name: "dpo2d-softmax",
+    let op = Precomputed::new(
+        "dpo2d-softmax",
         out,
-        bwd: Box::new(move |_args, g| {
+        Box::new(move |_args, g| {
             let s = (g * &y)?.sum_keepdim(D::Minus1)?;
             Ok(vec![Some((g.broadcast_sub(&s)? * &y)?)])
         }),
-    };
+    );
     x.apply_op1(op)
 }
 
 /// Attention's `softmax(scores + mask)` over the last dim; `mask` is additive
 /// (0 or -inf), `[B or 1, 1, .., Tq, Tk]` against scores `[B, .., Tq, Tk]`.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    if kernels::supports(scores) && mask.dtype() == scores.dtype() {
+    if kernels::fused(scores) && mask.dtype() == scores.dtype() {
         return scores.contiguous()?.apply_op1(kernels::softmax::MaskedSoftmax { mask: mask.contiguous()? });
     }
     softmax_last_dim(&scores.broadcast_add(mask)?)
@@ -214,7 +267,7 @@ pub fn swiglu_plain(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// `silu(gate) * up`, fused in f32/f64 on the CPU.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if kernels::supports(gate) && up.dtype() == gate.dtype() {
+    if kernels::fused(gate) && up.dtype() == gate.dtype() {
         return gate.contiguous()?.apply_op2(&up.contiguous()?, kernels::swiglu::SwiGlu);
     }
     swiglu_plain(gate, up)
@@ -247,11 +300,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         return Ok(out);
     }
     let neg_sin = sin.neg()?;
-    let op = Precomputed {
-        name: "dpo2d-rope",
+    let op = Precomputed::new(
+        "dpo2d-rope",
         out,
-        bwd: Box::new(move |_args, g| Ok(vec![Some(candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)?)])),
-    };
+        Box::new(move |_args, g| Ok(vec![Some(candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)?)])),
+    );
     x.apply_op1(op)
 }
 
@@ -312,7 +365,7 @@ pub fn linear_with(x: &Tensor, w: &Tensor, b: Option<&Tensor>, sink: Option<&std
         tracked_linear(x, w, (rows, inp), &od, sink.cloned())?
     } else {
         let x2 = x.reshape((rows, inp))?;
-        let y = if (2..=SMALL_BATCH_ROWS).contains(&rows) && w.elem_count() <= SMALL_BATCH_WEIGHT && fast_ok(x) {
+        let y = if (2..=SMALL_BATCH_ROWS).contains(&rows) && w.elem_count() <= SMALL_BATCH_WEIGHT && x.device().is_cpu() {
             // Batched decoding on the CPU: gemm's kernels for a few rows are far slower than
             // one matrix-vector product per row while the weight sits in cache
             // (measured on a 2-core EPYC: 4 rows through a 1536 -> 576 weight took
@@ -360,7 +413,7 @@ fn tracked_linear(
         }
     };
     let name = if tracked(w) { "dpo2d-linear" } else { "dpo2d-frozen-linear" };
-    x.apply_op2(w, Precomputed { name, out, bwd: Box::new(bwd) })
+    x.apply_op2(w, Precomputed::new(name, out, Box::new(bwd)))
 }
 
 // ---------------------------------------------------------------- log-probs
@@ -383,6 +436,27 @@ pub fn label_logprobs_plain(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -
 /// Rows per chunk so that one chunk's logits hold about 8M values.
 pub fn chunk_rows(vocab: usize) -> usize {
     (8_000_000 / vocab.max(1)).clamp(1, 4096)
+}
+
+/// Rows per chunk on `dev`: on a GPU about 64M logits (256 MB in f32), so
+/// the vocabulary-wide products are large enough to fill it.
+fn chunk_rows_on(vocab: usize, dev: &candle_core::Device) -> usize {
+    if dev.is_cuda() {
+        (64_000_000 / vocab.max(1)).clamp(1, 16384)
+    } else {
+        chunk_rows(vocab)
+    }
+}
+
+/// One chunk's logits `h @ w^T`, in the dtype the label kernels take: as
+/// computed on a GPU (its kernels read bf16), else in `it`.
+fn chunk_logits(h: &Tensor, w: &Tensor, it: DType) -> Result<Tensor> {
+    let logits = h.matmul(&w.t()?)?;
+    if kernels::on_gpu(&logits) {
+        Ok(logits)
+    } else {
+        logits.to_dtype(it)
+    }
 }
 
 /// Log-probability of `labels` under `softmax(hidden @ weight^T)`.
@@ -409,17 +483,17 @@ pub fn label_logprobs(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -> Resu
         return label_logprobs_plain(hidden, weight, &labels);
     }
     let it = internal_dtype(hidden.dtype());
-    let rows = chunk_rows(v);
+    let rows = chunk_rows_on(v, hidden.device());
     let (out, lse) = label_logprobs_chunks(&hidden.detach(), &weight.detach(), &labels, rows, it)?;
     if !tracked(hidden) && !tracked(weight) {
         return Ok(out);
     }
     let labels_c = labels.clone();
-    let op = Precomputed {
-        name: "dpo2d-label-logprobs",
+    let op = Precomputed::new(
+        "dpo2d-label-logprobs",
         out,
-        bwd: Box::new(move |args, g| label_logprobs_backward(args[0], args[1], &labels_c, &lse, g, rows, it)),
-    };
+        Box::new(move |args, g| label_logprobs_backward(args[0], args[1], &labels_c, &lse, g, rows, it)),
+    );
     hidden.apply_op3(weight, &labels, op)
 }
 
@@ -432,9 +506,9 @@ fn label_logprobs_chunks(hd: &Tensor, wd: &Tensor, labels: &Tensor, rows: usize,
     let mut s = 0;
     while s < n {
         let r = rows.min(n - s);
-        let logits = hd.narrow(0, s, r)?.matmul(&wd.t()?)?.to_dtype(it)?;
+        let logits = chunk_logits(&hd.narrow(0, s, r)?, wd, it)?;
         let lab = labels.narrow(0, s, r)?;
-        if kernels::supports(&logits) {
+        if kernels::fused(&logits) {
             let (picked, lse) = kernels::logprobs::pick_and_lse(&logits, &lab)?;
             outs.push(picked);
             lses.push(lse);
@@ -474,9 +548,9 @@ fn label_logprobs_backward(
     while s < n {
         let r = rows.min(n - s);
         let hc = hd.narrow(0, s, r)?;
-        let logits = hc.matmul(&wd.t()?)?.to_dtype(it)?;
+        let logits = chunk_logits(&hc, &wd, it)?;
         let (lse_c, lab, g_c) = (lse.narrow(0, s, r)?, labels.narrow(0, s, r)?, g.narrow(0, s, r)?);
-        let gl = if kernels::supports(&logits) {
+        let gl = if kernels::fused(&logits) {
             kernels::logprobs::logit_grads(&logits, &lab, &lse_c, &g_c)?
         } else {
             let p = logits.broadcast_sub(&lse_c.unsqueeze(1)?)?.exp()?;

@@ -4,22 +4,14 @@
 
 use crate::config::ModelConfig;
 use crate::llama::{CausalLM, LoadOptions};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
 /// Deterministic pseudo-random tensor with entries in [-1, 1) (no RNG
-/// dependency, the same numbers on every machine).
+/// dependency, the same numbers on every machine; the kernel check's inputs).
 pub fn det(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let v: Vec<f64> = (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).expect("shape matches").to_dtype(dtype).expect("float dtype")
+    crate::kernels::check::det(shape, seed).and_then(|t| t.to_dtype(dtype)).expect("float dtype")
 }
 
 /// Largest absolute elementwise difference of two tensors of one shape.

@@ -16,6 +16,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 mod packing;
+mod phases;
 mod progress;
 mod reference;
 pub mod sampler;

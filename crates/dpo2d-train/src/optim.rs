@@ -34,6 +34,9 @@ pub struct AdamW {
     /// Per parameter `[2, N]` f32: the first moment, then the second (f32
     /// even for bf16 weights: they underflow otherwise).
     moments: Vec<Tensor>,
+    /// Per parameter, the f32 master copy of a half-precision weight (mixed
+    /// precision, as `torch.amp`'s f32 weights); None for f32 weights.
+    masters: Vec<Option<Tensor>>,
     /// Number of updates applied so far (the `t` of the bias correction).
     pub t: u64,
     pub params: AdamWParams,
@@ -42,7 +45,8 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
         let moments = vars.iter().map(|(_, var)| adamw::new_moments(var.as_tensor())).collect::<candle_core::Result<_>>()?;
-        Ok(AdamW { vars, moments, t: 0, params })
+        let masters = vars.iter().map(|(_, var)| adamw::new_master(var.as_tensor())).collect::<candle_core::Result<_>>()?;
+        Ok(AdamW { vars, moments, masters, t: 0, params })
     }
 
     pub fn vars(&self) -> &[(String, Var)] {
@@ -62,17 +66,21 @@ impl AdamW {
         let s = AdamWStep { lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay, step: self.t, grad_scale };
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
-            adamw::adamw_step(&self.vars[i].1, &mut self.moments[i], g, s)?;
+            adamw::adamw_step(&self.vars[i].1, &mut self.moments[i], self.masters[i].as_mut(), g, s)?;
         }
         Ok(())
     }
 
-    /// Save moments and step count to one safetensors file.
+    /// Save moments, f32 master weights (of half-precision parameters) and
+    /// step count to one safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut map: HashMap<String, Tensor> = HashMap::new();
         for (i, (name, var)) in self.vars.iter().enumerate() {
             map.insert(format!("{name}.exp_avg"), self.moments[i].get(0)?.reshape(var.dims())?);
             map.insert(format!("{name}.exp_avg_sq"), self.moments[i].get(1)?.reshape(var.dims())?);
+            if let Some(master) = &self.masters[i] {
+                map.insert(format!("{name}.master"), master.reshape(var.dims())?);
+            }
         }
         map.insert("__step__".into(), Tensor::new(&[self.t as i64], &candle_core::Device::Cpu)?);
         candle_core::safetensors::save(&map, path).with_context(|| format!("writing optimizer state {}", path.display()))
@@ -93,6 +101,12 @@ impl AdamW {
                 rows.push(t.to_dtype(DType::F32)?.flatten_all()?);
             }
             self.moments[i] = Tensor::stack(&rows, 0)?.contiguous()?;
+            if self.masters[i].is_some() {
+                // A state saved without masters (older, or from f32 weights) starts them from the weights.
+                if let Some(m) = map.get(&format!("{name}.master")) {
+                    self.masters[i] = Some(m.to_dtype(DType::F32)?.flatten_all()?.contiguous()?);
+                }
+            }
         }
         let step = map.get("__step__").with_context(|| format!("{}: no step count", path.display()))?;
         self.t = step.to_vec1::<i64>()?[0] as u64;
@@ -102,6 +116,12 @@ impl AdamW {
 
 /// Global L2 norm of all gradients (f64), as `torch.nn.utils.clip_grad_norm_` computes it.
 pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    if grads.iter().flatten().next().is_some_and(|g| g.device().is_cuda()) {
+        // On a GPU: one reduction per gradient on the device and one copy to the
+        // host, instead of a round trip per parameter.
+        let parts = grads.iter().flatten().map(adamw::sum_squares_on_device).collect::<candle_core::Result<Vec<_>>>()?;
+        return Ok(Tensor::cat(&parts, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt());
+    }
     let mut sq = 0f64;
     for g in grads.iter().flatten() {
         sq += adamw::sum_squares(g)?;
@@ -183,6 +203,30 @@ mod tests {
         assert_eq!(clip_scale(n, 10.0), 1.0);
         assert_eq!(clip_scale(n, 0.0), 1.0);
         assert_eq!(clip_scale(f64::NAN, 1.0), 1.0);
+        Ok(())
+    }
+
+    /// A bf16 weight moves by many updates too small for bf16 on their own
+    /// (its f32 master copy accumulates them), and the master survives a
+    /// save and load.
+    #[test]
+    fn bf16_weights_keep_an_f32_master() -> Result<()> {
+        let w = Var::from_tensor(&Tensor::new(&[1f32, -2.0], &Device::Cpu)?.to_dtype(DType::BF16)?)?;
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], AdamWParams::default())?;
+        let g = Tensor::new(&[1f32, -1.0], &Device::Cpu)?.to_dtype(DType::BF16)?;
+        for _ in 0..100 {
+            opt.step(&[Some(g.clone())], 1e-4, 1.0)?;
+        }
+        let v = w.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        assert!(v[0] < 0.995 && v[1] > -1.995, "bf16 weights did not move: {v:?}");
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("optimizer.safetensors");
+        opt.save(&path)?;
+        let mut back = AdamW::new(vec![("w".into(), w.clone())], AdamWParams::default())?;
+        back.load(&path)?;
+        let (m0, m1) = (opt.masters[0].as_ref().unwrap(), back.masters[0].as_ref().unwrap());
+        assert_eq!(m0.to_vec1::<f32>()?, m1.to_vec1::<f32>()?);
+        assert!((m0.to_vec1::<f32>()?[0] - 0.99).abs() < 1e-3);
         Ok(())
     }
 

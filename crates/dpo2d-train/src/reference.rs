@@ -100,9 +100,8 @@ fn hash_model_files(path: &Path, h: &mut Sha256) -> Result<()> {
         vec![path.to_path_buf()]
     };
     for f in files {
-        let mut r = std::fs::File::open(&f).with_context(|| format!("reading {}", f.display()))?;
         h.update(f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default().as_bytes());
-        std::io::copy(&mut r, h).with_context(|| format!("reading {}", f.display()))?;
+        h.update(&file_digest(&f).with_context(|| format!("reading {}", f.display()))?);
     }
     Ok(())
 }
@@ -124,12 +123,32 @@ pub(crate) fn hash_token_ids(sets: &[&[TokenizedPair]], h: &mut Sha256) {
 }
 
 /// Cache key of reference log-probs: model files + token ids of every pair.
+/// BLAKE3 of a file on every core, mapped 256 MiB at a time: SHA-256 of a
+/// 15 GB 7B checkpoint took longer than the reference pass itself, and a map
+/// of the whole file would count towards the process's resident memory.
+fn file_digest(path: &Path) -> std::io::Result<[u8; 32]> {
+    const WINDOW: u64 = 256 << 20;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut hasher = blake3::Hasher::new();
+    let mut offset = 0;
+    while offset < len {
+        let n = WINDOW.min(len - offset);
+        // SAFETY: the file is only read; a model file changed while it is being
+        // hashed gives a key that no later run matches, nothing worse.
+        let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(n as usize).map(&file)? };
+        hasher.update_rayon(&map);
+        offset += n;
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
+
 fn cache_key(model_path: &Path, sets: &[&[TokenizedPair]]) -> Result<String> {
     let mut h = Sha256::new();
     // v2: prompt shared by both responses in one forward (different rounding).
     // v3: fused kernels (logsumexp summed in f64) and the held-out pairs in
     // evaluation's batches, which step 0's evaluation reproduces bit for bit.
-    h.update(b"dpo2d-reflogps-v3");
+    h.update(b"dpo2d-reflogps-v4");
     hash_model_files(model_path, &mut h)?;
     hash_token_ids(sets, &mut h);
     Ok(hex::encode(h.finalize()))

@@ -31,6 +31,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use dpo2d_data::{load_pairs, LoadOptions as DataLoadOptions, Pair, Requirement};
 use dpo2d_model::kernels;
+use crate::phases::Phase;
 use dpo2d_model::llama::{CausalLM, LoadOptions};
 use dpo2d_model::lora::LoraConfig;
 use dpo2d_model::source::TextSide;
@@ -157,6 +158,7 @@ pub struct Trainer {
     /// Training time as HF's `train_runtime`: reference precompute + loop + evals.
     clock: Instant,
     window_clock: Instant,
+    phases: crate::phases::PhaseTimes,
 }
 
 impl Trainer {
@@ -172,13 +174,18 @@ impl Trainer {
         };
         let lock = open_output_dir(cfg, run, &say)?;
         let (train_pairs, eval_pairs) = load_data(cfg)?;
-        if cfg.bf16 {
+        let device = run.device.device()?;
+        // bf16 on a GPU: bf16 weights and activations, f32 master weights and
+        // moments in the optimizer, f32 log-probs and loss. On the CPU bf16 is
+        // slower than f32 (no bf16 matrix kernels), so f32 is kept there.
+        let dtype = if cfg.bf16 && device.is_cuda() { DType::BF16 } else { DType::F32 };
+        if cfg.bf16 && dtype == DType::F32 {
             say("note: bf16 is not used on CPU (slower than f32 there); training in f32");
         }
         let model_path = dpo2d_model::fetch::resolve_model(&cfg.model, run.cache_dir.as_deref())?;
         let text = dpo2d_model::source::load_text_side(&model_path)?;
         let lora = lora_config(cfg)?;
-        let opts = LoadOptions { dtype: DType::F32, device: run.device.device()?, trainable: lora.is_none(), lora: lora.clone() };
+        let opts = LoadOptions { dtype, device, trainable: lora.is_none(), lora: lora.clone() };
         let resume = run.resume.as_ref().map(|dir| Ok::<_, anyhow::Error>((dir.clone(), checkpoint::load_state(dir)?))).transpose()?;
         let policy = load_policy(&model_path, &opts, resume.as_ref().map(|(d, _)| d.as_path()))?;
 
@@ -187,7 +194,10 @@ impl Trainer {
         let data_fingerprint = data_fingerprint(&train, &eval);
         let clock = Instant::now();
         let frozen = LoadOptions { trainable: false, lora: None, ..opts.clone() };
+        let mut phases = crate::phases::PhaseTimes::from_env(policy.device());
+        phases.start();
         let reference = prepare_reference(cfg, run, &model_path, &frozen, &policy, resume.is_some(), &train, &eval, &say)?;
+        phases.mark(Phase::Reference);
 
         let vars = policy.trainable_vars();
         if vars.is_empty() {
@@ -225,6 +235,7 @@ impl Trainer {
             progress: None,
             clock,
             window_clock: Instant::now(),
+            phases,
         };
         match &resume {
             Some((dir, state)) => {
@@ -330,7 +341,9 @@ impl Trainer {
             let idx = self.sampler.next_batch();
             finite &= self.accumulate(&idx, &mut grads)?;
         }
+        self.phases.start();
         let grad_norm = global_grad_norm(&grads)?;
+        self.phases.mark(Phase::GradNorm);
         let lr = schedule::lr_at(self.scheduler, self.cfg.learning_rate, self.global_step, self.warmup, self.total);
         self.global_step += 1;
         if !(finite && grad_norm.is_finite()) {
@@ -347,6 +360,7 @@ impl Trainer {
             return Ok(Update { grad_norm: None, lr });
         }
         self.optimizer.step(&grads, lr, clip_scale(grad_norm, self.cfg.max_grad_norm))?;
+        self.phases.mark(Phase::Optimizer);
         self.metrics.window.add("grad_norm", grad_norm);
         self.metrics.window.add("lr", lr);
         Ok(Update { grad_norm: Some(grad_norm), lr })
@@ -365,7 +379,9 @@ impl Trainer {
         let gas = self.cfg.gradient_accumulation_steps as f64;
         let mut finite = true;
         for part in idx.chunks(chunk.max(1)) {
+            self.phases.start();
             let out = self.models.loss(&self.loss, &self.train, part, Split::Train)?;
+            self.phases.mark(Phase::Forward);
             finite &= out.metrics.iter().all(|(_, v)| v.is_finite());
             // Window means are per-pair means.
             for (k, v) in &out.metrics {
@@ -375,11 +391,13 @@ impl Trainer {
             self.metrics.train_tokens += out.tokens;
             let share = part.len() as f64 / idx.len() as f64;
             let part_grads = self.models.policy.gradients(&(out.loss * (share / gas))?.backward()?)?;
+            self.phases.mark(Phase::Backward);
             for (acc, g) in grads.iter_mut().zip(part_grads) {
                 if let Some(g) = g {
                     kernels::accumulate(acc, g)?;
                 }
             }
+            self.phases.mark(Phase::Accumulate);
         }
         Ok(finite)
     }
@@ -579,6 +597,9 @@ impl Trainer {
     /// `train_results.json`, as HF's Trainer writes it.
     fn write_results(&self) -> Result<()> {
         let train_runtime = self.clock.elapsed().as_secs_f64();
+        if let Some(table) = self.phases.report() {
+            self.say(&table);
+        }
         let losses: Vec<f64> = self.metrics.history.iter().filter_map(|r| r.get("loss")).collect();
         let tokens = self.metrics.train_tokens;
         let results = serde_json::json!({

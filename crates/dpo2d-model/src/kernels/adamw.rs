@@ -26,9 +26,10 @@ pub struct AdamWStep {
     pub grad_scale: f64,
 }
 
-/// Whether the fused kernel takes a parameter of this kind (f32 on the CPU).
+/// Whether the fused kernel takes a parameter of this kind (f32, on the CPU
+/// or, with the CUDA kernels, on the GPU).
 fn supports(param: &Tensor) -> bool {
-    param.device().is_cpu() && param.dtype() == DType::F32
+    param.dtype() == DType::F32 && super::fused(param)
 }
 
 /// The contiguous f32 elements an in-place op writes.
@@ -60,6 +61,13 @@ impl InplaceOp2 for Moments {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, dst: &mut candle_core::CudaStorage, dl: &Layout, gs: &candle_core::CudaStorage, gl: &Layout) -> Result<()> {
+        let s = self.0;
+        let k = [s.beta1 as f32, s.beta2 as f32, (1.0 - s.beta1) as f32, (1.0 - s.beta2) as f32, s.grad_scale as f32];
+        super::cuda::adamw_moments(dst, dl, gs, gl, k)
+    }
 }
 
 /// The parameter (f32), updated from the moments.
@@ -74,16 +82,30 @@ impl InplaceOp2 for Update {
         let mv = slice::<f32>(ms, ml, self.name())?;
         let p = dst_f32(dst, dl, "parameter")?;
         let (m, v) = mv.split_at(p.len());
-        let s = self.0;
-        let t = s.step as i32;
-        let decay = (1.0 - s.lr * s.weight_decay) as f32;
-        let step_size = (s.lr / (1.0 - s.beta1.powi(t))) as f32;
-        let inv_bc2_sqrt = (1.0 / (1.0 - s.beta2.powi(t)).sqrt()) as f32;
-        let eps = s.eps as f32;
+        let [decay, step_size, inv_bc2_sqrt, eps] = self.scalars();
         p.par_iter_mut().zip(m.par_iter().zip(v)).with_min_len(MIN_FLAT).for_each(|(p, (&m, &v))| {
             *p = *p * decay - step_size * m / (v.sqrt() * inv_bc2_sqrt + eps);
         });
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, dst: &mut candle_core::CudaStorage, dl: &Layout, ms: &candle_core::CudaStorage, ml: &Layout) -> Result<()> {
+        super::cuda::adamw_update(dst, dl, ms, ml, self.scalars())
+    }
+}
+
+impl Update {
+    /// The update's f32 scalars: decay, step size, `1/sqrt(1 - b2^t)`, eps.
+    fn scalars(&self) -> [f32; 4] {
+        let s = self.0;
+        let t = s.step as i32;
+        [
+            (1.0 - s.lr * s.weight_decay) as f32,
+            (s.lr / (1.0 - s.beta1.powi(t))) as f32,
+            (1.0 / (1.0 - s.beta2.powi(t)).sqrt()) as f32,
+            s.eps as f32,
+        ]
     }
 }
 
@@ -92,24 +114,53 @@ pub fn new_moments(param: &Tensor) -> Result<Tensor> {
     Tensor::zeros((2, param.elem_count()), DType::F32, param.device())
 }
 
-/// Updates `param` and its `moments` (from [`new_moments`]): in place with
-/// the fused kernel for f32 on the CPU, else (bf16, other devices) with
+/// The f32 copy that an update of a half-precision parameter works on
+/// (mixed precision: the update of a bf16 weight by lr 1e-6 would round
+/// away), flat; `None` for f32 parameters, which are updated directly.
+pub fn new_master(param: &Tensor) -> Result<Option<Tensor>> {
+    Ok((param.dtype() != DType::F32).then(|| param.to_dtype(DType::F32)?.flatten_all()?.contiguous()).transpose()?)
+}
+
+/// Updates `param` and its `moments` (from [`new_moments`]). An f32
+/// parameter is updated itself; a half-precision one through its f32
+/// `master` copy (from [`new_master`]), which it is then set to, rounded.
+/// The update runs in place with the fused kernel (CPU, or CUDA), else with
 /// [`composed_update`] in f32, the moments replaced.
-pub fn adamw_step(param: &Var, moments: &mut Tensor, grad: &Tensor, s: AdamWStep) -> Result<()> {
+pub fn adamw_step(param: &Var, moments: &mut Tensor, master: Option<&mut Tensor>, grad: &Tensor, s: AdamWStep) -> Result<()> {
     let n = param.elem_count();
-    if moments.dims() != [2, n] || grad.elem_count() != n {
+    if moments.dims() != [2, n] || grad.elem_count() != n || master.as_ref().is_some_and(|m| m.elem_count() != n) {
         bail!("adamw: parameter {:?}, moments {:?}, gradient {:?} do not fit", param.dims(), moments.dims(), grad.dims());
     }
-    if supports(param) {
-        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+    match master {
+        Some(master) => {
+            if let Some(updated) = update_f32(master, moments, grad, s)? {
+                *master = updated;
+            }
+            param.set(&master.reshape(param.dims())?.to_dtype(param.dtype())?)?;
+        }
+        None => {
+            if let Some(updated) = update_f32(param.as_tensor(), moments, grad, s)? {
+                param.set(&updated.reshape(param.dims())?.to_dtype(param.dtype())?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One update of the f32 weights `p`: in place (returns None) where the fused
+/// kernel takes them, else the updated weights, flat.
+fn update_f32(p: &Tensor, moments: &mut Tensor, grad: &Tensor, s: AdamWStep) -> Result<Option<Tensor>> {
+    if supports(p) {
+        // The CUDA kernel reads bf16 gradients as they are; the CPU one takes f32.
+        let grad = if p.device().is_cuda() { grad.contiguous()? } else { grad.to_dtype(DType::F32)?.contiguous()? };
         moments.inplace_op2(&grad, &Moments(s))?;
-        return param.inplace_op2(moments, &Update(s));
+        p.inplace_op2(moments, &Update(s))?;
+        return Ok(None);
     }
     let f32_flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all();
-    let (p, m, v) = composed_update(&f32_flat(param)?, &moments.get(0)?, &moments.get(1)?, &f32_flat(grad)?, s)?;
-    param.set(&p.reshape(param.dims())?.to_dtype(param.dtype())?)?;
+    let (p, m, v) = composed_update(&f32_flat(p)?, &moments.get(0)?, &moments.get(1)?, &f32_flat(grad)?, s)?;
     *moments = Tensor::stack(&[m, v], 0)?;
-    Ok(())
+    Ok(Some(p))
 }
 
 /// The same update with composed tensor ops, in the inputs' dtype:
@@ -122,6 +173,17 @@ pub fn composed_update(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, s: AdamWS
     let denom = ((v.sqrt()? / (1.0 - s.beta2.powi(t)).sqrt())? + s.eps)?;
     let p = ((p * (1.0 - s.lr * s.weight_decay))? - ((&m / denom)? * (s.lr / (1.0 - s.beta1.powi(t))))?)?;
     Ok((p, m, v))
+}
+
+/// Sum of the squares of a tensor's elements in f64, as a `[1]` tensor on
+/// its device: on a GPU one kernel over many blocks, without a copy to the
+/// host (sum these and read the total once).
+pub fn sum_squares_on_device(t: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::on_gpu(t) {
+        return super::cuda::sum_squares(t);
+    }
+    t.to_dtype(DType::F64)?.sqr()?.sum_all()?.reshape(1)
 }
 
 /// Sum of the squares of a tensor's elements, accumulated in f64.
@@ -149,7 +211,7 @@ mod tests {
         for step in 1..=3u64 {
             let g = det(&[n], 10 + step, DType::F64);
             let s = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
-            adamw_step(&param, &mut moments, &g.to_dtype(DType::F32).unwrap(), s).unwrap();
+            adamw_step(&param, &mut moments, None, &g.to_dtype(DType::F32).unwrap(), s).unwrap();
             (p, m, v) = composed_update(&p, &m, &v, &g, s).unwrap();
         }
         assert!(crate::test_support::max_abs_diff(param.as_tensor(), &p) < 1e-6);

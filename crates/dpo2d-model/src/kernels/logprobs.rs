@@ -25,8 +25,13 @@ fn dims(logits: &Tensor, labels: &Tensor) -> Result<(usize, usize)> {
 }
 
 /// Per row of `logits` `[R, V]`: `(logit[label] - logsumexp, logsumexp)`, each `[R]`.
+/// On a GPU the CUDA twin (f32 or bf16 logits, f32 results).
 pub fn pick_and_lse(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
     let (r, v) = dims(logits, labels)?;
+    #[cfg(feature = "cuda")]
+    if super::on_gpu(logits) {
+        return super::cuda::pick_and_lse(logits, labels);
+    }
     let labels: Vec<u32> = labels.to_vec1()?;
     with_float!(logits.dtype(), "label log-probs", T => {
         let (lp, lse): (Vec<T>, Vec<T>) = with_slice::<T, _>(logits, "label log-probs", |l| {
@@ -43,6 +48,10 @@ pub fn pick_and_lse(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)
 /// gradient of the picked log-probs with respect to the logits.
 pub fn logit_grads(logits: &Tensor, labels: &Tensor, lse: &Tensor, g: &Tensor) -> Result<Tensor> {
     let (r, v) = dims(logits, labels)?;
+    #[cfg(feature = "cuda")]
+    if super::on_gpu(logits) {
+        return super::cuda::logit_grads(logits, labels, lse, g);
+    }
     let labels: Vec<u32> = labels.to_vec1()?;
     with_float!(logits.dtype(), "label log-probs", T => {
         let lse: Vec<T> = lse.to_dtype(logits.dtype())?.to_vec1()?;

@@ -7,9 +7,14 @@
 //! keeps both cores busy. Every kernel has a composed twin in
 //! [`crate::ops`] (`*_plain`) that the tests hold it to, values and
 //! gradients. Kernels exist for f32 and f64 (f64 for the gradient checks);
-//! other dtypes and devices take the composed path.
+//! other dtypes and devices take the composed path. With the `cuda` feature,
+//! RMSNorm, the masked softmax, SwiGLU and AdamW also have CUDA kernels
+//! ([`cuda`]) behind the same ops, checked against the same references.
 
 pub mod adamw;
+pub mod check;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod logprobs;
 pub mod rms_norm;
 pub mod rope;
@@ -53,9 +58,23 @@ pub(crate) mod prelude {
     pub use num_traits::Zero as _;
 }
 
-/// Whether the fused kernels can take tensors of this kind.
+/// Whether the CPU kernels can take tensors of this kind.
 pub fn supports(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// Whether the ops with both a CPU and a CUDA kernel (RMSNorm, masked
+/// softmax, SwiGLU, AdamW) take tensors of this kind.
+pub fn fused(t: &Tensor) -> bool {
+    supports(t) || on_gpu(t)
+}
+
+/// Whether the CUDA kernels take this tensor (never, in a build without CUDA).
+pub fn on_gpu(_t: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    return cuda::supports(_t);
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
 /// The contiguous elements of a CPU storage as a slice.

@@ -70,7 +70,25 @@ impl CustomOp2 for RmsNorm {
         Ok((y, xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::rms_norm_fwd(xs, xl, ws, wl, self.eps)
+    }
+
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let g = g.contiguous()?;
+            let dx = x.apply_op3_no_bwd(w, &g, &super::cuda::RmsNormDx { eps: self.eps })?;
+            let dw = w.track_op().then(|| x.apply_op2_no_bwd(&g, &super::cuda::RmsNormDw { eps: self.eps })?.to_dtype(w.dtype())).transpose()?;
+            return Ok((Some(dx), dw));
+        }
         let name = self.name();
         with_float!(x.dtype(), name, T => {
             let (dx, dw) = with_slice::<T, _>(x, name, |x| {

@@ -95,7 +95,17 @@ impl CustomOp1 for MaskedSoftmax {
         Ok((y, xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &candle_core::CudaStorage, xl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = Geometry::of(xl.dims(), self.mask.dims())?;
+        super::cuda::softmax_fwd(xs, xl, &self.mask, (g.tq, g.tk, g.per_batch, g.mask_batches))
+    }
+
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if y.device().is_cuda() {
+            return Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &super::cuda::SoftmaxGrad)?));
+        }
         let tk = x.dim(candle_core::D::Minus1)?;
         let name = self.name();
         with_float!(x.dtype(), name, T => {

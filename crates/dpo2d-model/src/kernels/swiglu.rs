@@ -46,7 +46,26 @@ impl CustomOp2 for SwiGlu {
         Ok((y, gl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if gl.dims() != ul.dims() {
+            bail!("swiglu: gate {:?} and up {:?} differ in shape", gl.dims(), ul.dims());
+        }
+        super::cuda::swiglu_fwd(gs, gl, us, ul)
+    }
+
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if gate.device().is_cuda() {
+            let both = gate.apply_op3_no_bwd(up, &g.contiguous()?, &super::cuda::SwiGluGrads)?;
+            return Ok((Some(both.get(0)?), Some(both.get(1)?)));
+        }
         let name = self.name();
         with_float!(gate.dtype(), name, T => {
             let (dg, du) = with_slice::<T, _>(gate, name, |a| {

@@ -1,0 +1,210 @@
+//! Every op of the training path on a device, against its composed reference
+//! on the CPU in f64: forward values and every input gradient, for f32 and
+//! bf16, on odd shapes with a padding mask. `dpo2d check-kernels --device
+//! cuda` runs it on a GPU (the CUDA kernels and candle's kernels behind our
+//! backward passes); on the CPU it checks the CPU kernels the same way.
+
+use crate::kernels::adamw::{self, AdamWStep};
+use crate::ops;
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+/// One op in one dtype: the largest difference from the reference, relative
+/// to the reference's largest magnitude, over the value and the gradients.
+#[derive(Debug, Clone)]
+pub struct CheckRow {
+    pub op: &'static str,
+    pub dtype: DType,
+    pub rel_err: f64,
+    pub tolerance: f64,
+}
+
+impl CheckRow {
+    pub fn passed(&self) -> bool {
+        self.rel_err.is_finite() && self.rel_err <= self.tolerance
+    }
+}
+
+type OpFn = dyn Fn(&[Tensor]) -> Result<Tensor>;
+
+/// Deterministic values in [-1, 1), f64 on the CPU (no RNG dependency: the
+/// same inputs on every machine and device).
+pub fn det(shape: &[usize], seed: u64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let v: Vec<f64> = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// Value and gradients of `sum(f(xs) * proj)` with `xs` on `dev` in `dt`
+/// (the inputs listed in `grads_of` take gradients), back on the CPU in f64.
+fn value_and_grads(f: &OpFn, xs: &[Tensor], grads_of: &[usize], dev: &Device, dt: DType) -> Result<Vec<Tensor>> {
+    let mut ts = vec![];
+    let mut vars = vec![];
+    for (i, x) in xs.iter().enumerate() {
+        let on = if x.dtype().is_float() { x.to_dtype(dt)?.to_device(dev)? } else { x.to_device(dev)? };
+        if grads_of.contains(&i) {
+            let v = Var::from_tensor(&on)?;
+            ts.push(v.as_tensor().clone());
+            vars.push(v);
+        } else {
+            ts.push(on);
+        }
+    }
+    let y = f(&ts)?;
+    let proj = det(y.dims(), 77)?.to_dtype(y.dtype())?.to_device(dev)?;
+    let store = (&y * &proj)?.sum_all()?.backward()?;
+    let mut out = vec![y.to_device(&Device::Cpu)?.to_dtype(DType::F64)?];
+    for v in &vars {
+        let g = store.get(v.as_tensor()).ok_or_else(|| candle_core::Error::Msg("check: an input got no gradient".into()))?;
+        out.push(g.to_device(&Device::Cpu)?.to_dtype(DType::F64)?);
+    }
+    Ok(out)
+}
+
+fn rel_err(got: &[Tensor], want: &[Tensor]) -> Result<f64> {
+    let mut worst = 0f64;
+    for (a, b) in got.iter().zip(want) {
+        let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12);
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        worst = worst.max(if d.is_nan() { f64::INFINITY } else { d / scale });
+    }
+    Ok(worst)
+}
+
+/// An additive attention mask `[2, 1, 1, tq, tk]`: causal, with the second
+/// entry's last query rows fully masked (padding).
+fn mask(tq: usize, tk: usize) -> Result<Tensor> {
+    let mut m = vec![0f64; 2 * tq * tk];
+    for b in 0..2 {
+        for q in 0..tq {
+            for k in 0..tk {
+                let padded = b == 1 && q + 2 >= tq;
+                if k > q + (tk - tq) || padded {
+                    m[(b * tq + q) * tk + k] = f64::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (2, 1, 1, tq, tk), &Device::Cpu)
+}
+
+/// The ops and their references: (name, fused, composed, inputs, inputs with gradients).
+#[allow(clippy::type_complexity)]
+fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<usize>)>> {
+    let (b, t, h, heads, hd, v) = (2, 37, 200, 3, 18, 1003);
+    let msk = mask(t, t)?;
+    let angles = (det(&[b, t, hd / 2], 9)? * 3.0)?;
+    Ok(vec![
+        (
+            "rms_norm",
+            Box::new(|x: &[Tensor]| ops::rms_norm(&x[0], &x[1], 1e-5)),
+            Box::new(|x: &[Tensor]| ops::rms_norm_plain(&x[0], &x[1], 1e-5)),
+            vec![(det(&[b, t, h], 1)? * 3.0)?, det(&[h], 2)?],
+            vec![0, 1],
+        ),
+        (
+            "masked_softmax",
+            Box::new(|x: &[Tensor]| ops::masked_softmax(&x[0], &x[1])),
+            Box::new(|x: &[Tensor]| {
+                // -inf as a large finite number, and rows with every key masked
+                // set to zero (no attention), as the kernels give them.
+                let finite = x[1].clamp(-1e30, 0.0)?;
+                let alive = x[1].max_keepdim(candle_core::D::Minus1)?.ge(-1e29)?.to_dtype(x[0].dtype())?;
+                ops::softmax_plain(&x[0].broadcast_add(&finite)?)?.broadcast_mul(&alive)
+            }),
+            vec![(det(&[b, 2, heads, t, t], 3)? * 4.0)?, msk],
+            vec![0],
+        ),
+        (
+            "swiglu",
+            Box::new(|x: &[Tensor]| ops::swiglu(&x[0], &x[1])),
+            Box::new(|x: &[Tensor]| ops::swiglu_plain(&x[0], &x[1])),
+            vec![(det(&[b, t, 3 * h + 1], 4)? * 4.0)?, det(&[b, t, 3 * h + 1], 5)?],
+            vec![0, 1],
+        ),
+        (
+            "rope_heads",
+            Box::new(|x: &[Tensor]| ops::rope_heads(&x[0], &x[1].cos()?, &x[1].sin()?)),
+            Box::new(|x: &[Tensor]| ops::rope_plain(&x[0].transpose(1, 2)?, &x[1].cos()?, &x[1].sin()?)),
+            vec![det(&[b, t, heads, hd], 6)?, angles],
+            vec![0],
+        ),
+        (
+            "label_logprobs",
+            Box::new(|x: &[Tensor]| ops::label_logprobs(&x[0], &x[1], &x[2])),
+            Box::new(|x: &[Tensor]| ops::label_logprobs_plain(&x[0].to_dtype(DType::F64)?, &x[1].to_dtype(DType::F64)?, &x[2])),
+            vec![det(&[b * t, h], 7)?, det(&[v, h], 8)?, Tensor::from_vec((0..b * t).map(|i| (i * 37 % v) as u32).collect::<Vec<_>>(), b * t, &Device::Cpu)?],
+            vec![0, 1],
+        ),
+    ])
+}
+
+/// AdamW's fused step (with an f32 master for bf16) against the composed
+/// update in f64 over three steps.
+fn check_adamw(dev: &Device, dt: DType) -> Result<f64> {
+    let n = 100_003;
+    let p0 = det(&[n], 11)?;
+    let param = Var::from_tensor(&p0.to_dtype(dt)?.to_device(dev)?)?;
+    let mut moments = adamw::new_moments(param.as_tensor())?;
+    let mut master = adamw::new_master(param.as_tensor())?;
+    let (mut p, mut m, mut v) = (p0.to_dtype(dt)?.to_dtype(DType::F64)?, p0.zeros_like()?, p0.zeros_like()?);
+    for step in 1..=3u64 {
+        let g = det(&[n], 20 + step)?.to_dtype(dt)?;
+        let s = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
+        adamw::adamw_step(&param, &mut moments, master.as_mut(), &g.to_device(dev)?, s)?;
+        (p, m, v) = adamw::composed_update(&p, &m, &v, &g.to_dtype(DType::F64)?, s)?;
+    }
+    let back = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+    let got_p = match &master {
+        Some(ms) => back(ms)?,
+        None => back(param.as_tensor())?,
+    };
+    // The parameter's change against the reference's change (the update is small next to the weights).
+    let (dp_got, dp_want) = ((&got_p - &p0.to_dtype(dt)?.to_dtype(DType::F64)?)?, (&p - &p0.to_dtype(dt)?.to_dtype(DType::F64)?)?);
+    rel_err(&[dp_got, back(&moments.get(0)?)?, back(&moments.get(1)?)?], &[dp_want, m, v])
+}
+
+/// The sum of squares that gradient clipping adds up, against f64 on the CPU.
+fn check_sum_squares(dev: &Device, dt: DType) -> Result<f64> {
+    let x = (det(&[3, 333_337], 12)? * 2.0)?.to_dtype(dt)?;
+    let want = x.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    let got = adamw::sum_squares_on_device(&x.to_device(dev)?)?.to_device(&Device::Cpu)?.to_vec1::<f64>()?[0];
+    Ok((got - want).abs() / want)
+}
+
+/// Runs every check on `dev` in f32 and bf16 (f32 only on the CPU, whose
+/// kernels take f32/f64).
+pub fn run(dev: &Device) -> Result<Vec<CheckRow>> {
+    let dtypes: &[DType] = if dev.is_cpu() { &[DType::F32] } else { &[DType::F32, DType::BF16] };
+    let mut rows = vec![];
+    for &dt in dtypes {
+        let tolerance = if dt == DType::BF16 { 3e-2 } else { 1e-4 };
+        for (op, fused, plain, xs, grads_of) in cases()? {
+            let want = value_and_grads(plain.as_ref(), &xs, &grads_of, &Device::Cpu, DType::F64)?;
+            let got = value_and_grads(fused.as_ref(), &xs, &grads_of, dev, dt)?;
+            rows.push(CheckRow { op, dtype: dt, rel_err: rel_err(&got, &want)?, tolerance });
+        }
+        // The update against its f64 twin, relative to the change of the weights
+        // (f32 rounding of weights near 1 shows there at ~1e-4).
+        rows.push(CheckRow { op: "adamw", dtype: dt, rel_err: check_adamw(dev, dt)?, tolerance: tolerance.max(5e-4) });
+        rows.push(CheckRow { op: "sum_squares", dtype: dt, rel_err: check_sum_squares(dev, dt)?, tolerance: 1e-9 });
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_kernels_pass_the_device_check() {
+        let rows = super::run(&candle_core::Device::Cpu).unwrap();
+        assert_eq!(rows.len(), 7);
+        for r in rows {
+            assert!(r.passed(), "{r:?}");
+        }
+    }
+}

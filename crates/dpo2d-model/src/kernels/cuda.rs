@@ -1,0 +1,661 @@
+//! The CUDA twins of the fused CPU kernels: the same ops (same structs, same
+//! semantics, checked against the same composed references), computed on
+//! the GPU in f32 or bf16 with f32 arithmetic inside. The kernels are CUDA C
+//! compiled once per process by NVRTC (no build-time toolkit beyond what
+//! candle's CUDA backend needs) and loaded into candle's device.
+//!
+//! `DPO2D_CUDA_KERNELS=0` turns them off: the ops then take candle's kernels
+//! and the composed backward, which is how the two are compared on a GPU.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{bail, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use std::sync::OnceLock;
+
+const SOURCE: &str = r#"
+typedef unsigned short bf16;
+typedef unsigned long long u64;  // NVRTC has no <stddef.h>
+#define NEG_INF __int_as_float(0xff800000)
+__device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16* p, u64 i) { return __uint_as_float(((unsigned)p[i]) << 16); }
+__device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16* p, u64 i, float v) {
+    unsigned u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = (bf16)((u >> 16) | 0x40u); return; }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    p[i] = (bf16)(u >> 16);
+}
+__device__ __forceinline__ float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Sum over the block (blockDim a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    __shared__ float total;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0f;
+        s = warp_sum(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+// ---- SwiGLU: y = silu(gate) * up; grads: out[0:n] = dgate, out[n:2n] = dup.
+template <typename T> __device__ void swiglu_fwd(const T* g, const T* u, T* y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float a = ld(g, i);
+        st(y, i, a * sigm(a) * ld(u, i));
+    }
+}
+template <typename T> __device__ void swiglu_bwd(const T* g, const T* u, const T* go, T* out, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float a = ld(g, i), s = sigm(a), d = ld(go, i);
+        st(out, i, d * ld(u, i) * s * (1.0f + a * (1.0f - s)));
+        st(out, n + i, d * a * s);
+    }
+}
+
+// ---- RMSNorm over rows of h: one block per row.
+template <typename T> __device__ void rmsnorm_fwd(const T* x, const T* w, T* y, int h, float eps) {
+    u64 row = (u64)blockIdx.x * h;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) { float v = ld(x, row + j); ss += v * v; }
+    float r = rsqrtf(block_sum(ss) / h + eps);
+    for (int j = threadIdx.x; j < h; j += blockDim.x) st(y, row + j, ld(x, row + j) * r * ld(w, j));
+}
+// dx = r g w - x r^3 mean(g w x)
+template <typename T> __device__ void rmsnorm_dx(const T* x, const T* w, const T* go, T* dx, int h, float eps) {
+    u64 row = (u64)blockIdx.x * h;
+    float ss = 0.0f, dot = 0.0f;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) {
+        float v = ld(x, row + j);
+        ss += v * v;
+        dot += ld(go, row + j) * ld(w, j) * v;
+    }
+    ss = block_sum(ss);
+    dot = block_sum(dot) / h;
+    float r = rsqrtf(ss / h + eps), c = r * r * r * dot;
+    for (int j = threadIdx.x; j < h; j += blockDim.x)
+        st(dx, row + j, r * ld(go, row + j) * ld(w, j) - ld(x, row + j) * c);
+}
+// dw = sum over rows of g x r: each block sums `per_block` rows in shared memory, then one atomic per column.
+template <typename T> __device__ void rmsnorm_dw(const T* x, const T* go, float* dw, int rows, int h, float eps, int per_block) {
+    extern __shared__ float acc[];
+    for (int j = threadIdx.x; j < h; j += blockDim.x) acc[j] = 0.0f;
+    int end = min(rows, (int)(blockIdx.x + 1) * per_block);
+    for (int r0 = blockIdx.x * per_block; r0 < end; r0++) {
+        u64 row = (u64)r0 * h;
+        float ss = 0.0f;
+        for (int j = threadIdx.x; j < h; j += blockDim.x) { float v = ld(x, row + j); ss += v * v; }
+        float r = rsqrtf(block_sum(ss) / h + eps);
+        for (int j = threadIdx.x; j < h; j += blockDim.x) acc[j] += ld(go, row + j) * ld(x, row + j) * r;
+    }
+    for (int j = threadIdx.x; j < h; j += blockDim.x) atomicAdd(dw + j, acc[j]);
+}
+
+// ---- Attention's masked softmax over rows of tk: one warp per row.
+template <typename T> __device__ void softmax_fwd(const T* x, const T* mask, T* y, u64 rows, int tk, int tq, u64 per_batch, int mask_batches) {
+    u64 row = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    u64 b = mask_batches == 1 ? 0 : row / per_batch;
+    const T* m = mask + (b * tq + row % tq) * tk;
+    const T* xr = x + row * tk;
+    float mx = NEG_INF;
+    for (int j = lane; j < tk; j += 32) mx = fmaxf(mx, ld(xr, j) + ld(m, j));
+    mx = warp_max(mx);
+    if (mx == NEG_INF) {  // every key masked: zeros, not NaN
+        for (int j = lane; j < tk; j += 32) st(y, row * tk + j, 0.0f);
+        return;
+    }
+    float s = 0.0f;
+    for (int j = lane; j < tk; j += 32) s += expf(ld(xr, j) + ld(m, j) - mx);
+    float inv = 1.0f / warp_sum(s);
+    for (int j = lane; j < tk; j += 32) st(y, row * tk + j, expf(ld(xr, j) + ld(m, j) - mx) * inv);
+}
+template <typename T> __device__ void softmax_bwd(const T* y, const T* go, T* dx, u64 rows, int tk) {
+    u64 row = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    u64 o = row * tk;
+    float dot = 0.0f;
+    for (int j = lane; j < tk; j += 32) dot += ld(y, o + j) * ld(go, o + j);
+    dot = warp_sum(dot);
+    for (int j = lane; j < tk; j += 32) st(dx, o + j, ld(y, o + j) * (ld(go, o + j) - dot));
+}
+
+// ---- Label log-probs over a chunk of logits [rows, v]: one block per row for the
+// logsumexp (the sum of exponentials in f64) and the label's logit; the logits'
+// gradient g * (onehot(label) - exp(logit - lse)) element-wise.
+__device__ float block_max(float v) {
+    __shared__ float part[32];
+    __shared__ float total;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < (int)(blockDim.x >> 5) ? part[lane] : NEG_INF;
+        for (int o = 16; o > 0; o >>= 1) s = fmaxf(s, __shfl_xor_sync(0xffffffffu, s, o));
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+__device__ double block_sum_d(double v) {
+    __shared__ double part[32];
+    __shared__ double total;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double s = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+// out[0:rows] = logit[label] - lse, out[rows:2 rows] = lse
+template <typename T> __device__ void label_pick(const T* logits, const unsigned* labels, float* out, u64 rows, u64 v) {
+    u64 row = blockIdx.x;
+    const T* l = logits + row * v;
+    float mx = NEG_INF;
+    for (u64 j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, ld(l, j));
+    mx = block_max(mx);
+    double s = 0.0;
+    for (u64 j = threadIdx.x; j < v; j += blockDim.x) s += (double)expf(ld(l, j) - mx);
+    s = block_sum_d(s);
+    if (threadIdx.x == 0) {
+        float lse = mx + (float)log(s);
+        out[row] = ld(l, labels[row]) - lse;
+        out[rows + row] = lse;
+    }
+}
+// lse_g[0:rows] = lse, lse_g[rows:2 rows] = g
+template <typename T> __device__ void logit_grads(const T* logits, const unsigned* labels, const float* lse_g, T* out, u64 rows, u64 v) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < rows * v; i += (u64)gridDim.x * blockDim.x) {
+        u64 row = i / v;
+        float g = lse_g[rows + row];
+        float d = -g * expf(ld(logits, i) - lse_g[row]);
+        if (i - row * v == labels[row]) d += g;
+        st(out, i, d);
+    }
+}
+
+// ---- Sum of squares (gradient clipping) over many blocks, in f64, added into *out.
+template <typename T> __device__ void sum_squares(const T* x, u64 n, double* out) {
+    double s = 0.0;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        double v = ld(x, i);
+        s += v * v;
+    }
+    s = block_sum_d(s);
+    if (threadIdx.x == 0) atomicAdd(out, s);
+}
+
+// ---- AdamW: moments [2n] f32 from the gradient, then the f32 parameter from the moments.
+template <typename G> __device__ void adamw_moments(float* mv, const G* g, u64 n, float b1, float b2, float c1, float c2, float scale) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float x = ld(g, i) * scale;
+        mv[i] = b1 * mv[i] + c1 * x;
+        mv[n + i] = b2 * mv[n + i] + c2 * x * x;
+    }
+}
+
+extern "C" __global__ void swiglu_fwd_f32(const float* g, const float* u, float* y, u64 n) { swiglu_fwd(g, u, y, n); }
+extern "C" __global__ void swiglu_fwd_bf16(const bf16* g, const bf16* u, bf16* y, u64 n) { swiglu_fwd(g, u, y, n); }
+extern "C" __global__ void swiglu_bwd_f32(const float* g, const float* u, const float* go, float* o, u64 n) { swiglu_bwd(g, u, go, o, n); }
+extern "C" __global__ void swiglu_bwd_bf16(const bf16* g, const bf16* u, const bf16* go, bf16* o, u64 n) { swiglu_bwd(g, u, go, o, n); }
+extern "C" __global__ void rmsnorm_fwd_f32(const float* x, const float* w, float* y, int h, float eps) { rmsnorm_fwd(x, w, y, h, eps); }
+extern "C" __global__ void rmsnorm_fwd_bf16(const bf16* x, const bf16* w, bf16* y, int h, float eps) { rmsnorm_fwd(x, w, y, h, eps); }
+extern "C" __global__ void rmsnorm_dx_f32(const float* x, const float* w, const float* g, float* dx, int h, float eps) { rmsnorm_dx(x, w, g, dx, h, eps); }
+extern "C" __global__ void rmsnorm_dx_bf16(const bf16* x, const bf16* w, const bf16* g, bf16* dx, int h, float eps) { rmsnorm_dx(x, w, g, dx, h, eps); }
+extern "C" __global__ void rmsnorm_dw_f32(const float* x, const float* g, float* dw, int rows, int h, float eps, int pb) { rmsnorm_dw(x, g, dw, rows, h, eps, pb); }
+extern "C" __global__ void rmsnorm_dw_bf16(const bf16* x, const bf16* g, float* dw, int rows, int h, float eps, int pb) { rmsnorm_dw(x, g, dw, rows, h, eps, pb); }
+extern "C" __global__ void softmax_fwd_f32(const float* x, const float* m, float* y, u64 rows, int tk, int tq, u64 pb, int mb) { softmax_fwd(x, m, y, rows, tk, tq, pb, mb); }
+extern "C" __global__ void softmax_fwd_bf16(const bf16* x, const bf16* m, bf16* y, u64 rows, int tk, int tq, u64 pb, int mb) { softmax_fwd(x, m, y, rows, tk, tq, pb, mb); }
+extern "C" __global__ void softmax_bwd_f32(const float* y, const float* g, float* dx, u64 rows, int tk) { softmax_bwd(y, g, dx, rows, tk); }
+extern "C" __global__ void softmax_bwd_bf16(const bf16* y, const bf16* g, bf16* dx, u64 rows, int tk) { softmax_bwd(y, g, dx, rows, tk); }
+extern "C" __global__ void adamw_moments_f32(float* mv, const float* g, u64 n, float b1, float b2, float c1, float c2, float s) { adamw_moments(mv, g, n, b1, b2, c1, c2, s); }
+extern "C" __global__ void adamw_moments_bf16(float* mv, const bf16* g, u64 n, float b1, float b2, float c1, float c2, float s) { adamw_moments(mv, g, n, b1, b2, c1, c2, s); }
+extern "C" __global__ void label_pick_f32(const float* l, const unsigned* lab, float* o, u64 rows, u64 v) { label_pick(l, lab, o, rows, v); }
+extern "C" __global__ void label_pick_bf16(const bf16* l, const unsigned* lab, float* o, u64 rows, u64 v) { label_pick(l, lab, o, rows, v); }
+extern "C" __global__ void logit_grads_f32(const float* l, const unsigned* lab, const float* lg, float* o, u64 rows, u64 v) { logit_grads(l, lab, lg, o, rows, v); }
+extern "C" __global__ void logit_grads_bf16(const bf16* l, const unsigned* lab, const float* lg, bf16* o, u64 rows, u64 v) { logit_grads(l, lab, lg, o, rows, v); }
+extern "C" __global__ void sum_squares_f32(const float* x, u64 n, double* out) { sum_squares(x, n, out); }
+extern "C" __global__ void sum_squares_bf16(const bf16* x, u64 n, double* out) { sum_squares(x, n, out); }
+extern "C" __global__ void adamw_update(float* p, const float* mv, u64 n, float decay, float step_size, float inv_bc2_sqrt, float eps) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        p[i] = p[i] * decay - step_size * mv[i] / (sqrtf(mv[n + i]) * inv_bc2_sqrt + eps);
+}
+"#;
+
+/// Whether the CUDA kernels serve this tensor (a GPU tensor in f32 or bf16,
+/// kernels not turned off).
+pub fn supports(t: &Tensor) -> bool {
+    t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16) && enabled()
+}
+
+fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DPO2D_CUDA_KERNELS").map(|v| v != "0").unwrap_or(true))
+}
+
+/// The kernels' PTX, compiled on first use.
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let r = PTX.get_or_init(|| {
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SOURCE).map(|p| p.to_src()).map_err(|e| format!("compiling dpo2d's CUDA kernels: {e}"))
+    });
+    match r {
+        Ok(p) => Ok(p.as_str()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// The module the kernels load as in candle's device.
+const MODULE: &str = "dpo2d_kernels";
+
+/// The element types the kernels take, with their names' suffix.
+trait Elem: CudaDType + DeviceRepr + ValidAsZeroBits + Copy + 'static {
+    const SUFFIX: &'static str;
+}
+impl Elem for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl Elem for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+/// Calls `$body` with `$T` bound to the storage's element type.
+macro_rules! with_elem {
+    ($dt:expr, $what:expr, $T:ident => $body:expr) => {
+        match $dt {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            d => bail!("{}: no CUDA kernel for {d:?}", $what),
+        }
+    };
+}
+
+/// The contiguous elements of a storage as a device view.
+fn view<'a, T: Elem>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(T::as_cuda_slice(s)?.slice(a..b)),
+        None => bail!("{what}: input is not contiguous"),
+    }
+}
+
+/// A grid-stride launch over `n` elements.
+fn flat(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 132 * 32) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Threads per block for a row of `h` (a multiple of 32, at most 1024).
+fn row_threads(h: usize) -> u32 {
+    (h.div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+fn wrap<T: Elem>(s: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
+    T::wrap_cuda_slice(s, dev.clone())
+}
+
+// ------------------------------------------------------------ SwiGLU
+
+pub(super) fn swiglu_fwd(gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = gs.device();
+    let n = gl.shape().elem_count();
+    let y = with_elem!(gs.dtype(), "swiglu", T => {
+        let (g, u) = (view::<T>(gs, gl, "swiglu")?, view::<T>(us, ul, "swiglu")?);
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let f = dev.get_or_load_custom_func(&format!("swiglu_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+        let mut b = f.builder();
+        b.arg(&g).arg(&u).arg(&y).arg(&n);
+        unsafe { b.launch(flat(n)) }.w()?;
+        wrap(y, dev)
+    });
+    Ok((y, gl.shape().clone()))
+}
+
+/// SwiGLU's input gradients `[2, ..]`: dgate, then dup.
+pub(super) struct SwiGluGrads;
+
+impl CustomOp3 for SwiGluGrads {
+    fn name(&self) -> &'static str {
+        "dpo2d-swiglu-grads"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        bail!("{}: CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &Layout, os: &CudaStorage, ol: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = gs.device();
+        let n = gl.shape().elem_count();
+        let out = with_elem!(gs.dtype(), self.name(), T => {
+            let (g, u, go) = (view::<T>(gs, gl, self.name())?, view::<T>(us, ul, self.name())?, view::<T>(os, ol, self.name())?);
+            let out = unsafe { dev.alloc::<T>(2 * n)? };
+            let f = dev.get_or_load_custom_func(&format!("swiglu_bwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            b.arg(&g).arg(&u).arg(&go).arg(&out).arg(&n);
+            unsafe { b.launch(flat(n)) }.w()?;
+            wrap(out, dev)
+        });
+        let mut dims = vec![2];
+        dims.extend_from_slice(gl.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+// ------------------------------------------------------------ RMSNorm
+
+pub(super) fn rms_norm_fwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, eps: f64) -> Result<(CudaStorage, Shape)> {
+    let dev = xs.device();
+    let n = xl.shape().elem_count();
+    let h = wl.shape().elem_count();
+    let y = with_elem!(xs.dtype(), "rms norm", T => {
+        let (x, w) = (view::<T>(xs, xl, "rms norm")?, view::<T>(ws, wl, "rms norm")?);
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let f = dev.get_or_load_custom_func(&format!("rmsnorm_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+        let mut b = f.builder();
+        let (hi, e) = (h as i32, eps as f32);
+        b.arg(&x).arg(&w).arg(&y).arg(&hi).arg(&e);
+        let cfg = LaunchConfig { grid_dim: ((n / h.max(1)) as u32, 1, 1), block_dim: (row_threads(h), 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.w()?;
+        wrap(y, dev)
+    });
+    Ok((y, xl.shape().clone()))
+}
+
+/// RMSNorm's `dx` (inputs x, w, g).
+pub(super) struct RmsNormDx {
+    pub eps: f64,
+}
+
+impl CustomOp3 for RmsNormDx {
+    fn name(&self) -> &'static str {
+        "dpo2d-rms-norm-dx"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        bail!("{}: CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let n = xl.shape().elem_count();
+        let h = wl.shape().elem_count();
+        let dx = with_elem!(xs.dtype(), self.name(), T => {
+            let (x, w, g) = (view::<T>(xs, xl, self.name())?, view::<T>(ws, wl, self.name())?, view::<T>(gs, gl, self.name())?);
+            let dx = unsafe { dev.alloc::<T>(n)? };
+            let f = dev.get_or_load_custom_func(&format!("rmsnorm_dx_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            let (hi, e) = (h as i32, self.eps as f32);
+            b.arg(&x).arg(&w).arg(&g).arg(&dx).arg(&hi).arg(&e);
+            let cfg = LaunchConfig { grid_dim: ((n / h.max(1)) as u32, 1, 1), block_dim: (row_threads(h), 1, 1), shared_mem_bytes: 0 };
+            unsafe { b.launch(cfg) }.w()?;
+            wrap(dx, dev)
+        });
+        Ok((dx, xl.shape().clone()))
+    }
+}
+
+/// RMSNorm's `dw` in f32 (inputs x, g; `h` from x's last dim).
+pub(super) struct RmsNormDw {
+    pub eps: f64,
+}
+
+impl CustomOp2 for RmsNormDw {
+    fn name(&self) -> &'static str {
+        "dpo2d-rms-norm-dw"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        bail!("{}: CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let h = *xl.dims().last().unwrap_or(&1);
+        let rows = xl.shape().elem_count() / h.max(1);
+        if h * 4 > 48 * 1024 {
+            bail!("{}: hidden size {h} too large for one block's shared memory", self.name());
+        }
+        let per_block = rows.div_ceil(132 * 4).max(1);
+        let dw = with_elem!(xs.dtype(), self.name(), T => {
+            let (x, g) = (view::<T>(xs, xl, self.name())?, view::<T>(gs, gl, self.name())?);
+            let dw = dev.alloc_zeros::<f32>(h)?;
+            let f = dev.get_or_load_custom_func(&format!("rmsnorm_dw_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            let (ri, hi, e, pb) = (rows as i32, h as i32, self.eps as f32, per_block as i32);
+            b.arg(&x).arg(&g).arg(&dw).arg(&ri).arg(&hi).arg(&e).arg(&pb);
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(per_block).max(1) as u32, 1, 1),
+                block_dim: (row_threads(h).min(256), 1, 1),
+                shared_mem_bytes: (h * 4) as u32,
+            };
+            unsafe { b.launch(cfg) }.w()?;
+            wrap(dw, dev)
+        });
+        Ok((dw, Shape::from(h)))
+    }
+}
+
+// ------------------------------------------------------------ masked softmax
+
+/// The masked softmax's forward; the geometry as the CPU kernel reads it.
+pub(super) fn softmax_fwd(xs: &CudaStorage, xl: &Layout, mask: &Tensor, geo: (usize, usize, usize, usize)) -> Result<(CudaStorage, Shape)> {
+    let (tq, tk, per_batch, mask_batches) = geo;
+    let dev = xs.device();
+    let n = xl.shape().elem_count();
+    let rows = n / tk.max(1);
+    let (ms, ml) = mask.storage_and_layout();
+    let candle_core::Storage::Cuda(ms) = &*ms else { bail!("masked softmax: the mask is not on the GPU") };
+    let y = with_elem!(xs.dtype(), "masked softmax", T => {
+        let (x, m) = (view::<T>(xs, xl, "masked softmax")?, view::<T>(ms, ml, "masked softmax")?);
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let f = dev.get_or_load_custom_func(&format!("softmax_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+        let mut b = f.builder();
+        let (tki, tqi, mbi) = (tk as i32, tq as i32, mask_batches as i32);
+        b.arg(&x).arg(&m).arg(&y).arg(&rows).arg(&tki).arg(&tqi).arg(&per_batch).arg(&mbi);
+        unsafe { b.launch(warp_rows(rows)) }.w()?;
+        wrap(y, dev)
+    });
+    Ok((y, xl.shape().clone()))
+}
+
+/// One warp per row, 8 rows per block.
+fn warp_rows(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The softmax's input gradient `y * (g - sum(g * y))` (inputs y, g).
+pub(super) struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "dpo2d-softmax-grad"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        bail!("{}: CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, ys: &CudaStorage, yl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = ys.device();
+        let n = yl.shape().elem_count();
+        let tk = *yl.dims().last().unwrap_or(&1);
+        let rows = n / tk.max(1);
+        let dx = with_elem!(ys.dtype(), self.name(), T => {
+            let (y, g) = (view::<T>(ys, yl, self.name())?, view::<T>(gs, gl, self.name())?);
+            let dx = unsafe { dev.alloc::<T>(n)? };
+            let f = dev.get_or_load_custom_func(&format!("softmax_bwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            let tki = tk as i32;
+            b.arg(&y).arg(&g).arg(&dx).arg(&rows).arg(&tki);
+            unsafe { b.launch(warp_rows(rows)) }.w()?;
+            wrap(dx, dev)
+        });
+        Ok((dx, yl.shape().clone()))
+    }
+}
+
+// ------------------------------------------------------------ label log-probs
+
+/// Per row of `logits` `[R, V]` (f32 or bf16): `(logit[label] - logsumexp,
+/// logsumexp)` in f32, as [`super::logprobs::pick_and_lse`] on the CPU.
+pub fn pick_and_lse(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let both = logits.contiguous()?.apply_op2_no_bwd(&labels.to_dtype(DType::U32)?.contiguous()?, &LabelPick)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// `g[r] * (onehot(label[r]) - exp(logits[r] - lse[r]))` in the logits' dtype.
+pub fn logit_grads(logits: &Tensor, labels: &Tensor, lse: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let lse_g = Tensor::stack(&[lse.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?], 0)?.contiguous()?;
+    logits.contiguous()?.apply_op3_no_bwd(&labels.to_dtype(DType::U32)?.contiguous()?, &lse_g, &LogitGrads)
+}
+
+fn labels_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(u32::as_cuda_slice(s)?.slice(a..b)),
+        None => bail!("label log-probs: labels not contiguous"),
+    }
+}
+
+struct LabelPick;
+
+impl CustomOp2 for LabelPick {
+    fn name(&self) -> &'static str {
+        "dpo2d-label-pick"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        bail!("{}: CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout, bs: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = ls.device();
+        let (rows, v) = ll.shape().dims2()?;
+        let labels = labels_view(bs, bl)?;
+        let out = with_elem!(ls.dtype(), self.name(), T => {
+            let l = view::<T>(ls, ll, self.name())?;
+            let out = unsafe { dev.alloc::<f32>(2 * rows)? };
+            let f = dev.get_or_load_custom_func(&format!("label_pick_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            b.arg(&l).arg(&labels).arg(&out).arg(&rows).arg(&v);
+            let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            unsafe { b.launch(cfg) }.w()?;
+            wrap(out, dev)
+        });
+        Ok((out, Shape::from((2, rows))))
+    }
+}
+
+struct LogitGrads;
+
+impl CustomOp3 for LogitGrads {
+    fn name(&self) -> &'static str {
+        "dpo2d-logit-grads"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        bail!("{}: CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout, bs: &CudaStorage, bl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = ls.device();
+        let (rows, v) = ll.shape().dims2()?;
+        let labels = labels_view(bs, bl)?;
+        let lse_g = view::<f32>(gs, gl, self.name())?;
+        let out = with_elem!(ls.dtype(), self.name(), T => {
+            let l = view::<T>(ls, ll, self.name())?;
+            let out = unsafe { dev.alloc::<T>(rows * v)? };
+            let f = dev.get_or_load_custom_func(&format!("logit_grads_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            b.arg(&l).arg(&labels).arg(&lse_g).arg(&out).arg(&rows).arg(&v);
+            unsafe { b.launch(flat(rows * v)) }.w()?;
+            wrap(out, dev)
+        });
+        Ok((out, ll.shape().clone()))
+    }
+}
+
+// ------------------------------------------------------------ sum of squares
+
+/// The sum of the squares of a GPU tensor's elements, in f64, as a `[1]`
+/// tensor on the device (no copy to the host: the caller adds many of them
+/// and reads one number). candle's `sum_all` reduces in a single block.
+pub fn sum_squares(t: &Tensor) -> Result<Tensor> {
+    t.contiguous()?.apply_op1_no_bwd(&SumSquares)
+}
+
+struct SumSquares;
+
+impl candle_core::CustomOp1 for SumSquares {
+    fn name(&self) -> &'static str {
+        "dpo2d-sum-squares"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        bail!("{}: CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let n = xl.shape().elem_count();
+        let out = dev.alloc_zeros::<f64>(1)?;
+        with_elem!(xs.dtype(), self.name(), T => {
+            let x = view::<T>(xs, xl, self.name())?;
+            let f = dev.get_or_load_custom_func(&format!("sum_squares_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            b.arg(&x).arg(&n).arg(&out);
+            unsafe { b.launch(flat(n)) }.w()?;
+        });
+        Ok((f64::wrap_cuda_slice(out, dev.clone()), Shape::from(1)))
+    }
+}
+
+// ------------------------------------------------------------ AdamW
+
+/// `mv` (`[2, N]` f32) updated in place from the gradient (f32 or bf16).
+pub(super) fn adamw_moments(mv: &mut CudaStorage, ml: &Layout, gs: &CudaStorage, gl: &Layout, k: [f32; 5]) -> Result<()> {
+    let dev = mv.device().clone();
+    let n = gl.shape().elem_count();
+    let Some((a, _)) = ml.contiguous_offsets() else { bail!("adamw: moments not contiguous") };
+    let [b1, b2, c1, c2, scale] = k;
+    with_elem!(gs.dtype(), "adamw", T => {
+        let g = view::<T>(gs, gl, "adamw")?;
+        let f = &dev.get_or_load_custom_func(&format!("adamw_moments_{}", T::SUFFIX), MODULE, ptx()?)?;
+        let mut m = f32::as_cuda_slice_mut(mv)?.slice_mut(a..a + 2 * n);
+        let mut b = f.builder();
+        b.arg(&mut m).arg(&g).arg(&n).arg(&b1).arg(&b2).arg(&c1).arg(&c2).arg(&scale);
+        unsafe { b.launch(flat(n)) }.w()?;
+    });
+    Ok(())
+}
+
+/// The f32 parameter `p` updated in place from the moments.
+pub(super) fn adamw_update(p: &mut CudaStorage, pl: &Layout, ms: &CudaStorage, ml: &Layout, k: [f32; 4]) -> Result<()> {
+    let dev = p.device().clone();
+    let n = pl.shape().elem_count();
+    let Some((a, b_)) = pl.contiguous_offsets() else { bail!("adamw: parameter not contiguous") };
+    let mv = view::<f32>(ms, ml, "adamw")?;
+    let [decay, step_size, inv_bc2_sqrt, eps] = k;
+    let f = &dev.get_or_load_custom_func("adamw_update", MODULE, ptx()?)?;
+    let mut pv = f32::as_cuda_slice_mut(p)?.slice_mut(a..b_);
+    let mut b = f.builder();
+    b.arg(&mut pv).arg(&mv).arg(&n).arg(&decay).arg(&step_size).arg(&inv_bc2_sqrt).arg(&eps);
+    unsafe { b.launch(flat(n)) }.w()?;
+    Ok(())
+}
