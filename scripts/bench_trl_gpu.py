@@ -12,7 +12,8 @@ Workloads (pick with --workloads):
 Both tools: sigmoid DPO, beta 0.1, the same pairs in file order, the same
 batch and number of optimizer steps, bf16 with f32 master weights (TRL:
 `bf16=True` on f32 weights for full fine-tuning, bf16 base weights for
-LoRA; SDPA attention), no gradient checkpointing (dpo2d has none), TRL's
+LoRA; SDPA attention), gradient checkpointing off for both unless
+--gradient-checkpointing (then on for both), TRL's
 default of computing the reference log-probs inside every step.
 
 Measured (the same way for both):
@@ -70,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--response-words", type=int, default=244, help="words per response (+1 end-of-turn token: 245)")
     p.add_argument("--device", default=env.get("DEVICE", "cuda"), help="cuda, or cpu for a dry run")
     p.add_argument("--tools", default=env.get("TOOLS", "trl,dpo2d"))
+    p.add_argument("--gradient-checkpointing", action="store_true", default=env.get("GC") == "1",
+                   help="recompute activations in backward, in both tools (GC=1)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak for MFU (H100/H200 dense: about 790 measured)")
     p.add_argument("--workdir", default=env.get("BENCH_DIR", "runs/bench-trl-gpu"))
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
@@ -239,7 +242,7 @@ def trl_worker(a) -> None:
     config = DPOConfig(
         output_dir=str(Path(a.out).parent / "trl-output"), per_device_train_batch_size=a.batch,
         gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=5e-7, beta=0.1, max_length=1024,
-        bf16=gpu, fp16=False, gradient_checkpointing=False, use_cpu=not gpu, train_sampling_strategy="sequential",
+        bf16=gpu, fp16=False, gradient_checkpointing=a.gradient_checkpointing, use_cpu=not gpu, train_sampling_strategy="sequential",
         dataloader_num_workers=0, report_to="none", save_strategy="no", logging_steps=1, seed=42, disable_tqdm=True,
     )
     step_times: list[float] = []
@@ -273,6 +276,8 @@ def run_trl(a, wl: dict, model_dir: Path, trl_pairs: Path, work: Path) -> dict:
            "--out", str(out), "--steps", str(a.steps), "--batch", str(wl["batch"]), "--device", a.device]
     if wl["lora"]:
         cmd.append("--lora")
+    if a.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     print(f"[bench] TRL DPOTrainer: {a.steps} steps x {wl['batch']} pairs", flush=True)
     res = run_child(cmd, work / "trl.log")
     if res["returncode"] != 0 or not out.exists():
@@ -297,6 +302,8 @@ def run_dpo2d(a, wl: dict, model_dir: Path, raw_pairs: Path, work: Path) -> dict
            "--save-steps", str(10 * a.steps)]
     if a.device == "cuda":
         cmd += ["--bf16", "true"]
+    if a.gradient_checkpointing:
+        cmd += ["--gradient-checkpointing", "true"]
     if wl["lora"]:
         cmd += ["--use-lora", "true", "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0",
                 "--lora-target-modules", "q_proj,k_proj,v_proj,o_proj"]

@@ -169,6 +169,9 @@ struct Overrides {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     bf16: Option<bool>,
+    #[arg(long, alias = "gradient_checkpointing")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gradient_checkpointing: Option<bool>,
     #[arg(long, alias = "use_lora")]
     #[serde(skip_serializing_if = "Option::is_none")]
     use_lora: Option<bool>,

@@ -31,6 +31,8 @@
 //! Log-probabilities go through [`crate::ops::label_logprobs`], which never
 //! keeps a `[tokens x vocab]` tensor alive for backward.
 
+mod checkpoint;
+
 use crate::config::ModelConfig;
 use crate::lora::{LoraAdapter, LoraConfig, LoraRuntime, LoraTarget};
 use crate::ops;
@@ -91,6 +93,7 @@ impl Linear {
 
 /// What every block of one forward pass shares: the rotary tables for the
 /// tokens' positions and the additive attention mask.
+#[derive(Clone)]
 struct LayerCtx {
     /// cos/sin `[B, T, head_dim/2]`.
     cos: Tensor,
@@ -415,13 +418,15 @@ impl KvCache {
 pub struct CausalLM {
     cfg: ModelConfig,
     embed: Tensor,
-    layers: Vec<Block>,
+    layers: Vec<Arc<Block>>,
     norm: RmsNorm,
     /// None when tied to the embeddings.
     lm_head: Option<Tensor>,
     vars: Vec<(String, Var)>,
     /// Gradient sinks of the linear layers' weights, by variable name.
     sinks: HashMap<String, Arc<ops::GradSink>>,
+    /// Set by [`CausalLM::set_gradient_checkpointing`].
+    checkpointing: Option<checkpoint::Checkpointing>,
     lora: Option<LoraConfig>,
     runtime: Arc<LoraRuntime>,
     inv_freq: Vec<f64>,
@@ -521,7 +526,7 @@ impl CausalLM {
         };
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = b.param("model.embed_tokens.weight", &[v, h])?;
-        let layers = (0..cfg.num_hidden_layers).map(|i| Block::load(&mut b, i, &cfg)).collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| Ok(Arc::new(Block::load(&mut b, i, &cfg)?))).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&mut b, "model.norm", h, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
@@ -539,6 +544,7 @@ impl CausalLM {
             lm_head,
             vars: b.vars,
             sinks: b.sinks,
+            checkpointing: None,
             lora: opts.lora.clone(),
             runtime,
             inv_freq,
@@ -576,11 +582,12 @@ impl CausalLM {
         Ok(CausalLM {
             cfg: self.cfg.clone(),
             embed: self.embed.detach(),
-            layers: self.layers.iter().map(Block::frozen).collect::<Result<_>>()?,
+            layers: self.layers.iter().map(|l| Ok(Arc::new(l.frozen()?))).collect::<Result<_>>()?,
             norm: self.norm.frozen(),
             lm_head: self.lm_head.as_ref().map(Tensor::detach),
             vars: vec![],
             sinks: HashMap::new(),
+            checkpointing: None,
             lora: None,
             runtime: self.runtime.clone(),
             inv_freq: self.inv_freq.clone(),
@@ -599,12 +606,21 @@ impl CausalLM {
             .iter()
             .map(|(name, var)| {
                 let mut grad = self.sinks.get(name).and_then(|s| s.take());
+                if let Some(g) = self.checkpointing.as_ref().and_then(|c| c.sinks.get(name)).and_then(|s| s.take()) {
+                    crate::kernels::accumulate(&mut grad, g)?;
+                }
                 if let Some(g) = store.get(var.as_tensor()) {
                     crate::kernels::accumulate(&mut grad, g.clone())?;
                 }
                 Ok(grad)
             })
             .collect()
+    }
+
+    /// Gradient checkpointing on or off: with it, [`Self::forward`] keeps
+    /// each decoder block's input only and backward recomputes the block.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on.then(|| checkpoint::Checkpointing::new(self.layers.len(), &self.vars, &self.sinks));
     }
 
     pub fn set_training(&self, on: bool) {
@@ -729,8 +745,11 @@ impl CausalLM {
         };
         let ctx = LayerCtx { cos, sin, mask };
         let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &ctx, None)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = match &self.checkpointing {
+                Some(c) => c.forward(i, layer, &x, &ctx, &self.runtime)?,
+                None => layer.forward(&x, &ctx, None)?,
+            };
         }
         self.norm.forward(&x)
     }
@@ -908,7 +927,7 @@ pub(crate) mod tests {
         LoadOptions { dtype: DType::F64, ..LoadOptions::default() }
     }
 
-    fn ids(rows: &[&[u32]]) -> Tensor {
+    pub fn ids(rows: &[&[u32]]) -> Tensor {
         Tensor::new(rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(), &Device::Cpu).unwrap()
     }
 

@@ -17,7 +17,7 @@
 use crate::kernels;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 
-type BwdFn = dyn Fn(&[&Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
+pub(crate) type BwdFn = dyn Fn(&[&Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
 
 /// A custom op whose forward result was computed beforehand (on detached
 /// inputs, with fast kernels); the forward hands that result over (on the
@@ -142,6 +142,12 @@ impl CustomOp3 for Precomputed {
         let mut v = (self.bwd)(&[a, b, c], g)?.into_iter();
         Ok((v.next().flatten(), v.next().flatten(), v.next().flatten()))
     }
+}
+
+/// `out`, computed beforehand from `a` and `b`, as an op of theirs whose
+/// backward is `bwd` (gradients for `a` and `b`, in that order).
+pub(crate) fn precomputed2(name: &'static str, a: &Tensor, b: &Tensor, out: Tensor, bwd: Box<BwdFn>) -> Result<Tensor> {
+    a.apply_op2(b, Precomputed::new(name, out, bwd))
 }
 
 /// Whether a tensor takes part in autograd (a Var or derived from one).
@@ -342,7 +348,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 pub struct GradSink(std::sync::Mutex<Option<Tensor>>);
 
 impl GradSink {
-    fn add(&self, g: Tensor) -> Result<()> {
+    pub(crate) fn add(&self, g: Tensor) -> Result<()> {
         kernels::accumulate(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()), g)
     }
 

@@ -84,8 +84,11 @@ pub struct TrainConfig {
     /// Keep at most this many intermediate checkpoints (0 = all).
     pub save_total_limit: usize,
 
-    // Precision / device.
+    // Precision / device / memory.
     pub bf16: bool,
+    /// Recompute each decoder block in backward instead of keeping its
+    /// activations (TRL's and transformers' name).
+    pub gradient_checkpointing: bool,
 
     // LoRA.
     pub use_lora: bool,
@@ -150,6 +153,7 @@ impl Default for TrainConfig {
             save_steps: 500,
             save_total_limit: 0,
             bf16: false,
+            gradient_checkpointing: false,
             use_lora: false,
             lora_r: 16,
             lora_alpha: 32.0,

@@ -187,7 +187,8 @@ impl Trainer {
         let lora = lora_config(cfg)?;
         let opts = LoadOptions { dtype, device, trainable: lora.is_none(), lora: lora.clone() };
         let resume = run.resume.as_ref().map(|dir| Ok::<_, anyhow::Error>((dir.clone(), checkpoint::load_state(dir)?))).transpose()?;
-        let policy = load_policy(&model_path, &opts, resume.as_ref().map(|(d, _)| d.as_path()))?;
+        let mut policy = load_policy(&model_path, &opts, resume.as_ref().map(|(d, _)| d.as_path()))?;
+        policy.set_gradient_checkpointing(cfg.gradient_checkpointing);
 
         let (train, eval) = tokenize(cfg, &text, &train_pairs, &eval_pairs, &say)?;
 
