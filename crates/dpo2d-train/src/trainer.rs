@@ -174,18 +174,9 @@ impl Trainer {
         };
         let lock = open_output_dir(cfg, run, &say)?;
         let (train_pairs, eval_pairs) = load_data(cfg)?;
-        let device = run.device.device()?;
-        // bf16 on a GPU: bf16 weights and activations, f32 master weights and
-        // moments in the optimizer, f32 log-probs and loss. On the CPU bf16 is
-        // slower than f32 (no bf16 matrix kernels), so f32 is kept there.
-        let dtype = if cfg.bf16 && device.is_cuda() { DType::BF16 } else { DType::F32 };
-        if cfg.bf16 && dtype == DType::F32 {
-            say("note: bf16 is not used on CPU (slower than f32 there); training in f32");
-        }
         let model_path = dpo2d_model::fetch::resolve_model(&cfg.model, run.cache_dir.as_deref())?;
         let text = dpo2d_model::source::load_text_side(&model_path)?;
-        let lora = lora_config(cfg)?;
-        let opts = LoadOptions { dtype, device, trainable: lora.is_none(), lora: lora.clone() };
+        let opts = policy_options(cfg, run, &say)?;
         let resume = run.resume.as_ref().map(|dir| Ok::<_, anyhow::Error>((dir.clone(), checkpoint::load_state(dir)?))).transpose()?;
         let mut policy = load_policy(&model_path, &opts, resume.as_ref().map(|(d, _)| d.as_path()))?;
         policy.set_gradient_checkpointing(cfg.gradient_checkpointing);
@@ -204,10 +195,8 @@ impl Trainer {
         if vars.is_empty() {
             bail!("the model has no trainable parameters");
         }
-        let optimizer = AdamW::new(
-            vars.clone(),
-            AdamWParams { weight_decay: cfg.weight_decay, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon },
-        )?;
+        let params = AdamWParams { weight_decay: cfg.weight_decay, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon };
+        let optimizer = AdamW::new(vars.clone(), params)?;
         let micro_step = resume.as_ref().map(|(_, state)| state.micro_step).unwrap_or(0);
         let sampler = Sampler::new(cfg.train_sampling_strategy, cfg.seed, train.len(), cfg.per_device_train_batch_size, micro_step);
         let total = total_updates(cfg, &sampler);
@@ -698,6 +687,27 @@ fn load_file(path: &Path, cfg: &TrainConfig) -> Result<Vec<Pair>> {
 
 /// The policy: the starting model, or a resumed full fine-tuning
 /// checkpoint; a LoRA checkpoint's adapters go onto the starting model.
+/// How the policy is loaded: on the run's device, in [`weights_dtype`],
+/// trainable in full or through LoRA adapters.
+fn policy_options(cfg: &TrainConfig, run: &RunOptions, say: &dyn Fn(&str)) -> Result<LoadOptions> {
+    let device = run.device.device()?;
+    let lora = lora_config(cfg)?;
+    Ok(LoadOptions { dtype: weights_dtype(cfg, &device, say), device, trainable: lora.is_none(), lora })
+}
+
+/// bf16 on a GPU: bf16 weights and activations, f32 master weights and
+/// moments in the optimizer, f32 log-probs and loss. On the CPU bf16 is
+/// slower than f32 (no bf16 matrix kernels), so f32 is kept there.
+fn weights_dtype(cfg: &TrainConfig, device: &candle_core::Device, say: &dyn Fn(&str)) -> DType {
+    if cfg.bf16 && device.is_cuda() {
+        return DType::BF16;
+    }
+    if cfg.bf16 {
+        say("note: bf16 is not used on CPU (slower than f32 there); training in f32");
+    }
+    DType::F32
+}
+
 fn load_policy(model_path: &Path, opts: &LoadOptions, resume: Option<&Path>) -> Result<CausalLM> {
     match (resume, &opts.lora) {
         (Some(dir), None) => {
