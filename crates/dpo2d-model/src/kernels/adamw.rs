@@ -192,7 +192,18 @@ pub fn sum_squares(t: &Tensor) -> Result<f64> {
         return t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>();
     }
     super::with_float!(t.dtype(), "sum of squares", T => {
-        with_slice::<T, _>(t, "sum of squares", |v| v.par_chunks(MIN_FLAT).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum())
+        with_slice::<T, _>(t, "sum of squares", |v| v.par_chunks(MIN_FLAT).map(|c| {
+            // Eight running sums: one would chain every add on the last (the
+            // compiler may not reorder float adds), a quarter of the speed.
+            let mut acc = [0f64; 8];
+            let mut lanes = c.chunks_exact(8);
+            for l in &mut lanes {
+                for (a, &x) in acc.iter_mut().zip(l) {
+                    *a += (x as f64) * (x as f64);
+                }
+            }
+            acc.iter().sum::<f64>() + lanes.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
+        }).sum())
     })
 }
 
