@@ -49,7 +49,8 @@ impl Precomputed {
     fn cpu_out(&self) -> Result<(CpuStorage, Shape)> {
         let t = self.result(true)?;
         let (st, layout) = t.storage_and_layout();
-        let (o1, o2) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("internal: precomputed tensor not contiguous".into()))?;
+        let (o1, o2) =
+            layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("internal: precomputed tensor not contiguous".into()))?;
         let cs = match &*st {
             Storage::Cpu(cs) => match cs {
                 CpuStorage::F32(v) => CpuStorage::F32(v[o1..o2].to_vec()),
@@ -103,7 +104,13 @@ impl CustomOp2 for Precomputed {
         self.cpu_out()
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.cuda_out()
     }
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {

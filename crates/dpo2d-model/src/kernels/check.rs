@@ -138,7 +138,11 @@ fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<u
             "label_logprobs",
             Box::new(|x: &[Tensor]| ops::label_logprobs(&x[0], &x[1], &x[2])),
             Box::new(|x: &[Tensor]| ops::label_logprobs_plain(&x[0].to_dtype(DType::F64)?, &x[1].to_dtype(DType::F64)?, &x[2])),
-            vec![det(&[b * t, h], 7)?, det(&[v, h], 8)?, Tensor::from_vec((0..b * t).map(|i| (i * 37 % v) as u32).collect::<Vec<_>>(), b * t, &Device::Cpu)?],
+            vec![
+                det(&[b * t, h], 7)?,
+                det(&[v, h], 8)?,
+                Tensor::from_vec((0..b * t).map(|i| (i * 37 % v) as u32).collect::<Vec<_>>(), b * t, &Device::Cpu)?,
+            ],
             vec![0, 1],
         ),
     ])

@@ -263,7 +263,9 @@ fn enabled() -> bool {
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     let r = PTX.get_or_init(|| {
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SOURCE).map(|p| p.to_src()).map_err(|e| format!("compiling dpo2d's CUDA kernels: {e}"))
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SOURCE)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("compiling dpo2d's CUDA kernels: {e}"))
     });
     match r {
         Ok(p) => Ok(p.as_str()),
@@ -349,10 +351,26 @@ impl CustomOp3 for SwiGluGrads {
     fn name(&self) -> &'static str {
         "dpo2d-swiglu-grads"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
         bail!("{}: CUDA only", self.name())
     }
-    fn cuda_fwd(&self, gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &Layout, os: &CudaStorage, ol: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        us: &CudaStorage,
+        ul: &Layout,
+        os: &CudaStorage,
+        ol: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         let dev = gs.device();
         let n = gl.shape().elem_count();
         let out = with_elem!(gs.dtype(), self.name(), T => {
@@ -399,10 +417,26 @@ impl CustomOp3 for RmsNormDx {
     fn name(&self) -> &'static str {
         "dpo2d-rms-norm-dx"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
         bail!("{}: CUDA only", self.name())
     }
-    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         let dev = xs.device();
         let n = xl.shape().elem_count();
         let h = wl.shape().elem_count();
@@ -430,7 +464,13 @@ impl CustomOp2 for RmsNormDw {
     fn name(&self) -> &'static str {
         "dpo2d-rms-norm-dw"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
         bail!("{}: CUDA only", self.name())
     }
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -495,7 +535,13 @@ impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
         "dpo2d-softmax-grad"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
         bail!("{}: CUDA only", self.name())
     }
     fn cuda_fwd(&self, ys: &CudaStorage, yl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -545,7 +591,13 @@ impl CustomOp2 for LabelPick {
     fn name(&self) -> &'static str {
         "dpo2d-label-pick"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
         bail!("{}: CUDA only", self.name())
     }
     fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout, bs: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -572,10 +624,26 @@ impl CustomOp3 for LogitGrads {
     fn name(&self) -> &'static str {
         "dpo2d-logit-grads"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
         bail!("{}: CUDA only", self.name())
     }
-    fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout, bs: &CudaStorage, bl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        ls: &CudaStorage,
+        ll: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         let dev = ls.device();
         let (rows, v) = ll.shape().dims2()?;
         let labels = labels_view(bs, bl)?;

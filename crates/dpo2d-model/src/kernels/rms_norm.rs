@@ -86,7 +86,8 @@ impl CustomOp2 for RmsNorm {
         if x.device().is_cuda() {
             let g = g.contiguous()?;
             let dx = x.apply_op3_no_bwd(w, &g, &super::cuda::RmsNormDx { eps: self.eps })?;
-            let dw = w.track_op().then(|| x.apply_op2_no_bwd(&g, &super::cuda::RmsNormDw { eps: self.eps })?.to_dtype(w.dtype())).transpose()?;
+            let dw =
+                w.track_op().then(|| x.apply_op2_no_bwd(&g, &super::cuda::RmsNormDw { eps: self.eps })?.to_dtype(w.dtype())).transpose()?;
             return Ok((Some(dx), dw));
         }
         let name = self.name();
