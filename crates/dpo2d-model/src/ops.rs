@@ -278,7 +278,7 @@ pub fn swiglu_plain(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
-/// `silu(gate) * up`, fused in f32/f64 on the CPU.
+/// `silu(gate) * up`, fused in f32/f64 on the CPU and in f32/bf16 on a GPU.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if kernels::fused(gate) && up.dtype() == gate.dtype() {
         return gate.contiguous()?.apply_op2(&up.contiguous()?, kernels::swiglu::SwiGlu);

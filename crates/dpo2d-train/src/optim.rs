@@ -116,17 +116,13 @@ impl AdamW {
 
 /// Global L2 norm of all gradients (f64), as `torch.nn.utils.clip_grad_norm_` computes it.
 pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-    if grads.iter().flatten().next().is_some_and(|g| g.device().is_cuda()) {
-        // On a GPU: one reduction per gradient on the device and one copy to the
-        // host, instead of a round trip per parameter.
-        let parts = grads.iter().flatten().map(adamw::sum_squares_on_device).collect::<candle_core::Result<Vec<_>>>()?;
-        return Ok(Tensor::cat(&parts, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt());
+    // One sum per gradient where it lives and one copy of the total to the
+    // host (on a GPU a round trip per parameter would stall it).
+    let parts = grads.iter().flatten().map(adamw::sum_squares).collect::<candle_core::Result<Vec<_>>>()?;
+    if parts.is_empty() {
+        return Ok(0.0);
     }
-    let mut sq = 0f64;
-    for g in grads.iter().flatten() {
-        sq += adamw::sum_squares(g)?;
-    }
-    Ok(sq.sqrt())
+    Ok(Tensor::cat(&parts, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
 }
 
 /// The factor that brings gradients of global norm `norm` down to

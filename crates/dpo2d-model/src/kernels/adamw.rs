@@ -175,23 +175,18 @@ pub fn composed_update(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, s: AdamWS
     Ok((p, m, v))
 }
 
-/// Sum of the squares of a tensor's elements in f64, as a `[1]` tensor on
-/// its device: on a GPU one kernel over many blocks, without a copy to the
-/// host (sum these and read the total once).
-pub fn sum_squares_on_device(t: &Tensor) -> Result<Tensor> {
+/// Sum of the squares of a tensor's elements, accumulated in f64, as a `[1]`
+/// tensor on its device: sum many of these and read the total once (on a
+/// GPU one kernel over many blocks, and no copy to the host per tensor).
+pub fn sum_squares(t: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::on_gpu(t) {
         return super::cuda::sum_squares(t);
     }
-    t.to_dtype(DType::F64)?.sqr()?.sum_all()?.reshape(1)
-}
-
-/// Sum of the squares of a tensor's elements, accumulated in f64.
-pub fn sum_squares(t: &Tensor) -> Result<f64> {
     if !super::supports(t) {
-        return t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>();
+        return t.to_dtype(DType::F64)?.sqr()?.sum_all()?.reshape(1);
     }
-    super::with_float!(t.dtype(), "sum of squares", T => {
+    let sum: f64 = super::with_float!(t.dtype(), "sum of squares", T => {
         with_slice::<T, _>(t, "sum of squares", |v| v.par_chunks(MIN_FLAT).map(|c| {
             // Eight running sums: one would chain every add on the last (the
             // compiler may not reorder float adds), a quarter of the speed.
@@ -204,7 +199,8 @@ pub fn sum_squares(t: &Tensor) -> Result<f64> {
             }
             acc.iter().sum::<f64>() + lanes.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
         }).sum())
-    })
+    })?;
+    Tensor::new(&[sum], t.device())
 }
 
 #[cfg(test)]
@@ -234,6 +230,7 @@ mod tests {
     fn sum_of_squares() {
         let t = det(&[3, 40_000], 4, DType::F32);
         let want = t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-        assert!((sum_squares(&t).unwrap() - want).abs() < 1e-9 * want);
+        let got = sum_squares(&t).unwrap().to_vec1::<f64>().unwrap()[0];
+        assert!((got - want).abs() < 1e-9 * want);
     }
 }

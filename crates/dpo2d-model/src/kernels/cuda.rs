@@ -312,6 +312,29 @@ fn view<'a, T: Elem>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<candl
     }
 }
 
+/// A kernel's name for the element type `T` (`swiglu_fwd` -> `swiglu_fwd_bf16`).
+fn named<T: Elem>(base: &str) -> String {
+    format!("{base}_{}", T::SUFFIX)
+}
+
+/// Launches the compiled kernel `$name` on `$dev` with `$cfg` and the
+/// arguments in the order of its parameters in [`SOURCE`].
+macro_rules! launch {
+    ($dev:expr, $name:expr, $cfg:expr; $($arg:expr),+) => {{
+        let f = $dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+        let mut b = f.builder();
+        $(b.arg($arg);)+
+        // SAFETY: the arguments match the kernel's parameters, and every buffer
+        // holds the elements that the launch's threads read or write.
+        unsafe { b.launch($cfg) }.w()?;
+    }};
+}
+
+/// One block of `threads` per row.
+fn per_row(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// A grid-stride launch over `n` elements.
 fn flat(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 132 * 32) as u32;
@@ -335,10 +358,7 @@ pub(super) fn swiglu_fwd(gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &L
     let y = with_elem!(gs.dtype(), "swiglu", T => {
         let (g, u) = (view::<T>(gs, gl, "swiglu")?, view::<T>(us, ul, "swiglu")?);
         let y = unsafe { dev.alloc::<T>(n)? };
-        let f = dev.get_or_load_custom_func(&format!("swiglu_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
-        let mut b = f.builder();
-        b.arg(&g).arg(&u).arg(&y).arg(&n);
-        unsafe { b.launch(flat(n)) }.w()?;
+        launch!(dev, &named::<T>("swiglu_fwd"), flat(n); &g, &u, &y, &n);
         wrap(y, dev)
     });
     Ok((y, gl.shape().clone()))
@@ -376,10 +396,7 @@ impl CustomOp3 for SwiGluGrads {
         let out = with_elem!(gs.dtype(), self.name(), T => {
             let (g, u, go) = (view::<T>(gs, gl, self.name())?, view::<T>(us, ul, self.name())?, view::<T>(os, ol, self.name())?);
             let out = unsafe { dev.alloc::<T>(2 * n)? };
-            let f = dev.get_or_load_custom_func(&format!("swiglu_bwd_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
-            b.arg(&g).arg(&u).arg(&go).arg(&out).arg(&n);
-            unsafe { b.launch(flat(n)) }.w()?;
+            launch!(dev, &named::<T>("swiglu_bwd"), flat(n); &g, &u, &go, &out, &n);
             wrap(out, dev)
         });
         let mut dims = vec![2];
@@ -397,12 +414,8 @@ pub(super) fn rms_norm_fwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: 
     let y = with_elem!(xs.dtype(), "rms norm", T => {
         let (x, w) = (view::<T>(xs, xl, "rms norm")?, view::<T>(ws, wl, "rms norm")?);
         let y = unsafe { dev.alloc::<T>(n)? };
-        let f = dev.get_or_load_custom_func(&format!("rmsnorm_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
-        let mut b = f.builder();
         let (hi, e) = (h as i32, eps as f32);
-        b.arg(&x).arg(&w).arg(&y).arg(&hi).arg(&e);
-        let cfg = LaunchConfig { grid_dim: ((n / h.max(1)) as u32, 1, 1), block_dim: (row_threads(h), 1, 1), shared_mem_bytes: 0 };
-        unsafe { b.launch(cfg) }.w()?;
+        launch!(dev, &named::<T>("rmsnorm_fwd"), per_row(n / h.max(1), row_threads(h)); &x, &w, &y, &hi, &e);
         wrap(y, dev)
     });
     Ok((y, xl.shape().clone()))
@@ -443,12 +456,8 @@ impl CustomOp3 for RmsNormDx {
         let dx = with_elem!(xs.dtype(), self.name(), T => {
             let (x, w, g) = (view::<T>(xs, xl, self.name())?, view::<T>(ws, wl, self.name())?, view::<T>(gs, gl, self.name())?);
             let dx = unsafe { dev.alloc::<T>(n)? };
-            let f = dev.get_or_load_custom_func(&format!("rmsnorm_dx_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
             let (hi, e) = (h as i32, self.eps as f32);
-            b.arg(&x).arg(&w).arg(&g).arg(&dx).arg(&hi).arg(&e);
-            let cfg = LaunchConfig { grid_dim: ((n / h.max(1)) as u32, 1, 1), block_dim: (row_threads(h), 1, 1), shared_mem_bytes: 0 };
-            unsafe { b.launch(cfg) }.w()?;
+            launch!(dev, &named::<T>("rmsnorm_dx"), per_row(n / h.max(1), row_threads(h)); &x, &w, &g, &dx, &hi, &e);
             wrap(dx, dev)
         });
         Ok((dx, xl.shape().clone()))
@@ -484,16 +493,13 @@ impl CustomOp2 for RmsNormDw {
         let dw = with_elem!(xs.dtype(), self.name(), T => {
             let (x, g) = (view::<T>(xs, xl, self.name())?, view::<T>(gs, gl, self.name())?);
             let dw = dev.alloc_zeros::<f32>(h)?;
-            let f = dev.get_or_load_custom_func(&format!("rmsnorm_dw_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
             let (ri, hi, e, pb) = (rows as i32, h as i32, self.eps as f32, per_block as i32);
-            b.arg(&x).arg(&g).arg(&dw).arg(&ri).arg(&hi).arg(&e).arg(&pb);
             let cfg = LaunchConfig {
                 grid_dim: (rows.div_ceil(per_block).max(1) as u32, 1, 1),
                 block_dim: (row_threads(h).min(256), 1, 1),
                 shared_mem_bytes: (h * 4) as u32,
             };
-            unsafe { b.launch(cfg) }.w()?;
+            launch!(dev, &named::<T>("rmsnorm_dw"), cfg; &x, &g, &dw, &ri, &hi, &e, &pb);
             wrap(dw, dev)
         });
         Ok((dw, Shape::from(h)))
@@ -513,11 +519,8 @@ pub(super) fn softmax_fwd(xs: &CudaStorage, xl: &Layout, mask: &Tensor, geo: (us
     let y = with_elem!(xs.dtype(), "masked softmax", T => {
         let (x, m) = (view::<T>(xs, xl, "masked softmax")?, view::<T>(ms, ml, "masked softmax")?);
         let y = unsafe { dev.alloc::<T>(n)? };
-        let f = dev.get_or_load_custom_func(&format!("softmax_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
-        let mut b = f.builder();
         let (tki, tqi, mbi) = (tk as i32, tq as i32, mask_batches as i32);
-        b.arg(&x).arg(&m).arg(&y).arg(&rows).arg(&tki).arg(&tqi).arg(&per_batch).arg(&mbi);
-        unsafe { b.launch(warp_rows(rows)) }.w()?;
+        launch!(dev, &named::<T>("softmax_fwd"), warp_rows(rows); &x, &m, &y, &rows, &tki, &tqi, &per_batch, &mbi);
         wrap(y, dev)
     });
     Ok((y, xl.shape().clone()))
@@ -552,11 +555,8 @@ impl CustomOp2 for SoftmaxGrad {
         let dx = with_elem!(ys.dtype(), self.name(), T => {
             let (y, g) = (view::<T>(ys, yl, self.name())?, view::<T>(gs, gl, self.name())?);
             let dx = unsafe { dev.alloc::<T>(n)? };
-            let f = dev.get_or_load_custom_func(&format!("softmax_bwd_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
             let tki = tk as i32;
-            b.arg(&y).arg(&g).arg(&dx).arg(&rows).arg(&tki);
-            unsafe { b.launch(warp_rows(rows)) }.w()?;
+            launch!(dev, &named::<T>("softmax_bwd"), warp_rows(rows); &y, &g, &dx, &rows, &tki);
             wrap(dx, dev)
         });
         Ok((dx, yl.shape().clone()))
@@ -607,11 +607,7 @@ impl CustomOp2 for LabelPick {
         let out = with_elem!(ls.dtype(), self.name(), T => {
             let l = view::<T>(ls, ll, self.name())?;
             let out = unsafe { dev.alloc::<f32>(2 * rows)? };
-            let f = dev.get_or_load_custom_func(&format!("label_pick_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
-            b.arg(&l).arg(&labels).arg(&out).arg(&rows).arg(&v);
-            let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-            unsafe { b.launch(cfg) }.w()?;
+            launch!(dev, &named::<T>("label_pick"), per_row(rows.max(1), 1024); &l, &labels, &out, &rows, &v);
             wrap(out, dev)
         });
         Ok((out, Shape::from((2, rows))))
@@ -651,10 +647,7 @@ impl CustomOp3 for LogitGrads {
         let out = with_elem!(ls.dtype(), self.name(), T => {
             let l = view::<T>(ls, ll, self.name())?;
             let out = unsafe { dev.alloc::<T>(rows * v)? };
-            let f = dev.get_or_load_custom_func(&format!("logit_grads_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
-            b.arg(&l).arg(&labels).arg(&lse_g).arg(&out).arg(&rows).arg(&v);
-            unsafe { b.launch(flat(rows * v)) }.w()?;
+            launch!(dev, &named::<T>("logit_grads"), flat(rows * v); &l, &labels, &lse_g, &out, &rows, &v);
             wrap(out, dev)
         });
         Ok((out, ll.shape().clone()))
@@ -685,10 +678,7 @@ impl candle_core::CustomOp1 for SumSquares {
         let out = dev.alloc_zeros::<f64>(1)?;
         with_elem!(xs.dtype(), self.name(), T => {
             let x = view::<T>(xs, xl, self.name())?;
-            let f = dev.get_or_load_custom_func(&format!("sum_squares_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
-            b.arg(&x).arg(&n).arg(&out);
-            unsafe { b.launch(flat(n)) }.w()?;
+            launch!(dev, &named::<T>("sum_squares"), flat(n); &x, &n, &out);
         });
         Ok((f64::wrap_cuda_slice(out, dev.clone()), Shape::from(1)))
     }
@@ -704,11 +694,8 @@ pub(super) fn adamw_moments(mv: &mut CudaStorage, ml: &Layout, gs: &CudaStorage,
     let [b1, b2, c1, c2, scale] = k;
     with_elem!(gs.dtype(), "adamw", T => {
         let g = view::<T>(gs, gl, "adamw")?;
-        let f = &dev.get_or_load_custom_func(&format!("adamw_moments_{}", T::SUFFIX), MODULE, ptx()?)?;
         let mut m = f32::as_cuda_slice_mut(mv)?.slice_mut(a..a + 2 * n);
-        let mut b = f.builder();
-        b.arg(&mut m).arg(&g).arg(&n).arg(&b1).arg(&b2).arg(&c1).arg(&c2).arg(&scale);
-        unsafe { b.launch(flat(n)) }.w()?;
+        launch!(dev, &named::<T>("adamw_moments"), flat(n); &mut m, &g, &n, &b1, &b2, &c1, &c2, &scale);
     });
     Ok(())
 }
@@ -720,10 +707,7 @@ pub(super) fn adamw_update(p: &mut CudaStorage, pl: &Layout, ms: &CudaStorage, m
     let Some((a, b_)) = pl.contiguous_offsets() else { bail!("adamw: parameter not contiguous") };
     let mv = view::<f32>(ms, ml, "adamw")?;
     let [decay, step_size, inv_bc2_sqrt, eps] = k;
-    let f = &dev.get_or_load_custom_func("adamw_update", MODULE, ptx()?)?;
     let mut pv = f32::as_cuda_slice_mut(p)?.slice_mut(a..b_);
-    let mut b = f.builder();
-    b.arg(&mut pv).arg(&mv).arg(&n).arg(&decay).arg(&step_size).arg(&inv_bc2_sqrt).arg(&eps);
-    unsafe { b.launch(flat(n)) }.w()?;
+    launch!(dev, "adamw_update", flat(n); &mut pv, &mv, &n, &decay, &step_size, &inv_bc2_sqrt, &eps);
     Ok(())
 }
