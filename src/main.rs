@@ -45,12 +45,16 @@ enum Command {
     Annotate(cmd::annotate::Args),
     /// Build preference pairs from HelpSteer2-style rows or TRL-style pairs.
     BuildPairs(cmd::build_pairs::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API (chat completions, streaming).
+    Serve(cmd::serve::Args),
 }
 
 fn main() -> ExitCode {
     tune_runtime();
     let cli = Cli::parse();
-    init_tracing(cli.verbose);
+    // A server logs one line per request by default.
+    let quiet = if matches!(cli.command, Command::Serve(_)) { "warn,dpo2d_serve=info" } else { "warn" };
+    init_tracing(cli.verbose, quiet);
     let result = on_worker_thread(move || run(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,6 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Segment(a) => cmd::segment::run(a),
         Command::Annotate(a) => cmd::annotate::run(a),
         Command::BuildPairs(a) => cmd::build_pairs::run(a),
+        Command::Serve(a) => cmd::serve::run(a, cli.verbose > 0),
     }
 }
 
@@ -121,10 +126,10 @@ fn tune_runtime() {
     }
 }
 
-fn init_tracing(verbose: u8) {
+fn init_tracing(verbose: u8, quiet: &str) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
-        0 => "warn",
+        0 => quiet,
         1 => "info",
         _ => "debug",
     };

@@ -7,6 +7,7 @@ pub mod logprobs;
 pub mod model;
 pub mod quickstart;
 pub mod segment;
+pub mod serve;
 pub mod train;
 pub mod validate;
 

@@ -58,7 +58,7 @@ impl GenerationConfig {
         Self { max_new_tokens, do_sample: true, temperature, top_p, seed, ..Self::default() }
     }
 
-    fn is_greedy(&self) -> bool {
+    pub fn is_greedy(&self) -> bool {
         !self.do_sample || self.temperature <= 0.0
     }
 
@@ -113,6 +113,8 @@ pub struct Completion {
 /// Generate continuations of token-id prompts. Returns, per prompt, its
 /// `num_return_sequences` completions in order. `stop_check` is called with
 /// each row's new tokens and returns true when a stop string occurred.
+/// Sample `s` of prompt `p` draws from its own generator seeded by
+/// (`seed`, `p`, `s`), so what it samples does not depend on the batch size.
 pub fn generate_ids(
     model: &CausalLM,
     prompts: &[Vec<u32>],
@@ -126,10 +128,9 @@ pub fn generate_ids(
     // Rows: every prompt repeated n times.
     let rows: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..n).map(move |s| (p, s))).collect();
     let mut results: Vec<Vec<Option<RawCompletion>>> = vec![vec![None; n]; prompts.len()];
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
     for chunk in rows.chunks(cfg.batch_size) {
-        let batch: Vec<&[u32]> = chunk.iter().map(|&(p, _)| prompts[p].as_slice()).collect();
-        let out = generate_batch(model, &batch, eos_ids, pad_id, cfg, stop_check, &mut rng)?;
+        let batch: Vec<Row> = chunk.iter().map(|&(p, s)| Row::new(&prompts[p], cfg, row_seed(cfg.seed, p as u64, s as u64))).collect();
+        let out = decode_rows(model, batch, eos_ids, pad_id, &mut |_, tokens| stop_check(tokens))?;
         for (&(p, s), c) in chunk.iter().zip(out) {
             results[p][s] = Some(c);
         }
@@ -137,68 +138,108 @@ pub fn generate_ids(
     Ok(results.into_iter().map(|r| r.into_iter().flatten().collect()).collect())
 }
 
-fn generate_batch(
+/// The seed of one (prompt, sample) row: SplitMix64 over the three numbers.
+pub fn row_seed(seed: u64, prompt: u64, sample: u64) -> u64 {
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    mix(mix(mix(seed) ^ prompt) ^ sample)
+}
+
+/// One row of a batched decode: its prompt, how it picks tokens (its own
+/// temperature, top-p, top-k and `max_new_tokens`) and its own generator.
+pub struct Row<'a> {
+    pub prompt: &'a [u32],
+    pub cfg: &'a GenerationConfig,
+    pub rng: StdRng,
+}
+
+impl<'a> Row<'a> {
+    pub fn new(prompt: &'a [u32], cfg: &'a GenerationConfig, seed: u64) -> Self {
+        Row { prompt, cfg, rng: StdRng::seed_from_u64(seed) }
+    }
+}
+
+/// Decode rows together: one left-padded prefill, then one token per row per
+/// step from a shared KV cache, dropping rows as they finish. Rows may differ
+/// in prompt length, sampling settings and `max_new_tokens`. `on_token(row,
+/// tokens)` sees each row's new tokens after every step and returns true to
+/// end that row (a stop string, or nobody is listening any more).
+pub fn decode_rows(
     model: &CausalLM,
-    prompts: &[&[u32]],
+    mut rows: Vec<Row>,
     eos_ids: &[u32],
     pad_id: u32,
-    cfg: &GenerationConfig,
-    stop_check: &dyn Fn(&[u32]) -> bool,
-    rng: &mut StdRng,
+    on_token: &mut dyn FnMut(usize, &[u32]) -> bool,
 ) -> Result<Vec<RawCompletion>> {
-    let b = prompts.len();
-    if prompts.iter().any(|p| p.is_empty()) {
+    let b = rows.len();
+    if rows.iter().any(|r| r.prompt.is_empty()) {
         bail!("cannot generate from an empty prompt");
     }
+    let mut out: Vec<Option<RawCompletion>> = vec![None; b];
+    let mut tokens: Vec<Vec<u32>> = vec![vec![]; b];
+    // Rows still decoding, as indices into `rows`, in cache row order.
+    let mut active: Vec<usize> = (0..b).filter(|&r| rows[r].cfg.max_new_tokens > 0).collect();
+    let max_new = rows.iter().map(|r| r.cfg.max_new_tokens).max().unwrap_or(0);
+    for (o, row) in out.iter_mut().zip(&rows) {
+        if row.cfg.max_new_tokens == 0 {
+            *o = Some(RawCompletion { tokens: vec![], finish: FinishReason::Length });
+        }
+    }
+    if active.is_empty() {
+        return Ok(out.into_iter().flatten().collect());
+    }
+    let prompts: Vec<&[u32]> = active.iter().map(|&r| rows[r].prompt).collect();
     let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let limit = model.config().max_position_embeddings;
-    if max_len + cfg.max_new_tokens > limit {
+    if max_len + max_new > limit {
         tracing::warn!("prompt ({max_len} tokens) + max_new_tokens exceeds the model's context ({limit})");
     }
     let dev = model.device().clone();
-    let mut ids = Vec::with_capacity(b * max_len);
-    let mut mask = Vec::with_capacity(b);
-    for p in prompts {
+    let mut ids = Vec::with_capacity(prompts.len() * max_len);
+    let mut mask = Vec::with_capacity(prompts.len());
+    for p in &prompts {
         let pad = max_len - p.len();
         ids.extend(std::iter::repeat_n(pad_id, pad));
         ids.extend_from_slice(p);
         mask.push(std::iter::repeat_n(0u32, pad).chain(std::iter::repeat_n(1, p.len())).collect::<Vec<_>>());
     }
-    let input = Tensor::from_vec(ids, (b, max_len), &dev)?;
+    let input = Tensor::from_vec(ids, (prompts.len(), max_len), &dev)?;
     let mut cache = model.new_cache();
     let any_pad = mask.iter().any(|r| r.contains(&0));
     let hidden = model.forward_cached(&input, if any_pad { Some(&mask) } else { None }, &mut cache)?;
     let mut last = hidden.narrow(1, max_len - 1, 1)?;
-    let mut out: Vec<Option<RawCompletion>> = vec![None; b];
-    let mut tokens: Vec<Vec<u32>> = vec![vec![]; b];
-    // Rows still decoding, as indices into `out`, in cache row order.
-    let mut active: Vec<usize> = (0..b).collect();
-    for step in 0..cfg.max_new_tokens {
-        let logits = model.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?; // [rows, V]
-        let next = if cfg.is_greedy() {
-            logits.argmax(D::Minus1)?.to_vec1::<u32>()?
-        } else {
-            let rows = logits.to_vec2::<f32>()?;
-            rows.iter().map(|r| sample(r, cfg, rng)).collect()
-        };
+    loop {
+        let logits = model.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?; // [active, V]
+        let next = pick_tokens(&logits, &active, &mut rows)?;
         let mut keep = vec![];
         let mut keep_tokens = vec![];
         for (i, &row) in active.iter().enumerate() {
             let t = next[i];
-            if eos_ids.contains(&t) {
-                out[row] = Some(RawCompletion { tokens: std::mem::take(&mut tokens[row]), finish: FinishReason::Eos });
-                continue;
+            let finish = if eos_ids.contains(&t) {
+                Some(FinishReason::Eos)
+            } else {
+                tokens[row].push(t);
+                if on_token(row, &tokens[row]) {
+                    Some(FinishReason::Stop)
+                } else if tokens[row].len() >= rows[row].cfg.max_new_tokens {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                }
+            };
+            match finish {
+                Some(finish) => out[row] = Some(RawCompletion { tokens: std::mem::take(&mut tokens[row]), finish }),
+                None => {
+                    keep.push(i);
+                    keep_tokens.push(t);
+                }
             }
-            tokens[row].push(t);
-            if stop_check(&tokens[row]) {
-                out[row] = Some(RawCompletion { tokens: std::mem::take(&mut tokens[row]), finish: FinishReason::Stop });
-                continue;
-            }
-            keep.push(i);
-            keep_tokens.push(t);
         }
-        if keep.is_empty() || step + 1 == cfg.max_new_tokens {
-            active = keep.iter().map(|&i| active[i]).collect();
+        if keep.is_empty() {
             break;
         }
         if keep.len() != active.len() {
@@ -208,10 +249,39 @@ fn generate_batch(
         let step_ids = Tensor::from_vec(keep_tokens, (active.len(), 1), &dev)?;
         last = model.forward_cached(&step_ids, None, &mut cache)?;
     }
-    for row in active {
-        out[row] = Some(RawCompletion { tokens: std::mem::take(&mut tokens[row]), finish: FinishReason::Length });
-    }
     Ok(out.into_iter().map(|o| o.unwrap_or(RawCompletion { tokens: vec![], finish: FinishReason::Length })).collect())
+}
+
+/// The next token of every active row: one argmax on the device when all
+/// of them decode greedily, else each row samples (or takes its maximum)
+/// with its own settings and generator.
+fn pick_tokens(logits: &Tensor, active: &[usize], rows: &mut [Row]) -> Result<Vec<u32>> {
+    if active.iter().all(|&r| rows[r].cfg.is_greedy()) {
+        return Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+    }
+    let all = logits.to_vec2::<f32>()?;
+    Ok(active
+        .iter()
+        .zip(&all)
+        .map(|(&r, l)| {
+            let row = &mut rows[r];
+            if row.cfg.is_greedy() {
+                argmax(l)
+            } else {
+                sample(l, row.cfg, &mut row.rng)
+            }
+        })
+        .collect())
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in l.iter().enumerate() {
+        if *v > l[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// Draw one token id from logits with temperature, top-k and top-p (in
@@ -365,6 +435,33 @@ mod tests {
         let stopped = generate_ids(&lm.model, &prompts, &[], 0, &cfg, &|t| t.len() == 2).unwrap();
         assert_eq!(stopped[1][0].tokens.len(), 2);
         assert_eq!(stopped[1][0].finish, FinishReason::Stop);
+    }
+
+    #[test]
+    fn rows_with_their_own_settings_decode_as_they_would_alone() {
+        let (_d, lm) = tiny();
+        let greedy = GenerationConfig::greedy(5);
+        let hot = GenerationConfig::sampling(3, 1.3, 0.9, 0);
+        let prompts = [vec![5u32, 9, 40, 7], vec![11u32, 12], vec![200u32, 201, 202]];
+        let cfgs = [&greedy, &hot, &greedy];
+        let alone: Vec<RawCompletion> = (0..3)
+            .map(|i| decode_rows(&lm.model, vec![Row::new(&prompts[i], cfgs[i], i as u64)], &[], 0, &mut |_, _| false).unwrap().remove(0))
+            .collect();
+        let rows = (0..3).map(|i| Row::new(&prompts[i], cfgs[i], i as u64)).collect();
+        let mut seen = vec![0usize; 3];
+        let together = decode_rows(&lm.model, rows, &[], 0, &mut |r, t| {
+            seen[r] = t.len();
+            false
+        })
+        .unwrap();
+        assert_eq!(together, alone);
+        assert_eq!(together[1].tokens.len(), 3);
+        assert_eq!(together[0].tokens.len(), 5);
+        assert_eq!(seen, vec![5, 3, 5]);
+        // A row that asks for nothing gets nothing, without decoding.
+        let none = GenerationConfig::greedy(0);
+        let out = decode_rows(&lm.model, vec![Row::new(&prompts[0], &none, 0)], &[], 0, &mut |_, _| false).unwrap();
+        assert!(out[0].tokens.is_empty());
     }
 
     #[test]

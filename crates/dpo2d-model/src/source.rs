@@ -112,8 +112,15 @@ pub fn load_text_side(path: &Path) -> Result<TextSide> {
     Ok(TextSide { config, tokenizer, chat })
 }
 
-/// Load a model from a Hugging Face directory or a `.gguf` file.
+/// Load a model from a Hugging Face directory, a `.gguf` file, or a PEFT
+/// LoRA adapter directory (a LoRA checkpoint of `dpo2d train`), which loads
+/// its base model (`base_model_name_or_path`) with the adapter applied.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    if let Some(base) = adapter_base(path)? {
+        let text = load_text_side(&base).with_context(|| format!("the base model of the adapter {}", path.display()))?;
+        let model = crate::save::load_with_adapter(&base, path, opts)?;
+        return Ok(LoadedModel { config: text.config, model, tokenizer: text.tokenizer, chat: text.chat, source: path.to_path_buf() });
+    }
     let text = load_text_side(path)?;
     let model = if is_gguf(path) {
         let g = GgufFile::open(path)?;
@@ -128,6 +135,24 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         bail!("{}: the tokenizer has {vocab} tokens but the model's vocab_size is {}", path.display(), text.config.vocab_size);
     }
     Ok(LoadedModel { config: text.config, model, tokenizer: text.tokenizer, chat: text.chat, source: path.to_path_buf() })
+}
+
+/// The base model directory of a PEFT adapter directory (`None` for anything else).
+fn adapter_base(path: &Path) -> Result<Option<PathBuf>> {
+    if !path.is_dir() || !path.join("adapter_config.json").is_file() || path.join("config.json").is_file() {
+        return Ok(None);
+    }
+    let (_, base) = crate::save::read_adapter_config(path)?;
+    let base = base.with_context(|| format!("{}: adapter_config.json names no `base_model_name_or_path`", path.display()))?;
+    let base = PathBuf::from(base);
+    if !base.join("config.json").is_file() {
+        bail!(
+            "{}: the adapter's base model {} is not a Hugging Face model directory here (load the merged model, e.g. final/merged, instead)",
+            path.display(),
+            base.display()
+        );
+    }
+    Ok(Some(base))
 }
 
 /// Convert a GGUF file into a Hugging Face directory: config.json,

@@ -1,0 +1,285 @@
+//! The OpenAI chat completions wire format: what a request may hold, what
+//! an answer and a streamed chunk look like, and the error object.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use dpo2d_model::chat::Message;
+use dpo2d_model::generate::FinishReason;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// `POST /v1/chat/completions`. Fields dpo2d cannot honour (tools, logprobs,
+/// structured output) are refused by [`ChatRequest::check_supported`]
+/// rather than silently ignored; unknown fields are ignored, as OpenAI does.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<WireMessage>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub max_tokens: Option<u64>,
+    /// The newer name of `max_tokens`.
+    pub max_completion_tokens: Option<u64>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    pub n: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub response_format: Option<Value>,
+    pub tools: Option<Value>,
+    pub logprobs: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireMessage {
+    pub role: String,
+    pub content: Content,
+}
+
+/// A message's content: a string, or a list of parts of which only text is read.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+    Null(()),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+impl ChatRequest {
+    pub fn check_supported(&self) -> Result<(), ApiError> {
+        if self.tools.as_ref().is_some_and(|t| !t.is_null()) {
+            return Err(ApiError::invalid("tools are not supported by this server", Some("tools")));
+        }
+        if self.logprobs == Some(true) {
+            return Err(ApiError::invalid("logprobs are not supported by this server", Some("logprobs")));
+        }
+        if let Some(f) = &self.response_format {
+            let kind = f.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind != "text" {
+                // Named so that clients with a free-text fallback (dpo2d annotate) take it.
+                return Err(ApiError::invalid(
+                    &format!("response_format {kind:?} is not supported by this server (no constrained decoding); only \"text\""),
+                    Some("response_format"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The conversation as chat-template messages (`developer` is read as `system`).
+    pub fn chat_messages(&self) -> Result<Vec<Message>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid("messages must not be empty", Some("messages")));
+        }
+        self.messages
+            .iter()
+            .map(|m| {
+                let role = match m.role.as_str() {
+                    "developer" => "system",
+                    r @ ("system" | "user" | "assistant") => r,
+                    other => return Err(ApiError::invalid(&format!("unsupported message role {other:?}"), Some("messages"))),
+                };
+                let content = match &m.content {
+                    Content::Text(s) => s.clone(),
+                    Content::Null(()) => String::new(),
+                    Content::Parts(parts) => {
+                        let mut s = String::new();
+                        for p in parts {
+                            match (p.kind.as_str(), &p.text) {
+                                ("text", Some(t)) => s.push_str(t),
+                                (k, _) => {
+                                    return Err(ApiError::invalid(
+                                        &format!("content part of type {k:?} is not supported (text only)"),
+                                        Some("messages"),
+                                    ))
+                                }
+                            }
+                        }
+                        s
+                    }
+                };
+                Ok(Message::new(role, content))
+            })
+            .collect()
+    }
+
+    pub fn stop_strings(&self) -> Vec<String> {
+        match &self.stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        }
+    }
+}
+
+/// OpenAI's name for why a choice ended.
+pub fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Eos | FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// One finished choice of a non-streamed answer.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    pub text: String,
+    pub finish: FinishReason,
+}
+
+/// A whole `chat.completion` object.
+pub fn completion_body(id: &str, created: u64, model: &str, choices: &[Choice], usage: Usage) -> Value {
+    let choices: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": null,
+                "finish_reason": finish_reason(c.finish),
+            })
+        })
+        .collect();
+    json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint(),
+        "choices": choices,
+        "usage": usage,
+    })
+}
+
+/// One `chat.completion.chunk` with a single choice (`delta` as given).
+pub fn chunk_body(id: &str, created: u64, model: &str, index: usize, delta: Value, finish: Option<FinishReason>) -> Value {
+    json!({
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint(),
+        "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish.map(finish_reason)}],
+    })
+}
+
+/// The final usage chunk asked for with `stream_options.include_usage`.
+pub fn usage_chunk(id: &str, created: u64, model: &str, usage: Usage) -> Value {
+    json!({
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint(),
+        "choices": [],
+        "usage": usage,
+    })
+}
+
+fn fingerprint() -> String {
+    format!("dpo2d-{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// An error answered in OpenAI's shape: `{"error": {message, type, param, code}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn invalid(message: &str, param: Option<&'static str>) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.to_string(), kind: "invalid_request_error", param, code: None }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn status(status: StatusCode, kind: &'static str, message: &str) -> Self {
+        ApiError { status, message: message.to_string(), kind, param: None, code: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: Value) -> ChatRequest {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn reads_string_and_part_contents_and_maps_developer() {
+        let r = req(json!({"model": "m", "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+        ]}));
+        let m = r.chat_messages().unwrap();
+        assert_eq!((m[0].role.as_str(), m[0].content.as_str()), ("system", "be brief"));
+        assert_eq!(m[1].content, "hi there");
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_do() {
+        let r = req(json!({"messages": [{"role": "tool", "content": "x"}]}));
+        assert!(r.chat_messages().is_err());
+        let r = req(json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}));
+        assert!(r.chat_messages().is_err());
+        let r = req(json!({"messages": [], "response_format": {"type": "json_schema"}}));
+        let e = r.check_supported().unwrap_err();
+        assert!(e.message.contains("response_format"), "{}", e.message);
+        assert!(req(json!({"messages": [], "response_format": {"type": "text"}})).check_supported().is_ok());
+        assert!(req(json!({"messages": [], "tools": [{"type": "function"}]})).check_supported().is_err());
+        assert!(req(json!({"messages": []})).chat_messages().is_err());
+    }
+
+    #[test]
+    fn stop_takes_a_string_or_a_list() {
+        assert_eq!(req(json!({"messages": [], "stop": "x"})).stop_strings(), vec!["x"]);
+        assert_eq!(req(json!({"messages": [], "stop": ["a", "b"]})).stop_strings(), vec!["a", "b"]);
+        assert!(req(json!({"messages": []})).stop_strings().is_empty());
+    }
+}

@@ -1,0 +1,380 @@
+//! `dpo2d serve` end to end: the OpenAI wire format (whole and streamed
+//! answers) checked with reqwest against a server on 127.0.0.1, its limits
+//! and errors, batching of concurrent requests, the bearer key, Ctrl-C with
+//! a request in flight, a LoRA checkpoint as the model, `dpo2d annotate`
+//! against it, and the official `openai` Python client.
+
+mod common;
+
+use dpo2d_serve::{Limits, Running, ServeOptions};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn tiny_model() -> (tempfile::TempDir, dpo2d_model::source::LoadedModel) {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model(dir.path());
+    let lm = dpo2d_model::load(dir.path(), &Default::default()).unwrap();
+    (dir, lm)
+}
+
+fn start(opts: ServeOptions) -> (tempfile::TempDir, Running) {
+    let (dir, lm) = tiny_model();
+    let opts = ServeOptions { port: 0, model_name: "tiny".into(), ..opts };
+    (dir, dpo2d_serve::spawn(lm, opts).unwrap())
+}
+
+async fn post(url: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new().post(format!("{url}/chat/completions")).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+fn ask(content: &str) -> Value {
+    json!([{"role": "user", "content": content}])
+}
+
+/// The `data:` payloads of a server-sent event stream.
+fn sse_data(text: &str) -> Vec<String> {
+    text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_in_the_openai_format_whole_and_streamed() {
+    let (_d, srv) = start(ServeOptions::default());
+    let url = srv.base_url();
+    let http = reqwest::Client::new();
+    let health: Value = http.get(format!("http://{}/health", srv.addr)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["status"], "ok");
+    let models: Value = http.get(format!("{url}/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny");
+
+    let (status, a) = post(&url, json!({"model": "tiny", "messages": ask("what is q1 ."), "temperature": 0, "max_tokens": 6})).await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["object"], "chat.completion");
+    assert_eq!(a["model"], "tiny");
+    let choice = &a["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let text = choice["message"]["content"].as_str().unwrap().to_string();
+    let usage = &a["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 3);
+    let completion_tokens = usage["completion_tokens"].as_u64().unwrap();
+    assert!(completion_tokens <= 6);
+    assert_eq!(usage["total_tokens"], usage["prompt_tokens"].as_u64().unwrap() + completion_tokens);
+    let finish = choice["finish_reason"].as_str().unwrap();
+    assert!(finish == "length" && completion_tokens == 6 || finish == "stop", "{a}");
+
+    // Greedy is repeatable; the streamed text is the same text.
+    let (_, again) = post(&url, json!({"model": "tiny", "messages": ask("what is q1 ."), "temperature": 0, "max_tokens": 6})).await;
+    assert_eq!(again["choices"][0]["message"]["content"], text.as_str());
+    let body = json!({"model": "tiny", "messages": ask("what is q1 ."), "temperature": 0, "max_tokens": 6,
+                      "stream": true, "stream_options": {"include_usage": true}});
+    let r = http.post(format!("{url}/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let data = sse_data(&r.text().await.unwrap());
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(streamed, text);
+    let finish_chunk = &chunks[chunks.len() - 2];
+    assert_eq!(finish_chunk["choices"][0]["finish_reason"], finish);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], completion_tokens);
+
+    // n choices; a seed repeats a sampled answer.
+    let sampled = json!({"model": "tiny", "messages": ask("what is q2 ."), "temperature": 1.0, "seed": 7, "n": 3, "max_tokens": 8});
+    let (_, s1) = post(&url, sampled.clone()).await;
+    let (_, s2) = post(&url, sampled).await;
+    assert_eq!(s1["choices"].as_array().unwrap().len(), 3);
+    assert_eq!(s1["choices"], s2["choices"]);
+    assert_eq!(s1["choices"][2]["index"], 2);
+
+    // A stop string is cut off, and the answer ends there.
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if words.len() >= 2 {
+        let (_, cut) =
+            post(&url, json!({"model": "tiny", "messages": ask("what is q1 ."), "temperature": 0, "max_tokens": 6, "stop": [words[1]]}))
+                .await;
+        let c = cut["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(!c.contains(words[1]) || words[0].contains(words[1]), "{c:?} still holds the stop string {:?}", words[1]);
+        assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+    }
+    srv.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_clear_4xx_answers_and_the_server_survives() {
+    let limits = Limits { max_body_bytes: 2000, max_tokens: 16, max_n: 2, max_prompt_tokens: 40, ..Limits::default() };
+    let (_d, srv) = start(ServeOptions { limits, ..ServeOptions::default() });
+    let url = srv.base_url();
+    let http = reqwest::Client::new();
+    let raw =
+        |body: &'static str| http.post(format!("{url}/chat/completions")).header("content-type", "application/json").body(body).send();
+    let r = raw("{not json").await.unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert!(e["error"]["message"].as_str().unwrap().contains("not a valid chat completion request"));
+    assert_eq!(raw("{\"messages\": 3}").await.unwrap().status(), 400);
+    assert_eq!(raw("[]").await.unwrap().status(), 400);
+    let big = "x ".repeat(2000);
+    let (s, e) = post(&url, json!({"messages": ask(&big)})).await;
+    assert_eq!(s, 413, "{e}");
+    let cases = [
+        (json!({"messages": ask("q1"), "max_tokens": 17}), "max_tokens"),
+        (json!({"messages": ask("q1"), "max_tokens": 0}), "max_tokens"),
+        (json!({"messages": ask("q1"), "n": 3}), "n"),
+        (json!({"messages": ask("q1"), "temperature": 3}), "temperature"),
+        (json!({"messages": ask("q1"), "top_p": 0}), "top_p"),
+        (json!({"messages": ask("q1"), "stop": ["a", "b", "c", "d", "e"]}), "stop"),
+        (json!({"messages": [{"role": "tool", "content": "x"}]}), "messages"),
+        (json!({"messages": []}), "messages"),
+        (json!({"messages": ask("q1"), "response_format": {"type": "json_schema", "json_schema": {}}}), "response_format"),
+        (json!({"messages": ask(&"what is it . ".repeat(12))}), "messages"),
+    ];
+    for (body, param) in cases {
+        let (s, e) = post(&url, body.clone()).await;
+        assert_eq!(s, 400, "{body} -> {e}");
+        assert_eq!(e["error"]["param"], param, "{body} -> {e}");
+    }
+    let (s, e) = post(&url, json!({"messages": ask(&"what is it . ".repeat(12))})).await;
+    assert_eq!((s, e["error"]["code"].as_str()), (400, Some("context_length_exceeded")));
+    let r = http.get(format!("{url}/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // Still serving.
+    let (s, a) = post(&url, json!({"messages": ask("q1"), "max_tokens": 3})).await;
+    assert_eq!(s, 200, "{a}");
+    srv.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_are_decoded_together() {
+    let (_d, srv) = start(ServeOptions { batch_wait: Duration::from_millis(300), ..ServeOptions::default() });
+    let url = srv.base_url();
+    let http = reqwest::Client::new();
+    let lone = |q: usize| json!({"messages": ask(&format!("what is q{q} .")), "temperature": 0, "max_tokens": 5});
+    // Each answer alone, then all together: the same greedy answers, in fewer batches.
+    let mut alone = vec![];
+    for q in 0..6 {
+        alone.push(post(&url, lone(q)).await.1["choices"][0]["message"]["content"].clone());
+    }
+    let before: Value = http.get(format!("http://{}/health", srv.addr)).send().await.unwrap().json().await.unwrap();
+    let together = futures_join((0..6).map(|q| {
+        let url = url.clone();
+        async move { post(&url, lone(q)).await.1["choices"][0]["message"]["content"].clone() }
+    }))
+    .await;
+    let after: Value = http.get(format!("http://{}/health", srv.addr)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(together, alone);
+    let batches = after["batches"].as_u64().unwrap() - before["batches"].as_u64().unwrap();
+    assert!(batches < 6, "6 concurrent requests took {batches} batches");
+    srv.stop().unwrap();
+}
+
+async fn futures_join<F: std::future::Future<Output = Value> + Send + 'static>(fs: impl Iterator<Item = F>) -> Vec<Value> {
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = vec![];
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_is_required_when_configured() {
+    let (_d, srv) = start(ServeOptions { api_key: Some("sk-serve-test".into()), ..ServeOptions::default() });
+    let url = srv.base_url();
+    let http = reqwest::Client::new();
+    let body = json!({"messages": ask("q1"), "max_tokens": 2});
+    let r = http.post(format!("{url}/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "invalid_api_key");
+    let r = http.post(format!("{url}/chat/completions")).bearer_auth("sk-wrong").json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.post(format!("{url}/chat/completions")).bearer_auth("sk-serve-test").json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // The health check stays open for load balancers.
+    assert_eq!(http.get(format!("http://{}/health", srv.addr)).send().await.unwrap().status(), 200);
+    srv.stop().unwrap();
+}
+
+/// `dpo2d serve` as a process; returns it and its base URL.
+fn serve_process(model: &Path, extra: &[&str], envs: &[(&str, &str)]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dpo2d"))
+        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
+        .args(extra)
+        .envs(envs.iter().copied())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("serve exited before listening").unwrap();
+        if let Some(rest) = line.strip_prefix("serving ") {
+            break rest.split(" at ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe; hand the log back at exit.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let log: Vec<String> = lines.map_while(Result::ok).collect();
+        let _ = tx.send(log.join("\n"));
+    });
+    LOGS.with(|l| l.borrow_mut().push(rx));
+    (child, url)
+}
+
+thread_local! {
+    static LOGS: std::cell::RefCell<Vec<std::sync::mpsc::Receiver<String>>> = const { std::cell::RefCell::new(vec![]) };
+}
+
+/// The rest of the log of the last server started on this thread (after it exited).
+fn last_log() -> String {
+    LOGS.with(|l| l.borrow_mut().pop().map(|rx| rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default()).unwrap_or_default())
+}
+
+fn interrupt(child: &Child) {
+    let ok = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success();
+    assert!(ok);
+}
+
+#[test]
+fn ctrl_c_finishes_the_request_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model(dir.path());
+    // The request waits in the batch window when Ctrl-C comes.
+    let (mut child, url) = serve_process(dir.path(), &["--batch-wait-ms", "1500"], &[]);
+    let body = json!({"messages": ask("what is q3 ."), "max_tokens": 200, "temperature": 0});
+    let req = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(post(&url, body))
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    interrupt(&child);
+    let (status, answer) = req.join().unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "{exit}");
+    let log = last_log();
+    assert!(log.contains("POST /v1/chat/completions 200"), "{log}");
+    // No prompt text in the log without -v.
+    assert!(!log.contains("q3"), "{log}");
+}
+
+#[test]
+fn serves_a_lora_checkpoint() {
+    use dpo2d_model::llama::{CausalLM, LoadOptions};
+    use dpo2d_model::lora::{LoraConfig, LoraTarget};
+    let base = tempfile::tempdir().unwrap();
+    common::write_tiny_model(base.path());
+    let lcfg = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec![LoraTarget::Q, LoraTarget::V], seed: 5 };
+    let m = CausalLM::load(base.path(), &LoadOptions { lora: Some(lcfg), ..LoadOptions::default() }).unwrap();
+    for (n, v) in m.trainable_vars() {
+        if n.contains("lora_B") {
+            v.set(&(v.ones_like().unwrap() * 0.3).unwrap()).unwrap();
+        }
+    }
+    let ad = tempfile::tempdir().unwrap();
+    dpo2d_model::save::save_lora_adapter(&m, ad.path(), base.path().to_str().unwrap()).unwrap();
+    let loaded = dpo2d_model::load(ad.path(), &LoadOptions::default()).unwrap();
+    let x = candle_core::Tensor::new(&[[3u32, 4, 5, 6]], &candle_core::Device::Cpu).unwrap();
+    let layout = dpo2d_model::llama::AttentionLayout::causal(1, 4);
+    let want = m.logits(&m.forward(&x, &layout).unwrap()).unwrap();
+    let got = loaded.model.logits(&loaded.model.forward(&x, &layout).unwrap()).unwrap();
+    let diff = (want - got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-5, "adapter loaded through `load` differs by {diff}");
+    let srv = dpo2d_serve::spawn(loaded, ServeOptions { port: 0, ..ServeOptions::default() }).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (s, a) = rt.block_on(post(&srv.base_url(), json!({"messages": ask("q1"), "max_tokens": 3})));
+    assert_eq!(s, 200, "{a}");
+    srv.stop().unwrap();
+}
+
+#[test]
+fn annotate_runs_against_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model(dir.path());
+    // The judge's prompts are longer than the tiny model's 256 positions.
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = json!(2048);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let (mut child, url) =
+        serve_process(dir.path(), &["--api-key-env", "DPO2D_TEST_SERVE_KEY"], &[("DPO2D_TEST_SERVE_KEY", "sk-annotate-serve")]);
+    let pairs = dir.path().join("pairs.jsonl");
+    common::write_pairs(&pairs, 0..2, false);
+    let out = dir.path().join("pairs.2d.jsonl");
+    let run = Command::new(env!("CARGO_BIN_EXE_dpo2d"))
+        .args(["annotate", pairs.to_str().unwrap(), "-o", out.to_str().unwrap(), "--base-url", &url, "--model", "tiny"])
+        .args(["--api-key-env", "DPO2D_TEST_SERVE_KEY", "--max-retries", "0", "--no-progress"])
+        .env("DPO2D_TEST_SERVE_KEY", "sk-annotate-serve")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    // A random model is a useless judge, but every request was answered:
+    // whatever failed, failed on the answer's content, not on the exchange.
+    assert!(stderr.contains("pairs: 2 in"), "{stderr}");
+    assert!(!stderr.contains("requests: 0 sent"), "{stderr}");
+    for reason in ["unreachable", "timeout", "rate-limited", "server error", "connection", "bad body"] {
+        assert!(!stderr.contains(&format!("1 {reason}")) && !stderr.contains(&format!("2 {reason}")), "{stderr}");
+    }
+    interrupt(&child);
+    assert!(child.wait().unwrap().success());
+    let log = last_log();
+    // The structured-output request is refused, the free-text ones answered.
+    assert!(log.contains("POST /v1/chat/completions 400"), "{log}");
+    assert!(log.contains("POST /v1/chat/completions 200"), "{log}");
+}
+
+/// The official `openai` Python package (installed with pip into the
+/// target directory on first use) as the client, whole and streamed.
+#[test]
+fn the_openai_python_client_talks_to_serve() {
+    let site = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-openai");
+    if !site.join("openai").is_dir() {
+        let st = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", site.to_str().unwrap(), "openai>=1.40"])
+            .status()
+            .expect("python3 is needed for this test");
+        assert!(st.success(), "pip could not install the openai package");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model(dir.path());
+    let (mut child, url) = serve_process(dir.path(), &["--served-model-name", "tiny-served"], &[]);
+    let script = r#"
+import sys
+from openai import OpenAI
+c = OpenAI(base_url=sys.argv[1], api_key="unused")
+assert [m.id for m in c.models.list().data] == ["tiny-served"]
+r = c.chat.completions.create(model="tiny-served", messages=[{"role": "user", "content": "what is q1 ."}], max_tokens=5, temperature=0)
+whole = r.choices[0].message.content
+assert r.usage.completion_tokens <= 5 and r.choices[0].finish_reason in ("stop", "length"), r
+parts = []
+for chunk in c.chat.completions.create(model="tiny-served", messages=[{"role": "user", "content": "what is q1 ."}], max_tokens=5, temperature=0, stream=True):
+    if chunk.choices and chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+assert "".join(parts) == whole, (parts, whole)
+try:
+    c.chat.completions.create(model="tiny-served", messages=[{"role": "user", "content": "q"}], max_tokens=10**9)
+    raise SystemExit("no error for max_tokens=1e9")
+except Exception as e:
+    assert "max_tokens" in str(e), e
+print("ok", repr(whole))
+"#;
+    let out = Command::new("python3").args(["-c", script, &url]).env("PYTHONPATH", &site).output().unwrap();
+    interrupt(&child);
+    let _ = child.wait();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok"));
+}
