@@ -47,6 +47,8 @@ enum Command {
     BuildPairs(cmd::build_pairs::Args),
     /// Serve a model over an OpenAI-compatible HTTP API (chat completions, streaming).
     Serve(cmd::serve::Args),
+    /// Evaluate a model with an LLM judge: MT-Bench, AlpacaEval, Arena-Hard or your own questions.
+    Eval(cmd::eval::Args),
 }
 
 fn main() -> ExitCode {
@@ -96,6 +98,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Annotate(a) => cmd::annotate::run(a),
         Command::BuildPairs(a) => cmd::build_pairs::run(a),
         Command::Serve(a) => cmd::serve::run(a, cli.verbose > 0),
+        Command::Eval(a) => cmd::eval::run(a),
     }
 }
 

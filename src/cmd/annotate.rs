@@ -2,9 +2,8 @@
 //! with an LLM judge behind any OpenAI-compatible chat-completions server;
 //! `dpo2d annotate compare A B`: agreement between two annotations.
 use anyhow::{bail, Context, Result};
-use dpo2d_annotate::{annotate_file, AnnotateJob, Aspect, Options, ResponseFormat, RetryPolicy, Secret};
+use dpo2d_annotate::{annotate_file, AnnotateJob, Aspect, Options, ResponseFormat};
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -34,27 +33,8 @@ struct RunArgs {
     /// Where to write the scored pairs (written atomically at the end).
     #[arg(short, long, required = true)]
     output: Option<PathBuf>,
-    /// The judge server's OpenAI-compatible base URL, e.g. http://localhost:8000/v1.
-    #[arg(long, required_unless_present = "dry_run")]
-    base_url: Option<String>,
-    /// The judge model name, as the server knows it.
-    #[arg(long, required = true)]
-    model: Option<String>,
-    /// Name of the environment variable holding the API key (sent as a Bearer token; optional for local servers).
-    #[arg(long, value_name = "VAR")]
-    api_key_env: Option<String>,
-    /// Most requests in flight at once.
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
-    /// Per-request timeout in seconds (fractions allowed).
-    #[arg(long, default_value_t = 120.0, value_name = "SECS")]
-    timeout: f64,
-    /// Retries per request on 429, 5xx, timeouts and connection errors.
-    #[arg(long, default_value_t = 5)]
-    max_retries: u32,
-    /// First retry delay in seconds; doubles per retry, with jitter (a server's Retry-After wins).
-    #[arg(long, default_value_t = 1.0, value_name = "SECS")]
-    retry_backoff: f64,
+    #[command(flatten)]
+    judge: super::judge::JudgeArgs,
     /// SQLite file of finished judgements (default: OUTPUT.cache.sqlite); a rerun resumes from it.
     #[arg(long, value_name = "PATH")]
     cache: Option<PathBuf>,
@@ -106,20 +86,9 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let r = args.run;
-    let (Some(input), Some(output), Some(model)) = (r.input, r.output, r.model) else {
-        bail!("annotate needs INPUT, -o OUTPUT and --model (see --help)");
+    let (Some(input), Some(output)) = (r.input, r.output) else {
+        bail!("annotate needs INPUT and -o OUTPUT (see --help)");
     };
-    if r.concurrency == 0 {
-        bail!("--concurrency must be at least 1");
-    }
-    let secs = |v: f64, name: &str| -> Result<Duration> {
-        Duration::try_from_secs_f64(v)
-            .ok()
-            .filter(|d| !d.is_zero() || name == "--retry-backoff")
-            .with_context(|| format!("{name} must be a positive number of seconds, got {v}"))
-    };
-    let timeout = secs(r.timeout, "--timeout")?;
-    let backoff = secs(r.retry_backoff, "--retry-backoff")?;
     let aspects = if r.aspects.is_empty() {
         Aspect::ALL.to_vec()
     } else {
@@ -133,21 +102,17 @@ pub fn run(args: Args) -> Result<()> {
         }
         v
     };
-    // The key is read from the environment and never printed; an explicitly
-    // named variable that is unset is an error, the default one is optional.
-    let api_key = match &r.api_key_env {
-        Some(var) => match std::env::var(var) {
-            Ok(k) if !k.is_empty() => Some(Secret::new(k)),
-            _ => bail!("--api-key-env names {var}, but that environment variable is not set"),
-        },
-        None => std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()).map(Secret::new),
+    let base_url = match (&r.judge.base_url, r.dry_run) {
+        (Some(u), _) => u.clone(),
+        (None, true) => "http://localhost:8000/v1".into(),
+        (None, false) => r.judge.base_url()?,
     };
     let opts = Options {
-        base_url: r.base_url.unwrap_or_else(|| "http://localhost:8000/v1".into()),
-        model,
-        api_key,
-        concurrency: r.concurrency,
-        policy: RetryPolicy { timeout, max_retries: r.max_retries, backoff_base: backoff, ..RetryPolicy::default() },
+        base_url,
+        model: r.judge.model()?,
+        api_key: r.judge.api_key()?,
+        concurrency: r.judge.concurrency()?,
+        policy: r.judge.policy()?,
         aspects,
         max_tokens: r.max_tokens,
         response_format: r.response_format.into(),

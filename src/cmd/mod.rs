@@ -2,7 +2,9 @@
 pub mod annotate;
 pub mod bench;
 pub mod build_pairs;
+pub mod eval;
 pub mod generate;
+pub mod judge;
 pub mod logprobs;
 pub mod model;
 pub mod quickstart;

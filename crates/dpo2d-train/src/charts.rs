@@ -12,7 +12,8 @@ use std::sync::Once;
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
-fn register_font() {
+/// Makes the shipped font the "sans-serif" of every chart (once per process).
+pub fn register_font() {
     REGISTER.call_once(|| {
         // A failure leaves text undrawn; the charts themselves still render.
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);

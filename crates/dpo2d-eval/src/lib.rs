@@ -1,0 +1,19 @@
+//! `dpo2d eval`: answer a question set with a model and have an LLM judge
+//! (any OpenAI-compatible server, `dpo2d serve` included) grade the answers,
+//! as the 2D-DPO paper evaluates: MT-Bench (1-10 grades), AlpacaEval and
+//! Arena-Hard (pairwise against a baseline, in both orders, with a
+//! length-controlled win rate), and the five aspects per answer.
+//!
+//! Pieces: [`sets`] loads the questions, [`answer`] generates the answers,
+//! [`judge`] writes the judge's prompts and reads its answers, [`run`]
+//! drives a run through the cache, [`stats`] and [`report`] sum it up.
+
+pub mod answer;
+pub mod judge;
+pub mod report;
+pub mod run;
+pub mod sets;
+pub mod stats;
+
+pub use report::{compare, Results};
+pub use run::{evaluate, Answerer, EvalOptions, JudgeOptions};

@@ -1,0 +1,313 @@
+//! One evaluation: the model answers the set (and a baseline model, when
+//! one is given), the judge grades every answer or compares it with the
+//! baseline's in both orders and rates it on the five aspects, and the
+//! results are summed up. Every answer and every judgement goes through the
+//! cache, so an interrupted or repeated run only asks for what is missing.
+
+use crate::answer::{answer_all, model_identity, AnswerSettings};
+use crate::judge::{self, Verdict};
+use crate::report::{Record, Results};
+use crate::sets::{self, Grading, Question};
+use anyhow::{bail, Context, Result};
+use dpo2d_annotate::cache::{cache_key, Cache};
+use dpo2d_annotate::client::{ChatClient, ChatError, RetryPolicy, Secret};
+use dpo2d_annotate::prompt::ChatRequest;
+use dpo2d_data::Message;
+use dpo2d_model::llama::LoadOptions;
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The judge: any OpenAI-compatible chat completions server.
+#[derive(Clone)]
+pub struct JudgeOptions {
+    pub base_url: String,
+    pub model: String,
+    pub api_key: Option<Secret>,
+    pub concurrency: usize,
+    pub policy: RetryPolicy,
+    /// Overrides the per-kind answer budgets (grades 512, quick verdicts 64,
+    /// reasoned verdicts 1024, aspect ratings 96 tokens).
+    pub max_tokens: Option<u32>,
+}
+
+/// A model to answer with: its resolved path and the name the report uses.
+#[derive(Clone)]
+pub struct Answerer {
+    pub path: PathBuf,
+    pub name: String,
+}
+
+pub struct EvalOptions {
+    /// A set name (mt-bench, alpaca-eval, arena-hard) or a JSONL file.
+    pub set: String,
+    pub model: Answerer,
+    /// Answers the set for pairwise judging instead of the set's own baseline.
+    pub baseline: Option<Answerer>,
+    pub load: LoadOptions,
+    pub judge: JudgeOptions,
+    pub limit: Option<usize>,
+    pub answer: AnswerSettings,
+    /// Also rate each answer on the five aspects.
+    pub aspects: bool,
+    /// Where the data sets and the downloads live (`dpo2d` cache root).
+    pub data_cache: PathBuf,
+    /// The SQLite file of answers and judgements.
+    pub cache: PathBuf,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+/// One request to the judge.
+#[derive(Debug, Clone)]
+enum Ask {
+    Grade { q: usize, turn: usize },
+    Pair { q: usize, turn: usize, model_first: bool },
+    Aspects { q: usize, turn: usize },
+}
+
+/// What came back for one [`Ask`].
+#[derive(Debug, Clone)]
+enum Got {
+    Grade(Option<f64>),
+    Verdict(Option<Verdict>),
+    Aspects([Option<f64>; 5]),
+    /// The request failed after its retries.
+    Failed(String),
+}
+
+pub fn evaluate(o: &EvalOptions) -> Result<Results> {
+    let set = sets::load(&o.set, &o.data_cache)?;
+    let questions = match o.limit {
+        Some(n) => sets::limit(&set.questions, n),
+        None => set.questions.clone(),
+    };
+    let cache = Cache::open(&o.cache)?;
+    let answers = answers_of(&o.model, &questions, o, &cache)?;
+    let (grading, baseline_answers, baseline_name) = match &o.baseline {
+        Some(b) => {
+            let grading = if set.grading == Grading::PairwiseReasoned { Grading::PairwiseReasoned } else { Grading::PairwiseQuick };
+            (grading, Some(answers_of(b, &questions, o, &cache)?), Some(b.name.clone()))
+        }
+        None => {
+            let base = questions.iter().map(|q| q.baseline.clone()).collect::<Option<Vec<_>>>();
+            (set.grading, base, set.baseline_name.clone())
+        }
+    };
+    if grading != Grading::Single && baseline_answers.is_none() {
+        bail!("{} is judged pairwise but has no baseline answers (give --baseline-path)", set.name);
+    }
+    let asks = plan(&questions, grading, o.aspects);
+    let ctx = Arc::new(Ctx { questions, answers, baseline: baseline_answers, grading, judge: o.judge.clone(), cache });
+    let got = judge_all(&ctx, &asks, o.progress)?;
+    let records = assemble(&ctx, &asks, &got);
+    Ok(Results::new(&set, grading, &o.model.name, baseline_name, &o.judge.model, &o.answer, o.limit, records, o.seed))
+}
+
+fn answers_of(m: &Answerer, questions: &[Question], o: &EvalOptions, cache: &Cache) -> Result<Vec<Vec<String>>> {
+    let identity = model_identity(&m.path)?;
+    let lm = dpo2d_model::load(&m.path, &o.load).with_context(|| format!("loading {}", m.name))?;
+    answer_all(&lm, &identity, questions, &o.answer, cache, &m.name, o.progress)
+}
+
+/// Every request the judge gets: per question and turn a grade (or both
+/// orders of a comparison), plus the aspect ratings.
+fn plan(questions: &[Question], grading: Grading, aspects: bool) -> Vec<Ask> {
+    let mut asks = vec![];
+    for (q, question) in questions.iter().enumerate() {
+        for turn in 0..question.turns.len() {
+            match grading {
+                Grading::Single => asks.push(Ask::Grade { q, turn }),
+                _ => {
+                    asks.push(Ask::Pair { q, turn, model_first: true });
+                    asks.push(Ask::Pair { q, turn, model_first: false });
+                }
+            }
+            if aspects {
+                asks.push(Ask::Aspects { q, turn });
+            }
+        }
+    }
+    asks
+}
+
+struct Ctx {
+    questions: Vec<Question>,
+    answers: Vec<Vec<String>>,
+    baseline: Option<Vec<Vec<String>>>,
+    grading: Grading,
+    judge: JudgeOptions,
+    cache: Cache,
+}
+
+impl Ctx {
+    /// System and user message, and the answer budget, of one request.
+    fn prompt(&self, ask: &Ask) -> (String, String, u32) {
+        let budget = |default: u32| self.judge.max_tokens.unwrap_or(default);
+        match *ask {
+            Ask::Grade { q, turn } => {
+                let qu = &self.questions[q];
+                let (s, u) = judge::grade_prompt(&qu.turns, &self.answers[q], qu.reference.as_deref(), turn);
+                (s, u, budget(512))
+            }
+            Ask::Pair { q, turn, model_first } => {
+                let qu = &self.questions[q];
+                let base = &self.baseline.as_ref().expect("pairwise asks have a baseline")[q];
+                let (a, b) = if model_first { (&self.answers[q], base) } else { (base, &self.answers[q]) };
+                let (s, u) = judge::pair_prompt(self.grading, &qu.turns, a, b, qu.reference.as_deref(), turn);
+                (s, u, budget(if self.grading == Grading::PairwiseReasoned { 1024 } else { 64 }))
+            }
+            Ask::Aspects { q, turn } => {
+                let (s, u) = judge::aspect_prompt(&self.questions[q].turns, &self.answers[q], turn);
+                (s, u, budget(96))
+            }
+        }
+    }
+
+    fn read(&self, ask: &Ask, text: &str) -> Got {
+        match ask {
+            Ask::Grade { .. } => Got::Grade(judge::parse_grade(text)),
+            Ask::Pair { .. } => Got::Verdict(judge::parse_verdict(text)),
+            Ask::Aspects { .. } => Got::Aspects(judge::parse_aspects(text)),
+        }
+    }
+}
+
+fn parsed(g: &Got) -> bool {
+    match g {
+        Got::Grade(v) => v.is_some(),
+        Got::Verdict(v) => v.is_some(),
+        Got::Aspects(v) => v.iter().any(Option::is_some),
+        Got::Failed(_) => true,
+    }
+}
+
+/// Asks the judge everything, `concurrency` requests at a time.
+fn judge_all(ctx: &Arc<Ctx>, asks: &[Ask], progress: bool) -> Result<Vec<Got>> {
+    let client =
+        Arc::new(ChatClient::new(&ctx.judge.base_url, ctx.judge.api_key.clone(), ctx.judge.policy.clone(), ctx.judge.concurrency)?);
+    let bar = if progress { ProgressBar::new(asks.len() as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} judgements, eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let fatal = Arc::new(AtomicBool::new(false));
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
+    let results: Vec<(usize, Result<Got>)> = rt.block_on(async {
+        futures_util::stream::iter(asks.iter().cloned().enumerate())
+            .map(|(i, ask)| {
+                let (ctx, client, bar, fatal) = (ctx.clone(), client.clone(), bar.clone(), fatal.clone());
+                async move {
+                    let r =
+                        if fatal.load(Ordering::SeqCst) { Ok(Got::Failed("stopped".into())) } else { ask_judge(&ctx, &client, &ask).await };
+                    if r.is_err() {
+                        fatal.store(true, Ordering::SeqCst);
+                    }
+                    bar.inc(1);
+                    (i, r)
+                }
+            })
+            .buffer_unordered(ctx.judge.concurrency.max(1) * 2)
+            .collect()
+            .await
+    });
+    bar.finish_and_clear();
+    let mut out = vec![Got::Failed("not asked".into()); asks.len()];
+    for (i, r) in results {
+        out[i] = r?;
+    }
+    let failed: Vec<&String> = out.iter().filter_map(|g| if let Got::Failed(m) = g { Some(m) } else { None }).collect();
+    if let Some(first) = failed.first() {
+        tracing::warn!("{} judge request(s) failed (rerun to retry them); the first: {first}", failed.len());
+    }
+    Ok(out)
+}
+
+/// One judgement: from the cache, else from the judge; an unreadable
+/// answer is asked once more at a higher temperature. `Err` only for what
+/// stops the run (the server refuses everything).
+async fn ask_judge(ctx: &Ctx, client: &ChatClient, ask: &Ask) -> Result<Got> {
+    let (system, user, max_tokens) = ctx.prompt(ask);
+    let mut last = Got::Failed("no answer".into());
+    for temperature in [0.0f32, 0.7] {
+        let req = ChatRequest {
+            model: ctx.judge.model.clone(),
+            messages: vec![
+                Message { role: "system".into(), content: system.clone() },
+                Message { role: "user".into(), content: user.clone() },
+            ],
+            temperature,
+            max_tokens: Some(max_tokens),
+            response_format: None,
+        };
+        let body = serde_json::to_string(&req)?;
+        let key = cache_key(&ctx.judge.model, &body);
+        let text = match ctx.cache.get_text_async(key.clone()).await? {
+            Some(t) => t,
+            None => match client.complete(&req).await {
+                Ok(c) => {
+                    ctx.cache.put_text_async(key, "judgement", c.content.clone()).await?;
+                    c.content
+                }
+                Err(ChatError::Fatal(m)) => bail!("the judge refuses requests: {m}"),
+                Err(e) => return Ok(Got::Failed(e.to_string())),
+            },
+        };
+        last = ctx.read(ask, &text);
+        if parsed(&last) {
+            break;
+        }
+    }
+    Ok(last)
+}
+
+/// Per question and turn: the grade, or the model's outcome over both orders, and the aspects.
+fn assemble(ctx: &Ctx, asks: &[Ask], got: &[Got]) -> Vec<Record> {
+    let mut records: Vec<Record> = vec![];
+    let mut index = std::collections::HashMap::new();
+    for (q, question) in ctx.questions.iter().enumerate() {
+        for turn in 0..question.turns.len() {
+            index.insert((q, turn), records.len());
+            records.push(Record {
+                id: question.id.clone(),
+                category: question.category.clone(),
+                turn: turn + 1,
+                answer_chars: ctx.answers[q][turn].chars().count(),
+                baseline_chars: ctx.baseline.as_ref().map(|b| b[q][turn].chars().count()),
+                ..Record::default()
+            });
+        }
+    }
+    for (ask, g) in asks.iter().zip(got) {
+        let (q, turn) = match *ask {
+            Ask::Grade { q, turn } | Ask::Pair { q, turn, .. } | Ask::Aspects { q, turn } => (q, turn),
+        };
+        let r = &mut records[index[&(q, turn)]];
+        match (ask, g) {
+            (_, Got::Failed(_)) => r.failed += 1,
+            (Ask::Grade { .. }, Got::Grade(v)) => {
+                r.grade = *v;
+                r.unparsed += v.is_none() as usize;
+            }
+            (Ask::Pair { model_first, .. }, Got::Verdict(v)) => {
+                // Stored from the model's side: "A" is always the model.
+                let v = v.map(|v| if *model_first { v } else { v.swapped() });
+                if *model_first {
+                    r.verdict_model_first = v;
+                } else {
+                    r.verdict_model_second = v;
+                }
+                r.unparsed += v.is_none() as usize;
+            }
+            (Ask::Aspects { .. }, Got::Aspects(v)) => {
+                r.aspects = *v;
+                r.unparsed += v.iter().all(Option::is_none) as usize;
+            }
+            _ => {}
+        }
+    }
+    records
+}

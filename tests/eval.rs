@@ -1,0 +1,222 @@
+//! `dpo2d eval` end to end against a scripted judge on 127.0.0.1: messy
+//! grades read right, an unreadable answer asked again, both-order
+//! aggregation of a judge with a position bias, the report files, resume
+//! from the cache (a rerun asks nothing, a larger slice asks only for the
+//! new questions), `eval compare`, and `dpo2d serve` as the judge.
+
+mod common;
+
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A judge that answers by rule: grades by question (in several messy
+/// formats, one unreadable until asked again at a higher temperature),
+/// always "[[A]]" in comparisons (a pure position bias), fixed aspect
+/// ratings. Counts the requests it gets.
+struct ScriptedJudge {
+    url: String,
+    requests: Arc<AtomicUsize>,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn judge_answer(body: &Value) -> String {
+    let system = body["messages"][0]["content"].as_str().unwrap_or("");
+    let user = body["messages"][1]["content"].as_str().unwrap_or("");
+    let retry = body["temperature"].as_f64().unwrap_or(0.0) > 0.0;
+    if system.contains("five aspects") {
+        return "helpfulness: 6\n**Correctness**: 5/10\nsafety: 10\ncompleteness: 4\nclarity: 7".into();
+    }
+    if system.contains("[[A]]") || system.contains("[[A>>B]]") {
+        return "Assistant A's answer reads better to me.\n\n[[A]]".into();
+    }
+    // Grades: the question is the first user turn in the prompt.
+    if user.contains("q1") && !user.contains("turn 2") {
+        "Clear and right.\nRating: [[7]]".into()
+    } else if user.contains("q2") {
+        "I'd give it 4/10.".into()
+    } else if user.contains("q3") && user.contains("turn 2") {
+        "**Rating:** 2".into()
+    } else if user.contains("q3") {
+        if retry {
+            "Rating: [[5]]".into()
+        } else {
+            "The answer is fine I think".into()
+        }
+    } else {
+        "Rating: [[9]]".into()
+    }
+}
+
+impl ScriptedJudge {
+    fn start() -> ScriptedJudge {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        let app = Router::new().route(
+            "/v1/chat/completions",
+            post(move |Json(body): Json<Value>| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    Json(json!({
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": judge_answer(&body)}, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 5}
+                    }))
+                }
+            }),
+        );
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        rt.spawn(async move { axum::serve(listener, app).await });
+        ScriptedJudge { url, requests, _rt: rt }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+fn write_questions(path: &Path, pairwise: bool) {
+    let mut rows = vec![
+        json!({"id": "a", "category": "one", "prompt": "what is q1 ."}),
+        json!({"id": "b", "category": "one", "prompt": "what is q2 ."}),
+        json!({"id": "c", "category": "two", "turns": ["what is q3 .", "what is it ."]}),
+        json!({"id": "d", "category": "two", "prompt": "what is q4 ."}),
+    ];
+    if pairwise {
+        for r in &mut rows {
+            let n = if r.get("turns").is_some() { 2 } else { 1 };
+            r["baseline"] = json!(vec!["the answer is good ."; n]);
+        }
+    }
+    std::fs::write(path, rows.iter().map(|r| r.to_string() + "\n").collect::<String>()).unwrap();
+}
+
+fn eval(dir: &Path, judge_url: &str, bench: &Path, out: &str, extra: &[&str]) -> Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_dpo2d"))
+        .args(["eval", "--bench", bench.to_str().unwrap(), "--model-path", dir.join("model").to_str().unwrap(), "--model-id", "tiny"])
+        .args(["--base-url", judge_url, "--model", "scripted", "--max-new-tokens", "4", "--no-progress"])
+        .args(["-o", dir.join(out).to_str().unwrap(), "--cache", dir.join("cache.sqlite").to_str().unwrap()])
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .env_remove("OPENAI_API_KEY")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "eval failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+fn results(dir: &Path, out: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join(out).join("results.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn single_grades_are_read_from_messy_answers_and_resume_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model(&dir.path().join("model"));
+    let qs = dir.path().join("qs.jsonl");
+    write_questions(&qs, false);
+    let judge = ScriptedJudge::start();
+
+    // Three questions first (a, c, b: every category in turn), then all four.
+    eval(dir.path(), &judge.url, &qs, "small", &["--limit", "3"]);
+    // 4 answers (c has two turns) x (grade + aspects), plus one retry of c's unreadable grade.
+    assert_eq!(judge.requests(), 4 * 2 + 1);
+    let r = results(dir.path(), "small");
+    let grades: Vec<(String, usize, Option<f64>)> = r["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["id"].as_str().unwrap().to_string(), x["turn"].as_u64().unwrap() as usize, x["grade"].as_f64()))
+        .collect();
+    assert_eq!(
+        grades,
+        vec![("a".into(), 1, Some(7.0)), ("c".into(), 1, Some(5.0)), ("c".into(), 2, Some(2.0)), ("b".into(), 1, Some(4.0))]
+    );
+    let s = &r["summary"];
+    assert!((s["headline"]["mean"].as_f64().unwrap() - 4.5).abs() < 1e-9, "{s}");
+    assert_eq!(s["headline"]["n"], 4);
+    assert!((s["by_turn"]["2"]["mean"].as_f64().unwrap() - 2.0).abs() < 1e-9);
+    assert!((s["aspects"]["correctness"]["mean"].as_f64().unwrap() - 5.0).abs() < 1e-9);
+    assert_eq!(s["unparsed"], 0);
+    for f in ["report.md", "categories.png", "aspects.png"] {
+        assert!(dir.path().join("small").join(f).is_file(), "{f} missing");
+    }
+    let md = std::fs::read_to_string(dir.path().join("small/report.md")).unwrap();
+    assert!(md.contains("| one |") && md.contains("| turn 2 |") && md.contains("| safety | 10.00"), "{md}");
+
+    // The same run again asks nothing; the whole set asks only for d.
+    eval(dir.path(), &judge.url, &qs, "small", &["--limit", "3"]);
+    assert_eq!(judge.requests(), 9);
+    eval(dir.path(), &judge.url, &qs, "all", &[]);
+    assert_eq!(judge.requests(), 9 + 2);
+    let all = results(dir.path(), "all");
+    assert!((all["summary"]["headline"]["mean"].as_f64().unwrap() - (7.0 + 4.0 + 5.0 + 2.0 + 9.0) / 5.0).abs() < 1e-9);
+
+    // Side by side.
+    let o = Command::new(env!("CARGO_BIN_EXE_dpo2d"))
+        .args(["eval", "compare", dir.path().join("small").to_str().unwrap(), dir.path().join("all").to_str().unwrap()])
+        .args(["--plot", dir.path().join("cmp.png").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("Paired over 4 answers judged in both runs: B - A = +0.00"), "{text}");
+    assert!(text.contains("| score (1-10) | 4.50"), "{text}");
+    assert!(dir.path().join("cmp.png").is_file());
+}
+
+#[test]
+fn pairwise_judging_in_both_orders_cancels_a_position_bias() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model(&dir.path().join("model"));
+    let qs = dir.path().join("qs.jsonl");
+    write_questions(&qs, true);
+    let judge = ScriptedJudge::start();
+    eval(dir.path(), &judge.url, &qs, "pair", &["--no-aspects"]);
+    // 5 answers, each compared in both orders.
+    assert_eq!(judge.requests(), 10);
+    let r = results(dir.path(), "pair");
+    assert_eq!(r["grading"], "pairwise-quick");
+    assert_eq!(r["baseline"], "baseline");
+    let s = &r["summary"];
+    // The judge always picks the first answer: a win and a loss per question, a tie overall.
+    assert!((s["headline"]["mean"].as_f64().unwrap() - 50.0).abs() < 1e-9, "{s}");
+    assert_eq!((s["wins"].as_u64(), s["ties"].as_u64(), s["losses"].as_u64()), (Some(0), Some(5), Some(0)));
+    assert_eq!(s["order_agreement"], 0.0);
+    assert!((s["lc_win_rate"].as_f64().unwrap() - 50.0).abs() < 1.0, "{s}");
+    let rec = &r["records"][0];
+    assert_eq!(rec["verdict_model_first"], "A>B");
+    assert_eq!(rec["verdict_model_second"], "B>A");
+    assert!(s.get("aspects").unwrap().as_object().unwrap().is_empty());
+}
+
+#[test]
+fn serve_can_be_the_judge() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model(&dir.path().join("model"));
+    // The judge's prompts are longer than the tiny model's 256 positions.
+    let judge_dir = dir.path().join("judge");
+    common::write_tiny_model(&judge_dir);
+    let cfg_path = judge_dir.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = json!(4096);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let lm = dpo2d_model::load(&judge_dir, &Default::default()).unwrap();
+    let srv = dpo2d_serve::spawn(lm, dpo2d_serve::ServeOptions { port: 0, ..Default::default() }).unwrap();
+    let qs = dir.path().join("qs.jsonl");
+    write_questions(&qs, true);
+    let o = eval(dir.path(), &srv.base_url(), &qs, "served", &["--limit", "2", "--max-tokens", "8"]);
+    let r = results(dir.path(), "served");
+    // A random judge's answers are mostly unreadable; what matters is that
+    // every request was answered and counted.
+    let s = &r["summary"];
+    assert_eq!(s["failed"], 0, "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(r["records"].as_array().unwrap().len(), 3);
+    srv.stop().unwrap();
+}
