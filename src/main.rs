@@ -49,6 +49,8 @@ enum Command {
     Serve(cmd::serve::Args),
     /// Evaluate a model with an LLM judge: MT-Bench, AlpacaEval, Arena-Hard or your own questions.
     Eval(cmd::eval::Args),
+    /// Colour every token of a pair by a trained policy's implicit reward (HTML + PNG).
+    Explain(cmd::explain::Args),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BuildPairs(a) => cmd::build_pairs::run(a),
         Command::Serve(a) => cmd::serve::run(a, cli.verbose > 0),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Explain(a) => cmd::explain::run(a),
     }
 }
 

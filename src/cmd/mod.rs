@@ -3,6 +3,7 @@ pub mod annotate;
 pub mod bench;
 pub mod build_pairs;
 pub mod eval;
+pub mod explain;
 pub mod generate;
 pub mod judge;
 pub mod logprobs;

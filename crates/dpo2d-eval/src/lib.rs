@@ -6,9 +6,13 @@
 //!
 //! Pieces: [`sets`] loads the questions, [`answer`] generates the answers,
 //! [`judge`] writes the judge's prompts and reads its answers, [`run`]
-//! drives a run through the cache, [`stats`] and [`report`] sum it up.
+//! drives a run through the cache, [`stats`] and [`report`] sum it up;
+//! [`explain`] draws a trained policy's implicit reward token by token;
+//! [`arithmetic`] is a task whose answers a program checks, sentence by sentence.
 
 pub mod answer;
+pub mod arithmetic;
+pub mod explain;
 pub mod judge;
 pub mod report;
 pub mod run;
