@@ -220,3 +220,35 @@ fn serve_can_be_the_judge() {
     assert_eq!(r["records"].as_array().unwrap().len(), 3);
     srv.stop().unwrap();
 }
+
+#[test]
+fn arithmetic_needs_no_judge_and_other_sets_do() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model(&dir.path().join("model"));
+    let run = |bench: &str, out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_dpo2d"))
+            .args(["eval", "--bench", bench, "--model-path", dir.path().join("model").to_str().unwrap(), "--limit", "6"])
+            .args(["--max-new-tokens", "4", "--no-progress", "-o", dir.path().join(out).to_str().unwrap()])
+            .args(["--cache", dir.path().join("cache.sqlite").to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let o = run("arithmetic", "arith");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = results(dir.path(), "arith");
+    assert_eq!(r["grading"], "checked");
+    assert_eq!(r["records"].as_array().unwrap().len(), 6);
+    // A random 32-word model writes no right answers.
+    assert_eq!(r["summary"]["headline"]["mean"], 0.0);
+    assert!(r["records"].as_array().unwrap().iter().all(|x| x["correct"] == false));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("final answers right"));
+    let qs = dir.path().join("qs.jsonl");
+    write_questions(&qs, false);
+    let o = run(qs.to_str().unwrap(), "judged");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("needs a judge: give --base-url and --model"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

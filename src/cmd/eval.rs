@@ -32,7 +32,7 @@ enum EvalCommand {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The question set: mt-bench, alpaca-eval, arena-hard, or a JSONL file
+    /// The question set: mt-bench, alpaca-eval, arena-hard, arithmetic (no judge), or a JSONL file
     /// (`prompt` or `turns`; optional `id`, `category`, `reference`, `baseline`).
     #[arg(long, required = true)]
     bench: Option<String>,
@@ -110,13 +110,16 @@ pub fn run(args: Args) -> Result<()> {
         model: answerer(&model_path, r.model_id)?,
         baseline: r.baseline_path.as_deref().map(|b| answerer(b, r.baseline_id.clone())).transpose()?,
         load: r.device.load_options()?,
-        judge: JudgeOptions {
-            base_url: r.judge.base_url()?,
-            model: r.judge.model()?,
-            api_key: r.judge.api_key()?,
-            concurrency: r.judge.concurrency()?,
-            policy: r.judge.policy()?,
-            max_tokens: r.max_tokens,
+        judge: match (&r.judge.base_url, &r.judge.model) {
+            (None, None) => None,
+            _ => Some(JudgeOptions {
+                base_url: r.judge.base_url()?,
+                model: r.judge.model()?,
+                api_key: r.judge.api_key()?,
+                concurrency: r.judge.concurrency()?,
+                policy: r.judge.policy()?,
+                max_tokens: r.max_tokens,
+            }),
         },
         limit: r.limit,
         answer: AnswerSettings { max_new_tokens: r.max_new_tokens, batch_size: r.batch_size.max(1) },

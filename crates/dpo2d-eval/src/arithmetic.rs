@@ -24,6 +24,14 @@ pub enum Op {
 }
 
 impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Add => "add",
+            Op::Sub => "subtract",
+            Op::Mul => "multiply",
+        }
+    }
+
     fn apply(self, a: i64, b: i64) -> i64 {
         match self {
             Op::Add => a + b,

@@ -250,11 +250,11 @@ pub fn pair_prompt(
     user.push_str(if turn == 0 { "Which answer is better?" } else { "Which assistant's last answer is better?" });
     user.push_str(match grading {
         Grading::PairwiseReasoned => " End with your verdict: [[A>>B]], [[A>B]], [[A=B]], [[B>A]] or [[B>>A]].",
-        Grading::PairwiseQuick | Grading::Single => " Reply [[A]], [[B]] or [[C]] (a tie).",
+        Grading::PairwiseQuick | Grading::Single | Grading::Checked => " Reply [[A]], [[B]] or [[C]] (a tie).",
     });
     let system = match grading {
         Grading::PairwiseReasoned => REASONED_SYSTEM,
-        Grading::PairwiseQuick | Grading::Single => QUICK_SYSTEM,
+        Grading::PairwiseQuick | Grading::Single | Grading::Checked => QUICK_SYSTEM,
     };
     (system.to_string(), user)
 }

@@ -27,6 +27,9 @@ pub struct Record {
     /// Single grading: 1-10.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grade: Option<f64>,
+    /// Checked by a program: whether the final answer is right.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correct: Option<bool>,
     /// Pairwise, as seen from the model ("A" = the model) in each order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict_model_first: Option<Verdict>,
@@ -51,7 +54,8 @@ impl Record {
     pub fn value(&self, grading: Grading) -> Option<f64> {
         match grading {
             Grading::Single => self.grade,
-            _ => self.outcome().map(|o| o * 100.0),
+            Grading::Checked => self.correct.map(|c| if c { 100.0 } else { 0.0 }),
+            Grading::PairwiseQuick | Grading::PairwiseReasoned => self.outcome().map(|o| o * 100.0),
         }
     }
 }
@@ -124,14 +128,14 @@ impl Results {
     }
 
     pub fn is_pairwise(&self) -> bool {
-        self.grading != Grading::Single
+        matches!(self.grading, Grading::PairwiseQuick | Grading::PairwiseReasoned)
     }
 
     fn unit(&self) -> &'static str {
-        if self.is_pairwise() {
-            "win rate %"
-        } else {
-            "score (1-10)"
+        match self.grading {
+            Grading::Single => "score (1-10)",
+            Grading::Checked => "accuracy %",
+            Grading::PairwiseQuick | Grading::PairwiseReasoned => "win rate %",
         }
     }
 
@@ -143,7 +147,7 @@ impl Results {
         dpo2d_fs::write_file(&md, self.markdown())?;
         let mut written = vec![json, md];
         let cats: Vec<(String, Estimate)> = self.summary.by_category.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let (lo, hi) = if self.is_pairwise() { (0.0, 100.0) } else { (0.0, 10.0) };
+        let (lo, hi) = if self.grading == Grading::Single { (0.0, 10.0) } else { (0.0, 100.0) };
         if !cats.is_empty() {
             let p = dir.join("categories.png");
             bar_chart(&p, &format!("{} by category: {}", self.unit(), self.model), &[(self.model.clone(), cats)], lo, hi)?;
@@ -196,6 +200,10 @@ impl Results {
                 s.losses,
                 s.order_agreement.map(|v| format!("{:.0}%", v * 100.0)).unwrap_or("-".into())
             );
+        } else if self.grading == Grading::Checked {
+            let _ = writeln!(m, "| final answers right, % (95% CI) | problems |");
+            let _ = writeln!(m, "|---|---|");
+            let _ = writeln!(m, "| {} | {} |", fmt_est(s.headline), s.headline.map(|e| e.n).unwrap_or(0));
         } else {
             let _ = writeln!(m, "| score 1-10 (95% CI) | answers graded |");
             let _ = writeln!(m, "|---|---|");
@@ -271,7 +279,7 @@ pub fn summarize(grading: Grading, records: &[Record], seed: u64) -> Summary {
     let both: Vec<&Record> = records.iter().filter(|r| r.verdict_model_first.is_some() && r.verdict_model_second.is_some()).collect();
     let agree =
         both.iter().filter(|r| r.verdict_model_first.map(Verdict::score_for_a) == r.verdict_model_second.map(Verdict::score_for_a)).count();
-    let pairwise = grading != Grading::Single;
+    let pairwise = matches!(grading, Grading::PairwiseQuick | Grading::PairwiseReasoned);
     Summary {
         headline,
         lc_win_rate: if pairwise { length_controlled_win_rate(&judged).map(|v| v * 100.0) } else { None },
@@ -460,6 +468,26 @@ mod tests {
         assert!((s.by_category["x"].mean - 75.0).abs() < 1e-9);
         assert!((s.by_category["y"].mean - 25.0).abs() < 1e-9);
         assert!(s.lc_win_rate.is_some());
+    }
+
+    #[test]
+    fn checked_answers_give_an_accuracy() {
+        let rs: Vec<Record> = [true, false, true, true, false]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Record {
+                id: i.to_string(),
+                category: if i < 2 { "a" } else { "b" }.into(),
+                turn: 1,
+                correct: Some(*c),
+                ..Record::default()
+            })
+            .collect();
+        let s = summarize(Grading::Checked, &rs, 0);
+        assert!((s.headline.unwrap().mean - 60.0).abs() < 1e-9);
+        assert!((s.by_category["a"].mean - 50.0).abs() < 1e-9);
+        assert_eq!(s.lc_win_rate, None);
+        assert_eq!(s.order_agreement, None);
     }
 
     #[test]

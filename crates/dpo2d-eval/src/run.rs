@@ -47,7 +47,8 @@ pub struct EvalOptions {
     /// Answers the set for pairwise judging instead of the set's own baseline.
     pub baseline: Option<Answerer>,
     pub load: LoadOptions,
-    pub judge: JudgeOptions,
+    /// Needed by every set but the program-checked ones.
+    pub judge: Option<JudgeOptions>,
     pub limit: Option<usize>,
     pub answer: AnswerSettings,
     /// Also rate each answer on the five aspects.
@@ -96,14 +97,38 @@ pub fn evaluate(o: &EvalOptions) -> Result<Results> {
             (set.grading, base, set.baseline_name.clone())
         }
     };
+    if grading == Grading::Checked {
+        let records = check_all(&questions, &answers);
+        return Ok(Results::new(&set, grading, &o.model.name, None, "(checked by a program)", &o.answer, o.limit, records, o.seed));
+    }
     if grading != Grading::Single && baseline_answers.is_none() {
         bail!("{} is judged pairwise but has no baseline answers (give --baseline-path)", set.name);
     }
+    let judge = o.judge.clone().with_context(|| format!("{} needs a judge: give --base-url and --model", set.name))?;
     let asks = plan(&questions, grading, o.aspects);
-    let ctx = Arc::new(Ctx { questions, answers, baseline: baseline_answers, grading, judge: o.judge.clone(), cache });
+    let ctx = Arc::new(Ctx { questions, answers, baseline: baseline_answers, grading, judge, cache });
     let got = judge_all(&ctx, &asks, o.progress)?;
     let records = assemble(&ctx, &asks, &got);
-    Ok(Results::new(&set, grading, &o.model.name, baseline_name, &o.judge.model, &o.answer, o.limit, records, o.seed))
+    Ok(Results::new(&set, grading, &o.model.name, baseline_name, &ctx.judge.model, &o.answer, o.limit, records, o.seed))
+}
+
+/// Program-checked answers: right or wrong final answer per question.
+fn check_all(questions: &[Question], answers: &[Vec<String>]) -> Vec<Record> {
+    questions
+        .iter()
+        .zip(answers)
+        .map(|(q, a)| {
+            let answer = a.first().map(String::as_str).unwrap_or("");
+            Record {
+                id: q.id.clone(),
+                category: q.category.clone(),
+                turn: 1,
+                answer_chars: answer.chars().count(),
+                correct: q.problem.as_ref().map(|p| crate::arithmetic::check(p, answer).correct),
+                ..Record::default()
+            }
+        })
+        .collect()
 }
 
 fn answers_of(m: &Answerer, questions: &[Question], o: &EvalOptions, cache: &Cache) -> Result<Vec<Vec<String>>> {
@@ -119,7 +144,7 @@ fn plan(questions: &[Question], grading: Grading, aspects: bool) -> Vec<Ask> {
     for (q, question) in questions.iter().enumerate() {
         for turn in 0..question.turns.len() {
             match grading {
-                Grading::Single => asks.push(Ask::Grade { q, turn }),
+                Grading::Single | Grading::Checked => asks.push(Ask::Grade { q, turn }),
                 _ => {
                     asks.push(Ask::Pair { q, turn, model_first: true });
                     asks.push(Ask::Pair { q, turn, model_first: false });

