@@ -415,6 +415,12 @@ mod tests {
             assert_eq!(r[0].tokens, greedy_reference(&lm.model, p, 6));
             assert_eq!(r[0].finish, FinishReason::Length);
         }
+        // Long enough for the KV buffer to grow (it starts at 64 positions).
+        let cfg = GenerationConfig { max_new_tokens: 80, batch_size: 2, ..GenerationConfig::default() };
+        let raw = generate_ids(&lm.model, &prompts[..2], &[], 0, &cfg, &|_| false).unwrap();
+        for (p, r) in prompts.iter().zip(&raw) {
+            assert_eq!(r[0].tokens, greedy_reference(&lm.model, p, 80));
+        }
     }
 
     #[test]

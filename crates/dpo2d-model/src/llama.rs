@@ -103,7 +103,46 @@ struct LayerCtx {
 }
 
 /// Past keys and values of one layer (generation with a KV cache).
-type LayerCache = Option<(Tensor, Tensor)>;
+type LayerCache = Option<KvBuffer>;
+
+/// One layer's past keys and values, `[B, n_kv, capacity, d]`, of which the
+/// first `len` positions are filled. New positions are written in place;
+/// the buffer doubles when full. Appending by concatenation instead copies
+/// the whole past at every decoding step, which made long answers slow.
+#[derive(Clone)]
+struct KvBuffer {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl KvBuffer {
+    /// Appends `k`, `v` (`[B, n_kv, t, d]`) and returns views of everything so far.
+    fn append(entry: &mut LayerCache, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, nkv, t, d) = k.dims4()?;
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let len = entry.as_ref().map(|e| e.len).unwrap_or(0);
+        let cap = entry.as_ref().map(|e| e.k.dims()[2]).unwrap_or(0);
+        if len + t > cap {
+            let new_cap = (len + t).max(2 * cap).max(64);
+            let grown = KvBuffer {
+                k: Tensor::zeros((b, nkv, new_cap, d), k.dtype(), k.device())?,
+                v: Tensor::zeros((b, nkv, new_cap, d), v.dtype(), v.device())?,
+                len,
+            };
+            if let Some(old) = entry.take() {
+                grown.k.slice_set(&old.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                grown.v.slice_set(&old.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            *entry = Some(grown);
+        }
+        let e = entry.as_mut().expect("the buffer was just made");
+        e.k.slice_set(&k, 2, e.len)?;
+        e.v.slice_set(&v, 2, e.len)?;
+        e.len += t;
+        Ok((e.k.narrow(2, 0, e.len)?, e.v.narrow(2, 0, e.len)?))
+    }
+}
 
 /// RMSNorm with a learned scale.
 struct RmsNorm {
@@ -165,25 +204,27 @@ impl Attention {
         let k = ops::rope_heads(&self.k.forward(x)?.reshape((b, t, nkv, hd))?, &ctx.cos, &ctx.sin)?;
         let v = self.v.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let (k, v) = match cache {
-            Some(entry) => {
-                let (k, v) = match entry.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v.contiguous()?], 2)?),
-                    None => (k, v.contiguous()?),
-                };
-                *entry = Some((k.clone(), v.clone()));
-                (k, v)
-            }
-            None => (k, v),
+            Some(entry) => KvBuffer::append(entry, &k, &v)?,
+            None => (k, v.contiguous()?),
         };
         let tk = k.dim(2)?;
         // Group the query heads that share a kv head: [B, n_kv, n_rep*T, d],
         // so keys and values are never repeated.
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
+        let scores = strided_matmul(&q, &k.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
         let probs = ops::masked_softmax(&scores, &ctx.mask)?.reshape((b, nkv, n_rep * t, tk))?;
-        let out = probs.matmul(&v.contiguous()?)?; // [B, n_kv, n_rep*T, d]
+        let out = strided_matmul(&probs, &v)?; // [B, n_kv, n_rep*T, d]
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o.forward(&out)
+    }
+}
+
+/// `a.matmul(b)` where `b` may be a view into a KV buffer (rows of a
+/// longer buffer); a backend that cannot take those strides gets a copy.
+fn strided_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match a.matmul(b) {
+        Ok(c) => Ok(c),
+        Err(_) => Ok(a.matmul(&b.contiguous()?)?),
     }
 }
 
@@ -401,12 +442,12 @@ impl KvCache {
             return Ok(());
         }
         let dev = match self.kv.iter().flatten().next() {
-            Some((k, _)) => k.device().clone(),
+            Some(e) => e.k.device().clone(),
             None => return Ok(()),
         };
         let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
         for e in self.kv.iter_mut().flatten() {
-            *e = (e.0.index_select(&idx, 0)?, e.1.index_select(&idx, 0)?);
+            *e = KvBuffer { k: e.k.index_select(&idx, 0)?, v: e.v.index_select(&idx, 0)?, len: e.len };
         }
         self.valid = rows.iter().map(|&r| self.valid[r].clone()).collect();
         self.next_pos = rows.iter().map(|&r| self.next_pos[r]).collect();
@@ -915,6 +956,41 @@ impl CausalLM {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn kv_buffer_views_multiply_without_a_copy() {
+        let dev = Device::Cpu;
+        let mut entry: LayerCache = None;
+        let step = |n: usize, seed: f32| {
+            Tensor::arange(0f32, (2 * 3 * n * 4) as f32, &dev).unwrap().affine(0.01, seed as f64).unwrap().reshape((2, 3, n, 4)).unwrap()
+        };
+        let (mut all_k, mut all_v) = (step(50, 0.0), step(50, 1.0));
+        KvBuffer::append(&mut entry, &all_k, &all_v).unwrap();
+        for i in 0..20 {
+            let (k, v) = (step(1, i as f32), step(1, -(i as f32)));
+            all_k = Tensor::cat(&[&all_k, &k], 2).unwrap();
+            all_v = Tensor::cat(&[&all_v, &v], 2).unwrap();
+            let (bk, bv) = KvBuffer::append(&mut entry, &k, &v).unwrap();
+            assert_eq!(bk.dims(), all_k.dims());
+            let q = step(2, 0.5);
+            // The CPU backend takes the buffer's strides as they are.
+            let got = q.matmul(&bk.t().unwrap()).unwrap();
+            let want = q.matmul(&all_k.t().unwrap()).unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0);
+            let probs = Tensor::ones((2, 3, 2, bv.dim(2).unwrap()), DType::F32, &dev).unwrap();
+            let diff = (probs.matmul(&bv).unwrap() - probs.matmul(&all_v).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0);
+        }
+        assert_eq!(entry.as_ref().unwrap().k.dims()[2], 128, "64 first, then doubled once");
+    }
     use crate::test_support::{det, max_abs_diff as maxdiff};
 
     /// Write a tiny random model (2 layers, hidden 16, 4 heads, 2 kv heads,
