@@ -6,11 +6,13 @@
 //! - [`segment`]: [`segment_spans`], exact-cover sentence segmentation.
 //! - [`helpsteer`]: HelpSteer2-style rated rows (JSONL / gz / Parquet) to pairs.
 //! - [`stats`]: summary numbers for `dpo2d validate`.
+//! - [`rank`]: one number per scored response; pairs from scored samples.
 //! - [`io`]: JSONL reading and writing, gzip-aware.
 
 pub mod helpsteer;
 pub mod io;
 pub mod pair;
+pub mod rank;
 pub mod segment;
 pub mod stats;
 pub mod validate;
