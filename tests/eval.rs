@@ -166,7 +166,7 @@ fn single_grades_are_read_from_messy_answers_and_resume_from_the_cache() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("Paired over 4 answers judged in both runs: B - A = +0.00"), "{text}");
+    assert!(text.contains("Paired over 4 answers scored in both runs: B - A = +0.00"), "{text}");
     assert!(text.contains("| score (1-10) | 4.50"), "{text}");
     assert!(dir.path().join("cmp.png").is_file());
 }

@@ -139,6 +139,13 @@ impl Results {
         }
     }
 
+    fn graded_by(&self) -> String {
+        match self.grading {
+            Grading::Checked => "checked by a program".into(),
+            _ => format!("judge {}", self.judge),
+        }
+    }
+
     pub fn save(&self, dir: &Path) -> Result<Vec<PathBuf>> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let json = dir.join("results.json");
@@ -175,12 +182,12 @@ impl Results {
         let _ = writeln!(m, "# {} — {}\n", self.set, self.model);
         let _ = writeln!(
             m,
-            "- questions: {} ({} judged answers){}",
+            "- questions: {} ({} answers scored){}",
             self.questions,
             self.records.len(),
             self.limit.map(|l| format!(", --limit {l}")).unwrap_or_default()
         );
-        let _ = writeln!(m, "- judge: {}", self.judge);
+        let _ = writeln!(m, "- graded by: {}", self.graded_by());
         if let Some(b) = &self.baseline {
             let _ = writeln!(m, "- baseline: {b} (judged in both orders)");
         }
@@ -301,8 +308,8 @@ pub fn summarize(grading: Grading, records: &[Record], seed: u64) -> Summary {
 pub fn compare(a: &Results, b: &Results, seed: u64) -> String {
     let mut m = String::new();
     let _ = writeln!(m, "# {} vs {}\n", a.model, b.model);
-    let _ = writeln!(m, "- A: {} on {} ({}, judge {})", a.model, a.set, a.unit(), a.judge);
-    let _ = writeln!(m, "- B: {} on {} ({}, judge {})", b.model, b.set, b.unit(), b.judge);
+    let _ = writeln!(m, "- A: {} on {} ({}, {})", a.model, a.set, a.unit(), a.graded_by());
+    let _ = writeln!(m, "- B: {} on {} ({}, {})", b.model, b.set, b.unit(), b.graded_by());
     if a.set != b.set || a.grading != b.grading || a.judge != b.judge || a.baseline != b.baseline {
         let _ = writeln!(m, "\nNote: the runs differ in set, grading, judge or baseline; their numbers are not strictly comparable.");
     }
@@ -345,7 +352,7 @@ pub fn compare(a: &Results, b: &Results, seed: u64) -> String {
         if let Some(e) = bootstrap_mean(&diffs, seed) {
             let _ = writeln!(
                 m,
-                "\nPaired over {} answers judged in both runs: B - A = {:+.2} (95% CI {:+.2} to {:+.2}).",
+                "\nPaired over {} answers scored in both runs: B - A = {:+.2} (95% CI {:+.2} to {:+.2}).",
                 e.n, e.mean, e.low, e.high
             );
         }

@@ -99,7 +99,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<Results> {
     };
     if grading == Grading::Checked {
         let records = check_all(&questions, &answers);
-        return Ok(Results::new(&set, grading, &o.model.name, None, "(checked by a program)", &o.answer, o.limit, records, o.seed));
+        return Ok(Results::new(&set, grading, &o.model.name, None, "none", &o.answer, o.limit, records, o.seed));
     }
     if grading != Grading::Single && baseline_answers.is_none() {
         bail!("{} is judged pairwise but has no baseline answers (give --baseline-path)", set.name);
