@@ -55,21 +55,25 @@ impl Verdict {
     }
 }
 
-/// The contents of every `[[...]]` in `text`, in order.
-fn double_brackets(text: &str) -> Vec<&str> {
+/// The contents of every `open ... close` in `text`, in order.
+fn bracketed<'a>(text: &'a str, open: &str, close: &str) -> Vec<&'a str> {
     let mut out = vec![];
     let mut rest = text;
-    while let Some(i) = rest.find("[[") {
-        let after = &rest[i + 2..];
-        match after.find("]]") {
+    while let Some(i) = rest.find(open) {
+        let after = &rest[i + open.len()..];
+        match after.find(close) {
             Some(j) => {
                 out.push(&after[..j]);
-                rest = &after[j + 2..];
+                rest = &after[j + close.len()..];
             }
             None => break,
         }
     }
     out
+}
+
+fn double_brackets(text: &str) -> Vec<&str> {
+    bracketed(text, "[[", "]]")
 }
 
 /// A number at the start of `s` (after spaces), e.g. `7`, `7.5`, `8/10`.
@@ -112,18 +116,7 @@ pub fn parse_verdict(text: &str) -> Option<Verdict> {
     if let Some(v) = double_brackets(text).iter().rev().find_map(|m| Verdict::from_mark(m)) {
         return Some(v);
     }
-    let mut single = vec![];
-    let mut rest = text;
-    while let Some(i) = rest.find('[') {
-        let after = &rest[i + 1..];
-        match after.find(']') {
-            Some(j) => {
-                single.push(&after[..j]);
-                rest = &after[j + 1..];
-            }
-            None => break,
-        }
-    }
+    let single = bracketed(text, "[", "]");
     if let Some(v) = single.iter().rev().find_map(|m| Verdict::from_mark(m)) {
         return Some(v);
     }

@@ -184,27 +184,28 @@ pub fn completion_body(id: &str, created: u64, model: &str, choices: &[Choice], 
 
 /// One `chat.completion.chunk` with a single choice (`delta` as given).
 pub fn chunk_body(id: &str, created: u64, model: &str, index: usize, delta: Value, finish: Option<FinishReason>) -> Value {
-    json!({
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint(),
-        "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish.map(finish_reason)}],
-    })
+    let choice = json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish.map(finish_reason)});
+    chunk(id, created, model, vec![choice], None)
 }
 
 /// The final usage chunk asked for with `stream_options.include_usage`.
 pub fn usage_chunk(id: &str, created: u64, model: &str, usage: Usage) -> Value {
-    json!({
+    chunk(id, created, model, vec![], Some(usage))
+}
+
+fn chunk(id: &str, created: u64, model: &str, choices: Vec<Value>, usage: Option<Usage>) -> Value {
+    let mut v = json!({
         "id": id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
         "system_fingerprint": fingerprint(),
-        "choices": [],
-        "usage": usage,
-    })
+        "choices": choices,
+    });
+    if let Some(u) = usage {
+        v["usage"] = json!(u);
+    }
+    v
 }
 
 fn fingerprint() -> String {
