@@ -170,10 +170,31 @@ impl<'a> Row<'a> {
 /// end that row (a stop string, or nobody is listening any more).
 pub fn decode_rows(
     model: &CausalLM,
+    rows: Vec<Row>,
+    eos_ids: &[u32],
+    pad_id: u32,
+    on_token: &mut dyn FnMut(usize, &[u32]) -> bool,
+) -> Result<Vec<RawCompletion>> {
+    decode_rows_within(model, rows, eos_ids, pad_id, on_token, PREFILL_SCORES)
+}
+
+/// Attention scores one prefill pass may hold (f32 values): the prompts of a
+/// batch go through the model in column chunks small enough for this, so
+/// sixteen long prompts (a judge's) never need gigabytes of scores at once.
+const PREFILL_SCORES: usize = 1 << 27;
+
+/// Prompt columns per prefill pass for `rows` prompts of `len` tokens.
+fn prefill_chunk(rows: usize, len: usize, heads: usize, budget: usize) -> usize {
+    (budget / (rows * heads * len).max(1)).clamp(16, len.max(16))
+}
+
+fn decode_rows_within(
+    model: &CausalLM,
     mut rows: Vec<Row>,
     eos_ids: &[u32],
     pad_id: u32,
     on_token: &mut dyn FnMut(usize, &[u32]) -> bool,
+    budget: usize,
 ) -> Result<Vec<RawCompletion>> {
     let b = rows.len();
     if rows.iter().any(|r| r.prompt.is_empty()) {
@@ -208,10 +229,21 @@ pub fn decode_rows(
         mask.push(std::iter::repeat_n(0u32, pad).chain(std::iter::repeat_n(1, p.len())).collect::<Vec<_>>());
     }
     let input = Tensor::from_vec(ids, (prompts.len(), max_len), &dev)?;
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache_for(max_len + max_new);
     let any_pad = mask.iter().any(|r| r.contains(&0));
-    let hidden = model.forward_cached(&input, if any_pad { Some(&mask) } else { None }, &mut cache)?;
-    let mut last = hidden.narrow(1, max_len - 1, 1)?;
+    let chunk = prefill_chunk(prompts.len(), max_len, model.config().num_attention_heads, budget);
+    let mut start = 0;
+    let mut last = None;
+    while start < max_len {
+        let len = chunk.min(max_len - start);
+        let part: Vec<Vec<u32>> = mask.iter().map(|r| r[start..start + len].to_vec()).collect();
+        let hidden = model.forward_cached(&input.narrow(1, start, len)?, if any_pad { Some(&part) } else { None }, &mut cache)?;
+        start += len;
+        if start == max_len {
+            last = Some(hidden.narrow(1, len - 1, 1)?);
+        }
+    }
+    let mut last = last.expect("a prompt has at least one token");
     loop {
         let logits = model.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?; // [active, V]
         let next = pick_tokens(&logits, &active, &mut rows)?;
@@ -420,6 +452,26 @@ mod tests {
         let raw = generate_ids(&lm.model, &prompts[..2], &[], 0, &cfg, &|_| false).unwrap();
         for (p, r) in prompts.iter().zip(&raw) {
             assert_eq!(r[0].tokens, greedy_reference(&lm.model, p, 80));
+        }
+    }
+
+    #[test]
+    fn chunked_prefill_decodes_the_same() {
+        let (_d, lm) = tiny();
+        let prompts = [
+            vec![5u32, 9, 40, 7, 100, 3, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22],
+            vec![11u32, 12],
+            vec![200u32, 201, 202, 203],
+        ];
+        let cfg = GenerationConfig::greedy(7);
+        let rows = || prompts.iter().map(|p| Row::new(p, &cfg, 0)).collect::<Vec<_>>();
+        let whole = decode_rows_within(&lm.model, rows(), &[], 0, &mut |_, _| false, usize::MAX).unwrap();
+        // A budget so small that the 21 prompt columns go in chunks of 16 and 5.
+        assert_eq!(prefill_chunk(3, 21, lm.config.num_attention_heads, 1), 16);
+        let chunked = decode_rows_within(&lm.model, rows(), &[], 0, &mut |_, _| false, 1).unwrap();
+        assert_eq!(chunked, whole);
+        for (p, r) in prompts.iter().zip(&whole) {
+            assert_eq!(r.tokens, greedy_reference(&lm.model, p, 7));
         }
     }
 

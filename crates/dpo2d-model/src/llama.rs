@@ -103,7 +103,12 @@ struct LayerCtx {
 }
 
 /// Past keys and values of one layer (generation with a KV cache).
-type LayerCache = Option<KvBuffer>;
+/// One layer's cache: its buffer once made, and how long to make it.
+#[derive(Clone, Default)]
+struct LayerCache {
+    buf: Option<KvBuffer>,
+    reserve: usize,
+}
 
 /// One layer's past keys and values, `[B, n_kv, capacity, d]`, of which the
 /// first `len` positions are filled. New positions are written in place;
@@ -119,12 +124,14 @@ struct KvBuffer {
 impl KvBuffer {
     /// Appends `k`, `v` (`[B, n_kv, t, d]`) and returns views of everything so far.
     fn append(entry: &mut LayerCache, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let reserve = entry.reserve;
+        let entry = &mut entry.buf;
         let (b, nkv, t, d) = k.dims4()?;
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         let len = entry.as_ref().map(|e| e.len).unwrap_or(0);
         let cap = entry.as_ref().map(|e| e.k.dims()[2]).unwrap_or(0);
         if len + t > cap {
-            let new_cap = (len + t).max(2 * cap).max(64);
+            let new_cap = if cap == 0 { (len + t).max(reserve).max(64) } else { (len + t).max(2 * cap) };
             let grown = KvBuffer {
                 k: Tensor::zeros((b, nkv, new_cap, d), k.dtype(), k.device())?,
                 v: Tensor::zeros((b, nkv, new_cap, d), v.dtype(), v.device())?,
@@ -441,12 +448,12 @@ impl KvCache {
         if self.valid.is_empty() {
             return Ok(());
         }
-        let dev = match self.kv.iter().flatten().next() {
+        let dev = match self.kv.iter().filter_map(|l| l.buf.as_ref()).next() {
             Some(e) => e.k.device().clone(),
             None => return Ok(()),
         };
         let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
-        for e in self.kv.iter_mut().flatten() {
+        for e in self.kv.iter_mut().filter_map(|l| l.buf.as_mut()) {
             *e = KvBuffer { k: e.k.index_select(&idx, 0)?, v: e.v.index_select(&idx, 0)?, len: e.len };
         }
         self.valid = rows.iter().map(|&r| self.valid[r].clone()).collect();
@@ -837,7 +844,13 @@ impl CausalLM {
 
     /// An empty KV cache.
     pub fn new_cache(&self) -> KvCache {
-        KvCache { kv: vec![None; self.layers.len()], valid: vec![], next_pos: vec![] }
+        self.new_cache_for(0)
+    }
+
+    /// A cache that will hold about `positions` tokens per row: its buffers
+    /// are made that long at once instead of doubling their way there.
+    pub fn new_cache_for(&self, positions: usize) -> KvCache {
+        KvCache { kv: vec![LayerCache { buf: None, reserve: positions }; self.layers.len()], valid: vec![], next_pos: vec![] }
     }
 
     /// Incremental forward: run `input_ids` [B, T] after the tokens already in
@@ -960,7 +973,7 @@ pub(crate) mod tests {
     #[test]
     fn kv_buffer_views_multiply_without_a_copy() {
         let dev = Device::Cpu;
-        let mut entry: LayerCache = None;
+        let mut entry = LayerCache::default();
         let step = |n: usize, seed: f32| {
             Tensor::arange(0f32, (2 * 3 * n * 4) as f32, &dev).unwrap().affine(0.01, seed as f64).unwrap().reshape((2, 3, n, 4)).unwrap()
         };
@@ -989,7 +1002,10 @@ pub(crate) mod tests {
                 .unwrap();
             assert_eq!(diff, 0.0);
         }
-        assert_eq!(entry.as_ref().unwrap().k.dims()[2], 128, "64 first, then doubled once");
+        assert_eq!(entry.buf.as_ref().unwrap().k.dims()[2], 128, "64 first, then doubled once");
+        let mut reserved = LayerCache { buf: None, reserve: 300 };
+        KvBuffer::append(&mut reserved, &step(50, 0.0), &step(50, 1.0)).unwrap();
+        assert_eq!(reserved.buf.as_ref().unwrap().k.dims()[2], 300, "made as long as asked at once");
     }
     use crate::test_support::{det, max_abs_diff as maxdiff};
 
