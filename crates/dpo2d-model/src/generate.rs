@@ -3,9 +3,9 @@
 //! at EOS, at stop strings or after `max_new_tokens`.
 
 use crate::chat::Message;
-use crate::llama::CausalLM;
+use crate::llama::{CausalLM, KvCache};
 use crate::source::{LoadedModel, TextSide};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -214,36 +214,8 @@ fn decode_rows_within(
         return Ok(out.into_iter().flatten().collect());
     }
     let prompts: Vec<&[u32]> = active.iter().map(|&r| rows[r].prompt).collect();
-    let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let limit = model.config().max_position_embeddings;
-    if max_len + max_new > limit {
-        tracing::warn!("prompt ({max_len} tokens) + max_new_tokens exceeds the model's context ({limit})");
-    }
+    let (mut cache, mut last) = prefill(model, &prompts, pad_id, max_new, budget)?;
     let dev = model.device().clone();
-    let mut ids = Vec::with_capacity(prompts.len() * max_len);
-    let mut mask = Vec::with_capacity(prompts.len());
-    for p in &prompts {
-        let pad = max_len - p.len();
-        ids.extend(std::iter::repeat_n(pad_id, pad));
-        ids.extend_from_slice(p);
-        mask.push(std::iter::repeat_n(0u32, pad).chain(std::iter::repeat_n(1, p.len())).collect::<Vec<_>>());
-    }
-    let input = Tensor::from_vec(ids, (prompts.len(), max_len), &dev)?;
-    let mut cache = model.new_cache_for(max_len + max_new);
-    let any_pad = mask.iter().any(|r| r.contains(&0));
-    let chunk = prefill_chunk(prompts.len(), max_len, model.config().num_attention_heads, budget);
-    let mut start = 0;
-    let mut last = None;
-    while start < max_len {
-        let len = chunk.min(max_len - start);
-        let part: Vec<Vec<u32>> = mask.iter().map(|r| r[start..start + len].to_vec()).collect();
-        let hidden = model.forward_cached(&input.narrow(1, start, len)?, if any_pad { Some(&part) } else { None }, &mut cache)?;
-        start += len;
-        if start == max_len {
-            last = Some(hidden.narrow(1, len - 1, 1)?);
-        }
-    }
-    let mut last = last.expect("a prompt has at least one token");
     loop {
         let logits = model.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?; // [active, V]
         let next = pick_tokens(&logits, &active, &mut rows)?;
@@ -282,6 +254,41 @@ fn decode_rows_within(
         last = model.forward_cached(&step_ids, None, &mut cache)?;
     }
     Ok(out.into_iter().map(|o| o.unwrap_or(RawCompletion { tokens: vec![], finish: FinishReason::Length })).collect())
+}
+
+/// Runs the left-padded prompts through the model into a new KV cache, in
+/// column chunks within `budget` attention scores; returns the cache and
+/// the last position's hidden state of every row.
+fn prefill(model: &CausalLM, prompts: &[&[u32]], pad_id: u32, max_new: usize, budget: usize) -> Result<(KvCache, Tensor)> {
+    let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let limit = model.config().max_position_embeddings;
+    if max_len + max_new > limit {
+        tracing::warn!("prompt ({max_len} tokens) + max_new_tokens exceeds the model's context ({limit})");
+    }
+    let mut ids = Vec::with_capacity(prompts.len() * max_len);
+    let mut mask = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let pad = max_len - p.len();
+        ids.extend(std::iter::repeat_n(pad_id, pad));
+        ids.extend_from_slice(p);
+        mask.push(std::iter::repeat_n(0u32, pad).chain(std::iter::repeat_n(1, p.len())).collect::<Vec<_>>());
+    }
+    let input = Tensor::from_vec(ids, (prompts.len(), max_len), model.device())?;
+    let mut cache = model.new_cache_for(max_len + max_new);
+    let any_pad = mask.iter().any(|r| r.contains(&0));
+    let chunk = prefill_chunk(prompts.len(), max_len, model.config().num_attention_heads, budget);
+    let mut start = 0;
+    let mut last = None;
+    while start < max_len {
+        let len = chunk.min(max_len - start);
+        let part: Vec<Vec<u32>> = mask.iter().map(|r| r[start..start + len].to_vec()).collect();
+        let hidden = model.forward_cached(&input.narrow(1, start, len)?, if any_pad { Some(&part) } else { None }, &mut cache)?;
+        start += len;
+        if start == max_len {
+            last = Some(hidden.narrow(1, len - 1, 1)?);
+        }
+    }
+    Ok((cache, last.context("cannot generate from an empty prompt")?))
 }
 
 /// The next token of every active row: one argmax on the device when all
