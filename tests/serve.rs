@@ -153,7 +153,7 @@ async fn bad_requests_get_clear_4xx_answers_and_the_server_survives() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_requests_are_decoded_together() {
-    let (_d, srv) = start(ServeOptions { batch_wait: Duration::from_millis(300), ..ServeOptions::default() });
+    let (_d, srv) = start(ServeOptions { batch_wait: Duration::from_millis(1000), ..ServeOptions::default() });
     let url = srv.base_url();
     let http = reqwest::Client::new();
     let lone = |q: usize| json!({"messages": ask(&format!("what is q{q} .")), "temperature": 0, "max_tokens": 5});
@@ -251,13 +251,13 @@ fn ctrl_c_finishes_the_request_in_flight() {
     let dir = tempfile::tempdir().unwrap();
     common::write_tiny_model(dir.path());
     // The request waits in the batch window when Ctrl-C comes.
-    let (mut child, url) = serve_process(dir.path(), &["--batch-wait-ms", "1500"], &[]);
+    let (mut child, url) = serve_process(dir.path(), &["--batch-wait-ms", "3000"], &[]);
     let body = json!({"messages": ask("what is q3 ."), "max_tokens": 200, "temperature": 0});
     let req = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(post(&url, body))
     });
-    std::thread::sleep(Duration::from_millis(400));
+    std::thread::sleep(Duration::from_millis(1000));
     interrupt(&child);
     let (status, answer) = req.join().unwrap();
     assert_eq!(status, 200, "{answer}");
