@@ -3,7 +3,6 @@
 
 use anyhow::{bail, Context, Result};
 use dpo2d_model::chat::Message;
-use dpo2d_model::fetch;
 use dpo2d_model::generate::{generate_from_ids, GenerationConfig};
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
@@ -11,11 +10,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Hugging Face model directory, .gguf file, or a known model name (smollm2).
-    #[arg(long)]
-    pub model: String,
     #[command(flatten)]
-    pub device: super::DeviceArg,
+    pub model: super::ModelArgs,
     /// A user prompt (repeatable; may start with `-`).
     #[arg(long, conflicts_with = "input", allow_hyphen_values = true)]
     pub prompt: Vec<String>,
@@ -53,8 +49,6 @@ pub struct Args {
     /// Write JSONL here instead of stdout.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
-    #[arg(long, env = "DPO2D_CACHE")]
-    pub cache_dir: Option<PathBuf>,
 }
 
 /// A prompt to answer: chat messages (or raw text) plus fields to copy.
@@ -126,8 +120,7 @@ pub fn run(a: Args) -> Result<()> {
         batch_size: a.batch_size,
     };
     cfg.validate()?;
-    let path = fetch::resolve_model(&a.model, a.cache_dir.as_deref())?;
-    let lm = dpo2d_model::load(&path, &a.device.load_options()?)?;
+    let lm = a.model.load()?;
     let text = lm.text();
     let mut prompts = vec![];
     for r in &rows {

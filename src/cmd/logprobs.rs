@@ -2,7 +2,6 @@
 //! one JSON line per response token.
 
 use anyhow::{bail, Context, Result};
-use dpo2d_model::fetch;
 use dpo2d_model::logprobs::response_logprobs;
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
@@ -10,11 +9,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Hugging Face model directory, .gguf file, or a known model name (smollm2).
-    #[arg(long)]
-    pub model: String,
     #[command(flatten)]
-    pub device: super::DeviceArg,
+    pub model: super::ModelArgs,
     /// User prompt (rendered with the chat template; may start with `-`).
     #[arg(long, requires = "response", conflicts_with = "input", allow_hyphen_values = true)]
     pub prompt: Option<String>,
@@ -32,8 +28,6 @@ pub struct Args {
     pub with_end_of_turn: bool,
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
-    #[arg(long, env = "DPO2D_CACHE")]
-    pub cache_dir: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -60,8 +54,7 @@ pub fn run(a: Args) -> Result<()> {
         (None, Some(p), Some(r)) => vec![(messages_of(&json!(p), "prompt", a.system.as_deref())?, r.clone())],
         _ => bail!("give --prompt TEXT --response TEXT, or --input rows.jsonl"),
     };
-    let path = fetch::resolve_model(&a.model, a.cache_dir.as_deref())?;
-    let lm = dpo2d_model::load(&path, &a.device.load_options()?)?;
+    let lm = a.model.load()?;
     let text = lm.text();
     let mut out: Box<dyn Write> = match &a.output {
         Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?)),

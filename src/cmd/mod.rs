@@ -15,7 +15,9 @@ pub mod train;
 pub mod validate;
 
 use dpo2d_model::llama::LoadOptions;
+use dpo2d_model::source::LoadedModel;
 use dpo2d_model::DeviceSpec;
+use std::path::PathBuf;
 
 /// `--device`, shared by the commands that run a model.
 #[derive(clap::Args, Debug, Clone, Copy)]
@@ -29,5 +31,26 @@ impl DeviceArg {
     /// Options to load a frozen model (inference) on this device.
     pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
         Ok(LoadOptions { device: self.device.device()?, ..LoadOptions::default() })
+    }
+}
+
+/// `--model`, `--device` and the cache, shared by the commands that load
+/// one model for inference.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Hugging Face model directory, .gguf file, LoRA checkpoint, or a known model name (smollm2).
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
+    #[arg(long, env = "DPO2D_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Fetches the model if it is a known name, and loads it on the device.
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let path = dpo2d_model::fetch::resolve_model(&self.model, self.cache_dir.as_deref())?;
+        dpo2d_model::load(&path, &self.device.load_options()?)
     }
 }

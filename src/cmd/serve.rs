@@ -1,18 +1,13 @@
 //! `dpo2d serve`: an OpenAI-compatible chat completions server over a model.
 
 use anyhow::{bail, Context, Result};
-use dpo2d_model::fetch;
 use dpo2d_serve::{Limits, ServeOptions};
-use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Hugging Face model directory, .gguf file, LoRA checkpoint, or a known model name (smollm2).
-    #[arg(long)]
-    pub model: String,
     #[command(flatten)]
-    pub device: super::DeviceArg,
+    pub model: super::ModelArgs,
     /// Address to listen on (loopback by default; 0.0.0.0 exposes the server to the network).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -45,8 +40,6 @@ pub struct Args {
     /// Requests waiting or decoding beyond which new ones are refused with 503.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
-    #[arg(long, env = "DPO2D_CACHE")]
-    pub cache_dir: Option<PathBuf>,
 }
 
 /// `log_prompts`: -v on the command line also logs prompt and answer texts.
@@ -61,13 +54,12 @@ pub fn run(a: Args, log_prompts: bool) -> Result<()> {
         }
         None => None,
     };
-    let path = fetch::resolve_model(&a.model, a.cache_dir.as_deref())?;
-    let lm = dpo2d_model::load(&path, &a.device.load_options()?)?;
+    let lm = a.model.load()?;
     let context = lm.config.max_position_embeddings;
     let opts = ServeOptions {
         host: a.host.clone(),
         port: a.port,
-        model_name: a.served_model_name.clone().unwrap_or_else(|| a.model.clone()),
+        model_name: a.served_model_name.clone().unwrap_or_else(|| a.model.model.clone()),
         api_key,
         limits: Limits {
             max_body_bytes: a.max_body_bytes,
