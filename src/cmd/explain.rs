@@ -96,9 +96,8 @@ fn pick_pair(file: &Path, index: usize, id: Option<&str>) -> Result<Pair> {
 }
 
 /// `beta` of the training run a model directory came from: the run's
-/// `config.toml` beside `final/` or `checkpoint-N/`.
+/// `config.toml` beside `final/` or `checkpoint-N/`, read as `train` reads it.
 fn run_beta(model: &Path) -> Option<f64> {
     let cfg = model.parent()?.join("config.toml");
-    let text = std::fs::read_to_string(cfg).ok()?;
-    text.parse::<toml::Table>().ok()?.get("beta")?.as_float()
+    cfg.is_file().then(|| TrainConfig::resolve(None, Some(&cfg), Default::default()).ok()).flatten().map(|c| c.beta)
 }

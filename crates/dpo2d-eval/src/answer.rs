@@ -9,7 +9,6 @@ use dpo2d_annotate::cache::Cache;
 use dpo2d_model::chat::Message;
 use dpo2d_model::generate::{generate_from_ids, GenerationConfig};
 use dpo2d_model::source::LoadedModel;
-use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
@@ -81,10 +80,10 @@ pub fn answer_all(
     let text = lm.text();
     let context = lm.config.max_position_embeddings;
     let total: usize = questions.iter().map(|q| q.turns.len()).sum();
-    let bar = if progress { ProgressBar::new(total as u64) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} answers ({msg}), eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let bar = dpo2d_train::progress::bar_if(
+        progress,
+        total as u64,
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} answers ({msg}), eta {eta}",
     );
     bar.set_message(label.to_string());
     let max_turns = questions.iter().map(|q| q.turns.len()).max().unwrap_or(0);

@@ -365,8 +365,6 @@ pub fn bar_chart(path: &Path, title: &str, series: &[(String, Vec<(String, Estim
     draw_bars(path, title, series, lo, hi).map_err(|e| anyhow!("drawing {}: {e}", path.display()))
 }
 
-const COLORS: [RGBColor; 4] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14)];
-
 fn draw_bars(
     path: &Path,
     title: &str,
@@ -411,7 +409,7 @@ fn draw_bars(
         .draw()?;
     let band = 0.8 / per as f64;
     for (s, (name, rows)) in series.iter().enumerate() {
-        let color = COLORS[s % COLORS.len()];
+        let color = dpo2d_train::charts::COLORS[s % dpo2d_train::charts::COLORS.len()];
         let bars: Vec<(f64, f64, Estimate)> = rows
             .iter()
             .filter_map(|(k, e)| {

@@ -15,7 +15,6 @@ use dpo2d_annotate::prompt::ChatRequest;
 use dpo2d_data::Message;
 use dpo2d_model::llama::LoadOptions;
 use futures_util::StreamExt;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -213,10 +212,10 @@ fn parsed(g: &Got) -> bool {
 fn judge_all(ctx: &Arc<Ctx>, asks: &[Ask], progress: bool) -> Result<Vec<Got>> {
     let client =
         Arc::new(ChatClient::new(&ctx.judge.base_url, ctx.judge.api_key.clone(), ctx.judge.policy.clone(), ctx.judge.concurrency)?);
-    let bar = if progress { ProgressBar::new(asks.len() as u64) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} judgements, eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let bar = dpo2d_train::progress::bar_if(
+        progress,
+        asks.len() as u64,
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} judgements, eta {eta}",
     );
     let fatal = Arc::new(AtomicBool::new(false));
     let rt =

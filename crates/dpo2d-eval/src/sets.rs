@@ -167,12 +167,13 @@ pub fn load(spec: &str, cache: &Path) -> Result<QuestionSet> {
     }
 }
 
+/// Every row of a JSONL file (gzip allowed), as `dpo2d_data::io` reads them.
 fn jsonl(path: &Path) -> Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1)))
+    dpo2d_data::io::jsonl_lines(path)?
+        .map(|line| {
+            let line = line?;
+            serde_json::from_str(&line.text).with_context(|| format!("{}:{}: not valid JSON", path.display(), line.number))
+        })
         .collect()
 }
 

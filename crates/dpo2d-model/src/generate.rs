@@ -363,8 +363,8 @@ pub fn sample(logits: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> u32 {
     idx[idx.len() - 1] as u32
 }
 
-/// Earliest position of any stop string in `text`.
-fn find_stop(text: &str, stop: &[String]) -> Option<usize> {
+/// Earliest position of any stop string in `text` (empty ones never match).
+pub fn find_stop(text: &str, stop: &[String]) -> Option<usize> {
     stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
 }
 

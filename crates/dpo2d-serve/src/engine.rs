@@ -4,7 +4,7 @@
 //! that arrive meanwhile wait for the next batch. Each request gets its text
 //! back through its own channel, piece by piece when it streams.
 
-use dpo2d_model::generate::{decode_rows, row_seed, FinishReason, GenerationConfig, Row};
+use dpo2d_model::generate::{decode_rows, find_stop, row_seed, FinishReason, GenerationConfig, Row};
 use dpo2d_model::llama::CausalLM;
 use dpo2d_model::source::TextSide;
 use std::panic::AssertUnwindSafe;
@@ -36,6 +36,8 @@ pub enum Event {
 pub struct Engine {
     pub model: CausalLM,
     pub text: Arc<TextSide>,
+    /// Tokens that end an answer (`TextSide::stop_token_ids`, found once).
+    pub eos: Vec<u32>,
     pub max_batch_rows: usize,
     /// How long the first request of a batch waits for others to join it.
     pub batch_wait: Duration,
@@ -99,7 +101,6 @@ impl Engine {
             owners.iter().map(|&(j, s)| Row::new(&batch[j].prompt, &batch[j].cfg, row_seed(batch[j].cfg.seed, 0, s as u64))).collect();
         let mut streams: Vec<TextStream> = owners.iter().map(|&(j, _)| TextStream::new(&batch[j].cfg.stop)).collect();
         let tok = &self.text.tokenizer;
-        let eos = self.text.stop_token_ids();
         let mut on_token = |row: usize, tokens: &[u32]| -> bool {
             let (j, index) = owners[row];
             let job = &batch[j];
@@ -117,7 +118,7 @@ impl Engine {
             stopped
         };
         let decoded =
-            std::panic::catch_unwind(AssertUnwindSafe(|| decode_rows(&self.model, rows, &eos, tok.pad_token_id(), &mut on_token)));
+            std::panic::catch_unwind(AssertUnwindSafe(|| decode_rows(&self.model, rows, &self.eos, tok.pad_token_id(), &mut on_token)));
         let raw = match decoded {
             Ok(Ok(raw)) => raw,
             Ok(Err(e)) => return fail(batch, &format!("generation failed: {e:#}")),
@@ -168,7 +169,7 @@ impl TextStream {
     /// string has appeared. `last` releases everything held back.
     pub fn advance(&mut self, text: &str, last: bool) -> (String, bool) {
         if self.cut.is_none() {
-            self.cut = self.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+            self.cut = find_stop(text, &self.stop);
         }
         let mut end = match self.cut {
             Some(c) => c,

@@ -81,6 +81,7 @@ pub fn serve(
     let stats = Arc::new(engine::Stats::default());
     let engine = Engine {
         model: lm.model,
+        eos: text.stop_token_ids(),
         text: text.clone(),
         max_batch_rows: opts.max_batch_rows.max(opts.limits.max_n).max(1),
         batch_wait: opts.batch_wait,

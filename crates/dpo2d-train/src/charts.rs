@@ -32,7 +32,8 @@ const CHARTS: &[(&str, &str, &[&str])] = &[
     ("loss.png", "Loss", &["loss", "eval_loss", "sft_loss"]),
 ];
 
-const COLORS: [RGBColor; 4] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14)];
+/// The series colours of every chart.
+pub const COLORS: [RGBColor; 4] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14)];
 
 /// Draw every chart that has data into `dir`; returns the files written.
 pub fn draw_charts(history: &[Record], dir: &Path) -> Result<Vec<PathBuf>> {

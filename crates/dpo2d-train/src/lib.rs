@@ -17,7 +17,7 @@ pub mod metrics;
 pub mod optim;
 mod packing;
 mod phases;
-mod progress;
+pub mod progress;
 mod reference;
 pub mod sampler;
 pub mod schedule;
