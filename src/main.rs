@@ -49,6 +49,11 @@ enum Command {
     Serve(cmd::serve::Args),
     /// Evaluate a model with an LLM judge: MT-Bench, AlpacaEval, Arena-Hard or your own questions.
     Eval(cmd::eval::Args),
+    /// The 2-D reward model: train it on 2-D pairs, or score every segment of responses with it.
+    #[command(subcommand)]
+    Rm(cmd::rm::RmCommand),
+    /// Rounds of: sample answers from the policy, score every segment, pair best against worst, train.
+    Iterate(cmd::iterate::Args),
     /// Colour every token of a pair by a trained policy's implicit reward (HTML + PNG).
     Explain(cmd::explain::Args),
 }
@@ -102,6 +107,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => cmd::serve::run(a, cli.verbose > 0),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Explain(a) => cmd::explain::run(a),
+        Command::Iterate(a) => cmd::iterate::run(a),
+        Command::Rm(c) => cmd::rm::run(c),
     }
 }
 

@@ -3,7 +3,7 @@
 //! flag names follow TRL (`--learning_rate` and `--learning-rate` both work).
 
 use anyhow::{Context, Result};
-use dpo2d_train::config::TrainConfig;
+use dpo2d_train::config::{Task, TrainConfig};
 use dpo2d_train::loss::LossType;
 use dpo2d_train::sampler::SamplingStrategy;
 use dpo2d_train::schedule::SchedulerType;
@@ -45,11 +45,11 @@ pub struct Args {
 
 /// Flags that override configuration keys; field names are the keys.
 #[derive(clap::Args, Debug, Serialize, Default)]
-struct Overrides {
+pub(crate) struct Overrides {
     /// Policy model: HF directory, .gguf file, or `smollm2` (fetched).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    model: Option<String>,
+    pub(crate) model: Option<String>,
     /// Reference model (default: a frozen copy of the starting policy).
     #[arg(long, alias = "ref_model")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -57,7 +57,7 @@ struct Overrides {
     /// Training pairs (JSONL).
     #[arg(long, alias = "train_file", alias = "data")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    train_file: Option<PathBuf>,
+    pub(crate) train_file: Option<PathBuf>,
     /// Held-out pairs (JSONL).
     #[arg(long, alias = "eval_file")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -68,7 +68,7 @@ struct Overrides {
     eval_split: Option<f64>,
     #[arg(long, alias = "output_dir")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    output_dir: Option<PathBuf>,
+    pub(crate) output_dir: Option<PathBuf>,
     /// dpo, ipo, kto, orpo, simpo, tdpo1, tdpo2, 1d-dpo, 2d-dpo.
     #[arg(long, alias = "loss_type", alias = "loss")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -227,7 +227,16 @@ pub fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let cfg = resolve(args.preset.as_deref(), args.config.as_deref(), &args.o)?;
+    run_task(args, Task::Preference)
+}
+
+/// Train a policy or (`dpo2d rm train`) a reward model.
+pub fn run_task(mut args: Args, task: Task) -> Result<()> {
+    if task == Task::RewardModel && args.o.output_dir.is_none() {
+        args.o.output_dir = Some(PathBuf::from("runs/rm"));
+    }
+    let mut cfg = resolve(args.preset.as_deref(), args.config.as_deref(), &args.o)?;
+    cfg.task = task;
     let resume = match &args.resume {
         Some(r) => Some(dpo2d_train::checkpoint::resolve_resume(r, &cfg.output_dir)?),
         None => None,

@@ -40,19 +40,20 @@ pub fn best_and_worst(scores: &[f64]) -> Option<(usize, usize)> {
     (scores[best] > scores[worst]).then_some((best, worst))
 }
 
+/// The score of a sample, `None` unless every segment is scored.
+pub fn sample_score(sample: &Response, weights: &[f64; 5]) -> Option<f64> {
+    let m: Option<Vec<[u8; 5]>> = sample.segments()?.iter().map(|s| s.scores.map(|x| x.to_array())).collect();
+    response_score(&m?, weights)
+}
+
 /// The pair of a prompt's scored samples: the best as chosen, the worst as
-/// rejected; `None` when they tie or a sample is not fully scored.
+/// rejected. Samples not fully scored (an empty answer has no segments) are
+/// left out; `None` when fewer than two remain or the best and worst tie.
 pub fn pair_from_samples(id: Option<serde_json::Value>, prompt: Prompt, samples: &[Response], weights: &[f64; 5]) -> Option<Pair> {
-    let scores: Vec<f64> = samples
-        .iter()
-        .map(|r| {
-            let segs = r.segments()?;
-            let m: Option<Vec<[u8; 5]>> = segs.iter().map(|s| s.scores.map(|x| x.to_array())).collect();
-            response_score(&m?, weights)
-        })
-        .collect::<Option<_>>()?;
+    let scored: Vec<(usize, f64)> = samples.iter().enumerate().filter_map(|(i, r)| Some((i, sample_score(r, weights)?))).collect();
+    let scores: Vec<f64> = scored.iter().map(|s| s.1).collect();
     let (best, worst) = best_and_worst(&scores)?;
-    Some(Pair { id, prompt, chosen: samples[best].clone(), rejected: samples[worst].clone() })
+    Some(Pair { id, prompt, chosen: samples[scored[best].0].clone(), rejected: samples[scored[worst].0].clone() })
 }
 
 #[cfg(test)]
@@ -96,6 +97,11 @@ mod tests {
         let p = pair_from_samples(None, Prompt::Text("q".into()), &[mid.clone(), bad.clone(), good.clone()], &W).unwrap();
         assert_eq!((p.chosen, p.rejected), (good.clone(), bad));
         assert!(pair_from_samples(None, Prompt::Text("q".into()), &[good.clone(), good.clone()], &W).is_none());
-        assert!(pair_from_samples(None, Prompt::Text("q".into()), &[good, Response::Plain("x".into())], &W).is_none());
+        assert!(pair_from_samples(None, Prompt::Text("q".into()), &[good.clone(), Response::Plain("x".into())], &W).is_none());
+        // An unscored sample is left out, not the whole prompt.
+        let empty = Response::Segmented { segments: vec![] };
+        let p = pair_from_samples(None, Prompt::Text("q".into()), &[empty, good.clone(), Response::Plain("x".into()), mid.clone()], &W)
+            .unwrap();
+        assert_eq!((p.chosen, p.rejected), (good, mid));
     }
 }

@@ -51,6 +51,14 @@ pub struct Problem {
     pub answer: i64,
 }
 
+impl Problem {
+    /// The question as the policy is asked it (in evaluation and when
+    /// sampling training answers alike): the story, and how to answer.
+    pub fn prompt(&self) -> String {
+        format!("{}\nWork it out step by step, then give the final answer as: The answer is N.", self.question)
+    }
+}
+
 /// Which side of the train / held-out split; a problem's side is fixed by
 /// its text, so the two sets never share a problem, whatever the seeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -347,7 +347,7 @@ fn arithmetic_set() -> QuestionSet {
         .map(|p| Question {
             id: p.id.clone(),
             category: p.steps.iter().map(|s| s.1.name()).collect::<Vec<_>>().join(" then "),
-            turns: vec![format!("{}\nWork it out step by step, then give the final answer as: The answer is N.", p.question)],
+            turns: vec![p.prompt()],
             reference: Some(vec![p.answer.to_string()]),
             baseline: None,
             problem: Some(p),

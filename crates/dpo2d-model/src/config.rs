@@ -31,10 +31,18 @@ impl Architecture {
             Architecture::Qwen2 => "qwen2",
         }
     }
+    /// The family's name with a per-token head (a 2-D reward model).
+    pub fn token_classification_name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForTokenClassification",
+            Architecture::Qwen2 => "Qwen2ForTokenClassification",
+        }
+    }
+    /// The causal LM or its token-classification twin (whose backbone is the same model).
     pub fn from_hf_name(name: &str) -> Option<Self> {
         match name {
-            "LlamaForCausalLM" => Some(Architecture::Llama),
-            "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+            "LlamaForCausalLM" | "LlamaForTokenClassification" => Some(Architecture::Llama),
+            "Qwen2ForCausalLM" | "Qwen2ForTokenClassification" => Some(Architecture::Qwen2),
             _ => None,
         }
     }
@@ -100,7 +108,11 @@ fn token_ids(v: Option<&Value>, key: &str, file: &str) -> Result<Vec<u32>> {
 }
 
 /// Fields we interpret (everything else goes to `extra`).
+/// A reward model's head labels are written fresh by its saver, never carried over.
 const KNOWN_FIELDS: &[&str] = &[
+    "num_labels",
+    "id2label",
+    "label2id",
     "architectures",
     "model_type",
     "vocab_size",

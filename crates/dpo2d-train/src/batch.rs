@@ -6,6 +6,7 @@ use crate::align::{TokenizedPair, TokenizedResponse, NO_SEGMENT};
 use crate::loss::{self, KtoKl, LossConfig, PreferenceBatch, SegmentBatch, SideBatch};
 use crate::packing::{gather_side, mask_for, packed_forward, padded_rows, pair_units, PackedOut, Unit};
 use crate::reference::Reference;
+use crate::reward::RewardHead;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use dpo2d_model::llama::CausalLM;
@@ -23,6 +24,40 @@ pub(crate) struct Models {
     pub reference: Reference,
 }
 
+/// What a run minimises: a preference loss of the policy, or the reward
+/// model's regression loss through its head on the policy's backbone.
+pub(crate) enum Objective {
+    Preference(LossConfig),
+    Reward(RewardHead),
+}
+
+impl Objective {
+    /// Trainable parameters besides the policy's.
+    pub fn vars(&self) -> Vec<(String, candle_core::Var)> {
+        match self {
+            Objective::Preference(_) => vec![],
+            Objective::Reward(head) => head.vars(),
+        }
+    }
+
+    /// The objective's name for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Objective::Preference(l) => format!("loss {}", l.loss_type),
+            Objective::Reward(_) => "reward model (MSE of 5 aspect scores per segment)".into(),
+        }
+    }
+
+    /// Every loss but KTO (whose KL term mixes pairs) and the reward model's
+    /// MSE is a mean over pairs that can be split into smaller passes.
+    pub fn splits_over_pairs(&self) -> bool {
+        match self {
+            Objective::Preference(l) => !l.loss_type.needs_kto_kl(),
+            Objective::Reward(_) => true,
+        }
+    }
+}
+
 /// The loss of one batch, its metrics, and its size in tokens.
 pub(crate) struct BatchLoss {
     pub loss: Tensor,
@@ -31,10 +66,26 @@ pub(crate) struct BatchLoss {
 }
 
 impl Models {
-    /// Forward the pairs `idx` of `data` and compute the loss of `cfg`.
-    pub fn loss(&self, cfg: &LossConfig, data: &[TokenizedPair], idx: &[usize], split: Split) -> Result<BatchLoss> {
-        let lt = cfg.loss_type;
+    /// Forward the pairs `idx` of `data` and compute the objective's loss.
+    pub fn loss(&self, objective: &Objective, data: &[TokenizedPair], idx: &[usize], split: Split) -> Result<BatchLoss> {
         let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &data[i]).collect();
+        match objective {
+            Objective::Preference(cfg) => self.preference_loss(cfg, &pairs, idx, split),
+            Objective::Reward(head) => crate::reward::reward_loss(&self.policy, head, &pairs),
+        }
+    }
+
+    /// The gradient of the policy's trainable variables and then the
+    /// objective's own ([`Objective::vars`]), from one backward pass.
+    pub fn gradients(&self, objective: &Objective, store: &candle_core::backprop::GradStore) -> Result<Vec<Option<Tensor>>> {
+        let mut grads = self.policy.gradients(store)?;
+        grads.extend(objective.vars().iter().map(|(_, v)| store.get(v.as_tensor()).cloned()));
+        Ok(grads)
+    }
+
+    fn preference_loss(&self, cfg: &LossConfig, pairs: &[&TokenizedPair], idx: &[usize], split: Split) -> Result<BatchLoss> {
+        let lt = cfg.loss_type;
+        let pairs = pairs.to_vec();
         let units = pair_units(&pairs);
         let policy = packed_forward(&self.policy, &units, lt.needs_token_kl())?;
         let mut chosen = Side::new(&pairs, &policy, 0, |p| &p.chosen)?;

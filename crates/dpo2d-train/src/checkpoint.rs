@@ -6,6 +6,7 @@
 
 use crate::metrics::{Accumulator, Record};
 use crate::optim::AdamW;
+use crate::reward::{save_reward_model, RewardHead};
 use anyhow::{bail, Context, Result};
 use dpo2d_model::llama::CausalLM;
 use dpo2d_model::save;
@@ -58,6 +59,8 @@ pub struct Contents<'a> {
     pub optimizer: Option<&'a AdamW>,
     /// Also write the LoRA weights merged into the base under `merged/`.
     pub merged: bool,
+    /// A reward model's head: the model is saved as a token classifier.
+    pub head: Option<&'a RewardHead>,
 }
 
 /// Write the checkpoint `dir`: `model.safetensors` + `config.json` +
@@ -65,11 +68,16 @@ pub struct Contents<'a> {
 /// `adapter_config.json` (LoRA), `optimizer.safetensors`, `trainer_state.json`.
 pub fn save(dir: &Path, c: &Contents, state: &TrainerState) -> Result<()> {
     dpo2d_fs::write_dir(dir, |tmp| {
-        save_weights(tmp, c.policy, c.text, c.base_model)?;
+        save_weights(tmp, c)?;
         if c.merged && c.policy.lora_config().is_some() {
             let merged = tmp.join("merged");
-            save::save_merged(c.policy, &merged, None)?;
-            save::save_text_side(&merged, c.text)?;
+            match c.head {
+                Some(head) => save_reward_model(&merged, c.policy, head, c.text, true)?,
+                None => {
+                    save::save_merged(c.policy, &merged, None)?;
+                    save::save_text_side(&merged, c.text)?;
+                }
+            }
         }
         if let Some(opt) = c.optimizer {
             opt.save(&tmp.join("optimizer.safetensors"))?;
@@ -79,13 +87,21 @@ pub fn save(dir: &Path, c: &Contents, state: &TrainerState) -> Result<()> {
     .with_context(|| format!("writing checkpoint {}", dir.display()))
 }
 
-fn save_weights(dir: &Path, model: &CausalLM, text: &TextSide, base_model: &str) -> Result<()> {
-    match model.lora_config() {
-        None => {
-            save::save_full(model, dir, None)?;
-            save::save_text_side(dir, text)
+/// The model (a reward model: as a token classifier, or with LoRA its
+/// head in [`crate::reward::HEAD_FILE`] beside the adapter).
+fn save_weights(dir: &Path, c: &Contents) -> Result<()> {
+    match (c.policy.lora_config(), c.head) {
+        (None, None) => {
+            save::save_full(c.policy, dir, None)?;
+            save::save_text_side(dir, c.text)
         }
-        Some(_) => save::save_lora_adapter(model, dir, base_model),
+        (None, Some(head)) => save_reward_model(dir, c.policy, head, c.text, false),
+        (Some(_), head) => {
+            if let Some(head) = head {
+                save::save_safetensors(&head.tensors(), &dir.join(crate::reward::HEAD_FILE))?;
+            }
+            save::save_lora_adapter(c.policy, dir, c.base_model)
+        }
     }
 }
 

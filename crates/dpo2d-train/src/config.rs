@@ -17,6 +17,17 @@ use dpo2d_model::lora::LoraTarget;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// What a training run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// A policy, with a preference loss (`dpo2d train`).
+    #[default]
+    Preference,
+    /// A 2-D reward model: per-segment scores by regression (`dpo2d rm train`).
+    RewardModel,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
@@ -31,6 +42,9 @@ pub struct TrainConfig {
     /// Share of the training pairs held out for evaluation when no eval file is given.
     pub eval_split: f64,
     pub output_dir: PathBuf,
+    /// What is trained: a policy on preferences, or a 2-D reward model
+    /// (`dpo2d rm train`; the loss options do not apply to it).
+    pub task: Task,
 
     // Loss.
     pub loss_type: LossType,
@@ -122,6 +136,7 @@ impl Default for TrainConfig {
             eval_file: None,
             eval_split: 0.0,
             output_dir: PathBuf::from("runs/train"),
+            task: Task::Preference,
             loss_type: loss.loss_type,
             beta: loss.beta,
             sft_weight: loss.sft_weight,
@@ -252,6 +267,16 @@ impl TrainConfig {
             bail!("set max_steps or num_train_epochs to a positive value");
         }
         self.loss_config().validate()
+    }
+
+    /// Training needs every response split into scored segments.
+    pub fn needs_segment_scores(&self) -> bool {
+        self.task == Task::RewardModel || self.loss_type.needs_segment_scores()
+    }
+
+    /// Training needs a reference model.
+    pub fn needs_reference(&self) -> bool {
+        self.task == Task::Preference && self.loss_type.needs_reference()
     }
 
     /// The loss hyper-parameters of this configuration.

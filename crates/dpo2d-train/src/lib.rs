@@ -19,6 +19,7 @@ mod packing;
 mod phases;
 pub mod progress;
 mod reference;
+pub mod reward;
 pub mod sampler;
 pub mod schedule;
 pub mod trainer;

@@ -122,18 +122,52 @@ impl Packing {
     }
 }
 
+/// The model's last hidden states over packed units.
+pub(crate) struct PackedHidden {
+    /// Flat `[rows * width, H]`.
+    pub hidden: Tensor,
+    /// `response_starts[u][r]`: flat position of the first token of unit u's response r.
+    pub response_starts: Vec<Vec<usize>>,
+}
+
+/// Run the model once over the packed units; its hidden states.
+pub(crate) fn packed_hidden(model: &CausalLM, units: &[Unit]) -> Result<PackedHidden> {
+    let (packing, hidden) = forward_packed(model, units)?;
+    let response_starts = units
+        .iter()
+        .zip(&packing.place)
+        .map(|(u, (r, off))| {
+            let mut at = r * packing.width + off + u.prompt.len();
+            u.responses
+                .iter()
+                .map(|resp| {
+                    at += resp.len();
+                    at - resp.len()
+                })
+                .collect()
+        })
+        .collect();
+    Ok(PackedHidden { hidden, response_starts })
+}
+
+/// The packing of `units` and the flat `[rows * width, H]` hidden states of one pass.
+fn forward_packed(model: &CausalLM, units: &[Unit]) -> Result<(Packing, Tensor)> {
+    let packing = Packing::new(units)?;
+    let (n_rows, width) = (packing.rows.len(), packing.width);
+    let input = Tensor::from_vec(packing.ids(units), (n_rows, width), model.device())?;
+    let hidden = model.forward(&input, &packing.layout(units)?)?;
+    let h = hidden.dim(2)?;
+    Ok((packing, hidden.reshape((n_rows * width, h))?))
+}
+
 /// Run the model once over the packed units and take the label log-probs
 /// (and, if asked, the logits) at the response positions.
 pub(crate) fn packed_forward(model: &CausalLM, units: &[Unit], want_logits: bool) -> Result<PackedOut> {
-    let packing = Packing::new(units)?;
-    let (n_rows, width) = (packing.rows.len(), packing.width);
+    let (packing, hidden) = forward_packed(model, units)?;
     let dev = model.device();
-    let input = Tensor::from_vec(packing.ids(units), (n_rows, width), dev)?;
-    let hidden = model.forward(&input, &packing.layout(units)?)?;
-    let h = hidden.dim(2)?;
     let (hidx, labels, starts) = packing.label_positions(units);
     let n = labels.len();
-    let sel = hidden.reshape((n_rows * width, h))?.index_select(&Tensor::from_vec(hidx, n, dev)?, 0)?.unsqueeze(0)?;
+    let sel = hidden.index_select(&Tensor::from_vec(hidx, n, dev)?, 0)?.unsqueeze(0)?;
     let lab = Tensor::from_vec(labels, (1, n), dev)?;
     let logps = model.label_logprobs(&sel, &lab)?.squeeze(0)?;
     let logits = if want_logits { Some(model.logits(&sel)?.squeeze(0)?) } else { None };

@@ -18,14 +18,14 @@
 //! log-softmax) and [`crate::reference`] (reference log-probs precomputed once).
 
 use crate::align::{AlignOptions, Aligner, TokenizedPair};
-use crate::batch::{Models, Split};
+use crate::batch::{Models, Objective, Split};
 use crate::checkpoint::{self, TrainerState};
-use crate::config::TrainConfig;
-use crate::loss::LossConfig;
+use crate::config::{Task, TrainConfig};
 use crate::metrics::{Accumulator, MetricsWriter, Record};
 use crate::optim::{clip_scale, global_grad_norm, AdamW, AdamWParams};
 use crate::phases::Phase;
 use crate::reference::{Precompute, Reference};
+use crate::reward::RewardHead;
 use crate::sampler::Sampler;
 use crate::schedule::{self, SchedulerType};
 use anyhow::{bail, Context, Result};
@@ -131,7 +131,7 @@ struct MetricsLog {
 pub struct Trainer {
     cfg: TrainConfig,
     run: RunOptions,
-    loss: LossConfig,
+    objective: Objective,
     model_path: PathBuf,
     text: TextSide,
     models: Models,
@@ -166,7 +166,6 @@ impl Trainer {
     /// reference, the optimizer, and the state of a resumed run.
     pub fn new(cfg: &TrainConfig, run: &RunOptions) -> Result<Trainer> {
         cfg.validate()?;
-        let loss = cfg.loss_config();
         let say = |s: &str| {
             if !run.quiet {
                 eprintln!("{s}");
@@ -191,7 +190,20 @@ impl Trainer {
         let reference = prepare_reference(cfg, run, &model_path, &frozen, &policy, resume.is_some(), &train, &eval, &say)?;
         phases.mark(Phase::Reference);
 
-        let vars = policy.trainable_vars();
+        let objective = match cfg.task {
+            Task::Preference => Objective::Preference(cfg.loss_config()),
+            Task::RewardModel => {
+                // f32 for f32 and bf16 backbones (f64 for f64 test models).
+                let dtype = if policy.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+                let hidden = policy.config().hidden_size;
+                Objective::Reward(match &resume {
+                    Some((dir, _)) => RewardHead::load(dir, hidden, dtype, policy.device())?,
+                    None => RewardHead::new(hidden, cfg.seed, dtype, policy.device())?,
+                })
+            }
+        };
+        let mut vars = policy.trainable_vars();
+        vars.extend(objective.vars());
         if vars.is_empty() {
             bail!("the model has no trainable parameters");
         }
@@ -203,7 +215,7 @@ impl Trainer {
         let mut t = Trainer {
             cfg: cfg.clone(),
             run: run.clone(),
-            loss,
+            objective,
             model_path,
             text,
             models: Models { policy, reference },
@@ -298,10 +310,10 @@ impl Trainer {
     fn describe(&self) -> String {
         let params: usize = self.vars.iter().map(|(_, v)| v.elem_count()).sum();
         format!(
-            "training {} pairs ({} held out), loss {}, {} updates of {} x {} pairs, {params} trainable parameters",
+            "training {} pairs ({} held out), {}, {} updates of {} x {} pairs, {params} trainable parameters",
             self.train.len(),
             self.eval.len(),
-            self.loss.loss_type,
+            self.objective.describe(),
             self.total,
             self.cfg.per_device_train_batch_size,
             self.cfg.gradient_accumulation_steps,
@@ -360,17 +372,16 @@ impl Trainer {
     /// update) to `grads`, and its metrics to the window. False when a
     /// metric (the loss among them) is not finite.
     fn accumulate(&mut self, idx: &[usize], grads: &mut [Option<Tensor>]) -> Result<bool> {
-        // Every loss but KTO (whose KL term mixes pairs) is a mean of
-        // per-pair losses, so a micro-batch can run as several smaller
+        // A mean of per-pair losses can run as several smaller
         // forward/backward passes with the same gradient and a fraction
         // of the activation memory.
         let chunk =
-            if self.loss.loss_type.needs_kto_kl() || self.cfg.pairs_per_forward == 0 { idx.len() } else { self.cfg.pairs_per_forward };
+            if !self.objective.splits_over_pairs() || self.cfg.pairs_per_forward == 0 { idx.len() } else { self.cfg.pairs_per_forward };
         let gas = self.cfg.gradient_accumulation_steps as f64;
         let mut finite = true;
         for part in idx.chunks(chunk.max(1)) {
             self.phases.start();
-            let out = self.models.loss(&self.loss, &self.train, part, Split::Train)?;
+            let out = self.models.loss(&self.objective, &self.train, part, Split::Train)?;
             self.phases.mark(Phase::Forward);
             finite &= out.metrics.iter().all(|(_, v)| v.is_finite());
             // Window means are per-pair means.
@@ -380,7 +391,7 @@ impl Trainer {
             self.metrics.window_tokens += out.tokens;
             self.metrics.train_tokens += out.tokens;
             let share = part.len() as f64 / idx.len() as f64;
-            let part_grads = self.models.policy.gradients(&(out.loss * (share / gas))?.backward()?)?;
+            let part_grads = self.models.gradients(&self.objective, &(out.loss * (share / gas))?.backward()?)?;
             self.phases.mark(Phase::Backward);
             for (acc, g) in grads.iter_mut().zip(part_grads) {
                 if let Some(g) = g {
@@ -419,12 +430,13 @@ impl Trainer {
         self.window_clock = Instant::now();
         let rec = Record { step, epoch: self.sampler.epoch(), values };
         if let Some(pb) = &self.progress {
-            pb.set_message(format!(
-                "loss {:.4} acc {:.2} margin {:.4}",
-                rec.get("loss").unwrap_or(f64::NAN),
-                rec.get("rewards/accuracies").unwrap_or(f64::NAN),
-                rec.get("rewards/margins").unwrap_or(f64::NAN)
-            ));
+            let get = |k: &str| rec.get(k).unwrap_or(f64::NAN);
+            pb.set_message(match self.objective {
+                Objective::Preference(_) => {
+                    format!("loss {:.4} acc {:.2} margin {:.4}", get("loss"), get("rewards/accuracies"), get("rewards/margins"))
+                }
+                Objective::Reward(_) => format!("mse {:.4} acc {:.2} within-one {:.2}", get("loss"), get("accuracy"), get("within_one")),
+            });
         } else if !self.run.quiet {
             eprintln!("{}", serde_json::to_string(&rec)?);
         }
@@ -457,7 +469,7 @@ impl Trainer {
         let mut acc = Accumulator::default();
         let idx: Vec<usize> = (0..self.eval.len()).collect();
         for chunk in idx.chunks(bs) {
-            let out = self.models.loss(&self.loss, &self.eval, chunk, Split::Eval)?;
+            let out = self.models.loss(&self.objective, &self.eval, chunk, Split::Eval)?;
             // Weight batch means by batch size so the result is a per-pair mean.
             for (k, v) in &out.metrics {
                 acc.add_weighted(k, v * chunk.len() as f64, chunk.len());
@@ -495,6 +507,10 @@ impl Trainer {
             base_model: &base_model,
             optimizer: resumable.then_some(&self.optimizer),
             merged: !resumable,
+            head: match &self.objective {
+                Objective::Reward(h) => Some(h),
+                Objective::Preference(_) => None,
+            },
         };
         let state = if resumable {
             self.state()
@@ -658,15 +674,21 @@ fn load_data(cfg: &TrainConfig) -> Result<(Vec<Pair>, Vec<Pair>)> {
         None => (train, vec![]),
     };
     let scored = train.iter().chain(&eval).all(|p| p.chosen.is_scored() && p.rejected.is_scored());
-    cfg.loss_type.check_data(scored).with_context(|| format!("{}", train_file.display()))?;
+    if cfg.task == Task::Preference {
+        cfg.loss_type.check_data(scored).with_context(|| format!("{}", train_file.display()))?;
+    }
     Ok((train, eval))
 }
 
 fn load_file(path: &Path, cfg: &TrainConfig) -> Result<Vec<Pair>> {
     let lt = cfg.loss_type;
-    let requirement = if lt.needs_segment_scores() { Requirement::Scored } else { Requirement::Plain };
+    let requirement = if cfg.needs_segment_scores() { Requirement::Scored } else { Requirement::Plain };
     let loaded = load_pairs(path, &DataLoadOptions::new(requirement).skip_invalid(cfg.skip_invalid));
-    let loaded = if lt.needs_segment_scores() {
+    let loaded = if cfg.task == Task::RewardModel {
+        loaded.context(
+            "a reward model learns from every response split into segments with 5-aspect scores (`dpo2d segment`, `dpo2d annotate`)",
+        )?
+    } else if lt.needs_segment_scores() {
         loaded.with_context(|| {
             format!(
                 "loss_type {lt} needs every response split into segments with 5-aspect scores (`dpo2d segment`, \
@@ -737,7 +759,7 @@ fn prepare_reference(
     say: &dyn Fn(&str),
 ) -> Result<Reference> {
     let lt = cfg.loss_type;
-    if !lt.needs_reference() {
+    if !cfg.needs_reference() {
         return Ok(Reference::None);
     }
     let ref_path = match &cfg.ref_model {

@@ -1,0 +1,167 @@
+//! `dpo2d iterate`: rounds of sampling from the policy, scoring every
+//! segment, pairing best against worst, and training (crate `dpo2d-iterate`).
+//! Training options are `dpo2d train`'s; `--model` is the starting policy.
+
+use anyhow::{bail, Context, Result};
+use dpo2d_iterate::{iterate, ArithmeticScorer, IterateConfig, IterateRun, JudgeScorer, RewardModelScorer, SamplingSettings, Scorer};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Prompts to sample answers for: a JSONL file with a "prompt" per line, or arithmetic:N (N generated word problems).
+    #[arg(long)]
+    prompts: String,
+    /// What scores the answers: check:arithmetic, judge:URL (an OpenAI-compatible server) or rm:DIR (a reward model).
+    #[arg(long)]
+    scorer: ScorerSpec,
+    /// Rounds of sample -> score -> train (a finished run continues with more rounds).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Answers sampled per prompt (K).
+    #[arg(long, default_value_t = SamplingSettings::default().samples_per_prompt)]
+    samples_per_prompt: usize,
+    #[arg(long, default_value_t = SamplingSettings::default().temperature)]
+    temperature: f64,
+    #[arg(long, default_value_t = SamplingSettings::default().top_p)]
+    top_p: f64,
+    #[arg(long, default_value_t = SamplingSettings::default().max_new_tokens)]
+    max_new_tokens: usize,
+    /// Answers decoded together.
+    #[arg(long, default_value_t = SamplingSettings::default().batch_size)]
+    sampling_batch_size: usize,
+    /// The judge's model name (judge:URL).
+    #[arg(long)]
+    judge_model: Option<String>,
+    /// Environment variable with the judge's API key (judge:URL).
+    #[arg(long, value_name = "VAR")]
+    judge_api_key_env: Option<String>,
+    /// Judge requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    judge_concurrency: usize,
+    /// TOML file with training options (as `dpo2d train --config`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Training preset (as `dpo2d train --preset`).
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long, env = "DPO2D_CACHE")]
+    cache_dir: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    device: super::DeviceArg,
+    #[command(flatten)]
+    o: super::train::Overrides,
+}
+
+/// `--scorer`, parsed once.
+#[derive(Debug, Clone)]
+enum ScorerSpec {
+    Arithmetic,
+    Judge(String),
+    RewardModel(PathBuf),
+}
+
+impl FromStr for ScorerSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("check", "arithmetic")) => Ok(ScorerSpec::Arithmetic),
+            Some(("judge", url)) if !url.is_empty() => Ok(ScorerSpec::Judge(url.to_string())),
+            Some(("rm", dir)) if !dir.is_empty() => Ok(ScorerSpec::RewardModel(PathBuf::from(dir))),
+            _ => Err(format!("expected check:arithmetic, judge:URL or rm:DIR, got {s:?}")),
+        }
+    }
+}
+
+impl Args {
+    fn scorer(&self) -> Result<Box<dyn Scorer>> {
+        Ok(match &self.scorer {
+            ScorerSpec::Arithmetic => Box::new(ArithmeticScorer),
+            ScorerSpec::RewardModel(dir) => Box::new(RewardModelScorer {
+                path: dir.clone(),
+                model: dpo2d_train::reward::RewardModel::load(dir, &self.device.device.device()?)?,
+                batch_size: self.sampling_batch_size,
+            }),
+            ScorerSpec::Judge(url) => {
+                let judge = super::judge::JudgeArgs {
+                    base_url: Some(url.clone()),
+                    model: self.judge_model.clone(),
+                    api_key_env: self.judge_api_key_env.clone(),
+                    concurrency: self.judge_concurrency,
+                    timeout: 600.0,
+                    max_retries: 5,
+                    retry_backoff: 1.0,
+                };
+                let options = dpo2d_annotate::Options {
+                    base_url: judge.base_url()?,
+                    model: judge.model().context("judge:URL needs --judge-model")?,
+                    api_key: judge.api_key()?,
+                    concurrency: judge.concurrency()?,
+                    policy: judge.policy()?,
+                    aspects: dpo2d_annotate::Aspect::ALL.to_vec(),
+                    max_tokens: None,
+                    response_format: dpo2d_annotate::ResponseFormat::default(),
+                    progress: !self.no_progress,
+                };
+                Box::new(JudgeScorer { options })
+            }
+        })
+    }
+}
+
+pub fn run(mut args: Args) -> Result<()> {
+    if args.o.train_file.is_some() {
+        bail!("iterate trains on the pairs each round builds; give prompts with --prompts instead of --train-file");
+    }
+    if args.o.output_dir.is_none() {
+        args.o.output_dir = Some(PathBuf::from("runs/iterate"));
+    }
+    let mut train = super::train::resolve(args.preset.as_deref(), args.config.as_deref(), &args.o)?;
+    // Each round's pairs go in `train_file` as it starts.
+    train.train_file = None;
+    let prompts = dpo2d_iterate::prompts::from_spec(&args.prompts, train.seed)?;
+    let scorer = args.scorer()?;
+    let sampling = SamplingSettings {
+        samples_per_prompt: args.samples_per_prompt,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        max_new_tokens: args.max_new_tokens,
+        batch_size: args.sampling_batch_size,
+        seed: train.seed,
+    };
+    let cfg = IterateConfig { train, rounds: args.rounds, sampling };
+    let progress = !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let stop_signal = super::train::stop_on_ctrl_c()?;
+    let run = IterateRun {
+        device: args.device.device,
+        cache_dir: args.cache_dir.clone(),
+        progress,
+        quiet: false,
+        stop_at: None,
+        stop_signal: Some(stop_signal),
+    };
+    let outcome = iterate(&cfg, &prompts, scorer.as_ref(), &run)?;
+    if outcome.interrupted {
+        eprintln!("interrupted: run the same command again to continue where it stopped");
+        std::process::exit(super::train::INTERRUPTED);
+    }
+    println!("| round | prompts | pairs | no pair | mean answer score | chosen | rejected | policy |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &outcome.rounds {
+        println!(
+            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {} |",
+            r.round,
+            r.prompts,
+            r.pairs,
+            r.ties,
+            r.mean_score,
+            r.chosen_mean_score,
+            r.rejected_mean_score,
+            r.policy.display()
+        );
+    }
+    Ok(())
+}
