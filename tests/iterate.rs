@@ -133,3 +133,43 @@ fn resumes_in_every_phase_without_redoing_work() {
     let e = format!("{:#}", iterate(&other, &prompts, &scorer, &run(d.path(), None)).unwrap_err());
     assert!(e.contains("sampling"), "{e}");
 }
+
+/// `dpo2d iterate --scorer judge:URL` against the fake judge: every
+/// non-empty answer is scored as the judge rates it, and a round trains.
+#[test]
+fn judge_scorer_through_the_cli() {
+    use dpo2d_annotate::test_server::{expected_scores, MockConfig, MockJudge};
+    let d = tempfile::tempdir().unwrap();
+    common::write_tiny_model(&d.path().join("model"));
+    let prompts: String = (0..6).map(|i| format!("{{\"prompt\": \"what is q{i} .\"}}\n")).collect();
+    std::fs::write(d.path().join("prompts.jsonl"), prompts).unwrap();
+    let server = MockJudge::start(MockConfig::default());
+    let scorer = format!("judge:{}", server.base_url());
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dpo2d"))
+        .current_dir(d.path())
+        .env_remove("OPENAI_API_KEY")
+        .args(["iterate", "--no-progress", "--model", "model", "--prompts", "prompts.jsonl", "--scorer", &scorer])
+        .args(["--judge-model", "judge", "--samples-per-prompt", "3", "--max-new-tokens", "8", "--temperature", "1.0"])
+        .args(["--loss", "2d-dpo", "--max-steps", "2", "--per-device-train-batch-size", "2", "--output-dir", "out", "--cache-dir", "cache"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("| round | prompts | pairs |") && table.contains("| 1 | 6 |"), "{table}");
+    let mut judged = 0;
+    for line in std::fs::read_to_string(d.path().join("out/round-1/scored.jsonl")).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for r in v["responses"].as_array().unwrap() {
+            let segments: Vec<dpo2d_data::Segment> = serde_json::from_value(r["segments"].clone()).unwrap();
+            if segments.is_empty() {
+                continue;
+            }
+            let got: Vec<[u8; 5]> = segments.iter().map(|s| s.scores.expect("every segment judged").to_array()).collect();
+            assert_eq!(got, expected_scores(&segments), "{v}");
+            judged += 1;
+        }
+    }
+    assert!(judged >= 12, "only {judged} answers judged");
+    assert!(server.stats().requests > 0);
+    assert!(d.path().join("out/round-1/train/final/model.safetensors").exists());
+}

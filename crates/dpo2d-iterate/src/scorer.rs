@@ -49,9 +49,11 @@ impl Scorer for ArithmeticScorer {
     }
 }
 
-/// An LLM judge: the answers of a prompt are put into pairs (1st with 2nd,
-/// 3rd with 4th, ...; an odd one out with the first) and annotated as
-/// `dpo2d annotate` does, each segment scored in the context of its pair.
+/// An LLM judge: the distinct answers of a prompt are put into pairs (1st
+/// with 2nd, 3rd with 4th, ...; an odd one out with the first) and annotated
+/// as `dpo2d annotate` does, each segment scored in the context of its pair;
+/// a repeated answer gets the scores of its first copy. A prompt whose
+/// answers are all the same is left unscored (it would give no pair).
 pub struct JudgeScorer {
     pub options: dpo2d_annotate::Options,
 }
@@ -66,8 +68,8 @@ impl Scorer for JudgeScorer {
         let mut out: Vec<Vec<Response>> = items.iter().map(|it| it.responses.iter().map(|r| segment_response(r, &seg)).collect()).collect();
         let mut pairs = vec![];
         for (i, it) in items.iter().enumerate() {
-            for (a, b) in judge_pairs(&out[i]) {
-                let id = serde_json::json!([i, a, b]);
+            for (a, b) in judge_pairs(&out[i], it.responses) {
+                let id = serde_json::json!(format!("{i}:{a}:{b}"));
                 pairs.push(Pair { id: Some(id), prompt: it.prompt.prompt.clone(), chosen: out[i][a].clone(), rejected: out[i][b].clone() });
             }
         }
@@ -87,7 +89,8 @@ impl Scorer for JudgeScorer {
         }
         for line in dpo2d_data::io::jsonl_lines(&output)? {
             let pair: Pair = serde_json::from_str(&line?.text)?;
-            let Some([i, a, b]) = pair.id.as_ref().and_then(|v| serde_json::from_value::<[usize; 3]>(v.clone()).ok()) else {
+            let id = pair.id.as_ref().and_then(|v| v.as_str()).unwrap_or_default();
+            let Some(&[i, a, b]) = id.split(':').map(|x| x.parse::<usize>().ok()).collect::<Option<Vec<_>>>().as_deref() else {
                 bail!("{}: a judged pair lost its id", output.display());
             };
             // An answer judged twice (the odd one out) keeps its first scores.
@@ -96,6 +99,13 @@ impl Scorer for JudgeScorer {
             }
             if !out[i][b].is_scored() {
                 out[i][b] = pair.rejected;
+            }
+        }
+        for (i, it) in items.iter().enumerate() {
+            for k in 0..it.responses.len() {
+                if let Some(first) = it.responses[..k].iter().position(|r| *r == it.responses[k]) {
+                    out[i][k] = out[i][first].clone();
+                }
             }
         }
         Ok(out)
@@ -137,9 +147,11 @@ impl Scorer for RewardModelScorer {
     }
 }
 
-/// The pairs in which a judge sees the non-empty answers of one prompt.
-fn judge_pairs(responses: &[Response]) -> Vec<(usize, usize)> {
-    let live: Vec<usize> = (0..responses.len()).filter(|&i| responses[i].segments().is_some_and(|s| !s.is_empty())).collect();
+/// The pairs in which a judge sees the distinct non-empty answers of one prompt.
+fn judge_pairs(responses: &[Response], texts: &[String]) -> Vec<(usize, usize)> {
+    let live: Vec<usize> = (0..responses.len())
+        .filter(|&i| responses[i].segments().is_some_and(|s| !s.is_empty()) && !texts[..i].contains(&texts[i]))
+        .collect();
     let mut pairs: Vec<(usize, usize)> = live.chunks(2).filter(|c| c.len() == 2).map(|c| (c[0], c[1])).collect();
     if live.len() % 2 == 1 && live.len() > 1 {
         pairs.push((live[live.len() - 1], live[0]));
@@ -154,12 +166,16 @@ mod tests {
 
     #[test]
     fn every_answer_is_in_a_judged_pair() {
-        let r = |t: &str| segment_response(t, &SegmentOptions::default());
-        let four = [r("a."), r("b."), r("c."), r("d.")];
-        assert_eq!(judge_pairs(&four), vec![(0, 1), (2, 3)]);
-        let odd = [r("a."), r(""), r("c."), r("d.")];
-        assert_eq!(judge_pairs(&odd), vec![(0, 2), (3, 0)]);
-        assert_eq!(judge_pairs(&[r("a."), r("")]), vec![]);
+        let pairs = |texts: &[&str]| {
+            let texts: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
+            let r: Vec<Response> = texts.iter().map(|t| segment_response(t, &SegmentOptions::default())).collect();
+            judge_pairs(&r, &texts)
+        };
+        assert_eq!(pairs(&["a.", "b.", "c.", "d."]), vec![(0, 1), (2, 3)]);
+        assert_eq!(pairs(&["a.", "", "c.", "d."]), vec![(0, 2), (3, 0)]);
+        assert_eq!(pairs(&["a.", "b.", "a.", "d."]), vec![(0, 1), (3, 0)]);
+        assert_eq!(pairs(&["a.", ""]), vec![]);
+        assert_eq!(pairs(&["a.", "a."]), vec![]);
     }
 
     #[test]
