@@ -95,8 +95,14 @@ fn trains_resumes_saves_and_scores() {
     assert_eq!(line["note"], 3);
     let segs = line["response"]["segments"].as_array().unwrap();
     assert!(segs.len() == 2 && segs.iter().all(|s| s["scores"]["clarity"].as_u64().unwrap() <= 4), "{line}");
+}
 
-    // As the scorer of an iterate round (rm:DIR): every non-empty answer scored.
+/// `rm:DIR` as the scorer of an iterate round: every non-empty answer scored.
+#[test]
+fn scores_an_iterate_round() {
+    let d = common::setup(true);
+    let out = train(&rm_config(d.path(), "rm"), &common::quiet(d.path())).unwrap();
+    let fin = &out.final_model_dir;
     let scorer = dpo2d_iterate::RewardModelScorer {
         path: fin.clone(),
         model: dpo2d_train::reward::RewardModel::load(fin, &candle_core::Device::Cpu).unwrap(),

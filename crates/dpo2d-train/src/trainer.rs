@@ -190,18 +190,7 @@ impl Trainer {
         let reference = prepare_reference(cfg, run, &model_path, &frozen, &policy, resume.is_some(), &train, &eval, &say)?;
         phases.mark(Phase::Reference);
 
-        let objective = match cfg.task {
-            Task::Preference => Objective::Preference(cfg.loss_config()),
-            Task::RewardModel => {
-                // f32 for f32 and bf16 backbones (f64 for f64 test models).
-                let dtype = if policy.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-                let hidden = policy.config().hidden_size;
-                Objective::Reward(match &resume {
-                    Some((dir, _)) => RewardHead::load(dir, hidden, dtype, policy.device())?,
-                    None => RewardHead::new(hidden, cfg.seed, dtype, policy.device())?,
-                })
-            }
-        };
+        let objective = objective(cfg, &policy, resume.as_ref().map(|(d, _)| d.as_path()))?;
         let mut vars = policy.trainable_vars();
         vars.extend(objective.vars());
         if vars.is_empty() {
@@ -619,6 +608,22 @@ impl Trainer {
         });
         dpo2d_fs::write_file(&self.cfg.output_dir.join("train_results.json"), serde_json::to_string_pretty(&results)?)
     }
+}
+
+/// What the run minimises; a reward model's head is new or the checkpoint's.
+fn objective(cfg: &TrainConfig, policy: &CausalLM, resume: Option<&Path>) -> Result<Objective> {
+    Ok(match cfg.task {
+        Task::Preference => Objective::Preference(cfg.loss_config()),
+        Task::RewardModel => {
+            // f32 for f32 and bf16 backbones (f64 for f64 test models).
+            let dtype = if policy.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+            let hidden = policy.config().hidden_size;
+            Objective::Reward(match resume {
+                Some(dir) => RewardHead::load(dir, hidden, dtype, policy.device())?,
+                None => RewardHead::new(hidden, cfg.seed, dtype, policy.device())?,
+            })
+        }
+    })
 }
 
 /// Pairs per evaluation forward pass (the policy itself, whose graph is kept;
