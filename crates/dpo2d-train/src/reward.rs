@@ -33,8 +33,10 @@ pub struct RewardHead {
 }
 
 impl RewardHead {
-    /// A fresh head: weights ~ N(0, 0.02) (transformers' `initializer_range`) from `seed`, bias 0.
-    pub fn new(hidden: usize, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+    /// A fresh head: weights ~ N(0, 0.02) (transformers' `initializer_range`)
+    /// from `seed`; the bias at the mean label of each aspect (`bias`), so the
+    /// first updates go to telling segments apart, not to finding the mean.
+    pub fn new(hidden: usize, bias: [f64; 5], seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5c0e_5c0e);
         // Box-Muller: one normal draw from two uniform ones.
         let mut normal = || -> f32 {
@@ -43,7 +45,7 @@ impl RewardHead {
         };
         let w: Vec<f32> = (0..ASPECTS.len() * hidden).map(|_| normal()).collect();
         let weight = Var::from_tensor(&Tensor::from_vec(w, (ASPECTS.len(), hidden), device)?.to_dtype(dtype)?)?;
-        let bias = Var::from_tensor(&Tensor::zeros(ASPECTS.len(), dtype, device)?)?;
+        let bias = Var::from_tensor(&Tensor::new(&bias, device)?.to_dtype(dtype)?)?;
         Ok(RewardHead { weight, bias })
     }
 
@@ -71,6 +73,19 @@ impl RewardHead {
         let x = hidden.to_dtype(self.weight.dtype())?;
         Ok(x.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?)
     }
+}
+
+/// The mean 0..4 label of each aspect over every segment of both sides of `pairs`.
+pub fn mean_labels(pairs: &[crate::align::TokenizedPair]) -> [f64; 5] {
+    let mut sum = [0.0; 5];
+    let mut n = 0usize;
+    for s in pairs.iter().flat_map(|p| p.chosen.scores.iter().chain(&p.rejected.scores)) {
+        for (a, x) in s.iter().enumerate() {
+            sum[a] += *x as f64;
+        }
+        n += 1;
+    }
+    sum.map(|x| x / n.max(1) as f64)
 }
 
 /// Position of the final token of each segment of a response (its segments
@@ -318,8 +333,9 @@ mod tests {
             trainable: true,
             ..LoadOptions::default()
         });
-        let head = RewardHead::new(16, 1, DType::F64, &Device::Cpu).unwrap();
         let data = pairs();
+        assert_eq!(mean_labels(&data)[2], 20.0 / 6.0);
+        let head = RewardHead::new(16, mean_labels(&data), 1, DType::F64, &Device::Cpu).unwrap();
         let refs: Vec<&TokenizedPair> = data.iter().collect();
         let loss_of = || reward_loss(&model, &head, &refs).unwrap().loss.to_scalar::<f64>().unwrap();
         let out = reward_loss(&model, &head, &refs).unwrap();

@@ -190,7 +190,7 @@ impl Trainer {
         let reference = prepare_reference(cfg, run, &model_path, &frozen, &policy, resume.is_some(), &train, &eval, &say)?;
         phases.mark(Phase::Reference);
 
-        let objective = objective(cfg, &policy, resume.as_ref().map(|(d, _)| d.as_path()))?;
+        let objective = objective(cfg, &policy, &train, resume.as_ref().map(|(d, _)| d.as_path()))?;
         let mut vars = policy.trainable_vars();
         vars.extend(objective.vars());
         if vars.is_empty() {
@@ -611,7 +611,7 @@ impl Trainer {
 }
 
 /// What the run minimises; a reward model's head is new or the checkpoint's.
-fn objective(cfg: &TrainConfig, policy: &CausalLM, resume: Option<&Path>) -> Result<Objective> {
+fn objective(cfg: &TrainConfig, policy: &CausalLM, train: &[TokenizedPair], resume: Option<&Path>) -> Result<Objective> {
     Ok(match cfg.task {
         Task::Preference => Objective::Preference(cfg.loss_config()),
         Task::RewardModel => {
@@ -620,7 +620,7 @@ fn objective(cfg: &TrainConfig, policy: &CausalLM, resume: Option<&Path>) -> Res
             let hidden = policy.config().hidden_size;
             Objective::Reward(match resume {
                 Some(dir) => RewardHead::load(dir, hidden, dtype, policy.device())?,
-                None => RewardHead::new(hidden, cfg.seed, dtype, policy.device())?,
+                None => RewardHead::new(hidden, crate::reward::mean_labels(train), cfg.seed, dtype, policy.device())?,
             })
         }
     })
