@@ -57,16 +57,19 @@ fn trains_resumes_saves_and_scores() {
     // rm score: every segment scored; the output is valid 2-D data.
     let scored = d.path().join("scored.jsonl");
     let run = |args: &[&std::ffi::OsStr]| Command::new(env!("CARGO_BIN_EXE_dpo2d")).args(args).output().unwrap();
-    let o = run(&[
-        "rm".as_ref(),
-        "score".as_ref(),
-        "--model".as_ref(),
-        fin.as_os_str(),
-        "-i".as_ref(),
-        d.path().join("eval.jsonl").as_os_str(),
-        "-o".as_ref(),
-        scored.as_os_str(),
-    ]);
+    let rm_score = |input: &std::path::Path| {
+        run(&[
+            "rm".as_ref(),
+            "score".as_ref(),
+            "--model".as_ref(),
+            fin.as_os_str(),
+            "-i".as_ref(),
+            input.as_os_str(),
+            "-o".as_ref(),
+            scored.as_os_str(),
+        ])
+    };
+    let o = rm_score(&d.path().join("eval.jsonl"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = run(&["validate".as_ref(), scored.as_os_str(), "--require-scores".as_ref()]);
     assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
@@ -80,16 +83,7 @@ fn trains_resumes_saves_and_scores() {
     // A prompt/response line keeps its shape and gets scored segments.
     let single = d.path().join("single.jsonl");
     std::fs::write(&single, "{\"prompt\": \"what is q1 .\", \"response\": \"the answer is good . it is fine .\", \"note\": 3}\n").unwrap();
-    let o = run(&[
-        "rm".as_ref(),
-        "score".as_ref(),
-        "--model".as_ref(),
-        fin.as_os_str(),
-        "-i".as_ref(),
-        single.as_os_str(),
-        "-o".as_ref(),
-        scored.as_os_str(),
-    ]);
+    let o = rm_score(&single);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let line: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&scored).unwrap().trim()).unwrap();
     assert_eq!(line["note"], 3);

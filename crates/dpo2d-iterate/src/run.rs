@@ -222,6 +222,26 @@ impl Iteration<'_> {
         dpo2d_fs::write_file(&path, serde_json::to_string_pretty(&manifest)?)
     }
 
+    /// Append a finished chunk's records and count it; true when the run is
+    /// to stop after it (Ctrl-C, or [`StopAt`]).
+    fn keep_chunk<T: Serialize>(
+        &self,
+        path: &Path,
+        records: &[T],
+        bar: &indicatif::ProgressBar,
+        (round, phase): (usize, Phase),
+        chunks_now: &mut usize,
+    ) -> Result<bool> {
+        append(path, records)?;
+        bar.inc(records.len() as u64);
+        *chunks_now += 1;
+        let stop = self.stop_now(round, phase, *chunks_now);
+        if stop {
+            bar.finish_and_clear();
+        }
+        Ok(stop)
+    }
+
     fn stop_now(&self, round: usize, phase: Phase, done: usize) -> bool {
         let signalled = self.run.stop_signal.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
         signalled || self.run.stop_at.is_some_and(|s| s.round == round && s.phase == phase && s.after == done)
@@ -302,11 +322,7 @@ impl Iteration<'_> {
                     responses: out.iter().filter(|o| o.prompt_index == i).map(|o| o.completion.trim().to_string()).collect(),
                 })
                 .collect();
-            append(&path, &records)?;
-            bar.inc(chunk.len() as u64);
-            chunks_now += 1;
-            if self.stop_now(n, Phase::Sampling, chunks_now) {
-                bar.finish_and_clear();
+            if self.keep_chunk(&path, &records, &bar, (n, Phase::Sampling), &mut chunks_now)? {
                 return Ok(Flow::Stopped);
             }
         }
@@ -349,11 +365,7 @@ impl Iteration<'_> {
                     responses,
                 })
                 .collect();
-            append(&path, &records)?;
-            bar.inc(chunk.len() as u64);
-            chunks_now += 1;
-            if self.stop_now(n, Phase::Scoring, chunks_now) {
-                bar.finish_and_clear();
+            if self.keep_chunk(&path, &records, &bar, (n, Phase::Scoring), &mut chunks_now)? {
                 return Ok(Flow::Stopped);
             }
         }
