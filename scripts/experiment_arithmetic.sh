@@ -11,7 +11,12 @@
 # answers with a 95% bootstrap interval. A rerun does only what is missing.
 #
 #   scripts/experiment_arithmetic.sh
-#   LR=1e-5 BETA=0.2 OUT=runs/exp-lr1e-5 scripts/experiment_arithmetic.sh
+#   LR=2e-6 OUT=runs/exp-lr2e-6 FROM=runs/experiment-arithmetic SECOND_ROUND=0 scripts/experiment_arithmetic.sh
+#
+# FROM: start from the round-1 samples and scores (and the base model's
+# cached answers) of an earlier run with the same prompts and sampling, so
+# that other training settings are compared on the same data without
+# sampling again. SECOND_ROUND=0: no second iterate round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/experiment-arithmetic}
@@ -20,12 +25,20 @@ EPOCHS=${EPOCHS:-2}
 LR=${LR:-5e-6}
 BETA=${BETA:-0.1}
 EVAL_N=${EVAL_N:-200}
+SECOND_ROUND=${SECOND_ROUND:-1}
 if [ -z "${BIN:-}" ]; then
     cargo build --release --quiet
     BIN=target/release/dpo2d
 fi
 mkdir -p "$OUT"
 start=$(date +%s)
+if [ -n "${FROM:-}" ] && [ ! -e "$OUT/2d-dpo/iterate.json" ]; then
+    mkdir -p "$OUT/2d-dpo/round-1"
+    cp "$FROM/2d-dpo/iterate.json" "$OUT/2d-dpo/"
+    cp "$FROM/2d-dpo/round-1/samples.jsonl" "$FROM/2d-dpo/round-1/scored.jsonl" "$OUT/2d-dpo/round-1/"
+    [ -e "$FROM/eval-cache.sqlite" ] && sqlite3 "$FROM/eval-cache.sqlite" ".backup '$OUT/eval-cache.sqlite'" 2>/dev/null \
+        || cp "$FROM/eval-cache.sqlite" "$OUT/eval-cache.sqlite"
+fi
 
 train_opts=(--learning-rate "$LR" --beta "$BETA" --num-train-epochs "$EPOCHS" --max-steps 0
     --per-device-train-batch-size 4 --lr-scheduler-type cosine --warmup-ratio 0.1
@@ -48,7 +61,7 @@ for loss in dpo 1d-dpo; do
 done
 
 # Round 2 of iterate from the 2d-dpo policy.
-"${iterate[@]}" --rounds 2 > /dev/null
+[ "$SECOND_ROUND" = 1 ] && "${iterate[@]}" --rounds 2 > /dev/null
 
 evaluate() { # id model
     "$BIN" eval --bench arithmetic --limit "$EVAL_N" --max-new-tokens 192 --batch-size 32 --no-progress \
@@ -58,11 +71,11 @@ evaluate base smollm2
 evaluate dpo "$OUT/dpo/final"
 evaluate 1d-dpo "$OUT/1d-dpo/final"
 evaluate 2d-dpo "$OUT/2d-dpo/round-1/train/final"
-evaluate 2d-dpo-round-2 "$OUT/2d-dpo/round-2/train/final"
+[ "$SECOND_ROUND" = 1 ] && evaluate 2d-dpo-round-2 "$OUT/2d-dpo/round-2/train/final"
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
 echo "finished in $(( $(date +%s) - start )) s (whatever an earlier run had done is not counted again) on $cpu ($(nproc) threads)"
-echo "PROMPTS=$PROMPTS EPOCHS=$EPOCHS LR=$LR BETA=$BETA EVAL_N=$EVAL_N"
+echo "PROMPTS=$PROMPTS EPOCHS=$EPOCHS LR=$LR BETA=$BETA EVAL_N=$EVAL_N SECOND_ROUND=$SECOND_ROUND"
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
@@ -72,7 +85,8 @@ def train_metric(path, key):
     recs = [json.loads(l) for l in open(path)]
     vals = [r[key] for r in recs if key in r]
     return vals[-1] if vals else float("nan")
-rounds = {r: json.load(open(f"{out}/2d-dpo/round-{r}/round.json")) for r in (1, 2)}
+import os
+rounds = {r: json.load(open(f"{out}/2d-dpo/round-{r}/round.json")) for r in (1, 2) if os.path.exists(f"{out}/2d-dpo/round-{r}/round.json")}
 print()
 print("| model | trained on | held-out accuracy, % (95% CI) | final train loss | rewards/accuracies |")
 print("|---|---|---|---|---|")
@@ -84,6 +98,8 @@ rows = [
     ("2d-dpo, 2nd iterate round", "2d-dpo-round-2", "round-2 pairs (sampled from 2d-dpo)", f"{out}/2d-dpo/round-2/train/metrics.jsonl"),
 ]
 for label, name, data, metrics in rows:
+    if not os.path.exists(f"{out}/eval-{name}/results.json"):
+        continue
     h = results(name)
     loss = acc = "-"
     if metrics:

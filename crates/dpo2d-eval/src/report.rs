@@ -30,6 +30,10 @@ pub struct Record {
     /// Checked by a program: whether the final answer is right.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correct: Option<bool>,
+    /// Checked by a program: the answer's score from its segments' checked
+    /// scores, reduced and weighted as `dpo2d iterate` ranks answers (0-4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_score: Option<f64>,
     /// Pairwise, as seen from the model ("A" = the model) in each order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict_model_first: Option<Verdict>,
@@ -74,6 +78,9 @@ pub struct Summary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_agreement: Option<f64>,
     pub by_category: BTreeMap<String, Estimate>,
+    /// Checked sets: the mean of the answers' `checked_score`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_score: Option<Estimate>,
     pub by_turn: BTreeMap<usize, Estimate>,
     pub aspects: BTreeMap<String, Estimate>,
     pub mean_answer_chars: f64,
@@ -208,9 +215,9 @@ impl Results {
                 s.order_agreement.map(|v| format!("{:.0}%", v * 100.0)).unwrap_or("-".into())
             );
         } else if self.grading == Grading::Checked {
-            let _ = writeln!(m, "| final answers right, % (95% CI) | problems |");
-            let _ = writeln!(m, "|---|---|");
-            let _ = writeln!(m, "| {} | {} |", fmt_est(s.headline), s.headline.map(|e| e.n).unwrap_or(0));
+            let _ = writeln!(m, "| final answers right, % (95% CI) | answer score 0-4, checked per segment (95% CI) | problems |");
+            let _ = writeln!(m, "|---|---|---|");
+            let _ = writeln!(m, "| {} | {} | {} |", fmt_est(s.headline), fmt_est(s.checked_score), s.headline.map(|e| e.n).unwrap_or(0));
         } else {
             let _ = writeln!(m, "| score 1-10 (95% CI) | answers graded |");
             let _ = writeln!(m, "|---|---|");
@@ -295,6 +302,7 @@ pub fn summarize(grading: Grading, records: &[Record], seed: u64) -> Summary {
         losses: outcomes.iter().filter(|&&o| o < 0.5).count(),
         order_agreement: (pairwise && !both.is_empty()).then(|| agree as f64 / both.len() as f64),
         by_category,
+        checked_score: est(&mut records.iter().filter_map(|r| r.checked_score)),
         by_turn,
         aspects,
         mean_answer_chars: records.iter().map(|r| r.answer_chars as f64).sum::<f64>() / records.len().max(1) as f64,

@@ -14,6 +14,7 @@ use dpo2d_annotate::client::{ChatClient, ChatError, RetryPolicy, Secret};
 use dpo2d_annotate::prompt::ChatRequest;
 use dpo2d_data::Message;
 use dpo2d_model::llama::LoadOptions;
+use dpo2d_train::loss::AspectWeights;
 use futures_util::StreamExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,19 +112,24 @@ pub fn evaluate(o: &EvalOptions) -> Result<Results> {
     Ok(Results::new(&set, grading, &o.model.name, baseline_name, &ctx.judge.model, &o.answer, o.limit, records, o.seed))
 }
 
-/// Program-checked answers: right or wrong final answer per question.
+/// Program-checked answers: right or wrong final answer per question, and
+/// the answer's score from its checked segments.
 fn check_all(questions: &[Question], answers: &[Vec<String>]) -> Vec<Record> {
     questions
         .iter()
         .zip(answers)
         .map(|(q, a)| {
             let answer = a.first().map(String::as_str).unwrap_or("");
+            let checked = q.problem.as_ref().map(|p| crate::arithmetic::check(p, answer));
             Record {
                 id: q.id.clone(),
                 category: q.category.clone(),
                 turn: 1,
                 answer_chars: answer.chars().count(),
-                correct: q.problem.as_ref().map(|p| crate::arithmetic::check(p, answer).correct),
+                correct: checked.as_ref().map(|c| c.correct),
+                // The paper's weights, as `iterate` ranks answers by default; an empty answer (no segments) scores 0.
+                checked_score: checked
+                    .map(|c| dpo2d_data::rank::sample_score(&c.response, &AspectWeights::PAPER.as_array()).unwrap_or(0.0)),
                 ..Record::default()
             }
         })
@@ -334,4 +340,29 @@ fn assemble(ctx: &Ctx, asks: &[Ask], got: &[Got]) -> Vec<Record> {
         }
     }
     records
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arithmetic::{generate, Split};
+
+    #[test]
+    fn checked_answers_get_a_verdict_and_a_segment_score() {
+        let p = generate(1, 9, Split::HeldOut).remove(0);
+        let q = Question {
+            id: p.id.clone(),
+            category: "c".into(),
+            turns: vec![p.prompt()],
+            reference: None,
+            baseline: None,
+            problem: Some(p.clone()),
+        };
+        let right = format!("The answer is {}.", p.answer);
+        let wrong = format!("The answer is {}.", p.answer + 1);
+        let r = check_all(&[q.clone(), q.clone(), q], &[vec![right], vec![wrong], vec![String::new()]]);
+        assert_eq!(r.iter().map(|r| r.correct).collect::<Vec<_>>(), [Some(true), Some(false), Some(false)]);
+        let s: Vec<f64> = r.iter().map(|r| r.checked_score.unwrap()).collect();
+        assert!(s[0] > s[1] && s[1] > 0.0 && s[2] == 0.0, "{s:?}");
+    }
 }
