@@ -80,7 +80,7 @@ python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
 def results(name):
-    return json.load(open(f"{out}/eval-{name}/results.json"))["summary"]["headline"]
+    return json.load(open(f"{out}/eval-{name}/results.json"))["summary"]
 def train_metric(path, key):
     recs = [json.loads(l) for l in open(path)]
     vals = [r[key] for r in recs if key in r]
@@ -88,8 +88,8 @@ def train_metric(path, key):
 import os
 rounds = {r: json.load(open(f"{out}/2d-dpo/round-{r}/round.json")) for r in (1, 2) if os.path.exists(f"{out}/2d-dpo/round-{r}/round.json")}
 print()
-print("| model | trained on | held-out accuracy, % (95% CI) | final train loss | rewards/accuracies |")
-print("|---|---|---|---|---|")
+print("| model | trained on | held-out final answers right, % (95% CI) | held-out answer score 0-4 (95% CI) | mean answer chars | final train loss | rewards/accuracies |")
+print("|---|---|---|---|---|---|---|")
 rows = [
     ("SmolLM2-135M-Instruct", "base", "-", None),
     ("dpo", "dpo", "round-1 pairs", f"{out}/dpo/metrics.jsonl"),
@@ -100,12 +100,13 @@ rows = [
 for label, name, data, metrics in rows:
     if not os.path.exists(f"{out}/eval-{name}/results.json"):
         continue
-    h = results(name)
+    s = results(name)
+    h, c = s["headline"], s["checked_score"]
     loss = acc = "-"
     if metrics:
         loss = f"{train_metric(metrics, 'loss'):.4f}"
         acc = f"{train_metric(metrics, 'rewards/accuracies'):.2f}"
-    print(f"| {label} | {data} | {h['mean']:.1f} ({h['low']:.1f}-{h['high']:.1f}) | {loss} | {acc} |")
+    print(f"| {label} | {data} | {h['mean']:.1f} ({h['low']:.1f}-{h['high']:.1f}) | {c['mean']:.2f} ({c['low']:.2f}-{c['high']:.2f}) | {s['mean_answer_chars']:.0f} | {loss} | {acc} |")
 print()
 print("| iterate round | prompts | pairs | no pair | mean answer score | chosen | rejected |")
 print("|---|---|---|---|---|---|---|")
