@@ -47,7 +47,7 @@ pub fn run(a: Args) -> Result<()> {
     let (prompt, responses): (Vec<Message>, Vec<(&str, Response)>) = match (&a.pairs, &a.prompt, &a.response) {
         (Some(file), _, _) => {
             let pair = pick_pair(file, a.index, a.id.as_deref())?;
-            let prompt = pair.prompt.messages().into_iter().map(|m| Message::new(m.role, m.content)).collect();
+            let prompt = dpo2d_train::align::chat_messages(&pair.prompt);
             (prompt, vec![("chosen", pair.chosen), ("rejected", pair.rejected)])
         }
         (None, Some(p), Some(r)) => (vec![Message::user(p.clone())], vec![("response", Response::Plain(r.clone()))]),

@@ -15,11 +15,11 @@ use crate::prompts::PromptRecord;
 use crate::scorer::{Sampled, Scorer};
 use anyhow::{bail, Context, Result};
 use dpo2d_data::{rank, Pair, Prompt, Response};
-use dpo2d_model::chat::Message;
 use dpo2d_model::generate::{generate_from_ids, row_seed, GenerationConfig};
 use dpo2d_model::llama::LoadOptions;
 use dpo2d_model::source::LoadedModel;
 use dpo2d_model::DeviceSpec;
+use dpo2d_train::align::chat_messages;
 use dpo2d_train::config::TrainConfig;
 use dpo2d_train::trainer::{train, RunOptions};
 use serde::de::DeserializeOwned;
@@ -296,7 +296,7 @@ impl Iteration<'_> {
         let mut chunks_now = 0;
         for (c, chunk) in self.prompts.chunks(per_chunk).enumerate().skip(done / per_chunk) {
             let first = c * per_chunk;
-            let ids: Vec<Vec<u32>> = chunk.iter().map(|p| text.prompt_ids(&messages(&p.prompt))).collect::<Result<_>>()?;
+            let ids: Vec<Vec<u32>> = chunk.iter().map(|p| text.prompt_ids(&chat_messages(&p.prompt))).collect::<Result<_>>()?;
             let longest = ids.iter().map(|i| i.len()).max().unwrap_or(0);
             if longest + 16 > context {
                 bail!("round {n}: a prompt of {longest} tokens leaves no room to answer in the model's context of {context}");
@@ -449,10 +449,6 @@ impl Iteration<'_> {
         let opts = LoadOptions { device: self.run.device.device()?, ..LoadOptions::default() };
         dpo2d_model::load(&path, &opts).with_context(|| format!("loading the policy {policy}"))
     }
-}
-
-fn messages(p: &Prompt) -> Vec<Message> {
-    p.messages().into_iter().map(|m| Message::new(m.role, m.content)).collect()
 }
 
 fn mean(v: &[f64]) -> f64 {

@@ -64,8 +64,7 @@ impl Scorer for JudgeScorer {
     }
 
     fn score(&self, work: &Path, items: &[Sampled]) -> Result<Vec<Vec<Response>>> {
-        let seg = SegmentOptions::default();
-        let mut out: Vec<Vec<Response>> = items.iter().map(|it| it.responses.iter().map(|r| segment_response(r, &seg)).collect()).collect();
+        let mut out = segmented(items);
         let mut pairs = vec![];
         for (i, it) in items.iter().enumerate() {
             for (a, b) in judge_pairs(&out[i], it.responses) {
@@ -126,8 +125,7 @@ impl Scorer for RewardModelScorer {
     }
 
     fn score(&self, _work: &Path, items: &[Sampled]) -> Result<Vec<Vec<Response>>> {
-        let seg = SegmentOptions::default();
-        let mut out: Vec<Vec<Response>> = items.iter().map(|it| it.responses.iter().map(|r| segment_response(r, &seg)).collect()).collect();
+        let mut out = segmented(items);
         // Answers go through the model two at a time, as the sides of a pair that shares the prompt.
         let mut pairs = vec![];
         let mut slots = vec![];
@@ -145,6 +143,12 @@ impl Scorer for RewardModelScorer {
         }
         Ok(out)
     }
+}
+
+/// Every answer of every item split into segments, unscored.
+fn segmented(items: &[Sampled]) -> Vec<Vec<Response>> {
+    let seg = SegmentOptions::default();
+    items.iter().map(|it| it.responses.iter().map(|r| segment_response(r, &seg)).collect()).collect()
 }
 
 /// The pairs in which a judge sees the distinct non-empty answers of one prompt.

@@ -91,6 +91,11 @@ impl std::fmt::Display for AlignReport {
     }
 }
 
+/// A data file's prompt as the chat messages a template renders.
+pub fn chat_messages(prompt: &dpo2d_data::Prompt) -> Vec<Message> {
+    prompt.messages().into_iter().map(|m| Message::new(m.role, m.content)).collect()
+}
+
 /// Tokenizes pairs with one tokenizer and chat template.
 pub struct Aligner<'a> {
     tok: &'a Tokenizer,
@@ -110,8 +115,7 @@ impl<'a> Aligner<'a> {
     }
 
     pub fn prompt_ids(&self, pair: &Pair) -> Result<Vec<u32>> {
-        let msgs: Vec<Message> = pair.prompt.messages().into_iter().map(|m| Message::new(m.role, m.content)).collect();
-        let text = self.chat.render(&msgs, true)?;
+        let text = self.chat.render(&chat_messages(&pair.prompt), true)?;
         let enc = self.tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("cannot tokenize prompt: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }

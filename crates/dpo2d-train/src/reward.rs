@@ -209,10 +209,9 @@ pub struct RewardModel {
 impl RewardModel {
     /// Load a directory written by `dpo2d rm train` (`final/`, or `final/merged/` of a LoRA run).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let cfg = dpo2d_model::config::ModelConfig::from_file(dir)?;
         let opts = LoadOptions { device: device.clone(), ..LoadOptions::default() };
         let loaded = dpo2d_model::source::load(dir, &opts).with_context(|| format!("loading the reward model {}", dir.display()))?;
-        let head = RewardHead::load(dir, cfg.hidden_size, DType::F32, device)?;
+        let head = RewardHead::load(dir, loaded.config.hidden_size, DType::F32, device)?;
         let text = loaded.text();
         Ok(RewardModel { backbone: loaded.model, head, text })
     }
@@ -232,14 +231,14 @@ impl RewardModel {
             let refs: Vec<&crate::align::TokenizedPair> = tokenized.iter().collect();
             let units = crate::packing::pair_units(&refs);
             let hidden = packed_hidden(&self.backbone, &units)?;
-            for ((pair, tp), starts) in chunk.iter().zip(&tokenized).zip(&hidden.response_starts) {
-                let mut scored = pair.clone();
+            // The segmented pairs are the output; their placeholder scores are all replaced.
+            for ((mut scored, tp), starts) in labelled.into_iter().zip(&tokenized).zip(&hidden.response_starts) {
                 for (r, (side, t)) in [(&mut scored.chosen, &tp.chosen), (&mut scored.rejected, &tp.rejected)].into_iter().enumerate() {
                     let positions: Vec<u32> = segment_ends(t).into_iter().map(|e| (starts[r] + e) as u32).collect();
                     let n = positions.len();
                     let pred =
                         self.head.forward(&hidden.hidden.index_select(&Tensor::from_vec(positions, n, self.backbone.device())?, 0)?)?;
-                    fill_scores(side, &pred.to_dtype(DType::F32)?.to_vec2::<f32>()?, t.scores.len());
+                    fill_scores(side, &pred.to_dtype(DType::F32)?.to_vec2::<f32>()?);
                 }
                 out.push(scored);
             }
@@ -269,14 +268,13 @@ fn with_placeholder_scores(p: &Pair) -> Result<Pair> {
     Ok(Pair { chosen: fill(&p.chosen)?, rejected: fill(&p.rejected)?, ..p.clone() })
 }
 
-/// Put predictions (as labels: [`to_label`]) on the segments of `side`: the segments that own tokens
-/// (`kept` of them, in order) get theirs; one that owns none (only
-/// whitespace, or cut off by the context) gets its predecessor's.
-fn fill_scores(side: &mut Response, pred: &[Vec<f32>], kept: usize) {
-    if let Response::Plain(t) = side {
-        *side = dpo2d_data::segment_response(t, &dpo2d_data::SegmentOptions::default());
-    }
+/// Put predictions (as labels: [`to_label`]) on the segments of a
+/// segmented `side`: the segments that own tokens (one prediction each, in
+/// order) get theirs; one that owns none (only whitespace, or cut off by the
+/// context) gets its predecessor's.
+fn fill_scores(side: &mut Response, pred: &[Vec<f32>]) {
     let Response::Segmented { segments } = side else { return };
+    let kept = pred.len();
     let to_scores = |row: &[f32]| Scores::from_array(std::array::from_fn(|a| to_label(a, row[a] as f64)));
     let mut k = 0;
     let mut last = pred.first().map(|r| to_scores(r));
