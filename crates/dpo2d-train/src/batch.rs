@@ -85,8 +85,7 @@ impl Models {
 
     fn preference_loss(&self, cfg: &LossConfig, pairs: &[&TokenizedPair], idx: &[usize], split: Split) -> Result<BatchLoss> {
         let lt = cfg.loss_type;
-        let pairs = pairs.to_vec();
-        let units = pair_units(&pairs);
+        let units = pair_units(pairs);
         let policy = packed_forward(&self.policy, &units, lt.needs_token_kl())?;
         let mut chosen = Side::new(&pairs, &policy, 0, |p| &p.chosen)?;
         let mut rejected = Side::new(&pairs, &policy, 1, |p| &p.rejected)?;

@@ -70,14 +70,7 @@ pub fn save(dir: &Path, c: &Contents, state: &TrainerState) -> Result<()> {
     dpo2d_fs::write_dir(dir, |tmp| {
         save_weights(tmp, c)?;
         if c.merged && c.policy.lora_config().is_some() {
-            let merged = tmp.join("merged");
-            match c.head {
-                Some(head) => save_reward_model(&merged, c.policy, head, c.text, true)?,
-                None => {
-                    save::save_merged(c.policy, &merged, None)?;
-                    save::save_text_side(&merged, c.text)?;
-                }
-            }
+            save_model_dir(&tmp.join("merged"), c, true)?;
         }
         if let Some(opt) = c.optimizer {
             opt.save(&tmp.join("optimizer.safetensors"))?;
@@ -87,22 +80,30 @@ pub fn save(dir: &Path, c: &Contents, state: &TrainerState) -> Result<()> {
     .with_context(|| format!("writing checkpoint {}", dir.display()))
 }
 
-/// The model (a reward model: as a token classifier, or with LoRA its
-/// head in [`crate::reward::HEAD_FILE`] beside the adapter).
+/// The model: a full directory, or a LoRA adapter (a reward model's head
+/// beside it in [`crate::reward::HEAD_FILE`]).
 fn save_weights(dir: &Path, c: &Contents) -> Result<()> {
-    match (c.policy.lora_config(), c.head) {
-        (None, None) => {
-            save::save_full(c.policy, dir, None)?;
-            save::save_text_side(dir, c.text)
-        }
-        (None, Some(head)) => save_reward_model(dir, c.policy, head, c.text, false),
-        (Some(_), head) => {
-            if let Some(head) = head {
-                save::save_safetensors(&head.tensors(), &dir.join(crate::reward::HEAD_FILE))?;
-            }
-            save::save_lora_adapter(c.policy, dir, c.base_model)
-        }
+    if c.policy.lora_config().is_none() {
+        return save_model_dir(dir, c, false);
     }
+    if let Some(head) = c.head {
+        save::save_safetensors(&head.tensors(), &dir.join(crate::reward::HEAD_FILE))?;
+    }
+    save::save_lora_adapter(c.policy, dir, c.base_model)
+}
+
+/// A whole model directory with its tokenizer files (`merged`: LoRA
+/// adapters merged in): a causal LM, or a reward model as a token classifier.
+fn save_model_dir(dir: &Path, c: &Contents, merged: bool) -> Result<()> {
+    if let Some(head) = c.head {
+        return save_reward_model(dir, c.policy, head, c.text, merged);
+    }
+    if merged {
+        save::save_merged(c.policy, dir, None)?;
+    } else {
+        save::save_full(c.policy, dir, None)?;
+    }
+    save::save_text_side(dir, c.text)
 }
 
 /// Restore LoRA adapter weights from a saved adapter directory.
