@@ -115,6 +115,8 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--freq", type=int, default=99)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--skip-first", action="store_true",
+                    help="leave out the first optimizer step (fresh memory, warm-up): steady-state steps only")
     ap.add_argument("--label", default=None, help="column heading (default: the binary's name)")
     ap.add_argument("--dpo2d-arg", action="append", default=[])
     args = ap.parse_args()
@@ -145,6 +147,19 @@ def main():
     if not step_times:
         sys.exit("error: no samples in Trainer::step")
     t0, t1 = step_times[0], step_times[-1]
+    if args.skip_first:
+        # The first step ends with its optimizer update: the main thread's
+        # first run of samples in the optimizer.
+        opt = CONTEXTS[0][1]
+        main = [(t, " ".join(fr)) for tid, t, fr in sorted(samples, key=lambda s: s[1]) if tid == main_tid and t0 <= t]
+        i = next((i for i, (_, text) in enumerate(main) if opt.search(text)), None)
+        if i is None:
+            sys.exit("error: no optimizer samples on the main thread to find the first step's end")
+        while i < len(main) and opt.search(main[i][1]):
+            i += 1
+        if i >= len(main):
+            sys.exit("error: the run has one step only; --skip-first needs more")
+        t0 = main[i][0]
     counts = Counter()
     for tid, t, frames in samples:
         i = min(bisect.bisect_left(times, t), len(times) - 1)
@@ -156,7 +171,8 @@ def main():
     capacity = wall * args.threads
     idle = max(capacity - cpu, 0.0)
     label = args.label or Path(args.dpo2d).name
-    print(f"\n{args.steps} steps of {args.batch} pairs, {wall:.1f} s of steps, {cpu:.1f} CPU s sampled "
+    steps = args.steps - 1 if args.skip_first else args.steps
+    print(f"\n{steps} steps of {args.batch} pairs, {wall:.1f} s of steps, {cpu:.1f} CPU s sampled "
           f"({cpu / wall:.2f} of {args.threads} threads busy), {sum(counts.values())} samples at {args.freq} Hz\n")
     print(f"| op kind | {label}: share of {args.threads} x wall |")
     print("|---|---|")

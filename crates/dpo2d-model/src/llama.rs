@@ -34,6 +34,7 @@
 mod checkpoint;
 
 use crate::config::ModelConfig;
+use crate::kernels;
 use crate::lora::{LoraAdapter, LoraConfig, LoraRuntime, LoraTarget};
 use crate::ops;
 use crate::weights::WeightSet;
@@ -205,7 +206,6 @@ impl Attention {
     fn forward(&self, x: &Tensor, ctx: &LayerCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let n_rep = nh / nkv;
         // [B, T, heads, d] -> rotated [B, heads, T, d].
         let q = ops::rope_heads(&self.q.forward(x)?.reshape((b, t, nh, hd))?, &ctx.cos, &ctx.sin)?;
         let k = ops::rope_heads(&self.k.forward(x)?.reshape((b, t, nkv, hd))?, &ctx.cos, &ctx.sin)?;
@@ -214,24 +214,8 @@ impl Attention {
             Some(entry) => KvBuffer::append(entry, &k, &v)?,
             None => (k, v.contiguous()?),
         };
-        let tk = k.dim(2)?;
-        // Group the query heads that share a kv head: [B, n_kv, n_rep*T, d],
-        // so keys and values are never repeated.
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
-        let scores = strided_matmul(&q, &k.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
-        let probs = ops::masked_softmax(&scores, &ctx.mask)?.reshape((b, nkv, n_rep * t, tk))?;
-        let out = strided_matmul(&probs, &v)?; // [B, n_kv, n_rep*T, d]
-        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let out = ops::attention(&q, &k, &v, &ctx.mask, 1.0 / (hd as f64).sqrt())?;
         self.o.forward(&out)
-    }
-}
-
-/// `a.matmul(b)` where `b` may be a view into a KV buffer (rows of a
-/// longer buffer); a backend that cannot take those strides gets a copy.
-fn strided_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match a.matmul(b) {
-        Ok(c) => Ok(c),
-        Err(_) => Ok(a.matmul(&b.contiguous()?)?),
     }
 }
 
@@ -255,8 +239,17 @@ impl Mlp {
         Ok(Mlp { gate: self.gate.frozen()?, up: self.up.frozen()?, down: self.down.frozen()? })
     }
 
-    /// SwiGLU: `down(silu(gate(x)) * up(x))`.
+    /// SwiGLU: `down(silu(gate(x)) * up(x))`; one graph node when all three
+    /// weights train in full on the CPU ([`kernels::mlp`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(gs), Some(us), Some(ds)) = (&self.gate.sink, &self.up.sink, &self.down.sink) {
+            let plain = [&self.gate, &self.up, &self.down].iter().all(|l| l.lora.is_none() && l.bias.is_none());
+            if plain && kernels::supports(x) && x.track_op() && x.dtype() == self.gate.weight.dtype() {
+                let w =
+                    kernels::mlp::MlpWeights { gate: (&self.gate.weight, gs), up: (&self.up.weight, us), down: (&self.down.weight, ds) };
+                return Ok(kernels::mlp::swiglu_mlp(x, w)?);
+            }
+        }
         let gate = self.gate.forward(x)?;
         let up = self.up.forward(x)?;
         self.down.forward(&ops::swiglu(&gate, &up)?)

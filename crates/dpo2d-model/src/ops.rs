@@ -151,14 +151,26 @@ impl CustomOp3 for Precomputed {
     }
 }
 
+/// `out`, computed beforehand from `a`, as an op of its whose backward is
+/// `bwd`.
+pub(crate) fn precomputed1(name: &'static str, a: &Tensor, out: Tensor, bwd: Box<BwdFn>) -> Result<Tensor> {
+    a.apply_op1(Precomputed::new(name, out, bwd))
+}
+
 /// `out`, computed beforehand from `a` and `b`, as an op of theirs whose
 /// backward is `bwd` (gradients for `a` and `b`, in that order).
 pub(crate) fn precomputed2(name: &'static str, a: &Tensor, b: &Tensor, out: Tensor, bwd: Box<BwdFn>) -> Result<Tensor> {
     a.apply_op2(b, Precomputed::new(name, out, bwd))
 }
 
+/// `out`, computed beforehand from `a`, `b` and `c`, as an op of theirs
+/// whose backward is `bwd` (gradients for `a`, `b` and `c`, in that order).
+pub(crate) fn precomputed3(name: &'static str, a: &Tensor, b: &Tensor, c: &Tensor, out: Tensor, bwd: Box<BwdFn>) -> Result<Tensor> {
+    a.apply_op3(b, c, Precomputed::new(name, out, bwd))
+}
+
 /// Whether a tensor takes part in autograd (a Var or derived from one).
-fn tracked(t: &Tensor) -> bool {
+pub(crate) fn tracked(t: &Tensor) -> bool {
     t.track_op()
 }
 
@@ -269,6 +281,43 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
         return scores.contiguous()?.apply_op1(kernels::softmax::MaskedSoftmax { mask: mask.contiguous()? });
     }
     softmax_last_dim(&scores.broadcast_add(mask)?)
+}
+
+// ---------------------------------------------------------------- attention
+
+/// Grouped-query attention from the ops above: `softmax(scale * q k^T +
+/// mask) v`. `q`: `[B, heads, T, d]`; `k`, `v`: `[B, kv_heads, Tk, d]`
+/// (views into a longer KV buffer allowed); `mask`: additive
+/// `[B or 1, 1, 1, T, Tk]`. Returns `[B, T, heads * d]`. The query heads
+/// that share a kv head are grouped (`[B, kv_heads, n_rep * T, d]`), so keys
+/// and values are never repeated.
+pub fn attention_plain(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let (_, nkv, tk, _) = k.dims4()?;
+    let n_rep = nh / nkv;
+    let q = (q * scale)?.reshape((b, nkv, n_rep * t, d))?;
+    let scores = strided_matmul(&q, &k.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
+    let probs = masked_softmax(&scores, mask)?.reshape((b, nkv, n_rep * t, tk))?;
+    let out = strided_matmul(&probs, v)?;
+    out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))
+}
+
+/// `a.matmul(b)` where `b` may be a view into a KV buffer (rows of a
+/// longer buffer); a backend that cannot take those strides gets a copy.
+fn strided_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match a.matmul(b) {
+        Ok(c) => Ok(c),
+        Err(_) => a.matmul(&b.contiguous()?),
+    }
+}
+
+/// [`attention_plain`], as one graph node with a written-out backward
+/// ([`kernels::attention`]) when it trains on the CPU in f32/f64.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if kernels::supports(q) && (tracked(q) || tracked(k) || tracked(v)) && mask.dtype() == q.dtype() {
+        return kernels::attention::attention(q, k, v, mask, scale);
+    }
+    attention_plain(q, k, v, mask, scale)
 }
 
 // ---------------------------------------------------------------- swiglu

@@ -12,10 +12,12 @@
 //! ([`cuda`]) behind the same ops, checked against the same references.
 
 pub mod adamw;
+pub mod attention;
 pub mod check;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod logprobs;
+pub mod mlp;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
@@ -55,6 +57,7 @@ pub(crate) use with_float;
 pub(crate) mod prelude {
     pub use candle_core::backend::BackendStorage as _;
     pub use candle_core::WithDType as _;
+    pub use num_traits::One as _;
     pub use num_traits::Zero as _;
 }
 

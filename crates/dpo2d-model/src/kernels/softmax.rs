@@ -43,14 +43,15 @@ impl Geometry {
     }
 }
 
-fn forward<T: Float>(x: &[T], mask: &[T], g: Geometry) -> Vec<T> {
+/// `softmax(scale * x + mask)` per row.
+fn forward<T: Float>(x: &[T], mask: &[T], g: Geometry, scale: T) -> Vec<T> {
     let tk = g.tk;
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(tk).zip(x.par_chunks(tk)).enumerate().with_min_len(min_rows(tk)).for_each(|(row, (y, x))| {
         let m = &mask[g.mask_row(row)..][..tk];
         let mut max = T::neg_infinity();
         for (y, (&x, &m)) in y.iter_mut().zip(x.iter().zip(m)) {
-            *y = x + m;
+            *y = scale * x + m;
             max = num_traits::Float::max(max, *y);
         }
         if max == T::neg_infinity() {
@@ -69,12 +70,13 @@ fn forward<T: Float>(x: &[T], mask: &[T], g: Geometry) -> Vec<T> {
     y
 }
 
-fn backward<T: Float>(y: &[T], g: &[T], tk: usize) -> Vec<T> {
+/// The gradient of `softmax(scale * x + mask)` with respect to `x`.
+fn backward<T: Float>(y: &[T], g: &[T], tk: usize, scale: T) -> Vec<T> {
     let mut dx = vec![T::zero(); y.len()];
     dx.par_chunks_mut(tk).zip(y.par_chunks(tk).zip(g.par_chunks(tk))).with_min_len(min_rows(tk)).for_each(|(dx, (y, g))| {
         let dot = y.iter().zip(g).map(|(&y, &g)| y * g).sum::<T>();
         for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-            *dx = y * (g - dot);
+            *dx = scale * y * (g - dot);
         }
     });
     dx
@@ -90,7 +92,7 @@ impl CustomOp1 for MaskedSoftmax {
         let name = self.name();
         let y = with_float!(xs.dtype(), name, T => {
             let x = slice::<T>(xs, xl, name)?;
-            T::to_cpu_storage_owned(with_slice::<T, _>(&self.mask, name, |m| forward(x, m, geo))?)
+            T::to_cpu_storage_owned(with_slice::<T, _>(&self.mask, name, |m| forward(x, m, geo, T::one()))?)
         });
         Ok((y, xl.shape().clone()))
     }
@@ -109,10 +111,33 @@ impl CustomOp1 for MaskedSoftmax {
         let tk = x.dim(candle_core::D::Minus1)?;
         let name = self.name();
         with_float!(x.dtype(), name, T => {
-            let dx = with_slice::<T, _>(y, name, |y| with_slice::<T, _>(g, name, |g| backward(y, g, tk)))??;
+            let dx = with_slice::<T, _>(y, name, |y| with_slice::<T, _>(g, name, |g| backward(y, g, tk, T::one())))??;
             Ok(Some(tensor(dx, x.dims())?))
         })
     }
+}
+
+/// `softmax(scale * scores + mask)` outside autograd, for a caller that
+/// writes its own backward ([`super::attention`]). `scores`:
+/// `[B, n_kv, n_rep, Tq, Tk]` (any shape whose last two dims are `Tq, Tk`).
+pub(crate) fn forward_tensor(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let geo = Geometry::of(scores.dims(), mask.dims())?;
+    let name = "dpo2d-attention";
+    with_float!(scores.dtype(), name, T => {
+        let y = with_slice::<T, _>(scores, name, |x| with_slice::<T, _>(mask, name, |m| forward(x, m, geo, T::from_f64(scale))))??;
+        tensor(y, scores.dims())
+    })
+}
+
+/// The gradient of [`forward_tensor`] with respect to its scores, from its
+/// result `y` and the incoming gradient `g`.
+pub(crate) fn backward_tensor(y: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
+    let tk = y.dim(candle_core::D::Minus1)?;
+    let name = "dpo2d-attention";
+    with_float!(y.dtype(), name, T => {
+        let dx = with_slice::<T, _>(y, name, |y| with_slice::<T, _>(g, name, |g| backward(y, g, tk, T::from_f64(scale))))??;
+        tensor(dx, y.dims())
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,125 @@
+//! Grouped-query attention over our packed layout as one graph node:
+//! `out = softmax(scale * q k^T + mask) v`, with the backward written out.
+//!
+//! Why: composed of candle ops, attention is a dozen graph nodes per layer
+//! (the scaling, reshapes, the transposed keys, two products, the softmax,
+//! the transposes back), and candle's backward gives each node's input a
+//! zeroed gradient buffer and adds into it, on one thread, several of them
+//! the size of the score matrix. Here the products run in gemm's threads,
+//! the softmax and its gradient in the fused kernel of [`super::softmax`]
+//! (with the scale folded in), and the graph keeps only `q`, `k`, `v` and
+//! the probabilities (not the scores as well).
+//!
+//! Backward, per batch entry and kv head, with `P` the probabilities and
+//! `dO` the output's gradient: `dV = P^T dO`, `dP = dO V^T`,
+//! `dS = scale * P (dP - rowsum(dP P))`, `dQ = dS K`, `dK = dS^T Q` (the
+//! query heads of a group share `K` and `V`, so their terms add up in the
+//! products).
+
+use super::softmax;
+use crate::ops::{precomputed3, tracked};
+use candle_core::{bail, Result, Tensor};
+
+/// `q`: `[B, heads, T, d]`; `k`, `v`: `[B, kv_heads, Tk, d]` (heads a
+/// multiple of kv_heads; query head `h` reads kv head `h / (heads /
+/// kv_heads)`); `mask`: additive `[B or 1, 1, 1, T, Tk]`. Returns
+/// `[B, T, heads * d]`, the layout the output projection takes.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let (kb, nkv, tk, kd) = k.dims4()?;
+    if kb != b || kd != d || v.dims() != k.dims() || nkv == 0 || nh % nkv != 0 {
+        bail!("attention: q {:?}, k {:?}, v {:?} do not fit", q.dims(), k.dims(), v.dims());
+    }
+    let n_rep = nh / nkv;
+    let grouped = (b, nkv, n_rep * t, d);
+    let qg = q.detach().contiguous()?.reshape(grouped)?;
+    let (kd, vd) = (k.detach().contiguous()?, v.detach().contiguous()?);
+    let scores = qg.matmul(&kd.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
+    let probs = softmax::forward_tensor(&scores, mask, scale)?.reshape((b, nkv, n_rep * t, tk))?;
+    drop(scores);
+    let out = merge_heads(&probs.matmul(&vd)?, (b, nh, t, d))?;
+    if !(tracked(q) || tracked(k) || tracked(v)) {
+        return Ok(out);
+    }
+    let bwd = move |args: &[&Tensor], g: &Tensor| -> Result<Vec<Option<Tensor>>> {
+        let dout = g.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?.reshape(grouped)?;
+        let dv = tracked(args[2]).then(|| probs.t()?.matmul(&dout)).transpose()?;
+        let dprobs = dout.matmul(&vd.t()?)?;
+        let dscores = softmax::backward_tensor(&probs, &dprobs, scale)?;
+        drop(dprobs);
+        let dq = tracked(args[0]).then(|| dscores.matmul(&kd)?.reshape((b, nh, t, d))).transpose()?;
+        let dk = tracked(args[1]).then(|| dscores.t()?.matmul(&qg)).transpose()?;
+        Ok(vec![dq, dk, dv])
+    };
+    precomputed3("dpo2d-attention", q, k, v, out, Box::new(bwd))
+}
+
+/// `[B, kv_heads, n_rep * T, d]` (query heads grouped by kv head) to `[B, T, heads * d]`.
+fn merge_heads(x: &Tensor, (b, nh, t, d): (usize, usize, usize, usize)) -> Result<Tensor> {
+    x.reshape((b, nh, t, d))?.transpose(1, 2)?.contiguous()?.reshape((b, t, nh * d))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::kernels::tests::same_values_and_grads;
+    use crate::ops::attention_plain;
+    use crate::test_support::det;
+    use candle_core::{DType, Device, Tensor};
+
+    /// Two packed units per row (a prompt shared by two responses, then a
+    /// plain sequence) and one padding token, as an additive `[B, 1, 1, T, T]`
+    /// mask: a token sees earlier tokens of its sequence and of the sequence
+    /// it continues; padding sees itself.
+    fn packed_mask(b: usize, t: usize, dt: DType) -> Tensor {
+        let units: Vec<Vec<(usize, Vec<usize>)>> = (0..b).map(|i| vec![(3, vec![2 + i, 3]), (t - 9 - i, vec![])]).collect();
+        let layout = crate::llama::AttentionLayout::packed_shared(&units, t).unwrap();
+        let mut m = vec![f64::NEG_INFINITY; b * t * t];
+        for (bi, row) in layout.seq_ids.iter().enumerate() {
+            for i in 0..t {
+                let parent = layout.parents[bi].get(row[i] as usize).copied().unwrap_or(0);
+                for j in 0..=i {
+                    let seen = if row[i] == 0 { j == i } else { row[j] == row[i] || (parent != 0 && row[j] == parent) };
+                    if seen {
+                        m[(bi * t + i) * t + j] = 0.0;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, 1, t, t), &Device::Cpu).unwrap().to_dtype(dt).unwrap()
+    }
+
+    #[test]
+    fn matches_composed_values_and_gradients() {
+        // (batch, heads, kv heads, tokens, head dim)
+        for (b, nh, nkv, t, d, dt, tol) in
+            [(2, 4, 2, 13, 5, DType::F64, 1e-12), (1, 3, 3, 11, 4, DType::F64, 1e-12), (2, 6, 2, 17, 8, DType::F32, 1e-5)]
+        {
+            let q = det(&[b, nh, t, d], 1, dt);
+            let k = det(&[b, nkv, t, d], 2, dt);
+            let v = det(&[b, nkv, t, d], 3, dt);
+            let mask = packed_mask(b, t, dt);
+            let m2 = mask.clone();
+            let scale = 1.0 / (d as f64).sqrt();
+            same_values_and_grads(
+                &[q, k, v],
+                &move |x| super::attention(&x[0], &x[1], &x[2], &mask, scale),
+                &move |x| attention_plain(&x[0], &x[1], &x[2], &m2, scale),
+                tol,
+            );
+        }
+    }
+
+    #[test]
+    fn gradient_by_finite_differences() {
+        let (q, k, v) = (det(&[1, 4, 9, 3], 4, DType::F64), det(&[1, 2, 9, 3], 5, DType::F64), det(&[1, 2, 9, 3], 6, DType::F64));
+        let mask = packed_mask(1, 9 + 1, DType::F64).narrow(3, 0, 9).unwrap().narrow(4, 0, 9).unwrap().contiguous().unwrap();
+        crate::ops::tests::grad_check(&[q, k, v], &move |x| super::attention(&x[0], &x[1], &x[2], &mask, 0.7), 1e-6);
+    }
+
+    #[test]
+    fn rejects_mismatched_heads() {
+        let q = det(&[1, 3, 4, 2], 1, DType::F32);
+        let k = det(&[1, 2, 4, 2], 2, DType::F32);
+        assert!(super::attention(&q, &k, &k, &packed_mask(1, 12, DType::F32), 1.0).is_err());
+    }
+}

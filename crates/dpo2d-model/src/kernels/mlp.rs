@@ -1,0 +1,121 @@
+//! The SwiGLU MLP, `down(silu(gate(x)) * up(x))`, as one graph node when
+//! its three weights train in full (their gradients go to their
+//! [`GradSink`]s).
+//!
+//! Why: as three linear nodes and a SwiGLU node, candle's backward gives
+//! the gate's, the up projection's and the SwiGLU's outputs (each
+//! `[tokens x intermediate]`) a zeroed gradient buffer and adds into it, on
+//! one thread, and adds the two gradients that reach `x`; here the
+//! gradients are formed once, in gemm's threads and the fused SwiGLU kernel.
+//!
+//! Backward, with `a = silu(g) * u` the SwiGLU's output and `dy` the
+//! output's gradient: `da = dy Wd`, `dWd = dy^T a`, `(dg, du)` from the
+//! SwiGLU kernel, `dWg = dg^T x`, `dWu = du^T x`, `dx = dg Wg + du Wu`.
+
+use super::swiglu::SwiGlu;
+use crate::ops::{precomputed1, tracked, GradSink};
+use candle_core::{bail, CustomOp2, Result, Tensor};
+use std::sync::Arc;
+
+/// The MLP's weights (`[out, in]`, as in Hugging Face checkpoints), each
+/// with the sink that receives its gradient.
+pub struct MlpWeights<'a> {
+    pub gate: (&'a Tensor, &'a Arc<GradSink>),
+    pub up: (&'a Tensor, &'a Arc<GradSink>),
+    pub down: (&'a Tensor, &'a Arc<GradSink>),
+}
+
+/// `x`: `[.., hidden]` (tracked); returns `[.., hidden]`.
+pub fn swiglu_mlp(x: &Tensor, w: MlpWeights) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let h = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / h.max(1);
+    let (wg, wu, wd) = (w.gate.0.detach(), w.up.0.detach(), w.down.0.detach());
+    let (im, wh) = wg.dims2()?;
+    if wh != h || wu.dims() != wg.dims() || wd.dims() != [h, im] {
+        bail!("swiglu mlp: x {dims:?}, gate {:?}, up {:?}, down {:?} do not fit", wg.dims(), wu.dims(), wd.dims());
+    }
+    let x2 = x.detach().reshape((rows, h))?;
+    let g = x2.matmul(&wg.t()?)?;
+    let u = x2.matmul(&wu.t()?)?;
+    let a = g.apply_op2_no_bwd(&u, &SwiGlu)?;
+    let y = a.matmul(&wd.t()?)?.reshape(dims.as_slice())?;
+    if !tracked(x) {
+        return Ok(y);
+    }
+    let sinks = (w.gate.1.clone(), w.up.1.clone(), w.down.1.clone());
+    let bwd = move |_args: &[&Tensor], dy: &Tensor| -> Result<Vec<Option<Tensor>>> {
+        let dy = dy.reshape((rows, h))?;
+        let da = dy.matmul(&wd)?;
+        sinks.2.add(dy.t()?.matmul(&a)?)?;
+        let (dg, du) = SwiGlu.bwd(&g, &u, &a, &da)?;
+        let (dg, du) = (dg.expect("swiglu gives both gradients"), du.expect("swiglu gives both gradients"));
+        drop(da);
+        sinks.0.add(dg.t()?.matmul(&x2)?)?;
+        sinks.1.add(du.t()?.matmul(&x2)?)?;
+        let dx = super::add(&dg.matmul(&wg)?, &du.matmul(&wu)?)?;
+        Ok(vec![Some(dx.reshape(dims.as_slice())?)])
+    };
+    precomputed1("dpo2d-swiglu-mlp", x, y, Box::new(bwd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{swiglu_mlp, MlpWeights};
+    use crate::ops::{linear, swiglu, GradSink};
+    use crate::test_support::{det, max_abs_diff};
+    use candle_core::{DType, Tensor, Var};
+    use std::sync::Arc;
+
+    /// The fused MLP and the composed one (linear, SwiGLU, linear) agree on
+    /// the output, the input's gradient and every weight's.
+    #[test]
+    fn matches_composed_values_and_gradients() {
+        for (rows, h, im, dt, tol) in [(vec![2, 5], 4, 7, DType::F64, 1e-12), (vec![37], 24, 64, DType::F32, 1e-5)] {
+            let x = Var::from_tensor(&det(&[rows.clone(), vec![h]].concat(), 1, dt)).unwrap();
+            let ws: Vec<Var> =
+                [(im, h, 2), (im, h, 3), (h, im, 4)].iter().map(|&(o, i, s)| Var::from_tensor(&det(&[o, i], s, dt)).unwrap()).collect();
+            let proj = det(x.dims(), 77, dt);
+
+            let composed =
+                linear(&swiglu(&linear(&x, &ws[0], None).unwrap(), &linear(&x, &ws[1], None).unwrap()).unwrap(), &ws[2], None).unwrap();
+            let store = (&composed * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+
+            let sinks: Vec<Arc<GradSink>> = (0..3).map(|_| Arc::new(GradSink::default())).collect();
+            let weights = MlpWeights { gate: (&ws[0], &sinks[0]), up: (&ws[1], &sinks[1]), down: (&ws[2], &sinks[2]) };
+            let fused = swiglu_mlp(&x, weights).unwrap();
+            let fused_store = (&fused * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+
+            let scale = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1.0);
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                let d = max_abs_diff(a, b);
+                assert!(d <= tol * scale(b), "{what}: max abs diff {d}");
+            };
+            close(&fused, &composed, "value");
+            close(fused_store.get(&x).unwrap(), store.get(&x).unwrap(), "input gradient");
+            for (i, (w, s)) in ws.iter().zip(&sinks).enumerate() {
+                close(&s.take().expect("the sink got a gradient"), store.get(w).unwrap(), &format!("weight {i} gradient"));
+            }
+        }
+    }
+
+    #[test]
+    fn gradient_by_finite_differences() {
+        let ws: Vec<Tensor> = [(6, 3, 2), (6, 3, 3), (3, 6, 4)].iter().map(|&(o, i, s)| det(&[o, i], s, DType::F64)).collect();
+        let sinks: Vec<Arc<GradSink>> = (0..3).map(|_| Arc::new(GradSink::default())).collect();
+        let x = det(&[2, 2, 3], 5, DType::F64);
+        crate::ops::tests::grad_check(
+            &[x],
+            &move |t| swiglu_mlp(&t[0], MlpWeights { gate: (&ws[0], &sinks[0]), up: (&ws[1], &sinks[1]), down: (&ws[2], &sinks[2]) }),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn rejects_mismatched_weights() {
+        let x = det(&[2, 3], 1, DType::F32);
+        let (g, d) = (det(&[5, 3], 2, DType::F32), det(&[3, 4], 3, DType::F32));
+        let s = Arc::new(GradSink::default());
+        assert!(swiglu_mlp(&x, MlpWeights { gate: (&g, &s), up: (&g, &s), down: (&d, &s) }).is_err());
+    }
+}
