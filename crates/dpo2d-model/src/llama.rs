@@ -156,15 +156,18 @@ impl KvBuffer {
 struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    /// Where the weight's gradient goes when a fused block computes it.
+    sink: Option<Arc<ops::GradSink>>,
 }
 
 impl RmsNorm {
     fn load(b: &mut Builder, name: &str, size: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: b.param(&format!("{name}.weight"), &[size])?, eps })
+        let name = format!("{name}.weight");
+        Ok(RmsNorm { weight: b.param(&name, &[size])?, eps, sink: b.sink(&name) })
     }
 
     fn frozen(&self) -> Self {
-        RmsNorm { weight: self.weight.detach(), eps: self.eps }
+        RmsNorm { weight: self.weight.detach(), eps: self.eps, sink: None }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -282,10 +285,57 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, ctx: &LayerCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        if cache.is_none() && kernels::supports(x) && x.track_op() && x.dtype() == self.input_norm.weight.dtype() {
+            if let Some((w, shape)) = self.fused_weights() {
+                return Ok(kernels::block::decoder_block(
+                    x,
+                    w,
+                    shape,
+                    kernels::block::BlockInputs { cos: &ctx.cos, sin: &ctx.sin, mask: &ctx.mask },
+                )?);
+            }
+        }
         let residual = x;
         let x = (self.attn.forward(&self.input_norm.forward(x)?, ctx, cache)? + residual)?;
         let residual = &x;
         Ok((self.mlp.forward(&self.post_norm.forward(&x)?)? + residual)?)
+    }
+}
+
+impl Block {
+    /// The block's weights with their gradient sinks, when every weight
+    /// trains in full with no bias or LoRA adapter: then the whole block can
+    /// be one graph node ([`kernels::block`]).
+    fn fused_weights(&self) -> Option<(kernels::block::BlockWeights<'_>, kernels::block::BlockShape)> {
+        fn linear(l: &Linear) -> Option<kernels::block::Param<'_>> {
+            match (&l.sink, &l.lora, &l.bias) {
+                (Some(s), None, None) => Some((&l.weight, s)),
+                _ => None,
+            }
+        }
+        fn norm(n: &RmsNorm) -> Option<kernels::block::Param<'_>> {
+            n.sink.as_ref().map(|s| (&n.weight, s))
+        }
+        let (a, m) = (&self.attn, &self.mlp);
+        let w = kernels::block::BlockWeights {
+            input_norm: norm(&self.input_norm)?,
+            q: linear(&a.q)?,
+            k: linear(&a.k)?,
+            v: linear(&a.v)?,
+            o: linear(&a.o)?,
+            post_norm: norm(&self.post_norm)?,
+            mlp: kernels::mlp::MlpWeights { gate: linear(&m.gate)?, up: linear(&m.up)?, down: linear(&m.down)? },
+        };
+        if self.input_norm.eps != self.post_norm.eps {
+            return None;
+        }
+        let shape = kernels::block::BlockShape {
+            num_heads: a.num_heads,
+            num_kv_heads: a.num_kv_heads,
+            head_dim: a.head_dim,
+            eps: self.input_norm.eps,
+        };
+        Some((w, shape))
     }
 }
 
@@ -519,12 +569,16 @@ impl Builder<'_> {
             }
             _ => None,
         };
-        let sink = opts.trainable.then(|| {
-            let sink = Arc::new(ops::GradSink::default());
-            self.sinks.insert(format!("{name}.weight"), sink.clone());
-            sink
-        });
+        let sink = self.sink(&format!("{name}.weight"));
         Ok(Linear { weight, bias, lora, sink })
+    }
+    /// A gradient sink for the weight `name`, when weights train in full.
+    fn sink(&mut self, name: &str) -> Option<Arc<ops::GradSink>> {
+        self.opts.trainable.then(|| {
+            let sink = Arc::new(ops::GradSink::default());
+            self.sinks.insert(name.to_string(), sink.clone());
+            sink
+        })
     }
 }
 
@@ -661,7 +715,7 @@ impl CausalLM {
     /// Gradient checkpointing on or off: with it, [`Self::forward`] keeps
     /// each decoder block's input only and backward recomputes the block.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.checkpointing = on.then(|| checkpoint::Checkpointing::new(self.layers.len(), &self.vars, &self.sinks));
+        self.checkpointing = on.then(|| checkpoint::Checkpointing::new(self.layers.len(), &self.vars));
     }
 
     pub fn set_training(&self, on: bool) {
@@ -1134,6 +1188,37 @@ pub(crate) mod tests {
             m.layers[1].mlp.forward(&t[0]).map_err(|e| candle_core::Error::Msg(e.to_string()))
         };
         crate::ops::tests::grad_check(&[x], &mlp, 1e-6);
+    }
+
+    /// With every weight training in full and no biases, each block is one
+    /// graph node ([`kernels::block`]); it gives the same log-probs and every
+    /// variable the same gradient as the composed ops.
+    #[test]
+    fn fused_blocks_match_composed_ops() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), false, false, DType::F64);
+        let opts = LoadOptions { trainable: true, ..opts64() };
+        let batch = ids(&[&[3, 7, 9, 11, 4, 6, 2], &[5, 8, 2, 13, 1, 0, 0]]);
+        let lay = AttentionLayout::packed_shared(&[vec![(2, vec![3, 2])], vec![(3, vec![2])]], 7).unwrap();
+        let run = |m: &CausalLM| {
+            let lp = m.token_logprobs(&batch, &lay).unwrap();
+            let proj = det(lp.dims(), 5, DType::F64);
+            let store = (&lp * proj).unwrap().sum_all().unwrap().backward().unwrap();
+            (lp, m.gradients(&store).unwrap())
+        };
+        let fused = CausalLM::load(dir.path(), &opts).unwrap();
+        assert!(fused.layers.iter().all(|b| b.fused_weights().is_some()));
+        let mut composed = CausalLM::load(dir.path(), &opts).unwrap();
+        for block in composed.layers.iter_mut() {
+            Arc::get_mut(block).expect("one owner").input_norm.sink = None;
+        }
+        assert!(composed.layers.iter().all(|b| b.fused_weights().is_none()));
+        let ((lp_a, ga), (lp_b, gb)) = (run(&fused), run(&composed));
+        assert!(maxdiff(&lp_a, &lp_b) < 1e-12);
+        for ((name, _), (a, b)) in fused.trainable_vars().iter().zip(ga.iter().zip(&gb)) {
+            let (a, b) = (a.as_ref().expect(name), b.as_ref().expect(name));
+            assert!(maxdiff(a, b) < 1e-11, "{name}: {}", maxdiff(a, b));
+        }
     }
 
     /// Finite-difference check of d(sum of token log-probs)/d(weights) for the whole tiny model.

@@ -56,28 +56,37 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
 }
 
 /// Serialise tensors as safetensors (with `{"format": "pt"}` metadata, which
-/// transformers expects), sorted by name, and write atomically.
+/// transformers expects), sorted by name, and write atomically. Tensors are
+/// written one at a time, so saving needs memory for the largest tensor's
+/// bytes only, not a copy of the whole file.
 pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    use std::io::Write;
     let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut data: Vec<u8> = vec![];
-    for (name, t) in sorted {
-        let bytes = tensor_bytes(t).with_context(|| format!("serialising tensor `{name}`"))?;
-        let start = data.len();
-        data.extend_from_slice(&bytes);
-        header.insert(name.clone(), json!({"dtype": dtype_tag(t.dtype())?, "shape": t.dims(), "data_offsets": [start, data.len()]}));
+    let mut end = 0usize;
+    for (name, t) in &sorted {
+        let start = end;
+        end += t.elem_count() * t.dtype().size_in_bytes();
+        header.insert(name.clone(), json!({"dtype": dtype_tag(t.dtype())?, "shape": t.dims(), "data_offsets": [start, end]}));
     }
     let mut h = serde_json::to_vec(&Value::Object(header))?;
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + h.len() + data.len());
-    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&data);
-    dpo2d_fs::write_file(path, &out)
+    dpo2d_fs::write_file_with(path, |tmp| {
+        let file = std::fs::File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&(h.len() as u64).to_le_bytes())?;
+        out.write_all(&h)?;
+        for (name, t) in &sorted {
+            let bytes = tensor_bytes(t).with_context(|| format!("serialising tensor `{name}`"))?;
+            out.write_all(&bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        }
+        out.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", tmp.display()))?;
+        Ok(())
+    })
 }
 
 fn convert(tensors: Vec<(String, Tensor)>, dtype: Option<DType>) -> Result<Vec<(String, Tensor)>> {

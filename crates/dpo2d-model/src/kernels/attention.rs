@@ -25,33 +25,61 @@ use candle_core::{bail, Result, Tensor};
 /// kv_heads)`); `mask`: additive `[B or 1, 1, 1, T, Tk]`. Returns
 /// `[B, T, heads * d]`, the layout the output projection takes.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (out, saved) = forward(q, k, v, mask, scale)?;
+    if !(tracked(q) || tracked(k) || tracked(v)) {
+        return Ok(out);
+    }
+    let bwd = move |args: &[&Tensor], g: &Tensor| -> Result<Vec<Option<Tensor>>> {
+        let (dq, dk, dv) = saved.backward(g)?;
+        Ok(vec![tracked(args[0]).then_some(dq), tracked(args[1]).then_some(dk), tracked(args[2]).then_some(dv)])
+    };
+    precomputed3("dpo2d-attention", q, k, v, out, Box::new(bwd))
+}
+
+/// What backward needs from the forward pass (inputs detached).
+pub(crate) struct Saved {
+    /// Queries grouped by kv head, `[B, kv_heads, n_rep * T, d]`.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// `[B, kv_heads, n_rep * T, Tk]`.
+    probs: Tensor,
+    /// (B, heads, T, d).
+    dims: (usize, usize, usize, usize),
+    scale: f64,
+}
+
+/// The forward pass outside autograd: the output `[B, T, heads * d]` and
+/// what [`Saved::backward`] needs.
+pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<(Tensor, Saved)> {
     let (b, nh, t, d) = q.dims4()?;
     let (kb, nkv, tk, kd) = k.dims4()?;
     if kb != b || kd != d || v.dims() != k.dims() || nkv == 0 || nh % nkv != 0 {
         bail!("attention: q {:?}, k {:?}, v {:?} do not fit", q.dims(), k.dims(), v.dims());
     }
     let n_rep = nh / nkv;
-    let grouped = (b, nkv, n_rep * t, d);
-    let qg = q.detach().contiguous()?.reshape(grouped)?;
-    let (kd, vd) = (k.detach().contiguous()?, v.detach().contiguous()?);
-    let scores = qg.matmul(&kd.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
+    let q = q.detach().contiguous()?.reshape((b, nkv, n_rep * t, d))?;
+    let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
+    let scores = q.matmul(&k.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
     let probs = softmax::forward_tensor(&scores, mask, scale)?.reshape((b, nkv, n_rep * t, tk))?;
     drop(scores);
-    let out = merge_heads(&probs.matmul(&vd)?, (b, nh, t, d))?;
-    if !(tracked(q) || tracked(k) || tracked(v)) {
-        return Ok(out);
-    }
-    let bwd = move |args: &[&Tensor], g: &Tensor| -> Result<Vec<Option<Tensor>>> {
-        let dout = g.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?.reshape(grouped)?;
-        let dv = tracked(args[2]).then(|| probs.t()?.matmul(&dout)).transpose()?;
-        let dprobs = dout.matmul(&vd.t()?)?;
-        let dscores = softmax::backward_tensor(&probs, &dprobs, scale)?;
+    let out = merge_heads(&probs.matmul(&v)?, (b, nh, t, d))?;
+    Ok((out, Saved { q, k, v, probs, dims: (b, nh, t, d), scale }))
+}
+
+impl Saved {
+    /// Gradients of `q` (`[B, heads, T, d]`), `k` and `v` from the output's `g`.
+    pub(crate) fn backward(&self, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, nh, t, d) = self.dims;
+        let dout = g.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?.reshape(self.q.dims())?;
+        let dv = self.probs.t()?.matmul(&dout)?;
+        let dprobs = dout.matmul(&self.v.t()?)?;
+        let dscores = softmax::backward_tensor(&self.probs, &dprobs, self.scale)?;
         drop(dprobs);
-        let dq = tracked(args[0]).then(|| dscores.matmul(&kd)?.reshape((b, nh, t, d))).transpose()?;
-        let dk = tracked(args[1]).then(|| dscores.t()?.matmul(&qg)).transpose()?;
-        Ok(vec![dq, dk, dv])
-    };
-    precomputed3("dpo2d-attention", q, k, v, out, Box::new(bwd))
+        let dq = dscores.matmul(&self.k)?.reshape((b, nh, t, d))?;
+        let dk = dscores.t()?.matmul(&self.q)?;
+        Ok((dq, dk, dv))
+    }
 }
 
 /// `[B, kv_heads, n_rep * T, d]` (query heads grouped by kv head) to `[B, T, heads * d]`.

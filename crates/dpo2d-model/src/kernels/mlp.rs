@@ -25,8 +25,32 @@ pub struct MlpWeights<'a> {
     pub down: (&'a Tensor, &'a Arc<GradSink>),
 }
 
-/// `x`: `[.., hidden]` (tracked); returns `[.., hidden]`.
+/// `x`: `[.., hidden]`; returns `[.., hidden]`.
 pub fn swiglu_mlp(x: &Tensor, w: MlpWeights) -> Result<Tensor> {
+    let (y, saved) = forward(x, w)?;
+    if !tracked(x) {
+        return Ok(y);
+    }
+    let bwd = move |_args: &[&Tensor], dy: &Tensor| -> Result<Vec<Option<Tensor>>> { Ok(vec![Some(saved.backward(dy)?)]) };
+    precomputed1("dpo2d-swiglu-mlp", x, y, Box::new(bwd))
+}
+
+/// What backward needs from the forward pass (all detached).
+pub(crate) struct Saved {
+    /// The input as `[rows, hidden]`, and its shape.
+    x: Tensor,
+    dims: Vec<usize>,
+    /// The gate's and the up projection's outputs, and the SwiGLU's.
+    g: Tensor,
+    u: Tensor,
+    a: Tensor,
+    weights: [Tensor; 3],
+    sinks: [Arc<GradSink>; 3],
+}
+
+/// The forward pass outside autograd: the output and what
+/// [`Saved::backward`] needs.
+pub(crate) fn forward(x: &Tensor, w: MlpWeights) -> Result<(Tensor, Saved)> {
     let dims = x.dims().to_vec();
     let h = *dims.last().unwrap_or(&0);
     let rows = x.elem_count() / h.max(1);
@@ -35,28 +59,31 @@ pub fn swiglu_mlp(x: &Tensor, w: MlpWeights) -> Result<Tensor> {
     if wh != h || wu.dims() != wg.dims() || wd.dims() != [h, im] {
         bail!("swiglu mlp: x {dims:?}, gate {:?}, up {:?}, down {:?} do not fit", wg.dims(), wu.dims(), wd.dims());
     }
-    let x2 = x.detach().reshape((rows, h))?;
-    let g = x2.matmul(&wg.t()?)?;
-    let u = x2.matmul(&wu.t()?)?;
+    let x = x.detach().reshape((rows, h))?;
+    let g = x.matmul(&wg.t()?)?;
+    let u = x.matmul(&wu.t()?)?;
     let a = g.apply_op2_no_bwd(&u, &SwiGlu)?;
     let y = a.matmul(&wd.t()?)?.reshape(dims.as_slice())?;
-    if !tracked(x) {
-        return Ok(y);
-    }
-    let sinks = (w.gate.1.clone(), w.up.1.clone(), w.down.1.clone());
-    let bwd = move |_args: &[&Tensor], dy: &Tensor| -> Result<Vec<Option<Tensor>>> {
-        let dy = dy.reshape((rows, h))?;
-        let da = dy.matmul(&wd)?;
-        sinks.2.add(dy.t()?.matmul(&a)?)?;
-        let (dg, du) = SwiGlu.bwd(&g, &u, &a, &da)?;
+    let sinks = [w.gate.1.clone(), w.up.1.clone(), w.down.1.clone()];
+    Ok((y, Saved { x, dims, g, u, a, weights: [wg, wu, wd], sinks }))
+}
+
+impl Saved {
+    /// The input's gradient from the output's `dy`; the weights' gradients
+    /// go to their sinks.
+    pub(crate) fn backward(&self, dy: &Tensor) -> Result<Tensor> {
+        let [wg, wu, wd] = &self.weights;
+        let dy = dy.reshape(self.x.dims())?;
+        let da = dy.matmul(wd)?;
+        self.sinks[2].add(dy.t()?.matmul(&self.a)?)?;
+        let (dg, du) = SwiGlu.bwd(&self.g, &self.u, &self.a, &da)?;
         let (dg, du) = (dg.expect("swiglu gives both gradients"), du.expect("swiglu gives both gradients"));
         drop(da);
-        sinks.0.add(dg.t()?.matmul(&x2)?)?;
-        sinks.1.add(du.t()?.matmul(&x2)?)?;
-        let dx = super::add(&dg.matmul(&wg)?, &du.matmul(&wu)?)?;
-        Ok(vec![Some(dx.reshape(dims.as_slice())?)])
-    };
-    precomputed1("dpo2d-swiglu-mlp", x, y, Box::new(bwd))
+        self.sinks[0].add(dg.t()?.matmul(&self.x)?)?;
+        self.sinks[1].add(du.t()?.matmul(&self.x)?)?;
+        let dx = super::add(&dg.matmul(wg)?, &du.matmul(wu)?)?;
+        dx.reshape(self.dims.as_slice())
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod block;
 pub mod check;
 #[cfg(feature = "cuda")]
 pub mod cuda;
