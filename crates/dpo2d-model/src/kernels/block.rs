@@ -11,6 +11,7 @@
 //! else in the fused kernels ([`super::rms_norm`], [`super::rope`],
 //! [`super::attention`], [`super::mlp`]), and each gradient is formed once.
 
+use super::gemm::{matmul, matmul_sum};
 use super::mlp::MlpWeights;
 use super::rms_norm::RmsNorm;
 use super::rope::RopeHeads;
@@ -63,13 +64,13 @@ pub fn decoder_block(x: &Tensor, w: BlockWeights, shape: BlockShape, inputs: Blo
     // Attention half.
     let xd = x.detach().contiguous()?;
     let n1 = xd.apply_op2_no_bwd(&w.input_norm.0.detach(), &norm)?.reshape((rows, hidden))?;
-    let q = n1.matmul(&wq.t()?)?.reshape((b, t, nh, hd))?;
-    let k = n1.matmul(&wk.t()?)?.reshape((b, t, nkv, hd))?;
-    let v = n1.matmul(&wv.t()?)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+    let q = matmul(&n1, &wq.t()?)?.reshape((b, t, nh, hd))?;
+    let k = matmul(&n1, &wk.t()?)?.reshape((b, t, nkv, hd))?;
+    let v = matmul(&n1, &wv.t()?)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
     let (qr, kr) = (q.apply_op1_no_bwd(&rope)?, k.apply_op1_no_bwd(&rope)?);
     let (att, att_saved) = attention::forward(&qr, &kr, &v, inputs.mask, 1.0 / (hd as f64).sqrt())?;
     let att = att.reshape((rows, nh * hd))?;
-    let h = add(&xd, &att.matmul(&wo.t()?)?.reshape((b, t, hidden))?)?;
+    let h = add(&xd, &matmul(&att, &wo.t()?)?.reshape((b, t, hidden))?)?;
     // MLP half.
     let n2 = h.apply_op2_no_bwd(&w.post_norm.0.detach(), &norm)?;
     let (y, mlp_saved) = mlp::forward(&n2, w.mlp)?;
@@ -90,15 +91,15 @@ pub fn decoder_block(x: &Tensor, w: BlockWeights, shape: BlockShape, inputs: Blo
         let dh = add(g, &dh_norm.expect("the norm gives its input's gradient"))?;
         // h = x + o(att)
         let dh2 = dh.reshape((rows, hidden))?;
-        s_o.add(dh2.t()?.matmul(&att)?)?;
-        let (dqr, dkr, dv) = att_saved.backward(&dh2.matmul(&wo)?)?;
+        s_o.add(matmul(&dh2.t()?, &att)?)?;
+        let (dqr, dkr, dv) = att_saved.backward(&matmul(&dh2, &wo)?)?;
         let dq = rope.bwd(&q, &qr, &dqr)?.expect("rope gives its input's gradient").reshape((rows, nh * hd))?;
         let dk = rope.bwd(&k, &kr, &dkr)?.expect("rope gives its input's gradient").reshape((rows, nkv * hd))?;
         let dv = dv.transpose(1, 2)?.contiguous()?.reshape((rows, nkv * hd))?;
-        s_q.add(dq.t()?.matmul(&n1)?)?;
-        s_k.add(dk.t()?.matmul(&n1)?)?;
-        s_v.add(dv.t()?.matmul(&n1)?)?;
-        let dn1 = add(&add(&dq.matmul(&wq)?, &dk.matmul(&wk)?)?, &dv.matmul(&wv)?)?.reshape((b, t, hidden))?;
+        s_q.add(matmul(&dq.t()?, &n1)?)?;
+        s_k.add(matmul(&dk.t()?, &n1)?)?;
+        s_v.add(matmul(&dv.t()?, &n1)?)?;
+        let dn1 = matmul_sum(&[(&dq, &wq), (&dk, &wk), (&dv, &wv)])?.reshape((b, t, hidden))?;
         let (dx_norm, dw1) = norm.bwd(&xd, &w1, &n1, &dn1)?;
         s_in.add(dw1.expect("a tracked norm weight gets a gradient"))?;
         Ok(vec![Some(add(&dh, &dx_norm.expect("the norm gives its input's gradient"))?)])

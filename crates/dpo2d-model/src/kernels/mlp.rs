@@ -12,6 +12,7 @@
 //! output's gradient: `da = dy Wd`, `dWd = dy^T a`, `(dg, du)` from the
 //! SwiGLU kernel, `dWg = dg^T x`, `dWu = du^T x`, `dx = dg Wg + du Wu`.
 
+use super::gemm::{matmul, matmul_sum};
 use super::swiglu::SwiGlu;
 use crate::ops::{precomputed1, tracked, GradSink};
 use candle_core::{bail, CustomOp2, Result, Tensor};
@@ -60,10 +61,10 @@ pub(crate) fn forward(x: &Tensor, w: MlpWeights) -> Result<(Tensor, Saved)> {
         bail!("swiglu mlp: x {dims:?}, gate {:?}, up {:?}, down {:?} do not fit", wg.dims(), wu.dims(), wd.dims());
     }
     let x = x.detach().reshape((rows, h))?;
-    let g = x.matmul(&wg.t()?)?;
-    let u = x.matmul(&wu.t()?)?;
+    let g = matmul(&x, &wg.t()?)?;
+    let u = matmul(&x, &wu.t()?)?;
     let a = g.apply_op2_no_bwd(&u, &SwiGlu)?;
-    let y = a.matmul(&wd.t()?)?.reshape(dims.as_slice())?;
+    let y = matmul(&a, &wd.t()?)?.reshape(dims.as_slice())?;
     let sinks = [w.gate.1.clone(), w.up.1.clone(), w.down.1.clone()];
     Ok((y, Saved { x, dims, g, u, a, weights: [wg, wu, wd], sinks }))
 }
@@ -74,14 +75,14 @@ impl Saved {
     pub(crate) fn backward(&self, dy: &Tensor) -> Result<Tensor> {
         let [wg, wu, wd] = &self.weights;
         let dy = dy.reshape(self.x.dims())?;
-        let da = dy.matmul(wd)?;
-        self.sinks[2].add(dy.t()?.matmul(&self.a)?)?;
+        let da = matmul(&dy, wd)?;
+        self.sinks[2].add(matmul(&dy.t()?, &self.a)?)?;
         let (dg, du) = SwiGlu.bwd(&self.g, &self.u, &self.a, &da)?;
         let (dg, du) = (dg.expect("swiglu gives both gradients"), du.expect("swiglu gives both gradients"));
         drop(da);
-        self.sinks[0].add(dg.t()?.matmul(&self.x)?)?;
-        self.sinks[1].add(du.t()?.matmul(&self.x)?)?;
-        let dx = super::add(&dg.matmul(wg)?, &du.matmul(wu)?)?;
+        self.sinks[0].add(matmul(&dg.t()?, &self.x)?)?;
+        self.sinks[1].add(matmul(&du.t()?, &self.x)?)?;
+        let dx = matmul_sum(&[(&dg, wg), (&du, wu)])?;
         dx.reshape(self.dims.as_slice())
     }
 }

@@ -17,6 +17,7 @@ pub mod block;
 pub mod check;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod gemm;
 pub mod logprobs;
 pub mod mlp;
 pub mod rms_norm;
