@@ -16,6 +16,7 @@
 //! query heads of a group share `K` and `V`, so their terms add up in the
 //! products).
 
+use super::gemm::matmul;
 use super::softmax;
 use crate::ops::{precomputed3, tracked};
 use candle_core::{bail, Result, Tensor};
@@ -60,10 +61,10 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: 
     let n_rep = nh / nkv;
     let q = q.detach().contiguous()?.reshape((b, nkv, n_rep * t, d))?;
     let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
-    let scores = q.matmul(&k.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
+    let scores = matmul(&q, &k.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
     let probs = softmax::forward_tensor(&scores, mask, scale)?.reshape((b, nkv, n_rep * t, tk))?;
     drop(scores);
-    let out = merge_heads(&probs.matmul(&v)?, (b, nh, t, d))?;
+    let out = merge_heads(&matmul(&probs, &v)?, (b, nh, t, d))?;
     Ok((out, Saved { q, k, v, probs, dims: (b, nh, t, d), scale }))
 }
 
@@ -72,12 +73,12 @@ impl Saved {
     pub(crate) fn backward(&self, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, nh, t, d) = self.dims;
         let dout = g.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?.reshape(self.q.dims())?;
-        let dv = self.probs.t()?.matmul(&dout)?;
-        let dprobs = dout.matmul(&self.v.t()?)?;
+        let dv = matmul(&self.probs.t()?, &dout)?;
+        let dprobs = matmul(&dout, &self.v.t()?)?;
         let dscores = softmax::backward_tensor(&self.probs, &dprobs, self.scale)?;
         drop(dprobs);
-        let dq = dscores.matmul(&self.k)?.reshape((b, nh, t, d))?;
-        let dk = dscores.t()?.matmul(&self.q)?;
+        let dq = matmul(&dscores, &self.k)?.reshape((b, nh, t, d))?;
+        let dk = matmul(&dscores.t()?, &self.q)?;
         Ok((dq, dk, dv))
     }
 }

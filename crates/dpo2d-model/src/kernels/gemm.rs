@@ -1,4 +1,4 @@
-//! 2-D matrix products straight through the `gemm` crate, for the fused
+//! Matrix products straight through the `gemm` crate, for the fused
 //! graph nodes ([`super::mlp`], [`super::block`]).
 //!
 //! Why: candle's matmul fills every result with zeros on the calling thread
@@ -10,31 +10,48 @@
 use super::{tensor, with_float};
 use candle_core::{bail, Result, Storage, Tensor};
 
-/// `a @ b` for 2-D f32/f64 CPU tensors (any strides).
+/// `a @ b` for f32/f64 CPU tensors (any strides): `[.., m, k] @ [.., k, n]`
+/// with the same leading (batch) dims.
 pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     matmul_sum(&[(a, b)])
 }
 
-/// `sum_i a_i @ b_i` for 2-D f32/f64 CPU tensors (any strides) of one dtype,
-/// every `a_i` `[m, k_i]` and `b_i` `[k_i, n]`.
+/// `sum_i a_i @ b_i` for f32/f64 CPU tensors (any strides) of one dtype,
+/// every `a_i` `[.., m, k_i]` and `b_i` `[.., k_i, n]` with the same leading
+/// (batch) dims.
 pub(crate) fn matmul_sum(terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
     let Some((a0, b0)) = terms.first() else { bail!("matmul_sum: no terms") };
-    let (m, n) = (a0.dim(0)?, b0.dim(1)?);
+    let rank = a0.rank();
+    if rank < 2 {
+        bail!("matmul_sum: operands need two dims at least, got {:?}", a0.dims());
+    }
+    let batch_dims = &a0.dims()[..rank - 2];
+    let (m, n) = (a0.dims()[rank - 2], b0.dim(rank - 1)?);
     let dtype = a0.dtype();
     for (a, b) in terms {
-        let ((am, ak), (bk, bn)) = (a.dims2()?, b.dims2()?);
-        if am != m || bn != n || ak != bk || a.dtype() != dtype || b.dtype() != dtype || !a.device().is_cpu() || !b.device().is_cpu() {
-            bail!("matmul_sum: {:?} @ {:?} does not fit [{m}, {n}] {dtype:?} on the CPU", a.dims(), b.dims());
+        let fits = a.rank() == rank
+            && b.rank() == rank
+            && &a.dims()[..rank - 2] == batch_dims
+            && &b.dims()[..rank - 2] == batch_dims
+            && a.dims()[rank - 2] == m
+            && b.dims()[rank - 1] == n
+            && a.dims()[rank - 1] == b.dims()[rank - 2];
+        if !fits || a.dtype() != dtype || b.dtype() != dtype || !a.device().is_cpu() || !b.device().is_cpu() {
+            bail!("matmul_sum: {:?} @ {:?} does not fit {:?} x [{m}, {n}] {dtype:?} on the CPU", a.dims(), b.dims(), batch_dims);
         }
     }
+    let batches: usize = batch_dims.iter().product();
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let mut out_dims = batch_dims.to_vec();
+    out_dims.extend([m, n]);
     with_float!(dtype, "matmul_sum", T => {
-        let mut out: Vec<T> = Vec::with_capacity(m * n);
+        let len = batches * m * n;
+        let mut out: Vec<T> = Vec::with_capacity(len);
         let mut written = false;
         for (a, b) in terms {
-            let k = a.dim(1)?;
-            if k == 0 || m * n == 0 {
+            let k = a.dims()[rank - 1];
+            if k == 0 || len == 0 {
                 continue;
             }
             let (a_st, a_l) = a.storage_and_layout();
@@ -45,45 +62,56 @@ pub(crate) fn matmul_sum(terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
             let (a_data, b_data) = (a_cs.as_slice::<T>()?, b_cs.as_slice::<T>()?);
             let (a_s, b_s) = (a_l.stride(), b_l.stride());
             // The furthest element each operand's layout reaches must lie in its storage.
-            let reach = |off: usize, s: &[usize], rows: usize, cols: usize| off + (rows - 1) * s[0] + (cols - 1) * s[1];
-            if reach(a_l.start_offset(), a_s, m, k) >= a_data.len() || reach(b_l.start_offset(), b_s, k, n) >= b_data.len() {
+            let reach = |off: usize, s: &[usize], dims: &[usize]| off + dims.iter().zip(s).map(|(&d, &st)| (d - 1) * st).sum::<usize>();
+            if reach(a_l.start_offset(), a_s, a.dims()) >= a_data.len() || reach(b_l.start_offset(), b_s, b.dims()) >= b_data.len() {
                 bail!("matmul_sum: a layout reaches past its storage");
             }
-            // SAFETY: `out` has room for m x n elements written with row stride n;
-            // the operands' pointers, offsets and strides come from candle's
-            // layouts of storages checked above to hold every element read.
-            // Until the first product has written `out`, gemm does not read it.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    out.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    written,
-                    a_data.as_ptr().add(a_l.start_offset()),
-                    a_s[1] as isize,
-                    a_s[0] as isize,
-                    b_data.as_ptr().add(b_l.start_offset()),
-                    b_s[1] as isize,
-                    b_s[0] as isize,
-                    T::one(),
-                    T::one(),
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
+            for batch in 0..batches {
+                // Offsets of this batch entry in each operand, from its strides.
+                let (mut a_off, mut b_off, mut rest) = (a_l.start_offset(), b_l.start_offset(), batch);
+                for d in (0..rank - 2).rev() {
+                    let i = rest % batch_dims[d];
+                    rest /= batch_dims[d];
+                    a_off += i * a_s[d];
+                    b_off += i * b_s[d];
+                }
+                // SAFETY: `out` has room for batches x m x n elements; this entry
+                // writes m x n of them from `batch * m * n` with row stride n.
+                // The operands' offsets and strides come from candle's layouts of
+                // storages checked above to hold every element read. Until the
+                // first term has written `out`, gemm does not read it.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        out.as_mut_ptr().add(batch * m * n),
+                        1,
+                        n as isize,
+                        written,
+                        a_data.as_ptr().add(a_off),
+                        a_s[rank - 1] as isize,
+                        a_s[rank - 2] as isize,
+                        b_data.as_ptr().add(b_off),
+                        b_s[rank - 1] as isize,
+                        b_s[rank - 2] as isize,
+                        T::one(),
+                        T::one(),
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    );
+                }
             }
             written = true;
         }
         if !written {
-            out.resize(m * n, T::zero());
+            out.resize(len, T::zero());
         }
         // SAFETY: every element was written by a product (or by the resize).
-        unsafe { out.set_len(m * n) };
-        tensor(out, &[m, n])
+        unsafe { out.set_len(len) };
+        tensor(out, &out_dims)
     })
 }
 
@@ -110,6 +138,21 @@ mod tests {
             let sum = (a.matmul(&b).unwrap() + at.matmul(&bt).unwrap() + c.matmul(&d).unwrap()).unwrap();
             assert!(max_abs_diff(&matmul_sum(&[(&a, &b), (&at, &bt), (&c, &d)]).unwrap(), &sum) < tol);
         }
+    }
+
+    #[test]
+    fn batched_views_match_candle() {
+        for dt in [DType::F32, DType::F64] {
+            let tol = if dt == DType::F32 { 1e-4 } else { 1e-12 };
+            let q = det(&[2, 3, 11, 4], 1, dt);
+            let k = det(&[2, 3, 9, 4], 2, dt);
+            let kt = k.t().unwrap(); // [2, 3, 4, 9], a transposed view
+            assert!(max_abs_diff(&matmul(&q, &kt).unwrap(), &q.matmul(&kt).unwrap()) < tol);
+            let p = det(&[2, 3, 4, 11], 3, dt).t().unwrap(); // [2, 3, 11, 4]
+            let both = (q.matmul(&kt).unwrap() + p.matmul(&kt).unwrap()).unwrap();
+            assert!(max_abs_diff(&matmul_sum(&[(&q, &kt), (&p, &kt)]).unwrap(), &both) < tol);
+        }
+        assert!(matmul(&det(&[2, 3, 4], 1, DType::F32), &det(&[3, 4, 5], 2, DType::F32)).is_err());
     }
 
     #[test]
