@@ -83,6 +83,15 @@ impl Linear {
         Ok(Linear { weight, bias: self.bias.as_ref().map(Tensor::detach), lora: None, sink: None })
     }
 
+    /// The weight and its gradient sink, when the layer can join a fused
+    /// graph node: it trains in full, with no bias and no LoRA adapter.
+    fn fused_param(&self) -> Option<kernels::Param<'_>> {
+        match (&self.sink, &self.lora, &self.bias) {
+            (Some(s), None, None) => Some((&self.weight, s)),
+            _ => None,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = ops::linear_with(x, &self.weight, self.bias.as_ref(), self.sink.as_ref())?;
         match &self.lora {
@@ -222,6 +231,12 @@ impl Attention {
     }
 }
 
+/// Whether `x` goes through the fused CPU graph nodes: it takes part in
+/// autograd, on the CPU, in f32/f64, in the dtype of the weights.
+fn trains_on_cpu_kernels(x: &Tensor, weight: &Tensor) -> bool {
+    kernels::supports(x) && x.track_op() && x.dtype() == weight.dtype()
+}
+
 struct Mlp {
     gate: Linear,
     up: Linear,
@@ -242,16 +257,16 @@ impl Mlp {
         Ok(Mlp { gate: self.gate.frozen()?, up: self.up.frozen()?, down: self.down.frozen()? })
     }
 
+    /// The three weights with their gradient sinks, when all can join a fused node.
+    fn fused_weights(&self) -> Option<kernels::mlp::MlpWeights<'_>> {
+        Some(kernels::mlp::MlpWeights { gate: self.gate.fused_param()?, up: self.up.fused_param()?, down: self.down.fused_param()? })
+    }
+
     /// SwiGLU: `down(silu(gate(x)) * up(x))`; one graph node when all three
     /// weights train in full on the CPU ([`kernels::mlp`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let (Some(gs), Some(us), Some(ds)) = (&self.gate.sink, &self.up.sink, &self.down.sink) {
-            let plain = [&self.gate, &self.up, &self.down].iter().all(|l| l.lora.is_none() && l.bias.is_none());
-            if plain && kernels::supports(x) && x.track_op() && x.dtype() == self.gate.weight.dtype() {
-                let w =
-                    kernels::mlp::MlpWeights { gate: (&self.gate.weight, gs), up: (&self.up.weight, us), down: (&self.down.weight, ds) };
-                return Ok(kernels::mlp::swiglu_mlp(x, w)?);
-            }
+        if let Some(w) = self.fused_weights().filter(|_| trains_on_cpu_kernels(x, &self.gate.weight)) {
+            return Ok(kernels::mlp::swiglu_mlp(x, w)?);
         }
         let gate = self.gate.forward(x)?;
         let up = self.up.forward(x)?;
@@ -284,8 +299,37 @@ impl Block {
         Ok(Block { input_norm, attn: self.attn.frozen()?, post_norm, mlp: self.mlp.frozen()? })
     }
 
+    /// The block's weights with their gradient sinks, when every weight
+    /// trains in full with no bias or LoRA adapter: then the whole block can
+    /// be one graph node ([`kernels::block`]).
+    fn fused_weights(&self) -> Option<(kernels::block::BlockWeights<'_>, kernels::block::BlockShape)> {
+        fn norm(n: &RmsNorm) -> Option<kernels::Param<'_>> {
+            n.sink.as_ref().map(|s| (&n.weight, s))
+        }
+        let a = &self.attn;
+        let w = kernels::block::BlockWeights {
+            input_norm: norm(&self.input_norm)?,
+            q: a.q.fused_param()?,
+            k: a.k.fused_param()?,
+            v: a.v.fused_param()?,
+            o: a.o.fused_param()?,
+            post_norm: norm(&self.post_norm)?,
+            mlp: self.mlp.fused_weights()?,
+        };
+        if self.input_norm.eps != self.post_norm.eps {
+            return None;
+        }
+        let shape = kernels::block::BlockShape {
+            num_heads: a.num_heads,
+            num_kv_heads: a.num_kv_heads,
+            head_dim: a.head_dim,
+            eps: self.input_norm.eps,
+        };
+        Some((w, shape))
+    }
+
     fn forward(&self, x: &Tensor, ctx: &LayerCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
-        if cache.is_none() && kernels::supports(x) && x.track_op() && x.dtype() == self.input_norm.weight.dtype() {
+        if cache.is_none() && trains_on_cpu_kernels(x, &self.input_norm.weight) {
             if let Some((w, shape)) = self.fused_weights() {
                 return Ok(kernels::block::decoder_block(
                     x,
@@ -299,43 +343,6 @@ impl Block {
         let x = (self.attn.forward(&self.input_norm.forward(x)?, ctx, cache)? + residual)?;
         let residual = &x;
         Ok((self.mlp.forward(&self.post_norm.forward(&x)?)? + residual)?)
-    }
-}
-
-impl Block {
-    /// The block's weights with their gradient sinks, when every weight
-    /// trains in full with no bias or LoRA adapter: then the whole block can
-    /// be one graph node ([`kernels::block`]).
-    fn fused_weights(&self) -> Option<(kernels::block::BlockWeights<'_>, kernels::block::BlockShape)> {
-        fn linear(l: &Linear) -> Option<kernels::block::Param<'_>> {
-            match (&l.sink, &l.lora, &l.bias) {
-                (Some(s), None, None) => Some((&l.weight, s)),
-                _ => None,
-            }
-        }
-        fn norm(n: &RmsNorm) -> Option<kernels::block::Param<'_>> {
-            n.sink.as_ref().map(|s| (&n.weight, s))
-        }
-        let (a, m) = (&self.attn, &self.mlp);
-        let w = kernels::block::BlockWeights {
-            input_norm: norm(&self.input_norm)?,
-            q: linear(&a.q)?,
-            k: linear(&a.k)?,
-            v: linear(&a.v)?,
-            o: linear(&a.o)?,
-            post_norm: norm(&self.post_norm)?,
-            mlp: kernels::mlp::MlpWeights { gate: linear(&m.gate)?, up: linear(&m.up)?, down: linear(&m.down)? },
-        };
-        if self.input_norm.eps != self.post_norm.eps {
-            return None;
-        }
-        let shape = kernels::block::BlockShape {
-            num_heads: a.num_heads,
-            num_kv_heads: a.num_kv_heads,
-            head_dim: a.head_dim,
-            eps: self.input_norm.eps,
-        };
-        Some((w, shape))
     }
 }
 

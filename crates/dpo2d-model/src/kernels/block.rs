@@ -1,7 +1,7 @@
 //! A whole pre-norm decoder block as one graph node, when all its weights
 //! train in full on the CPU: `h = x + o(attention(rope(q(n1)), rope(k(n1)),
 //! v(n1)))` with `n1 = rms_norm(x)`, then `out = h + mlp(rms_norm(h))`.
-//! Every weight's gradient goes to its [`GradSink`].
+//! Every weight's gradient goes to its [`crate::ops::GradSink`].
 //!
 //! Why: composed, a block is some twenty graph nodes (norms, projections,
 //! rotations, reshapes, transposes, residual adds), and candle's backward
@@ -15,13 +15,10 @@ use super::gemm::{matmul, matmul_sum};
 use super::mlp::MlpWeights;
 use super::rms_norm::RmsNorm;
 use super::rope::RopeHeads;
-use super::{add, attention, mlp};
-use crate::ops::{precomputed1, tracked, GradSink};
+use super::{add, attention, mlp, Param};
+use crate::ops::{precomputed1, tracked};
 use candle_core::{CustomOp1, CustomOp2, Result, Tensor};
 use std::sync::Arc;
-
-/// A weight and the sink its gradient goes to.
-pub type Param<'a> = (&'a Tensor, &'a Arc<GradSink>);
 
 /// The block's weights (`[out, in]` projections, as in Hugging Face checkpoints).
 pub struct BlockWeights<'a> {

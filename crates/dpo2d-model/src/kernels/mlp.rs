@@ -14,6 +14,7 @@
 
 use super::gemm::{matmul, matmul_sum};
 use super::swiglu::SwiGlu;
+use super::Param;
 use crate::ops::{precomputed1, tracked, GradSink};
 use candle_core::{bail, CustomOp2, Result, Tensor};
 use std::sync::Arc;
@@ -21,9 +22,9 @@ use std::sync::Arc;
 /// The MLP's weights (`[out, in]`, as in Hugging Face checkpoints), each
 /// with the sink that receives its gradient.
 pub struct MlpWeights<'a> {
-    pub gate: (&'a Tensor, &'a Arc<GradSink>),
-    pub up: (&'a Tensor, &'a Arc<GradSink>),
-    pub down: (&'a Tensor, &'a Arc<GradSink>),
+    pub gate: Param<'a>,
+    pub up: Param<'a>,
+    pub down: Param<'a>,
 }
 
 /// `x`: `[.., hidden]`; returns `[.., hidden]`.

@@ -26,6 +26,9 @@ pub mod softmax;
 pub mod swiglu;
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor, WithDType};
+
+/// A weight of a fused graph node and the sink its gradient goes to.
+pub type Param<'a> = (&'a Tensor, &'a std::sync::Arc<crate::ops::GradSink>);
 use rayon::prelude::*;
 
 /// The element types the kernels are written for.

@@ -108,12 +108,7 @@ impl CustomOp1 for MaskedSoftmax {
         if y.device().is_cuda() {
             return Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &super::cuda::SoftmaxGrad)?));
         }
-        let tk = x.dim(candle_core::D::Minus1)?;
-        let name = self.name();
-        with_float!(x.dtype(), name, T => {
-            let dx = with_slice::<T, _>(y, name, |y| with_slice::<T, _>(g, name, |g| backward(y, g, tk, T::one())))??;
-            Ok(Some(tensor(dx, x.dims())?))
-        })
+        Ok(Some(backward_tensor(y, g, 1.0)?.reshape(x.dims())?))
     }
 }
 
@@ -133,7 +128,7 @@ pub(crate) fn forward_tensor(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
 /// result `y` and the incoming gradient `g`.
 pub(crate) fn backward_tensor(y: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
     let tk = y.dim(candle_core::D::Minus1)?;
-    let name = "dpo2d-attention";
+    let name = "dpo2d-masked-softmax";
     with_float!(y.dtype(), name, T => {
         let dx = with_slice::<T, _>(y, name, |y| with_slice::<T, _>(g, name, |g| backward(y, g, tk, T::from_f64(scale))))??;
         tensor(dx, y.dims())
