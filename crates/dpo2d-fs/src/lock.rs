@@ -14,8 +14,18 @@ pub const LOCK_FILE: &str = ".dpo2d.lock";
 /// Holds the lock until dropped.
 #[derive(Debug)]
 pub struct DirLock {
-    _file: File,
+    file: File,
     path: PathBuf,
+}
+
+/// Unlocks explicitly rather than by closing the file: a child process
+/// forked by another thread holds a copy of the descriptor until it execs,
+/// and the lock would live on in that copy (a run resuming in the same
+/// process was then refused as "another dpo2d run").
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
 }
 
 impl DirLock {
@@ -46,7 +56,7 @@ impl DirLock {
         file.seek(SeekFrom::Start(0))?;
         write!(file, "{}", std::process::id())?;
         file.flush()?;
-        Ok(DirLock { _file: file, path })
+        Ok(DirLock { file, path })
     }
 
     pub fn path(&self) -> &Path {
@@ -67,5 +77,17 @@ mod tests {
         assert!(e.contains(&d.path().display().to_string()), "{e}");
         drop(first);
         DirLock::acquire(d.path()).unwrap();
+    }
+
+    /// A copy of the descriptor (what a forked child holds until it execs)
+    /// does not keep the lock after its holder drops it.
+    #[test]
+    fn released_on_drop_while_a_copy_of_the_descriptor_lives() {
+        let d = tempfile::tempdir().unwrap();
+        let first = DirLock::acquire(d.path()).unwrap();
+        let copy = first.file.try_clone().unwrap();
+        drop(first);
+        DirLock::acquire(d.path()).unwrap();
+        drop(copy);
     }
 }
