@@ -41,18 +41,32 @@ fn torch_dtype_name(dt: DType) -> &'static str {
     }
 }
 
-fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    let t = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::I64 => t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::U8 => t.to_vec1::<u8>()?,
+/// Writes a tensor's elements in safetensors' layout (little-endian): one
+/// copy to the host, written as it is on a little-endian machine. (Built
+/// element by element, the bytes of a 7B model took longer than the disk.)
+fn write_tensor(out: &mut impl std::io::Write, t: &Tensor) -> Result<()> {
+    fn write<T: candle_core::WithDType + bytemuck::Pod>(out: &mut impl std::io::Write, t: &Tensor) -> Result<()> {
+        let v = t.flatten_all()?.to_vec1::<T>()?;
+        let bytes: &[u8] = bytemuck::cast_slice(&v);
+        if cfg!(target_endian = "little") {
+            out.write_all(bytes)?;
+        } else {
+            for c in bytes.chunks_exact(std::mem::size_of::<T>()) {
+                out.write_all(&c.iter().rev().copied().collect::<Vec<u8>>())?;
+            }
+        }
+        Ok(())
+    }
+    match t.dtype() {
+        DType::F32 => write::<f32>(out, t),
+        DType::F64 => write::<f64>(out, t),
+        DType::BF16 => write::<half::bf16>(out, t),
+        DType::F16 => write::<half::f16>(out, t),
+        DType::U32 => write::<u32>(out, t),
+        DType::I64 => write::<i64>(out, t),
+        DType::U8 => write::<u8>(out, t),
         d => bail!("cannot save tensors of dtype {d:?}"),
-    })
+    }
 }
 
 /// Serialise tensors as safetensors (with `{"format": "pt"}` metadata, which
@@ -81,8 +95,7 @@ pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()>
         out.write_all(&(h.len() as u64).to_le_bytes())?;
         out.write_all(&h)?;
         for (name, t) in &sorted {
-            let bytes = tensor_bytes(t).with_context(|| format!("serialising tensor `{name}`"))?;
-            out.write_all(&bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+            write_tensor(&mut out, t).with_context(|| format!("writing tensor `{name}` to {}", tmp.display()))?;
         }
         out.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", tmp.display()))?;
         Ok(())
