@@ -5,7 +5,8 @@
    (`dpo2d bench --check-kernels --device cuda`: values and gradients, f32
    tight, bf16 at bf16 tolerance);
 2. a 5-step run of a tiny random model on CUDA and on the CPU with the same
-   seed: the losses agree (f32);
+   seed, full fine-tuning and LoRA on q,k,v,o (frozen MLP): the losses agree
+   (f32);
 3. SmolLM2's response log-probs on CUDA against the transformers fixture
    (tests/fixtures/smollm2_parity.json), as the CPU test holds them (1e-3);
 4. `generate` on CUDA answers the fixture's question with "Paris".
@@ -44,11 +45,14 @@ def tiny_model(dir: Path) -> None:
     b.write_checkpoint(dir, b.WORKLOADS["tiny"], "cpu")
 
 
-def losses(dpo2d: str, model: Path, data: Path, device: str, out: Path) -> list[float]:
+LORA = ["--use-lora", "true", "--lora-r", "4", "--lora-target-modules", "q_proj,k_proj,v_proj,o_proj"]
+
+
+def losses(dpo2d: str, model: Path, data: Path, device: str, out: Path, extra: list[str]) -> list[float]:
     cmd = [dpo2d, "train", "--loss", "2d-dpo", "--model", str(model), "--train-file", str(data), "--output-dir", str(out),
            "--cache-dir", str(out) + "-cache", "--no-progress", "--device", device, "--max-steps", "5",
            "--per-device-train-batch-size", "2", "--learning-rate", "1e-4", "--logging-steps", "1", "--seed", "7",
-           "--train-sampling-strategy", "sequential"]
+           "--train-sampling-strategy", "sequential"] + extra
     r = run(cmd)
     if r.returncode != 0:
         print(r.stdout[-2000:] + r.stderr[-3000:])
@@ -57,16 +61,17 @@ def losses(dpo2d: str, model: Path, data: Path, device: str, out: Path) -> list[
     return [x["loss"] for x in recs if "loss" in x and "train_runtime" not in x]
 
 
-def check_tiny_run(dpo2d: str, work: Path) -> bool:
+def check_tiny_run(dpo2d: str, work: Path, extra: list[str], tag: str) -> bool:
     model = work / "tiny"
-    tiny_model(model)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_trl_gpu as b
-
     data = work / "tiny-pairs.jsonl"
-    b.write_pairs(data, 10, 20, 30)
-    cpu = losses(dpo2d, model, data, "cpu", work / "run-cpu")
-    gpu = losses(dpo2d, model, data, "cuda", work / "run-cuda")
+    if not model.exists():
+        tiny_model(model)
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import bench_trl_gpu as b
+
+        b.write_pairs(data, 10, 20, 30)
+    cpu = losses(dpo2d, model, data, "cpu", work / f"run-{tag}-cpu", extra)
+    gpu = losses(dpo2d, model, data, "cuda", work / f"run-{tag}-cuda", extra)
     print(f"losses cpu:  {cpu}\nlosses cuda: {gpu}")
     if len(cpu) != 5 or len(gpu) != 5:
         return False
@@ -106,11 +111,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dpo2d", default="target-cuda/release/dpo2d")
     p.add_argument("--model", help="SmolLM2 (directory or .gguf) for the log-prob and generation checks")
-    p.add_argument("--only", default="kernels,tiny,logprobs,generate")
+    p.add_argument("--only", default="kernels,tiny,tiny-lora,logprobs,generate")
     a = p.parse_args()
     checks = {
         "kernels": lambda w: check_kernels(a.dpo2d),
-        "tiny": lambda w: check_tiny_run(a.dpo2d, w),
+        "tiny": lambda w: check_tiny_run(a.dpo2d, w, [], "full"),
+        "tiny-lora": lambda w: check_tiny_run(a.dpo2d, w, LORA, "lora"),
         "logprobs": lambda w: check_logprobs(a.dpo2d, a.model),
         "generate": lambda w: check_generate(a.dpo2d, a.model),
     }

@@ -86,8 +86,19 @@ impl Linear {
     /// The weight and its gradient sink, when the layer can join a fused
     /// graph node: it trains in full, with no bias and no LoRA adapter.
     fn fused_param(&self) -> Option<kernels::Param<'_>> {
+        match self.fused_projection()? {
+            (w, Some(s)) => Some((w, s)),
+            (_, None) => None,
+        }
+    }
+
+    /// The weight and, when it trains, its gradient sink, when the layer can
+    /// join a fused MLP: no bias, no LoRA adapter, and the weight either
+    /// trains in full or is frozen (a LoRA run's base weight).
+    fn fused_projection(&self) -> Option<kernels::mlp::Projection<'_>> {
         match (&self.sink, &self.lora, &self.bias) {
-            (Some(s), None, None) => Some((&self.weight, s)),
+            (Some(s), None, None) => Some((&self.weight, Some(s))),
+            (None, None, None) if !self.weight.track_op() => Some((&self.weight, None)),
             _ => None,
         }
     }
@@ -231,10 +242,11 @@ impl Attention {
     }
 }
 
-/// Whether `x` goes through the fused CPU graph nodes: it takes part in
-/// autograd, on the CPU, in f32/f64, in the dtype of the weights.
-fn trains_on_cpu_kernels(x: &Tensor, weight: &Tensor) -> bool {
-    kernels::supports(x) && x.track_op() && x.dtype() == weight.dtype()
+/// Whether `x` goes through the fused graph nodes: it takes part in
+/// autograd, where the fused kernels run (the CPU in f32/f64, a GPU in
+/// f32/bf16), in the dtype of the weights.
+fn trains_on_fused_kernels(x: &Tensor, weight: &Tensor) -> bool {
+    kernels::fused(x) && x.track_op() && x.dtype() == weight.dtype()
 }
 
 struct Mlp {
@@ -257,17 +269,25 @@ impl Mlp {
         Ok(Mlp { gate: self.gate.frozen()?, up: self.up.frozen()?, down: self.down.frozen()? })
     }
 
-    /// The three weights with their gradient sinks, when all can join a fused node.
+    /// The three weights (with their gradient sinks when they train), when
+    /// all can join a fused node.
     fn fused_weights(&self) -> Option<kernels::mlp::MlpWeights<'_>> {
-        Some(kernels::mlp::MlpWeights { gate: self.gate.fused_param()?, up: self.up.fused_param()?, down: self.down.fused_param()? })
+        let (gate, up, down) = (self.gate.fused_projection()?, self.up.fused_projection()?, self.down.fused_projection()?);
+        Some(kernels::mlp::MlpWeights { gate, up, down })
     }
 
-    /// SwiGLU: `down(silu(gate(x)) * up(x))`; one graph node when all three
-    /// weights train in full on the CPU ([`kernels::mlp`]).
+    /// SwiGLU: `down(silu(gate(x)) * up(x))`; one graph node when it trains
+    /// where the fused kernels run and each weight trains in full or is
+    /// frozen ([`kernels::mlp`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(w) = self.fused_weights().filter(|_| trains_on_cpu_kernels(x, &self.gate.weight)) {
+        if let Some(w) = self.fused_weights().filter(|_| trains_on_fused_kernels(x, &self.gate.weight)) {
             return Ok(kernels::mlp::swiglu_mlp(x, w)?);
         }
+        self.forward_composed(x)
+    }
+
+    /// The MLP from linear layers and the SwiGLU op.
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate.forward(x)?;
         let up = self.up.forward(x)?;
         self.down.forward(&ops::swiglu(&gate, &up)?)
@@ -329,7 +349,8 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, ctx: &LayerCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
-        if cache.is_none() && trains_on_cpu_kernels(x, &self.input_norm.weight) {
+        // The block's node runs the CPU's rotary kernel: CPU only.
+        if cache.is_none() && kernels::supports(x) && trains_on_fused_kernels(x, &self.input_norm.weight) {
             if let Some((w, shape)) = self.fused_weights() {
                 return Ok(kernels::block::decoder_block(
                     x,
@@ -1226,6 +1247,32 @@ pub(crate) mod tests {
             let (a, b) = (a.as_ref().expect(name), b.as_ref().expect(name));
             assert!(maxdiff(a, b) < 1e-11, "{name}: {}", maxdiff(a, b));
         }
+    }
+
+    /// In a LoRA run on attention only, the MLP's weights are frozen and it
+    /// is one graph node: same output and input gradient as the composed
+    /// ops. With an adapter on one of its projections it stays composed.
+    #[test]
+    fn frozen_mlp_is_one_node_with_the_composed_gradient() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), true, false, DType::F64);
+        let lora = |targets: Vec<LoraTarget>| LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets, seed: 3 };
+        let m = CausalLM::load(dir.path(), &LoadOptions { lora: Some(lora(vec![LoraTarget::Q, LoraTarget::V])), ..opts64() }).unwrap();
+        let mlp = &m.layers[0].mlp;
+        assert!(mlp.fused_weights().is_some_and(|w| w.gate.1.is_none() && w.up.1.is_none() && w.down.1.is_none()));
+        let h = mlp.gate.weight.dim(1).unwrap();
+        let x = candle_core::Var::from_tensor(&det(&[2, 5, h], 4, DType::F64)).unwrap();
+        let proj = det(&[2, 5, h], 6, DType::F64);
+        let run = |y: Tensor| {
+            let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(&x).unwrap().clone())
+        };
+        let (y_fused, g_fused) = run(mlp.forward(&x).unwrap());
+        let (y_plain, g_plain) = run(mlp.forward_composed(&x).unwrap());
+        assert!(maxdiff(&y_fused, &y_plain) < 1e-12);
+        assert!(maxdiff(&g_fused, &g_plain) < 1e-12);
+        let up_adapted = CausalLM::load(dir.path(), &LoadOptions { lora: Some(lora(vec![LoraTarget::Up])), ..opts64() }).unwrap();
+        assert!(up_adapted.layers[0].mlp.fused_weights().is_none());
     }
 
     /// Finite-difference check of d(sum of token log-probs)/d(weights) for the whole tiny model.

@@ -147,27 +147,17 @@ impl LoraRuntime {
         }
     }
 
-    /// Inverted-dropout mask shaped like `x` (values 0 or 1/(1-p)).
+    /// Inverted-dropout mask shaped like `x` (values 0 or 1/(1-p)), drawn
+    /// on `x`'s device ([`crate::kernels::dropout`]); the stream moves on
+    /// past it.
     fn dropout_mask(&self, x: &Tensor, p: f64) -> Result<Tensor> {
-        let n = x.elem_count();
-        let keep = 1.0 / (1.0 - p);
-        let mut state = self.rng.lock().map_err(|_| anyhow::anyhow!("LoRA RNG lock poisoned"))?;
-        // splitmix64: masks for millions of activations per step must be cheap;
-        // each 64-bit draw gives two 32-bit uniforms.
-        let thresh = (p * 4294967296.0) as u64;
-        let mut v: Vec<f32> = Vec::with_capacity(n + 1);
-        let keep = keep as f32;
-        while v.len() < n {
-            *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = *state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            v.push(if (z & 0xffff_ffff) < thresh { 0.0 } else { keep });
-            v.push(if (z >> 32) < thresh { 0.0 } else { keep });
-        }
-        v.truncate(n);
-        Ok(Tensor::from_vec(v, x.dims(), x.device())?.to_dtype(x.dtype())?)
+        let start = {
+            let mut state = self.rng.lock().map_err(|_| anyhow::anyhow!("LoRA RNG lock poisoned"))?;
+            let start = *state;
+            *state = crate::kernels::dropout::DropoutMask::next_start(start, x.elem_count());
+            start
+        };
+        Ok(crate::kernels::dropout::mask_like(&x.detach(), start, p)?)
     }
 }
 

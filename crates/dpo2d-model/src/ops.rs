@@ -278,7 +278,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// (0 or -inf), `[B or 1, 1, .., Tq, Tk]` against scores `[B, .., Tq, Tk]`.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
     if kernels::fused(scores) && mask.dtype() == scores.dtype() {
-        return scores.contiguous()?.apply_op1(kernels::softmax::MaskedSoftmax { mask: mask.contiguous()? });
+        return scores.contiguous()?.apply_op1(kernels::softmax::MaskedSoftmax { mask: mask.contiguous()?, scale: 1.0 });
     }
     softmax_last_dim(&scores.broadcast_add(mask)?)
 }
@@ -312,9 +312,11 @@ fn strided_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// [`attention_plain`], as one graph node with a written-out backward
-/// ([`kernels::attention`]) when it trains on the CPU in f32/f64.
+/// ([`kernels::attention`]) when it trains where the fused kernels run (the
+/// CPU in f32/f64, a GPU in f32/bf16): the graph then keeps the
+/// probabilities but not the scores, and backward forms each gradient once.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    if kernels::supports(q) && (tracked(q) || tracked(k) || tracked(v)) && mask.dtype() == q.dtype() {
+    if kernels::fused(q) && (tracked(q) || tracked(k) || tracked(v)) && mask.dtype() == q.dtype() {
         return kernels::attention::attention(q, k, v, mask, scale);
     }
     attention_plain(q, k, v, mask, scale)
@@ -377,7 +379,23 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if kernels::supports(x) && cos.dtype() == x.dtype() && sin.dtype() == x.dtype() {
         return x.contiguous()?.apply_op1(kernels::rope::RopeHeads { cos: cos.contiguous()?, sin: sin.contiguous()? });
     }
-    rope(&x.transpose(1, 2)?.contiguous()?, cos, sin)
+    if !fast_ok(x) || cos.dtype() != x.dtype() {
+        return rope_plain(&x.transpose(1, 2)?.contiguous()?, cos, sin);
+    }
+    // One graph node over the projection's output (as on a GPU): the
+    // transposed copy that the rotation reads is not kept for backward,
+    // which rotates the gradient back and needs no input.
+    let out = rope(&x.detach().transpose(1, 2)?, cos, sin)?;
+    if !tracked(x) {
+        return Ok(out);
+    }
+    let (cos, neg_sin) = (cos.contiguous()?, sin.neg()?.contiguous()?);
+    let op = Precomputed::new(
+        "dpo2d-rope-heads",
+        out,
+        Box::new(move |_args, g| Ok(vec![Some(candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)?.transpose(1, 2)?)])),
+    );
+    x.apply_op1(op)
 }
 
 // ---------------------------------------------------------------- linear
@@ -722,6 +740,27 @@ pub(crate) mod tests {
         let (c2, s2) = (c.clone(), s.clone());
         grad_check(&[x.clone()], &move |t| rope(&t[0], &c2, &s2), 1e-6);
         grad_check(&[x], &move |t| rope_plain(&t[0], &c, &s), 1e-6);
+    }
+
+    /// Outside the CPU kernels' dtypes (bf16 here, as on a GPU) the rotation
+    /// with the head transpose is one node with its own backward: the same
+    /// values and input gradient as the composed ops.
+    #[test]
+    fn rope_heads_node_matches_composed_in_bf16() {
+        let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let x = candle_core::Var::from_tensor(&bf(det(&[2, 5, 3, 8], 4, DType::F32))).unwrap();
+        let ang = (det(&[2, 5, 4], 5, DType::F32) * 3.0).unwrap();
+        let (c, s) = (bf(ang.cos().unwrap()), bf(ang.sin().unwrap()));
+        let proj = bf(det(&[2, 3, 5, 8], 6, DType::F32));
+        let run = |y: Tensor| {
+            let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(&x).unwrap().clone())
+        };
+        let (y, g) = run(rope_heads(&x, &c, &s).unwrap());
+        let (y_plain, g_plain) = run(rope_plain(&x.transpose(1, 2).unwrap().contiguous().unwrap(), &c, &s).unwrap());
+        assert_eq!(y.dims(), &[2, 3, 5, 8]);
+        close(&y, &y_plain, 2e-2);
+        close(&g, &g_plain, 2e-2);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! backward passes); on the CPU it checks the CPU kernels the same way.
 
 use crate::kernels::adamw::{self, AdamWStep};
+use crate::kernels::mlp;
 use crate::ops;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
@@ -98,6 +99,7 @@ fn mask(tq: usize, tk: usize) -> Result<Tensor> {
 fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<usize>)>> {
     let (b, t, h, heads, hd, v) = (2, 37, 200, 3, 18, 1003);
     let msk = mask(t, t)?;
+    let scale = 1.0 / (hd as f64).sqrt();
     let angles = (det(&[b, t, hd / 2], 9)? * 3.0)?;
     Ok(vec![
         (
@@ -117,7 +119,7 @@ fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<u
                 let alive = x[1].max_keepdim(candle_core::D::Minus1)?.ge(-1e29)?.to_dtype(x[0].dtype())?;
                 ops::softmax_plain(&x[0].broadcast_add(&finite)?)?.broadcast_mul(&alive)
             }),
-            vec![(det(&[b, 2, heads, t, t], 3)? * 4.0)?, msk],
+            vec![(det(&[b, 2, heads, t, t], 3)? * 4.0)?, msk.clone()],
             vec![0],
         ),
         (
@@ -126,6 +128,37 @@ fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<u
             Box::new(|x: &[Tensor]| ops::swiglu_plain(&x[0], &x[1])),
             vec![(det(&[b, t, 3 * h + 1], 4)? * 4.0)?, det(&[b, t, 3 * h + 1], 5)?],
             vec![0, 1],
+        ),
+        (
+            "attention",
+            Box::new(move |x: &[Tensor]| ops::attention(&x[0], &x[1], &x[2], &x[3], scale)),
+            Box::new(move |x: &[Tensor]| {
+                // Composed from primitives, with the masked softmax's conventions as above.
+                let (b, nh, t, d) = x[0].dims4()?;
+                let nkv = x[1].dim(1)?;
+                let q = (&x[0] * scale)?.reshape((b, nkv, nh / nkv * t, d))?;
+                let scores = q.matmul(&x[1].t()?)?.reshape((b, nkv, nh / nkv, t, t))?;
+                let finite = x[3].clamp(-1e30, 0.0)?;
+                let alive = x[3].max_keepdim(candle_core::D::Minus1)?.ge(-1e29)?.to_dtype(x[0].dtype())?;
+                let probs = ops::softmax_plain(&scores.broadcast_add(&finite)?)?.broadcast_mul(&alive)?;
+                let out = probs.reshape((b, nkv, nh / nkv * t, t))?.matmul(&x[2])?;
+                out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))
+            }),
+            vec![det(&[b, 2 * heads, t, hd], 13)?, det(&[b, 2, t, hd], 14)?, det(&[b, 2, t, hd], 15)?, msk],
+            vec![0, 1, 2],
+        ),
+        (
+            // Frozen weights, as the base of a LoRA run: only the input's gradient.
+            "swiglu_mlp",
+            Box::new(|x: &[Tensor]| {
+                mlp::swiglu_mlp(&x[0], mlp::MlpWeights { gate: (&x[1], None), up: (&x[2], None), down: (&x[3], None) })
+            }),
+            Box::new(|x: &[Tensor]| {
+                let proj = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t()?);
+                proj(&ops::swiglu_plain(&proj(&x[0], &x[1])?, &proj(&x[0], &x[2])?)?, &x[3])
+            }),
+            vec![det(&[b, t, h], 16)?, (det(&[257, h], 17)? * 0.2)?, (det(&[257, h], 18)? * 0.2)?, (det(&[h, 257], 19)? * 0.2)?],
+            vec![0],
         ),
         (
             "rope_heads",
@@ -181,6 +214,15 @@ fn check_sum_squares(dev: &Device, dt: DType) -> Result<f64> {
     Ok((got - want).abs() / want)
 }
 
+/// A dropout mask drawn on the device against the same mask drawn on the
+/// CPU: the stream is counter-based, so they agree bit for bit.
+fn check_dropout_mask(dev: &Device, dt: DType) -> Result<f64> {
+    let x = Tensor::zeros((3, 100_003), dt, dev)?;
+    let got = crate::kernels::dropout::mask_like(&x, 0xdead_beef, 0.1)?;
+    let want = crate::kernels::dropout::mask_like(&x.to_device(&Device::Cpu)?, 0xdead_beef, 0.1)?;
+    rel_err(&[got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?], &[want.to_dtype(DType::F64)?])
+}
+
 /// Runs every check on `dev` in f32 and bf16 (f32 only on the CPU, whose
 /// kernels take f32/f64).
 pub fn run(dev: &Device) -> Result<Vec<CheckRow>> {
@@ -197,6 +239,7 @@ pub fn run(dev: &Device) -> Result<Vec<CheckRow>> {
         // (f32 rounding of weights near 1 shows there at ~1e-4).
         rows.push(CheckRow { op: "adamw", dtype: dt, rel_err: check_adamw(dev, dt)?, tolerance: tolerance.max(5e-4) });
         rows.push(CheckRow { op: "sum_squares", dtype: dt, rel_err: check_sum_squares(dev, dt)?, tolerance: 1e-9 });
+        rows.push(CheckRow { op: "dropout_mask", dtype: dt, rel_err: check_dropout_mask(dev, dt)?, tolerance: 0.0 });
     }
     Ok(rows)
 }
@@ -206,7 +249,7 @@ mod tests {
     #[test]
     fn cpu_kernels_pass_the_device_check() {
         let rows = super::run(&candle_core::Device::Cpu).unwrap();
-        assert_eq!(rows.len(), 7);
+        assert_eq!(rows.len(), 10);
         for r in rows {
             assert!(r.passed(), "{r:?}");
         }

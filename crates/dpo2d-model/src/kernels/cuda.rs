@@ -107,8 +107,8 @@ template <typename T> __device__ void rmsnorm_dw(const T* x, const T* go, float*
     for (int j = threadIdx.x; j < h; j += blockDim.x) atomicAdd(dw + j, acc[j]);
 }
 
-// ---- Attention's masked softmax over rows of tk: one warp per row.
-template <typename T> __device__ void softmax_fwd(const T* x, const T* mask, T* y, u64 rows, int tk, int tq, u64 per_batch, int mask_batches) {
+// ---- Attention's masked softmax, softmax(scale * x + mask), over rows of tk: one warp per row.
+template <typename T> __device__ void softmax_fwd(const T* x, const T* mask, T* y, u64 rows, int tk, int tq, u64 per_batch, int mask_batches, float scale) {
     u64 row = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -116,18 +116,18 @@ template <typename T> __device__ void softmax_fwd(const T* x, const T* mask, T* 
     const T* m = mask + (b * tq + row % tq) * tk;
     const T* xr = x + row * tk;
     float mx = NEG_INF;
-    for (int j = lane; j < tk; j += 32) mx = fmaxf(mx, ld(xr, j) + ld(m, j));
+    for (int j = lane; j < tk; j += 32) mx = fmaxf(mx, scale * ld(xr, j) + ld(m, j));
     mx = warp_max(mx);
     if (mx == NEG_INF) {  // every key masked: zeros, not NaN
         for (int j = lane; j < tk; j += 32) st(y, row * tk + j, 0.0f);
         return;
     }
     float s = 0.0f;
-    for (int j = lane; j < tk; j += 32) s += expf(ld(xr, j) + ld(m, j) - mx);
+    for (int j = lane; j < tk; j += 32) s += expf(scale * ld(xr, j) + ld(m, j) - mx);
     float inv = 1.0f / warp_sum(s);
-    for (int j = lane; j < tk; j += 32) st(y, row * tk + j, expf(ld(xr, j) + ld(m, j) - mx) * inv);
+    for (int j = lane; j < tk; j += 32) st(y, row * tk + j, expf(scale * ld(xr, j) + ld(m, j) - mx) * inv);
 }
-template <typename T> __device__ void softmax_bwd(const T* y, const T* go, T* dx, u64 rows, int tk) {
+template <typename T> __device__ void softmax_bwd(const T* y, const T* go, T* dx, u64 rows, int tk, float scale) {
     u64 row = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -135,7 +135,7 @@ template <typename T> __device__ void softmax_bwd(const T* y, const T* go, T* dx
     float dot = 0.0f;
     for (int j = lane; j < tk; j += 32) dot += ld(y, o + j) * ld(go, o + j);
     dot = warp_sum(dot);
-    for (int j = lane; j < tk; j += 32) st(dx, o + j, ld(y, o + j) * (ld(go, o + j) - dot));
+    for (int j = lane; j < tk; j += 32) st(dx, o + j, scale * ld(y, o + j) * (ld(go, o + j) - dot));
 }
 
 // ---- Label log-probs over a chunk of logits [rows, v]: one block per row for the
@@ -220,6 +220,19 @@ template <typename G> __device__ void adamw_moments(float* mv, const G* g, u64 n
     }
 }
 
+// ---- Dropout masks: splitmix64 over the counter start + (j + 1) * GOLDEN, draw j's low
+// half for element 2j and its high half for element 2j + 1 (as kernels/dropout.rs on the CPU).
+template <typename T> __device__ void dropout_mask(T* out, u64 n, u64 start, u64 thresh, float keep) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        u64 z = start + 0x9e3779b97f4a7c15ull * (i / 2 + 1);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        u64 half = (i & 1) ? (z >> 32) : (z & 0xffffffffull);
+        st(out, i, half < thresh ? 0.0f : keep);
+    }
+}
+
 extern "C" __global__ void swiglu_fwd_f32(const float* g, const float* u, float* y, u64 n) { swiglu_fwd(g, u, y, n); }
 extern "C" __global__ void swiglu_fwd_bf16(const bf16* g, const bf16* u, bf16* y, u64 n) { swiglu_fwd(g, u, y, n); }
 extern "C" __global__ void swiglu_bwd_f32(const float* g, const float* u, const float* go, float* o, u64 n) { swiglu_bwd(g, u, go, o, n); }
@@ -230,10 +243,10 @@ extern "C" __global__ void rmsnorm_dx_f32(const float* x, const float* w, const 
 extern "C" __global__ void rmsnorm_dx_bf16(const bf16* x, const bf16* w, const bf16* g, bf16* dx, int h, float eps) { rmsnorm_dx(x, w, g, dx, h, eps); }
 extern "C" __global__ void rmsnorm_dw_f32(const float* x, const float* g, float* dw, int rows, int h, float eps, int pb) { rmsnorm_dw(x, g, dw, rows, h, eps, pb); }
 extern "C" __global__ void rmsnorm_dw_bf16(const bf16* x, const bf16* g, float* dw, int rows, int h, float eps, int pb) { rmsnorm_dw(x, g, dw, rows, h, eps, pb); }
-extern "C" __global__ void softmax_fwd_f32(const float* x, const float* m, float* y, u64 rows, int tk, int tq, u64 pb, int mb) { softmax_fwd(x, m, y, rows, tk, tq, pb, mb); }
-extern "C" __global__ void softmax_fwd_bf16(const bf16* x, const bf16* m, bf16* y, u64 rows, int tk, int tq, u64 pb, int mb) { softmax_fwd(x, m, y, rows, tk, tq, pb, mb); }
-extern "C" __global__ void softmax_bwd_f32(const float* y, const float* g, float* dx, u64 rows, int tk) { softmax_bwd(y, g, dx, rows, tk); }
-extern "C" __global__ void softmax_bwd_bf16(const bf16* y, const bf16* g, bf16* dx, u64 rows, int tk) { softmax_bwd(y, g, dx, rows, tk); }
+extern "C" __global__ void softmax_fwd_f32(const float* x, const float* m, float* y, u64 rows, int tk, int tq, u64 pb, int mb, float sc) { softmax_fwd(x, m, y, rows, tk, tq, pb, mb, sc); }
+extern "C" __global__ void softmax_fwd_bf16(const bf16* x, const bf16* m, bf16* y, u64 rows, int tk, int tq, u64 pb, int mb, float sc) { softmax_fwd(x, m, y, rows, tk, tq, pb, mb, sc); }
+extern "C" __global__ void softmax_bwd_f32(const float* y, const float* g, float* dx, u64 rows, int tk, float sc) { softmax_bwd(y, g, dx, rows, tk, sc); }
+extern "C" __global__ void softmax_bwd_bf16(const bf16* y, const bf16* g, bf16* dx, u64 rows, int tk, float sc) { softmax_bwd(y, g, dx, rows, tk, sc); }
 extern "C" __global__ void adamw_moments_f32(float* mv, const float* g, u64 n, float b1, float b2, float c1, float c2, float s) { adamw_moments(mv, g, n, b1, b2, c1, c2, s); }
 extern "C" __global__ void adamw_moments_bf16(float* mv, const bf16* g, u64 n, float b1, float b2, float c1, float c2, float s) { adamw_moments(mv, g, n, b1, b2, c1, c2, s); }
 extern "C" __global__ void label_pick_f32(const float* l, const unsigned* lab, float* o, u64 rows, u64 v) { label_pick(l, lab, o, rows, v); }
@@ -242,6 +255,8 @@ extern "C" __global__ void logit_grads_f32(const float* l, const unsigned* lab, 
 extern "C" __global__ void logit_grads_bf16(const bf16* l, const unsigned* lab, const float* lg, bf16* o, u64 rows, u64 v) { logit_grads(l, lab, lg, o, rows, v); }
 extern "C" __global__ void sum_squares_f32(const float* x, u64 n, double* out) { sum_squares(x, n, out); }
 extern "C" __global__ void sum_squares_bf16(const bf16* x, u64 n, double* out) { sum_squares(x, n, out); }
+extern "C" __global__ void dropout_mask_f32(float* o, u64 n, u64 s, u64 t, float k) { dropout_mask(o, n, s, t, k); }
+extern "C" __global__ void dropout_mask_bf16(bf16* o, u64 n, u64 s, u64 t, float k) { dropout_mask(o, n, s, t, k); }
 extern "C" __global__ void adamw_update(float* p, const float* mv, u64 n, float decay, float step_size, float inv_bc2_sqrt, float eps) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         p[i] = p[i] * decay - step_size * mv[i] / (sqrtf(mv[n + i]) * inv_bc2_sqrt + eps);
@@ -508,8 +523,15 @@ impl CustomOp2 for RmsNormDw {
 
 // ------------------------------------------------------------ masked softmax
 
-/// The masked softmax's forward; the geometry as the CPU kernel reads it.
-pub(super) fn softmax_fwd(xs: &CudaStorage, xl: &Layout, mask: &Tensor, geo: (usize, usize, usize, usize)) -> Result<(CudaStorage, Shape)> {
+/// The masked softmax's forward, `softmax(scale * x + mask)`; the geometry
+/// as the CPU kernel reads it.
+pub(super) fn softmax_fwd(
+    xs: &CudaStorage,
+    xl: &Layout,
+    mask: &Tensor,
+    geo: (usize, usize, usize, usize),
+    scale: f64,
+) -> Result<(CudaStorage, Shape)> {
     let (tq, tk, per_batch, mask_batches) = geo;
     let dev = xs.device();
     let n = xl.shape().elem_count();
@@ -519,8 +541,8 @@ pub(super) fn softmax_fwd(xs: &CudaStorage, xl: &Layout, mask: &Tensor, geo: (us
     let y = with_elem!(xs.dtype(), "masked softmax", T => {
         let (x, m) = (view::<T>(xs, xl, "masked softmax")?, view::<T>(ms, ml, "masked softmax")?);
         let y = unsafe { dev.alloc::<T>(n)? };
-        let (tki, tqi, mbi) = (tk as i32, tq as i32, mask_batches as i32);
-        launch!(dev, &named::<T>("softmax_fwd"), warp_rows(rows); &x, &m, &y, &rows, &tki, &tqi, &per_batch, &mbi);
+        let (tki, tqi, mbi, sc) = (tk as i32, tq as i32, mask_batches as i32, scale as f32);
+        launch!(dev, &named::<T>("softmax_fwd"), warp_rows(rows); &x, &m, &y, &rows, &tki, &tqi, &per_batch, &mbi, &sc);
         wrap(y, dev)
     });
     Ok((y, xl.shape().clone()))
@@ -531,36 +553,34 @@ fn warp_rows(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// The softmax's input gradient `y * (g - sum(g * y))` (inputs y, g).
-pub(super) struct SoftmaxGrad;
+/// The masked softmax's input gradient `scale * y * (g - sum(g * y))` from
+/// its result `y` and the incoming gradient `g` (rows of the last dim).
+pub(super) fn softmax_bwd(ys: &CudaStorage, yl: &Layout, gs: &CudaStorage, gl: &Layout, scale: f64) -> Result<(CudaStorage, Shape)> {
+    let what = "masked softmax backward";
+    let dev = ys.device();
+    let n = yl.shape().elem_count();
+    let tk = *yl.dims().last().unwrap_or(&1);
+    let rows = n / tk.max(1);
+    let dx = with_elem!(ys.dtype(), what, T => {
+        let (y, g) = (view::<T>(ys, yl, what)?, view::<T>(gs, gl, what)?);
+        let dx = unsafe { dev.alloc::<T>(n)? };
+        let (tki, sc) = (tk as i32, scale as f32);
+        launch!(dev, &named::<T>("softmax_bwd"), warp_rows(rows); &y, &g, &dx, &rows, &tki, &sc);
+        wrap(dx, dev)
+    });
+    Ok((dx, yl.shape().clone()))
+}
 
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "dpo2d-softmax-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("{}: CUDA only", self.name())
-    }
-    fn cuda_fwd(&self, ys: &CudaStorage, yl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = ys.device();
-        let n = yl.shape().elem_count();
-        let tk = *yl.dims().last().unwrap_or(&1);
-        let rows = n / tk.max(1);
-        let dx = with_elem!(ys.dtype(), self.name(), T => {
-            let (y, g) = (view::<T>(ys, yl, self.name())?, view::<T>(gs, gl, self.name())?);
-            let dx = unsafe { dev.alloc::<T>(n)? };
-            let tki = tk as i32;
-            launch!(dev, &named::<T>("softmax_bwd"), warp_rows(rows); &y, &g, &dx, &rows, &tki);
-            wrap(dx, dev)
-        });
-        Ok((dx, yl.shape().clone()))
-    }
+// ------------------------------------------------------------ dropout masks
+
+/// A dropout mask of `n` elements on `dev` ([`super::dropout`] says which).
+pub(super) fn dropout_mask(dev: &CudaDevice, dtype: DType, n: usize, start: u64, thresh: u64, keep: f64) -> Result<CudaStorage> {
+    Ok(with_elem!(dtype, "dropout mask", T => {
+        let out = unsafe { dev.alloc::<T>(n.max(1))? };
+        let k = keep as f32;
+        launch!(dev, &named::<T>("dropout_mask"), flat(n); &out, &n, &start, &thresh, &k);
+        wrap(out, dev)
+    }))
 }
 
 // ------------------------------------------------------------ label log-probs

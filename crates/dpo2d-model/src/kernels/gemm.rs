@@ -1,24 +1,24 @@
-//! Matrix products straight through the `gemm` crate, for the fused
-//! graph nodes ([`super::mlp`], [`super::block`]).
+//! Matrix products for the fused graph nodes ([`super::attention`],
+//! [`super::mlp`], [`super::block`]): on the CPU in f32/f64 straight through
+//! the `gemm` crate, elsewhere (a GPU) through candle's products (cuBLAS).
 //!
-//! Why: candle's matmul fills every result with zeros on the calling thread
-//! (while the other threads wait) before gemm overwrites it, and a sum of
-//! products costs a separate result and an add per term. Here the result is
-//! written once, and the terms of a sum accumulate into one buffer (gemm's
-//! `dst = dst + a b`).
+//! Why: candle's CPU matmul fills every result with zeros on the calling
+//! thread (while the other threads wait) before gemm overwrites it, and a
+//! sum of products costs a separate result and an add per term. Here the
+//! result is written once, and the terms of a sum accumulate into one
+//! buffer (gemm's `dst = dst + a b`).
 
 use super::{tensor, with_float};
 use candle_core::{bail, Result, Storage, Tensor};
 
-/// `a @ b` for f32/f64 CPU tensors (any strides): `[.., m, k] @ [.., k, n]`
-/// with the same leading (batch) dims.
+/// `a @ b`: `[.., m, k] @ [.., k, n]` with the same leading (batch) dims,
+/// any strides.
 pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     matmul_sum(&[(a, b)])
 }
 
-/// `sum_i a_i @ b_i` for f32/f64 CPU tensors (any strides) of one dtype,
-/// every `a_i` `[.., m, k_i]` and `b_i` `[.., k_i, n]` with the same leading
-/// (batch) dims.
+/// `sum_i a_i @ b_i` for tensors of one dtype (any strides), every `a_i`
+/// `[.., m, k_i]` and `b_i` `[.., k_i, n]` with the same leading (batch) dims.
 pub(crate) fn matmul_sum(terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
     let Some((a0, b0)) = terms.first() else { bail!("matmul_sum: no terms") };
     let rank = a0.rank();
@@ -36,9 +36,13 @@ pub(crate) fn matmul_sum(terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
             && a.dims()[rank - 2] == m
             && b.dims()[rank - 1] == n
             && a.dims()[rank - 1] == b.dims()[rank - 2];
-        if !fits || a.dtype() != dtype || b.dtype() != dtype || !a.device().is_cpu() || !b.device().is_cpu() {
-            bail!("matmul_sum: {:?} @ {:?} does not fit {:?} x [{m}, {n}] {dtype:?} on the CPU", a.dims(), b.dims(), batch_dims);
+        if !fits || a.dtype() != dtype || b.dtype() != dtype || !a.device().same_device(a0.device()) || !b.device().same_device(a0.device())
+        {
+            bail!("matmul_sum: {:?} @ {:?} does not fit {:?} x [{m}, {n}] {dtype:?} on one device", a.dims(), b.dims(), batch_dims);
         }
+    }
+    if !super::supports(a0) {
+        return candle_sum(terms);
     }
     let batches: usize = batch_dims.iter().product();
     let threads = candle_core::utils::get_num_threads();
@@ -115,9 +119,30 @@ pub(crate) fn matmul_sum(terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
     })
 }
 
+/// The sum of products through candle's matmul (cuBLAS on a GPU): for
+/// devices and dtypes that gemm does not serve here.
+fn candle_sum(terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
+    let mut sum: Option<Tensor> = None;
+    for (a, b) in terms {
+        // A backend that cannot take an operand's strides gets a contiguous copy.
+        let p = match a.matmul(b) {
+            Ok(p) => p,
+            Err(_) => a.contiguous()?.matmul(&b.contiguous()?)?,
+        };
+        sum = Some(match sum {
+            Some(s) => (s + p)?,
+            None => p,
+        });
+    }
+    match sum {
+        Some(s) => Ok(s),
+        None => bail!("matmul_sum: no terms"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{matmul, matmul_sum};
+    use super::{candle_sum, matmul, matmul_sum};
     use crate::test_support::{det, max_abs_diff};
     use candle_core::DType;
 
@@ -153,6 +178,22 @@ mod tests {
             assert!(max_abs_diff(&matmul_sum(&[(&q, &kt), (&p, &kt)]).unwrap(), &both) < tol);
         }
         assert!(matmul(&det(&[2, 3, 4], 1, DType::F32), &det(&[3, 4, 5], 2, DType::F32)).is_err());
+    }
+
+    /// The path other devices take (candle's products), held to gemm's on
+    /// the same views; bf16 (which gemm does not serve here) takes it on the CPU.
+    #[test]
+    fn candle_path_matches_gemm_path() {
+        let tol = 1e-4;
+        let q = det(&[2, 3, 11, 4], 1, DType::F32);
+        let kt = det(&[2, 3, 9, 4], 2, DType::F32).t().unwrap();
+        let p = det(&[2, 3, 4, 11], 3, DType::F32).t().unwrap();
+        let want = matmul_sum(&[(&q, &kt), (&p, &kt)]).unwrap();
+        assert!(max_abs_diff(&candle_sum(&[(&q, &kt), (&p, &kt)]).unwrap(), &want) < tol);
+        let bf = |t: &candle_core::Tensor| t.to_dtype(DType::BF16).unwrap();
+        let got = matmul_sum(&[(&bf(&q), &bf(&kt)), (&bf(&p), &bf(&kt))]).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        assert!(max_abs_diff(&got.to_dtype(DType::F32).unwrap(), &want) < 5e-2);
     }
 
     #[test]

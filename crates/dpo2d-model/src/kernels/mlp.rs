@@ -1,30 +1,35 @@
 //! The SwiGLU MLP, `down(silu(gate(x)) * up(x))`, as one graph node when
-//! its three weights train in full (their gradients go to their
-//! [`GradSink`]s).
+//! each of its three weights either trains in full (its gradient goes to
+//! its [`GradSink`]) or is frozen (LoRA's base weights: no gradient formed).
 //!
 //! Why: as three linear nodes and a SwiGLU node, candle's backward gives
 //! the gate's, the up projection's and the SwiGLU's outputs (each
 //! `[tokens x intermediate]`) a zeroed gradient buffer and adds into it, on
 //! one thread, and adds the two gradients that reach `x`; here the
-//! gradients are formed once, in gemm's threads and the fused SwiGLU kernel.
+//! gradients are formed once, in gemm's threads (cuBLAS on a GPU) and the
+//! fused SwiGLU kernel. With a frozen down projection the graph does not
+//! keep the SwiGLU's output either (only its weight gradient reads it).
 //!
 //! Backward, with `a = silu(g) * u` the SwiGLU's output and `dy` the
 //! output's gradient: `da = dy Wd`, `dWd = dy^T a`, `(dg, du)` from the
 //! SwiGLU kernel, `dWg = dg^T x`, `dWu = du^T x`, `dx = dg Wg + du Wu`.
 
 use super::gemm::{matmul, matmul_sum};
-use super::swiglu::SwiGlu;
-use super::Param;
+use super::swiglu::{self, SwiGlu};
 use crate::ops::{precomputed1, tracked, GradSink};
-use candle_core::{bail, CustomOp2, Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 use std::sync::Arc;
 
-/// The MLP's weights (`[out, in]`, as in Hugging Face checkpoints), each
-/// with the sink that receives its gradient.
+/// A projection's weight (`[out, in]`, as in Hugging Face checkpoints) and,
+/// when it trains in full, the sink that receives its gradient (`None`:
+/// frozen).
+pub type Projection<'a> = (&'a Tensor, Option<&'a Arc<GradSink>>);
+
+/// The MLP's three projections.
 pub struct MlpWeights<'a> {
-    pub gate: Param<'a>,
-    pub up: Param<'a>,
-    pub down: Param<'a>,
+    pub gate: Projection<'a>,
+    pub up: Projection<'a>,
+    pub down: Projection<'a>,
 }
 
 /// `x`: `[.., hidden]`; returns `[.., hidden]`.
@@ -39,15 +44,16 @@ pub fn swiglu_mlp(x: &Tensor, w: MlpWeights) -> Result<Tensor> {
 
 /// What backward needs from the forward pass (all detached).
 pub(crate) struct Saved {
-    /// The input as `[rows, hidden]`, and its shape.
+    /// The input as `[rows, hidden]` (the graph holds it anyway), and its shape.
     x: Tensor,
     dims: Vec<usize>,
-    /// The gate's and the up projection's outputs, and the SwiGLU's.
+    /// The gate's and the up projection's outputs.
     g: Tensor,
     u: Tensor,
-    a: Tensor,
+    /// The SwiGLU's output, kept only for a down projection that trains.
+    a: Option<Tensor>,
     weights: [Tensor; 3],
-    sinks: [Arc<GradSink>; 3],
+    sinks: [Option<Arc<GradSink>>; 3],
 }
 
 /// The forward pass outside autograd: the output and what
@@ -66,23 +72,29 @@ pub(crate) fn forward(x: &Tensor, w: MlpWeights) -> Result<(Tensor, Saved)> {
     let u = matmul(&x, &wu.t()?)?;
     let a = g.apply_op2_no_bwd(&u, &SwiGlu)?;
     let y = matmul(&a, &wd.t()?)?.reshape(dims.as_slice())?;
-    let sinks = [w.gate.1.clone(), w.up.1.clone(), w.down.1.clone()];
+    let sinks = [w.gate.1.cloned(), w.up.1.cloned(), w.down.1.cloned()];
+    let a = sinks[2].is_some().then_some(a);
     Ok((y, Saved { x, dims, g, u, a, weights: [wg, wu, wd], sinks }))
 }
 
 impl Saved {
-    /// The input's gradient from the output's `dy`; the weights' gradients
-    /// go to their sinks.
+    /// The input's gradient from the output's `dy`; the trained weights'
+    /// gradients go to their sinks.
     pub(crate) fn backward(&self, dy: &Tensor) -> Result<Tensor> {
         let [wg, wu, wd] = &self.weights;
+        let [s_gate, s_up, s_down] = &self.sinks;
         let dy = dy.reshape(self.x.dims())?;
         let da = matmul(&dy, wd)?;
-        self.sinks[2].add(matmul(&dy.t()?, &self.a)?)?;
-        let (dg, du) = SwiGlu.bwd(&self.g, &self.u, &self.a, &da)?;
-        let (dg, du) = (dg.expect("swiglu gives both gradients"), du.expect("swiglu gives both gradients"));
+        if let (Some(sink), Some(a)) = (s_down, &self.a) {
+            sink.add(matmul(&dy.t()?, a)?)?;
+        }
+        let (dg, du) = swiglu::backward_tensors(&self.g, &self.u, &da)?;
         drop(da);
-        self.sinks[0].add(matmul(&dg.t()?, &self.x)?)?;
-        self.sinks[1].add(matmul(&du.t()?, &self.x)?)?;
+        for (sink, d) in [(s_gate, &dg), (s_up, &du)] {
+            if let Some(sink) = sink {
+                sink.add(matmul(&d.t()?, &self.x)?)?;
+            }
+        }
         let dx = matmul_sum(&[(&dg, wg), (&du, wu)])?;
         dx.reshape(self.dims.as_slice())
     }
@@ -97,33 +109,48 @@ mod tests {
     use std::sync::Arc;
 
     /// The fused MLP and the composed one (linear, SwiGLU, linear) agree on
-    /// the output, the input's gradient and every weight's.
+    /// the output, the input's gradient and every trained weight's, with
+    /// all weights trained, all frozen (LoRA's base), and a mix.
     #[test]
     fn matches_composed_values_and_gradients() {
-        for (rows, h, im, dt, tol) in [(vec![2, 5], 4, 7, DType::F64, 1e-12), (vec![37], 24, 64, DType::F32, 1e-5)] {
-            let x = Var::from_tensor(&det(&[rows.clone(), vec![h]].concat(), 1, dt)).unwrap();
-            let ws: Vec<Var> =
-                [(im, h, 2), (im, h, 3), (h, im, 4)].iter().map(|&(o, i, s)| Var::from_tensor(&det(&[o, i], s, dt)).unwrap()).collect();
-            let proj = det(x.dims(), 77, dt);
+        for trains in [[true; 3], [false; 3], [true, false, false], [false, true, true]] {
+            for (rows, h, im, dt, tol) in [(vec![2, 5], 4, 7, DType::F64, 1e-12), (vec![37], 24, 64, DType::F32, 1e-5)] {
+                let x = Var::from_tensor(&det(&[rows.clone(), vec![h]].concat(), 1, dt)).unwrap();
+                let ws: Vec<Var> =
+                    [(im, h, 2), (im, h, 3), (h, im, 4)].iter().map(|&(o, i, s)| Var::from_tensor(&det(&[o, i], s, dt)).unwrap()).collect();
+                // A frozen weight is a plain tensor outside autograd.
+                let weights: Vec<Tensor> =
+                    ws.iter().zip(trains).map(|(w, t)| if t { w.as_tensor().clone() } else { w.as_tensor().detach() }).collect();
+                let proj = det(x.dims(), 77, dt);
 
-            let composed =
-                linear(&swiglu(&linear(&x, &ws[0], None).unwrap(), &linear(&x, &ws[1], None).unwrap()).unwrap(), &ws[2], None).unwrap();
-            let store = (&composed * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+                let composed = linear(
+                    &swiglu(&linear(&x, &weights[0], None).unwrap(), &linear(&x, &weights[1], None).unwrap()).unwrap(),
+                    &weights[2],
+                    None,
+                )
+                .unwrap();
+                let store = (&composed * &proj).unwrap().sum_all().unwrap().backward().unwrap();
 
-            let sinks: Vec<Arc<GradSink>> = (0..3).map(|_| Arc::new(GradSink::default())).collect();
-            let weights = MlpWeights { gate: (&ws[0], &sinks[0]), up: (&ws[1], &sinks[1]), down: (&ws[2], &sinks[2]) };
-            let fused = swiglu_mlp(&x, weights).unwrap();
-            let fused_store = (&fused * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+                let sinks: Vec<Arc<GradSink>> = (0..3).map(|_| Arc::new(GradSink::default())).collect();
+                let p = |i: usize| (&weights[i], trains[i].then_some(&sinks[i]));
+                let fused = swiglu_mlp(&x, MlpWeights { gate: p(0), up: p(1), down: p(2) }).unwrap();
+                let fused_store = (&fused * &proj).unwrap().sum_all().unwrap().backward().unwrap();
 
-            let scale = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1.0);
-            let close = |a: &Tensor, b: &Tensor, what: &str| {
-                let d = max_abs_diff(a, b);
-                assert!(d <= tol * scale(b), "{what}: max abs diff {d}");
-            };
-            close(&fused, &composed, "value");
-            close(fused_store.get(&x).unwrap(), store.get(&x).unwrap(), "input gradient");
-            for (i, (w, s)) in ws.iter().zip(&sinks).enumerate() {
-                close(&s.take().expect("the sink got a gradient"), store.get(w).unwrap(), &format!("weight {i} gradient"));
+                let scale =
+                    |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1.0);
+                let close = |a: &Tensor, b: &Tensor, what: &str| {
+                    let d = max_abs_diff(a, b);
+                    assert!(d <= tol * scale(b), "{what} ({trains:?}): max abs diff {d}");
+                };
+                close(&fused, &composed, "value");
+                close(fused_store.get(&x).unwrap(), store.get(&x).unwrap(), "input gradient");
+                for (i, (w, s)) in weights.iter().zip(&sinks).enumerate() {
+                    match (trains[i], s.take()) {
+                        (true, Some(g)) => close(&g, store.get(w).unwrap(), &format!("weight {i} gradient")),
+                        (false, None) => assert!(store.get(w).is_none()),
+                        (t, g) => panic!("weight {i}: trains {t} but its sink got {:?}", g.map(|g| g.dims().to_vec())),
+                    }
+                }
             }
         }
     }
@@ -135,7 +162,10 @@ mod tests {
         let x = det(&[2, 2, 3], 5, DType::F64);
         crate::ops::tests::grad_check(
             &[x],
-            &move |t| swiglu_mlp(&t[0], MlpWeights { gate: (&ws[0], &sinks[0]), up: (&ws[1], &sinks[1]), down: (&ws[2], &sinks[2]) }),
+            &move |t| {
+                let p = |i: usize| (&ws[i], Some(&sinks[i]));
+                swiglu_mlp(&t[0], MlpWeights { gate: p(0), up: p(1), down: p(2) })
+            },
             1e-6,
         );
     }
@@ -145,6 +175,6 @@ mod tests {
         let x = det(&[2, 3], 1, DType::F32);
         let (g, d) = (det(&[5, 3], 2, DType::F32), det(&[3, 4], 3, DType::F32));
         let s = Arc::new(GradSink::default());
-        assert!(swiglu_mlp(&x, MlpWeights { gate: (&g, &s), up: (&g, &s), down: (&d, &s) }).is_err());
+        assert!(swiglu_mlp(&x, MlpWeights { gate: (&g, Some(&s)), up: (&g, None), down: (&d, None) }).is_err());
     }
 }

@@ -8,8 +8,11 @@
 //! [`crate::ops`] (`*_plain`) that the tests hold it to, values and
 //! gradients. Kernels exist for f32 and f64 (f64 for the gradient checks);
 //! other dtypes and devices take the composed path. With the `cuda` feature,
-//! RMSNorm, the masked softmax, SwiGLU and AdamW also have CUDA kernels
-//! ([`cuda`]) behind the same ops, checked against the same references.
+//! RMSNorm, the masked softmax, SwiGLU, the label log-probs and AdamW also
+//! have CUDA kernels ([`cuda`]) behind the same ops, checked against the
+//! same references, and the attention and MLP graph nodes run on a GPU
+//! too (their products through cuBLAS, the rest in those kernels). The
+//! whole-block node is CPU only.
 
 pub mod adamw;
 pub mod attention;
@@ -17,6 +20,7 @@ pub mod block;
 pub mod check;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dropout;
 mod gemm;
 pub mod logprobs;
 pub mod mlp;
@@ -72,7 +76,8 @@ pub fn supports(t: &Tensor) -> bool {
 }
 
 /// Whether the ops with both a CPU and a CUDA kernel (RMSNorm, masked
-/// softmax, SwiGLU, AdamW) take tensors of this kind.
+/// softmax, SwiGLU, AdamW, and the attention and MLP nodes built on them)
+/// take tensors of this kind.
 pub fn fused(t: &Tensor) -> bool {
     supports(t) || on_gpu(t)
 }

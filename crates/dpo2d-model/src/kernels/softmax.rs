@@ -1,16 +1,20 @@
-//! Attention's masked softmax, `softmax(scores + mask)` over the last dim,
-//! without materialising `scores + mask`. The mask is additive (0 or -inf)
-//! and broadcast over heads: `[B or 1, 1, 1, Tq, Tk]` against scores
-//! `[B, .., Tq, Tk]`. Backward: `dscores = y * (g - sum(g * y))`.
+//! Attention's masked softmax, `softmax(scale * scores + mask)` over the
+//! last dim, without materialising `scores + mask`. The mask is additive (0
+//! or -inf) and broadcast over heads: `[B or 1, 1, 1, Tq, Tk]` against
+//! scores `[B, .., Tq, Tk]`. Backward: `dscores = scale * y * (g - sum(g * y))`.
+//! Both directions are ops with a CPU kernel and a CUDA one.
 
-use super::{min_rows, slice, tensor, with_float, with_slice, Float};
+use super::{min_rows, slice, with_float, Float};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// The fused op over contiguous scores; the mask is held by the op (it takes no gradient).
+/// The fused op over contiguous scores; the mask is held by the op (it takes
+/// no gradient). `scale` multiplies the scores (attention's `1 / sqrt(d)`,
+/// folded in rather than a pass of its own).
 pub struct MaskedSoftmax {
     pub mask: Tensor,
+    pub scale: f64,
 }
 
 /// Geometry: rows of `tk`; `per_batch` score rows per batch entry; the mask
@@ -92,7 +96,8 @@ impl CustomOp1 for MaskedSoftmax {
         let name = self.name();
         let y = with_float!(xs.dtype(), name, T => {
             let x = slice::<T>(xs, xl, name)?;
-            T::to_cpu_storage_owned(with_slice::<T, _>(&self.mask, name, |m| forward(x, m, geo, T::one()))?)
+            let scale = T::from_f64(self.scale);
+            T::to_cpu_storage_owned(super::with_slice::<T, _>(&self.mask, name, |m| forward(x, m, geo, scale))?)
         });
         Ok((y, xl.shape().clone()))
     }
@@ -100,15 +105,49 @@ impl CustomOp1 for MaskedSoftmax {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, xs: &candle_core::CudaStorage, xl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let g = Geometry::of(xl.dims(), self.mask.dims())?;
-        super::cuda::softmax_fwd(xs, xl, &self.mask, (g.tq, g.tk, g.per_batch, g.mask_batches))
+        super::cuda::softmax_fwd(xs, xl, &self.mask, (g.tq, g.tk, g.per_batch, g.mask_batches), self.scale)
     }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        #[cfg(feature = "cuda")]
-        if y.device().is_cuda() {
-            return Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &super::cuda::SoftmaxGrad)?));
+        Ok(Some(backward_tensor(y, g, self.scale)?.reshape(x.dims())?))
+    }
+}
+
+/// The masked softmax's input gradient from its result `y` and the incoming
+/// gradient `g` (inputs in that order, one shape).
+struct SoftmaxGrad {
+    scale: f64,
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "dpo2d-masked-softmax-grad"
+    }
+
+    fn cpu_fwd(&self, ys: &CpuStorage, yl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        if yl.dims() != gl.dims() {
+            bail!("{}: result {:?} and gradient {:?} differ in shape", self.name(), yl.dims(), gl.dims());
         }
-        Ok(Some(backward_tensor(y, g, 1.0)?.reshape(x.dims())?))
+        let tk = *yl.dims().last().unwrap_or(&1);
+        let name = self.name();
+        let dx = with_float!(ys.dtype(), name, T => {
+            T::to_cpu_storage_owned(backward(slice::<T>(ys, yl, name)?, slice::<T>(gs, gl, name)?, tk, T::from_f64(self.scale)))
+        });
+        Ok((dx, yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if yl.dims() != gl.dims() {
+            bail!("{}: result {:?} and gradient {:?} differ in shape", self.name(), yl.dims(), gl.dims());
+        }
+        super::cuda::softmax_bwd(ys, yl, gs, gl, self.scale)
     }
 }
 
@@ -116,23 +155,13 @@ impl CustomOp1 for MaskedSoftmax {
 /// writes its own backward ([`super::attention`]). `scores`:
 /// `[B, n_kv, n_rep, Tq, Tk]` (any shape whose last two dims are `Tq, Tk`).
 pub(crate) fn forward_tensor(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    let geo = Geometry::of(scores.dims(), mask.dims())?;
-    let name = "dpo2d-attention";
-    with_float!(scores.dtype(), name, T => {
-        let y = with_slice::<T, _>(scores, name, |x| with_slice::<T, _>(mask, name, |m| forward(x, m, geo, T::from_f64(scale))))??;
-        tensor(y, scores.dims())
-    })
+    scores.contiguous()?.apply_op1_no_bwd(&MaskedSoftmax { mask: mask.contiguous()?, scale })
 }
 
 /// The gradient of [`forward_tensor`] with respect to its scores, from its
 /// result `y` and the incoming gradient `g`.
 pub(crate) fn backward_tensor(y: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
-    let tk = y.dim(candle_core::D::Minus1)?;
-    let name = "dpo2d-masked-softmax";
-    with_float!(y.dtype(), name, T => {
-        let dx = with_slice::<T, _>(y, name, |y| with_slice::<T, _>(g, name, |g| backward(y, g, tk, T::from_f64(scale))))??;
-        tensor(dx, y.dims())
-    })
+    y.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad { scale })
 }
 
 #[cfg(test)]

@@ -61,19 +61,27 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        #[cfg(feature = "cuda")]
-        if gate.device().is_cuda() {
-            let both = gate.apply_op3_no_bwd(up, &g.contiguous()?, &super::cuda::SwiGluGrads)?;
-            return Ok((Some(both.get(0)?), Some(both.get(1)?)));
-        }
-        let name = self.name();
-        with_float!(gate.dtype(), name, T => {
-            let (dg, du) = with_slice::<T, _>(gate, name, |a| {
-                with_slice::<T, _>(up, name, |u| with_slice::<T, _>(g, name, |g| backward(a, u, g)))
-            })???;
-            Ok((Some(tensor(dg, gate.dims())?), Some(tensor(du, up.dims())?)))
-        })
+        let (dg, du) = backward_tensors(gate, up, g)?;
+        Ok((Some(dg), Some(du)))
     }
+}
+
+/// The gradients of `silu(gate) * up` with respect to `gate` and `up`, from
+/// the incoming gradient `g`, for a caller that writes its own backward
+/// ([`super::mlp`]).
+pub(crate) fn backward_tensors(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if gate.device().is_cuda() {
+        let both = gate.apply_op3_no_bwd(up, &g.contiguous()?, &super::cuda::SwiGluGrads)?;
+        return Ok((both.get(0)?, both.get(1)?));
+    }
+    let name = "dpo2d-swiglu";
+    with_float!(gate.dtype(), name, T => {
+        let (dg, du) = with_slice::<T, _>(gate, name, |a| {
+            with_slice::<T, _>(up, name, |u| with_slice::<T, _>(g, name, |g| backward(a, u, g)))
+        })???;
+        Ok((tensor(dg, gate.dims())?, tensor(du, up.dims())?))
+    })
 }
 
 #[cfg(test)]
