@@ -1,7 +1,8 @@
 //! End-to-end training tests on a tiny random model and synthetic 2-D data,
 //! both written by the test: 2D-DPO learns (held-out reward accuracy goes
 //! up), a resumed run ends exactly like an uninterrupted one, every loss
-//! trains through the binary, and 2-D losses refuse plain pairs.
+//! trains through the binary, the fused graph nodes train like the ops
+//! they stand for, and 2-D losses refuse plain pairs.
 
 mod common;
 
@@ -163,6 +164,37 @@ fn every_loss_trains_through_the_binary() {
         assert_eq!(m.iter().filter(|r| r.get("loss").is_some()).count(), 2, "{loss}");
         assert!(m.iter().all(|r| r.values.values().all(|v| v.is_finite())), "{loss}: {m:?}");
         assert!(out.join("final/model.safetensors").is_file(), "{loss}");
+    }
+}
+
+/// Training through the single graph nodes (attention, MLP, whole blocks)
+/// and through the composed ops they stand for (`DPO2D_FUSED_NODES=0`)
+/// logs the same losses and gradient norms, for full fine-tuning and for
+/// LoRA (frozen MLP weights, dropout on).
+#[test]
+fn fused_nodes_train_like_the_composed_ops() {
+    let d = setup(true);
+    let lora = ["--use-lora", "true", "--lora-target-modules", "q_proj,v_proj", "--lora-dropout", "0.1"];
+    for (name, extra) in [("full", &[][..]), ("lora", &lora[..])] {
+        let run = |nodes: &str| {
+            let out = d.path().join(format!("{name}-nodes-{nodes}"));
+            let o = train_command(d.path(), &out)
+                .args(["--loss", "2d-dpo", "--max-steps", "3", "--logging-steps", "1", "--learning-rate", "1e-3"])
+                .args(extra)
+                .env("DPO2D_FUSED_NODES", nodes)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+            read_metrics(&out.join("metrics.jsonl")).unwrap().into_iter().filter(|r| r.get("loss").is_some()).collect::<Vec<_>>()
+        };
+        let (fused, composed) = (run("1"), run("0"));
+        assert_eq!(fused.len(), 3, "{name}");
+        for (a, b) in fused.iter().zip(&composed) {
+            for k in ["loss", "grad_norm", "rewards/margins"] {
+                let (u, v) = (a.get(k).unwrap(), b.get(k).unwrap());
+                assert!((u - v).abs() <= 1e-4 * (1.0 + u.abs()), "{name} step {} {k}: {u} vs {v}", a.step);
+            }
+        }
     }
 }
 

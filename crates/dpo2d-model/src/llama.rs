@@ -244,9 +244,10 @@ impl Attention {
 
 /// Whether `x` goes through the fused graph nodes: it takes part in
 /// autograd, where the fused kernels run (the CPU in f32/f64, a GPU in
-/// f32/bf16), in the dtype of the weights.
+/// f32/bf16), in the dtype of the weights, and the nodes are not switched
+/// off ([`kernels::nodes_enabled`]).
 fn trains_on_fused_kernels(x: &Tensor, weight: &Tensor) -> bool {
-    kernels::fused(x) && x.track_op() && x.dtype() == weight.dtype()
+    kernels::nodes_enabled() && kernels::fused(x) && x.track_op() && x.dtype() == weight.dtype()
 }
 
 struct Mlp {

@@ -316,7 +316,7 @@ fn strided_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// CPU in f32/f64, a GPU in f32/bf16): the graph then keeps the
 /// probabilities but not the scores, and backward forms each gradient once.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    if kernels::fused(q) && (tracked(q) || tracked(k) || tracked(v)) && mask.dtype() == q.dtype() {
+    if kernels::nodes_enabled() && kernels::fused(q) && (tracked(q) || tracked(k) || tracked(v)) && mask.dtype() == q.dtype() {
         return kernels::attention::attention(q, k, v, mask, scale);
     }
     attention_plain(q, k, v, mask, scale)

@@ -82,6 +82,15 @@ pub fn fused(t: &Tensor) -> bool {
     supports(t) || on_gpu(t)
 }
 
+/// Whether the larger graph nodes (attention, the MLP, the whole decoder
+/// block) are used where they can run. `DPO2D_FUSED_NODES=0` takes the
+/// composed ops instead, on any device: for comparisons, and a way around
+/// the nodes should one misbehave on a device they have not run on.
+pub fn nodes_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DPO2D_FUSED_NODES").map(|v| v != "0").unwrap_or(true))
+}
+
 /// Whether the CUDA kernels take this tensor (never, in a build without CUDA).
 pub fn on_gpu(_t: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
