@@ -211,7 +211,7 @@ fn killed_run_resumes_sending_only_missing_requests() {
 fn concurrency_bound_holds() {
     let server = MockJudge::start(MockConfig { delay: Duration::from_millis(80), ..MockConfig::default() });
     let dir = tempfile::tempdir().unwrap();
-    let input = write_input(dir.path(), &vec![""; 6]);
+    let input = write_input(dir.path(), &[""; 6]);
     let output = dir.path().join("scored.jsonl");
     run_ok(annotate_cmd(&server, &input, &output, &["--concurrency", "3"]));
     let s = server.stats();
@@ -249,7 +249,7 @@ fn compare_reports_agreement_table() {
 fn ctrl_c_stops_cleanly_and_keeps_finished_judgements() {
     let server = MockJudge::start(MockConfig { delay: Duration::from_millis(40), ..MockConfig::default() });
     let dir = tempfile::tempdir().unwrap();
-    let input = write_input(dir.path(), &vec![""; 12]);
+    let input = write_input(dir.path(), &[""; 12]);
     let output = dir.path().join("scored.jsonl");
     let child =
         annotate_cmd(&server, &input, &output, &["--concurrency", "2"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -266,7 +266,7 @@ fn ctrl_c_stops_cleanly_and_keeps_finished_judgements() {
     assert!(stderr.contains("interrupted") && stderr.contains("rerun the same command"), "{stderr}");
     assert!(!output.exists());
     let saved = Cache::open(&dir.path().join("scored.jsonl.cache.sqlite")).unwrap().len().unwrap();
-    assert!(saved >= 8 && saved < 60, "saved {saved}");
+    assert!((8..60).contains(&saved), "saved {saved}");
     // The message's count was taken at the interrupt; a write already under
     // way may land just after it.
     let said: usize = stderr.split(" judgement(s) are saved").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();

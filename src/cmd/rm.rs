@@ -12,7 +12,7 @@ use std::path::PathBuf;
 #[derive(clap::Subcommand)]
 pub enum RmCommand {
     /// Train a reward model on 2-D pairs (both responses' segment scores are the labels).
-    Train(super::train::Args),
+    Train(Box<super::train::Args>),
     /// Predict the 5 aspect scores of every segment: pairs (or prompt/response lines) in, 2-D pairs out.
     Score(ScoreArgs),
 }
@@ -37,7 +37,7 @@ pub struct ScoreArgs {
 
 pub fn run(c: RmCommand) -> Result<()> {
     match c {
-        RmCommand::Train(a) => super::train::run_task(a, Task::RewardModel),
+        RmCommand::Train(a) => super::train::run_task(*a, Task::RewardModel),
         RmCommand::Score(a) => score(a),
     }
 }

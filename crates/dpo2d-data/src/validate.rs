@@ -571,7 +571,7 @@ fn parse_scores(at: &str, m: &Map<String, Value>, raw: &dyn Fn(&str) -> Option<S
             Some(Value::Number(n)) => {
                 let whole = n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1e9).map(|f| f as i64));
                 // Numbers beyond i64/u64 are held as f64, which would print as `1.8446744073709552e19`.
-                let shown = || if n.is_f64() { raw(*aspect).unwrap_or_else(|| n.to_string()) } else { n.to_string() };
+                let shown = || if n.is_f64() { raw(aspect).unwrap_or_else(|| n.to_string()) } else { n.to_string() };
                 match whole {
                     None if n.as_f64().is_some_and(|f| f.fract() == 0.0) => {
                         problems.push(Problem::new("score-out-of-range", format!("{here}: {} is outside 0..4", shown())))

@@ -57,9 +57,9 @@ fn answer_key(identity: &str, settings: &AnswerSettings, conversation: &[Message
 /// The conversation that asks turn `turn` of `q`, given the earlier answers.
 fn conversation(q: &Question, answers: &[String], turn: usize) -> Vec<Message> {
     let mut m = vec![];
-    for t in 0..turn {
-        m.push(Message::user(q.turns[t].clone()));
-        m.push(Message::assistant(answers[t].clone()));
+    for (question, answer) in q.turns.iter().zip(answers).take(turn) {
+        m.push(Message::user(question.clone()));
+        m.push(Message::assistant(answer.clone()));
     }
     m.push(Message::user(q.turns[turn].clone()));
     m

@@ -235,7 +235,7 @@ pub fn html(e: &Explained) -> String {
                     );
                 }
             }
-            let _ = write!(h, "segment reward {:+.3}</span></div>\n", seg.reward);
+            let _ = writeln!(h, "segment reward {:+.3}</span></div>", seg.reward);
         }
     }
     h.push_str(

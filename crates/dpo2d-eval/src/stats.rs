@@ -102,7 +102,9 @@ fn dot(a: &[f64; 3], b: &[f64; 3]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// Solves `h * s = g` (Gaussian elimination with partial pivoting).
+/// Solves `h * s = g` (Gaussian elimination with partial pivoting; indexed
+/// loops read like the textbook's).
+#[allow(clippy::needless_range_loop)]
 fn solve3(mut h: [[f64; 3]; 3], mut g: [f64; 3]) -> Option<[f64; 3]> {
     for c in 0..3 {
         let p = (c..3).max_by(|&i, &j| h[i][c].abs().total_cmp(&h[j][c].abs()))?;

@@ -285,7 +285,7 @@ fn check_tensor_extents(content: &Content, file_len: u64) -> std::result::Result
         let elems = info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
         let bytes = elems.and_then(|n| (n / dt.block_size()).checked_mul(dt.type_size()));
         let end = bytes.and_then(|b| content.tensor_data_offset.checked_add(info.offset)?.checked_add(b as u64));
-        if !end.is_some_and(|end| end <= file_len) {
+        if end.is_none_or(|end| end > file_len) {
             return Err(format!("tensor `{name}` ({dt:?}, shape {:?}) does not fit in the file's {file_len} bytes", info.shape.dims()));
         }
     }

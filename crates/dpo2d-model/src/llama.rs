@@ -426,10 +426,10 @@ impl AttentionLayout {
                     bail!("packed row {b}: a shared prompt is empty");
                 }
                 let pid = next;
-                row.extend(std::iter::repeat(pid).take(*p));
+                row.extend(std::iter::repeat_n(pid, *p));
                 next += 1;
                 for &r in rs {
-                    row.extend(std::iter::repeat(next).take(r));
+                    row.extend(std::iter::repeat_n(next, r));
                     parent.resize(next as usize + 1, 0);
                     parent[next as usize] = pid;
                     next += 1;
@@ -780,13 +780,13 @@ impl CausalLM {
         let inv32: Vec<f32> = self.inv_freq.iter().map(|&x| x as f32).collect();
         for row in pos {
             for &p in row {
-                for i in 0..half {
+                for (&f, &f32_) in self.inv_freq.iter().zip(&inv32).take(half) {
                     if f64_math {
-                        let a = p as f64 * self.inv_freq[i];
+                        let a = p as f64 * f;
                         c.push(a.cos());
                         s.push(a.sin());
                     } else {
-                        let a = p as f32 * inv32[i];
+                        let a = p as f32 * f32_;
                         c.push(a.cos() as f64);
                         s.push(a.sin() as f64);
                     }
@@ -1211,7 +1211,7 @@ pub(crate) mod tests {
             let f = |t: &[Tensor]| -> candle_core::Result<Tensor> {
                 m.layers[0].attn.forward(&t[0], &ctx, None).map_err(|e| candle_core::Error::Msg(e.to_string()))
             };
-            crate::ops::tests::grad_check(&[x.clone()], &f, 1e-6);
+            crate::ops::tests::grad_check(std::slice::from_ref(&x), &f, 1e-6);
         }
         let mlp = |t: &[Tensor]| -> candle_core::Result<Tensor> {
             m.layers[1].mlp.forward(&t[0]).map_err(|e| candle_core::Error::Msg(e.to_string()))

@@ -727,7 +727,7 @@ pub(crate) mod tests {
     fn softmax_fast_matches_plain_and_grads() {
         let x = det(&[2, 3, 7], 3, DType::F64);
         close(&softmax_last_dim(&x).unwrap(), &softmax_plain(&x).unwrap(), 1e-12);
-        grad_check(&[x.clone()], &|t| softmax_last_dim(&t[0]), 1e-6);
+        grad_check(std::slice::from_ref(&x), &|t| softmax_last_dim(&t[0]), 1e-6);
         grad_check(&[x], &|t| softmax_plain(&t[0]), 1e-6);
     }
 
@@ -738,7 +738,7 @@ pub(crate) mod tests {
         let (c, s) = (ang.cos().unwrap(), ang.sin().unwrap());
         close(&rope(&x, &c, &s).unwrap(), &rope_plain(&x, &c, &s).unwrap(), 1e-12);
         let (c2, s2) = (c.clone(), s.clone());
-        grad_check(&[x.clone()], &move |t| rope(&t[0], &c2, &s2), 1e-6);
+        grad_check(std::slice::from_ref(&x), &move |t| rope(&t[0], &c2, &s2), 1e-6);
         grad_check(&[x], &move |t| rope_plain(&t[0], &c, &s), 1e-6);
     }
 
@@ -772,7 +772,7 @@ pub(crate) mod tests {
         close(&linear(&x, &w, None).unwrap(), &plain, 1e-12);
         // frozen weight path (w is a plain tensor captured by the closure)
         let (w2, b2) = (w.clone(), b.clone());
-        grad_check(&[x.clone()], &move |t| linear(&t[0], &w2, Some(&b2)), 1e-6);
+        grad_check(std::slice::from_ref(&x), &move |t| linear(&t[0], &w2, Some(&b2)), 1e-6);
         // trainable weight and bias
         grad_check(&[x, w, b], &|t| linear(&t[0], &t[1], Some(&t[2])), 1e-6);
     }
@@ -787,7 +787,7 @@ pub(crate) mod tests {
         grad_check(&[h.clone(), w.clone()], &move |t| label_logprobs(&t[0], &t[1], &l2), 1e-6);
         // frozen lm_head
         let (w3, l3) = (w.clone(), labels.clone());
-        grad_check(&[h.clone()], &move |t| label_logprobs(&t[0], &w3, &l3), 1e-6);
+        grad_check(std::slice::from_ref(&h), &move |t| label_logprobs(&t[0], &w3, &l3), 1e-6);
         grad_check(&[h, w], &move |t| label_logprobs_plain(&t[0], &t[1], &labels), 1e-6);
         let bad = Tensor::new(&[11u32; 5], &Device::Cpu).unwrap();
         let e = label_logprobs(&det(&[5, 6], 1, DType::F64), &det(&[11, 6], 2, DType::F64), &bad).unwrap_err();

@@ -1,5 +1,5 @@
 //! Saving models in Hugging Face layouts: full weights (`model.safetensors`
-//! + `config.json`), PEFT LoRA adapters (`adapter_model.safetensors` +
+//! and `config.json`), PEFT LoRA adapters (`adapter_model.safetensors` and
 //! `adapter_config.json`), and LoRA merged into full weights. This is the one
 //! saving path: training checkpoints and final models go through it too.
 //! Every file is written with [`dpo2d_fs::write_file`] (temporary name,

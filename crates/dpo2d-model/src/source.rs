@@ -188,7 +188,7 @@ pub fn convert_gguf(gguf: &Path, out: &Path) -> Result<()> {
             Architecture::Qwen2 => "Qwen2Tokenizer",
             Architecture::Llama => "GPT2Tokenizer",
         };
-        tokenizer.save_dir(&tmp, template.as_deref(), class)?;
+        tokenizer.save_dir(tmp, template.as_deref(), class)?;
         let mut gen = serde_json::Map::new();
         if let Some(b) = cfg.bos_token_id {
             gen.insert("bos_token_id".into(), json!(b));

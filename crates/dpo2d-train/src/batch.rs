@@ -87,8 +87,8 @@ impl Models {
         let lt = cfg.loss_type;
         let units = pair_units(pairs);
         let policy = packed_forward(&self.policy, &units, lt.needs_token_kl())?;
-        let mut chosen = Side::new(&pairs, &policy, 0, |p| &p.chosen)?;
-        let mut rejected = Side::new(&pairs, &policy, 1, |p| &p.rejected)?;
+        let mut chosen = Side::new(pairs, &policy, 0, |p| &p.chosen)?;
+        let mut rejected = Side::new(pairs, &policy, 1, |p| &p.rejected)?;
         match &self.reference {
             Reference::None => {}
             Reference::Cached { train, eval } => {
@@ -112,7 +112,7 @@ impl Models {
             chosen.batch.segments = Some(segment_batch(&pairs.iter().map(|p| &p.chosen).collect::<Vec<_>>())?);
             rejected.batch.segments = Some(segment_batch(&pairs.iter().map(|p| &p.rejected).collect::<Vec<_>>())?);
         }
-        let kto_kl = if lt.needs_kto_kl() { Some(self.kto_kl(&pairs)?) } else { None };
+        let kto_kl = if lt.needs_kto_kl() { Some(self.kto_kl(pairs)?) } else { None };
         let out = loss::compute_loss(cfg, &PreferenceBatch { chosen: chosen.batch, rejected: rejected.batch, kto_kl })?;
         let tokens = pairs.iter().map(|p| p.num_tokens()).sum();
         Ok(BatchLoss { metrics: out.metrics(), loss: out.loss, tokens })

@@ -132,7 +132,7 @@ pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
         .filter_map(|e| Some((e.file_name().to_string_lossy().strip_prefix("checkpoint-")?.parse::<usize>().ok()?, e.path())))
         .filter(|(_, p)| p.is_dir())
         .collect();
-    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v.sort_by_key(|e| std::cmp::Reverse(e.0));
     v
 }
 

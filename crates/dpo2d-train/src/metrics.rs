@@ -100,7 +100,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<Record>> {
 fn first_last(history: &[Record], k: &str) -> Option<(f64, f64)> {
     let mut it = history.iter().filter_map(|r| r.get(k));
     let first = it.next()?;
-    let last = it.last().unwrap_or(first);
+    let last = it.next_back().unwrap_or(first);
     Some((first, last))
 }
 
@@ -125,7 +125,7 @@ pub fn summary(history: &[Record]) -> String {
             s.push_str(&format!("{k:<24} first {a:>10.4}  last {b:>10.4}\n"));
         }
     }
-    if let Some(t) = history.iter().filter_map(|r| r.get("tokens/s")).last() {
+    if let Some(t) = history.iter().filter_map(|r| r.get("tokens/s")).next_back() {
         s.push_str(&format!("{:<24} {t:.1}\n", "tokens/s (last)"));
     }
     s

@@ -101,7 +101,7 @@ fn hash_model_files(path: &Path, h: &mut Sha256) -> Result<()> {
     };
     for f in files {
         h.update(f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default().as_bytes());
-        h.update(&file_digest(&f).with_context(|| format!("reading {}", f.display()))?);
+        h.update(file_digest(&f).with_context(|| format!("reading {}", f.display()))?);
     }
     Ok(())
 }

@@ -401,7 +401,7 @@ impl Trainer {
     /// Write a record of the window's means on logging steps (and the last).
     pub fn log(&mut self, update: &Update) -> Result<()> {
         let step = self.global_step;
-        if step % self.cfg.logging_steps.max(1) != 0 && step != self.total {
+        if !step.is_multiple_of(self.cfg.logging_steps.max(1)) && step != self.total {
             return Ok(());
         }
         let secs = self.window_clock.elapsed().as_secs_f64().max(1e-9);
@@ -440,7 +440,7 @@ impl Trainer {
 
     fn evaluate_if_due(&mut self) -> Result<()> {
         let step = self.global_step;
-        if !self.eval.is_empty() && self.cfg.eval_steps > 0 && step % self.cfg.eval_steps == 0 {
+        if !self.eval.is_empty() && self.cfg.eval_steps > 0 && step.is_multiple_of(self.cfg.eval_steps) {
             let rec = self.evaluate()?;
             self.record(rec)?;
             self.metrics.last_eval_step = Some(step);
@@ -471,7 +471,7 @@ impl Trainer {
     /// A checkpoint every `save_steps` updates (not at the end: `final/` is).
     fn save_if_due(&mut self) -> Result<Option<PathBuf>> {
         let step = self.global_step;
-        if self.cfg.save_steps > 0 && step % self.cfg.save_steps == 0 && step < self.total {
+        if self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps) && step < self.total {
             return self.save_checkpoint().map(Some);
         }
         Ok(None)

@@ -118,7 +118,7 @@ pub fn new_moments(param: &Tensor) -> Result<Tensor> {
 /// (mixed precision: the update of a bf16 weight by lr 1e-6 would round
 /// away), flat; `None` for f32 parameters, which are updated directly.
 pub fn new_master(param: &Tensor) -> Result<Option<Tensor>> {
-    Ok((param.dtype() != DType::F32).then(|| param.to_dtype(DType::F32)?.flatten_all()?.contiguous()).transpose()?)
+    (param.dtype() != DType::F32).then(|| param.to_dtype(DType::F32)?.flatten_all()?.contiguous()).transpose()
 }
 
 /// Updates `param` and its `moments` (from [`new_moments`]). An f32
@@ -186,6 +186,8 @@ pub fn sum_squares(t: &Tensor) -> Result<Tensor> {
     if !super::supports(t) {
         return t.to_dtype(DType::F64)?.sqr()?.sum_all()?.reshape(1);
     }
+    // `as f64` converts f32 and is a no-op for f64: one body serves both.
+    #[allow(clippy::unnecessary_cast)]
     let sum: f64 = super::with_float!(t.dtype(), "sum of squares", T => {
         with_slice::<T, _>(t, "sum of squares", |v| v.par_chunks(MIN_FLAT).map(|c| {
             // Eight running sums: one would chain every add on the last (the

@@ -69,7 +69,7 @@ fn forward<T: Float>(x: &[T], mask: &[T], g: Geometry, scale: T) -> Vec<T> {
             sum += *v;
         }
         let inv = T::one() / sum;
-        y.iter_mut().for_each(|v| *v = *v * inv);
+        y.iter_mut().for_each(|v| *v *= inv);
     });
     y
 }

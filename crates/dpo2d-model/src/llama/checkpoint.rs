@@ -12,6 +12,10 @@ use candle_core::{Tensor, Var};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// One block's entry: a variable that makes backward reach the block, and
+/// each variable with the sink that carries its gradient on.
+type BlockVars = (Option<Tensor>, Vec<(Var, Arc<GradSink>)>);
+
 /// What a recomputed block needs to hand its gradients on.
 pub(super) struct Checkpointing {
     /// Per block: one of its variables, so that backward reaches the block
@@ -20,7 +24,7 @@ pub(super) struct Checkpointing {
     /// recomputation's own gradient store receives for it to
     /// `CausalLM::gradients` (weights whose ops send their gradients to the
     /// model's sinks never reach that store).
-    blocks: Vec<(Option<Tensor>, Vec<(Var, Arc<GradSink>)>)>,
+    blocks: Vec<BlockVars>,
     /// The same sinks by variable name.
     pub(super) sinks: HashMap<String, Arc<GradSink>>,
 }
