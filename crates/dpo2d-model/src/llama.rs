@@ -72,13 +72,22 @@ pub struct Linear {
     sink: Option<Arc<ops::GradSink>>,
 }
 
+/// What a frozen copy of a model does with its LoRA adapters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Adapters {
+    /// Merged into their weights (a new weight per adapted layer).
+    Merged,
+    /// Left out: the base model, its weights shared.
+    Dropped,
+}
+
 impl Linear {
     /// The same layer outside autograd: weights shared (not copied) but
-    /// detached, a LoRA adapter merged into the weight (exact while B = 0).
-    fn frozen(&self) -> Result<Self> {
-        let weight = match &self.lora {
-            Some(l) => (&self.weight + l.merged_delta()?.to_dtype(self.weight.dtype())?)?.detach(),
-            None => self.weight.detach(),
+    /// detached; a LoRA adapter merged into the weight or left out.
+    fn frozen(&self, adapters: Adapters) -> Result<Self> {
+        let weight = match (&self.lora, adapters) {
+            (Some(l), Adapters::Merged) => (&self.weight + l.merged_delta()?.to_dtype(self.weight.dtype())?)?.detach(),
+            _ => self.weight.detach(),
         };
         Ok(Linear { weight, bias: self.bias.as_ref().map(Tensor::detach), lora: None, sink: None })
     }
@@ -220,8 +229,8 @@ impl Attention {
         })
     }
 
-    fn frozen(&self) -> Result<Self> {
-        let (q, k, v, o) = (self.q.frozen()?, self.k.frozen()?, self.v.frozen()?, self.o.frozen()?);
+    fn frozen(&self, adapters: Adapters) -> Result<Self> {
+        let (q, k, v, o) = (self.q.frozen(adapters)?, self.k.frozen(adapters)?, self.v.frozen(adapters)?, self.o.frozen(adapters)?);
         Ok(Attention { q, k, v, o, ..*self })
     }
 
@@ -266,8 +275,8 @@ impl Mlp {
         })
     }
 
-    fn frozen(&self) -> Result<Self> {
-        Ok(Mlp { gate: self.gate.frozen()?, up: self.up.frozen()?, down: self.down.frozen()? })
+    fn frozen(&self, adapters: Adapters) -> Result<Self> {
+        Ok(Mlp { gate: self.gate.frozen(adapters)?, up: self.up.frozen(adapters)?, down: self.down.frozen(adapters)? })
     }
 
     /// The three weights (with their gradient sinks when they train), when
@@ -315,9 +324,9 @@ impl Block {
         Ok(Block { input_norm, attn, post_norm, mlp })
     }
 
-    fn frozen(&self) -> Result<Self> {
+    fn frozen(&self, adapters: Adapters) -> Result<Self> {
         let (input_norm, post_norm) = (self.input_norm.frozen(), self.post_norm.frozen());
-        Ok(Block { input_norm, attn: self.attn.frozen()?, post_norm, mlp: self.mlp.frozen()? })
+        Ok(Block { input_norm, attn: self.attn.frozen(adapters)?, post_norm, mlp: self.mlp.frozen(adapters)? })
     }
 
     /// The block's weights with their gradient sinks, when every weight
@@ -696,17 +705,29 @@ impl CausalLM {
         self.vars.clone()
     }
 
-    /// Switch LoRA dropout on (training) or off (evaluation).
     /// The model as it is now, outside autograd: the weights are shared, not
     /// copied, but detached, so a forward pass records no graph and keeps
     /// no activations for a backward pass that will not come (LoRA adapters
     /// are merged into their weights). For gradient-free passes of a
     /// trainable model, e.g. the reference log-probs before the first update.
     pub fn frozen_view(&self) -> Result<CausalLM> {
+        self.frozen(Adapters::Merged)
+    }
+
+    /// The base model under a LoRA policy, outside autograd: the adapters
+    /// left out and every weight shared, not copied. It is the reference of
+    /// a LoRA run at any step (as PEFT's disabled adapters are), without a
+    /// merged weight per adapted layer or a second copy loaded. Without
+    /// adapters it is [`Self::frozen_view`].
+    pub fn base_view(&self) -> Result<CausalLM> {
+        self.frozen(Adapters::Dropped)
+    }
+
+    fn frozen(&self, adapters: Adapters) -> Result<CausalLM> {
         Ok(CausalLM {
             cfg: self.cfg.clone(),
             embed: self.embed.detach(),
-            layers: self.layers.iter().map(|l| Ok(Arc::new(l.frozen()?))).collect::<Result<_>>()?,
+            layers: self.layers.iter().map(|l| Ok(Arc::new(l.frozen(adapters)?))).collect::<Result<_>>()?,
             norm: self.norm.frozen(),
             lm_head: self.lm_head.as_ref().map(Tensor::detach),
             vars: vec![],
@@ -747,6 +768,7 @@ impl CausalLM {
         self.checkpointing = on.then(|| checkpoint::Checkpointing::new(self.layers.len(), &self.vars));
     }
 
+    /// Switch LoRA dropout on (training) or off (evaluation).
     pub fn set_training(&self, on: bool) {
         self.runtime.set_training(on)
     }
@@ -1345,6 +1367,11 @@ pub(crate) mod tests {
         let hv = view.forward(&batch, &lay).unwrap();
         assert!(maxdiff(&h1, &hv) < 1e-10);
         assert!(h1.track_op() && !hv.track_op() && view.trainable_vars().is_empty());
+        // The base view leaves the (now nonzero) adapters out: the base model, exactly.
+        let bv = lm.base_view().unwrap();
+        let hb = bv.forward(&batch, &lay).unwrap();
+        assert_eq!(maxdiff(&h0, &hb), 0.0);
+        assert!(!hb.track_op() && bv.trainable_vars().is_empty());
         let merged: HashMap<String, Tensor> = lm.merged_hf_tensors().unwrap().into_iter().collect();
         let mm = CausalLM::from_tensors(cfg, merged, &opts64()).unwrap();
         assert!(maxdiff(&h1, &mm.forward(&batch, &lay).unwrap()) < 1e-10);

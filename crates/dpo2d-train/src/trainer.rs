@@ -785,13 +785,15 @@ fn prepare_reference(
         progress: run.progress,
     };
     let model = || -> Result<CausalLM> {
-        // Before its first update the policy IS the reference (one model in
-        // memory, not two); a frozen view shares its weights without
-        // recording a graph.
-        if cfg.ref_model.is_none() && !resuming {
-            Ok(policy.frozen_view()?)
-        } else {
-            load()
+        match (&cfg.ref_model, policy.lora_config()) {
+            // A LoRA policy's base model is its reference at any step: its
+            // weights with the adapters left out (shared, not merged or loaded again).
+            (None, Some(_)) => Ok(policy.base_view()?),
+            // Before its first update the policy IS the reference (one model
+            // in memory, not two); a frozen view shares its weights without
+            // recording a graph.
+            (None, None) if !resuming => Ok(policy.frozen_view()?),
+            _ => load(),
         }
     };
     Reference::precomputed(&p, train, eval, model, say)
