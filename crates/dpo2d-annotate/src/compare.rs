@@ -3,7 +3,7 @@
 //! segments with the same rating and with ratings at most one apart.
 
 use crate::prompt::Aspect;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use dpo2d_data::{Pair, Response};
 use std::collections::HashMap;
 use std::fmt;
@@ -55,13 +55,7 @@ impl fmt::Display for Comparison {
 }
 
 fn load(path: &Path) -> Result<Vec<Pair>> {
-    let mut out = Vec::new();
-    for line in dpo2d_data::io::jsonl_lines(path)? {
-        let line = line?;
-        let p: Pair = serde_json::from_str(&line.text).with_context(|| format!("{}:{}: not a pair", path.display(), line.number))?;
-        out.push(p);
-    }
-    Ok(out)
+    dpo2d_data::io::read_jsonl(path, "a pair")
 }
 
 fn id_key(v: &serde_json::Value) -> String {

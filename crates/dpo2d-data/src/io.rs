@@ -141,6 +141,18 @@ fn strip_line_end(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
+/// Every record of a JSONL file (gzip allowed, blank lines skipped), each
+/// line parsed as a `T`; an error names the file, the line and `what` the
+/// line should have been ("valid JSON", "a pair", ...).
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<Vec<T>> {
+    jsonl_lines(path)?
+        .map(|line| {
+            let line = line?;
+            serde_json::from_str(&line.text).with_context(|| format!("{}:{}: not {what}", path.display(), line.number))
+        })
+        .collect()
+}
+
 /// Writes items as JSONL (one compact JSON object per line).
 pub fn write_jsonl<'a, T: Serialize + 'a>(path: &Path, items: impl IntoIterator<Item = &'a T>) -> Result<usize> {
     let mut w = create_writer(path)?;
@@ -180,6 +192,21 @@ mod tests {
         std::fs::write(&p, "{}\n\n  \n{\"x\":1}\n").unwrap();
         let nums: Vec<_> = jsonl_lines(&p).unwrap().map(|l| l.unwrap().number).collect();
         assert_eq!(nums, vec![1, 4]);
+    }
+
+    #[test]
+    fn typed_records_and_errors_naming_file_line_and_kind() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct R {
+            x: u32,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.jsonl");
+        std::fs::write(&p, "{\"x\":1}\n\n{\"x\":2}\n").unwrap();
+        assert_eq!(read_jsonl::<R>(&p, "a record").unwrap(), vec![R { x: 1 }, R { x: 2 }]);
+        std::fs::write(&p, "{\"x\":1}\n\n{\"y\":2}\n").unwrap();
+        let e = format!("{:#}", read_jsonl::<R>(&p, "a record").unwrap_err());
+        assert!(e.starts_with(&format!("{}:3: not a record", p.display())), "{e}");
     }
 
     #[test]

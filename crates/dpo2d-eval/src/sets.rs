@@ -169,12 +169,7 @@ pub fn load(spec: &str, cache: &Path) -> Result<QuestionSet> {
 
 /// Every row of a JSONL file (gzip allowed), as `dpo2d_data::io` reads them.
 fn jsonl(path: &Path) -> Result<Vec<Value>> {
-    dpo2d_data::io::jsonl_lines(path)?
-        .map(|line| {
-            let line = line?;
-            serde_json::from_str(&line.text).with_context(|| format!("{}:{}: not valid JSON", path.display(), line.number))
-        })
-        .collect()
+    dpo2d_data::io::read_jsonl(path, "valid JSON")
 }
 
 fn id_of(v: &Value, key: &str) -> Option<String> {

@@ -332,7 +332,7 @@ impl Iteration<'_> {
 
     /// Segments and scores every answer, a chunk of prompts at a time.
     fn score(&self, n: usize, dir: &Path) -> Result<Flow> {
-        let samples: Vec<SampleRecord> = read_records(&dir.join("samples.jsonl"))?;
+        let samples: Vec<SampleRecord> = dpo2d_data::io::read_jsonl(&dir.join("samples.jsonl"), "a sample record")?;
         let path = dir.join("scored.jsonl");
         let done = read_chunks::<ScoredRecord>(&path, SCORE_CHUNK, samples.len())?;
         if done == samples.len() {
@@ -375,7 +375,7 @@ impl Iteration<'_> {
 
     /// `pairs.jsonl`: each prompt's best answer against its worst.
     fn pair(&self, n: usize, policy: &str, dir: &Path) -> Result<RoundReport> {
-        let scored: Vec<ScoredRecord> = read_records(&dir.join("scored.jsonl"))?;
+        let scored: Vec<ScoredRecord> = dpo2d_data::io::read_jsonl(&dir.join("scored.jsonl"), "a scored record")?;
         let weights = self.cfg.train.aspect_weights.as_array();
         let pairs: Vec<Pair> =
             scored.iter().filter_map(|s| rank::pair_from_samples(s.id.clone(), s.prompt.clone(), &s.responses, &weights)).collect();
@@ -459,15 +459,6 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 /// The records of a JSONL file written by [`append`].
-fn read_records<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let mut out = vec![];
-    for line in dpo2d_data::io::jsonl_lines(path)? {
-        let line = line?;
-        out.push(serde_json::from_str(&line.text).with_context(|| format!("{}:{}", path.display(), line.number))?);
-    }
-    Ok(out)
-}
-
 /// How many records of a chunk-by-chunk file are complete (whole chunks, or
 /// all `total`); a torn or partial last chunk of a stopped run is cut off
 /// the file so the chunk is done again.
@@ -518,7 +509,7 @@ mod tests {
         append(&p, &[1, 2, 3].map(|i| serde_json::json!({ "i": i }))).unwrap();
         std::fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(b"{\"i\": 4").unwrap();
         assert_eq!(read_chunks::<serde_json::Value>(&p, 2, 5).unwrap(), 2);
-        assert_eq!(read_records::<serde_json::Value>(&p).unwrap().len(), 2);
+        assert_eq!(dpo2d_data::io::read_jsonl::<serde_json::Value>(&p, "valid JSON").unwrap().len(), 2);
         append(&p, &[3, 4, 5].map(|i| serde_json::json!({ "i": i }))).unwrap();
         assert_eq!(read_chunks::<serde_json::Value>(&p, 2, 5).unwrap(), 5);
     }
