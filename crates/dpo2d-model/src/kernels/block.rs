@@ -17,7 +17,7 @@ use super::rms_norm::RmsNorm;
 use super::rope::RopeHeads;
 use super::{add, attention, mlp, Param};
 use crate::ops::{precomputed1, tracked};
-use candle_core::{CustomOp1, CustomOp2, Result, Tensor};
+use candle_core::{CustomOp2, Result, Tensor};
 use std::sync::Arc;
 
 /// The block's weights (`[out, in]` projections, as in Hugging Face checkpoints).
@@ -90,8 +90,8 @@ pub fn decoder_block(x: &Tensor, w: BlockWeights, shape: BlockShape, inputs: Blo
         let dh2 = dh.reshape((rows, hidden))?;
         s_o.add(matmul(&dh2.t()?, &att)?)?;
         let (dqr, dkr, dv) = att_saved.backward(&matmul(&dh2, &wo)?)?;
-        let dq = rope.bwd(&q, &qr, &dqr)?.expect("rope gives its input's gradient").reshape((rows, nh * hd))?;
-        let dk = rope.bwd(&k, &kr, &dkr)?.expect("rope gives its input's gradient").reshape((rows, nkv * hd))?;
+        let dq = rope.backward_tensor(&dqr, &[b, t, nh, hd])?.reshape((rows, nh * hd))?;
+        let dk = rope.backward_tensor(&dkr, &[b, t, nkv, hd])?.reshape((rows, nkv * hd))?;
         let dv = dv.transpose(1, 2)?.contiguous()?.reshape((rows, nkv * hd))?;
         s_q.add(matmul(&dq.t()?, &n1)?)?;
         s_k.add(matmul(&dk.t()?, &n1)?)?;

@@ -79,13 +79,23 @@ impl CustomOp1 for RopeHeads {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let dims = self.check(x.dims())?;
-        let name = self.name();
-        with_float!(x.dtype(), name, T => {
+        self.backward_tensor(g, x.dims()).map(Some)
+    }
+}
+
+impl RopeHeads {
+    /// The input's gradient (`input_dims`, `[B, T, H, D]`) from the output's
+    /// `g` (`[B, H, T, D]`): only the shape of the input is needed, so a
+    /// caller that writes its own backward ([`super::block`]) need not keep
+    /// the input.
+    pub(crate) fn backward_tensor(&self, g: &Tensor, input_dims: &[usize]) -> Result<Tensor> {
+        let dims = self.check(input_dims)?;
+        let name = "dpo2d-rope-heads";
+        with_float!(g.dtype(), name, T => {
             let dx = with_slice::<T, _>(g, name, |g| {
                 with_slice::<T, _>(&self.cos, name, |c| with_slice::<T, _>(&self.sin, name, |s| run(g, c, s, dims, false)))
             })???;
-            Ok(Some(tensor(dx, x.dims())?))
+            tensor(dx, input_dims)
         })
     }
 }
