@@ -102,9 +102,15 @@ impl CustomOp1 for DropoutMask {
 }
 
 /// A dropout mask shaped like `x`, in its dtype, on its device, drawn from
-/// the stream at `start`.
+/// the stream at `start`: on the CPU, or by the CUDA kernel; elsewhere (the
+/// CUDA kernels switched off, a dtype they do not take) drawn on the CPU and
+/// copied over, the same bits.
 pub fn mask_like(x: &Tensor, start: u64, p: f64) -> Result<Tensor> {
-    x.apply_op1_no_bwd(&DropoutMask { start, p })
+    if x.device().is_cpu() || super::on_gpu(x) {
+        return x.apply_op1_no_bwd(&DropoutMask { start, p });
+    }
+    let on_cpu = Tensor::zeros(x.shape(), x.dtype(), &candle_core::Device::Cpu)?;
+    on_cpu.apply_op1_no_bwd(&DropoutMask { start, p })?.to_device(x.device())
 }
 
 #[cfg(test)]
