@@ -305,8 +305,9 @@ def run_dpo2d(a, wl: dict, model_dir: Path, raw_pairs: Path, work: Path) -> dict
     if a.gradient_checkpointing:
         cmd += ["--gradient-checkpointing", "true"]
     if wl["lora"]:
+        # TRL's run saves nothing; dpo2d writes the adapter only (no 15 GB merged copy).
         cmd += ["--use-lora", "true", "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0",
-                "--lora-target-modules", "q_proj,k_proj,v_proj,o_proj"]
+                "--lora-target-modules", "q_proj,k_proj,v_proj,o_proj", "--save-merged", "false"]
     print(f"[bench] dpo2d train --loss dpo: {a.steps} steps x {wl['batch']} pairs", flush=True)
     res = run_child(cmd, work / "dpo2d.log")
     if res["returncode"] != 0:

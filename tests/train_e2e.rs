@@ -198,6 +198,39 @@ fn fused_nodes_train_like_the_composed_ops() {
     }
 }
 
+/// With `save_merged` off a LoRA run's `final/` is the adapter alone, and it
+/// loads (on top of its base model) to the same log-probs as the merged
+/// model of the same run.
+#[test]
+fn lora_adapter_without_the_merged_copy_loads_like_it() {
+    let d = setup(true);
+    let mut cfg = base_config(d.path(), "2d-dpo");
+    cfg.max_steps = 2;
+    cfg.use_lora = true;
+    cfg.learning_rate = 1e-2;
+    cfg.output_dir = d.path().join("merged");
+    let merged = train(&cfg, &quiet(d.path())).unwrap();
+    assert!(merged.final_model_dir.ends_with("final/merged"));
+    cfg.save_merged = false;
+    cfg.output_dir = d.path().join("adapter");
+    let adapter = train(&cfg, &quiet(d.path())).unwrap();
+    assert!(adapter.final_model_dir.ends_with("final"));
+    assert!(adapter.final_model_dir.join("adapter_model.safetensors").is_file());
+    assert!(!adapter.final_model_dir.join("merged").exists());
+    let opts = dpo2d_model::llama::LoadOptions::default();
+    let logps = |dir: &std::path::Path| {
+        let m = dpo2d_model::source::load(dir, &opts).unwrap();
+        let ids = candle_core::Tensor::new(&[[3u32, 7, 9, 11, 4]], &candle_core::Device::Cpu).unwrap();
+        let lay = dpo2d_model::llama::AttentionLayout::causal(1, 5);
+        m.model.token_logprobs(&ids, &lay).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (a, b) = (logps(&merged.final_model_dir), logps(&adapter.final_model_dir));
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-4), "{a:?} vs {b:?}");
+    // And the adapter is applied: the base model gives other numbers.
+    let base = logps(&d.path().join("model"));
+    assert!(a.iter().zip(&base).any(|(x, y)| (x - y).abs() > 1e-3), "{a:?} vs base {base:?}");
+}
+
 #[test]
 fn two_d_losses_refuse_plain_pairs() {
     let d = setup(false);

@@ -166,6 +166,10 @@ pub(crate) struct Overrides {
     #[arg(long, alias = "save_total_limit")]
     #[serde(skip_serializing_if = "Option::is_none")]
     save_total_limit: Option<usize>,
+    /// With LoRA, also write the merged model to final/merged/ (default true).
+    #[arg(long, alias = "save_merged")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    save_merged: Option<bool>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     bf16: Option<bool>,

@@ -97,6 +97,12 @@ pub struct TrainConfig {
     pub save_steps: usize,
     /// Keep at most this many intermediate checkpoints (0 = all).
     pub save_total_limit: usize,
+    /// A LoRA run also writes its adapters merged into the base weights
+    /// (`final/merged/`, a whole model: 15 GB for a 7B one); off, `final/`
+    /// holds the adapter alone, which `generate`, `logprobs`, `serve` and
+    /// `eval` load on top of the base model. Reward models always write it
+    /// (`rm score` reads it).
+    pub save_merged: bool,
 
     // Precision / device / memory.
     pub bf16: bool,
@@ -167,6 +173,7 @@ impl Default for TrainConfig {
             eval_steps: 0,
             save_steps: 500,
             save_total_limit: 0,
+            save_merged: true,
             bf16: false,
             gradient_checkpointing: false,
             use_lora: false,
@@ -207,6 +214,7 @@ pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
     "eval_steps",
     "save_steps",
     "save_total_limit",
+    "save_merged",
     "per_device_eval_batch_size",
     "skip_invalid",
     "skip_nonfinite_updates",

@@ -73,7 +73,8 @@ pub struct TrainOutcome {
     pub output_dir: PathBuf,
     pub history: Vec<Record>,
     pub global_step: usize,
-    /// Directory holding the final model (HF directory; for LoRA the merged model).
+    /// Directory holding the final model (HF directory; for LoRA the merged
+    /// model, or with `save_merged` off the adapter directory).
     pub final_model_dir: PathBuf,
     pub summary: String,
     pub charts: Vec<PathBuf>,
@@ -487,7 +488,7 @@ impl Trainer {
     }
 
     /// Write a checkpoint: resumable (with optimizer state) or final (with
-    /// LoRA weights merged).
+    /// LoRA weights merged, unless `save_merged` is off for a policy).
     pub fn save(&self, dir: &Path, resumable: bool) -> Result<()> {
         let base_model = self.model_path.display().to_string();
         let contents = checkpoint::Contents {
@@ -495,7 +496,7 @@ impl Trainer {
             text: &self.text,
             base_model: &base_model,
             optimizer: resumable.then_some(&self.optimizer),
-            merged: !resumable,
+            merged: !resumable && self.writes_merged(),
             head: match &self.objective {
                 Objective::Reward(h) => Some(h),
                 Objective::Preference(_) => None,
@@ -556,9 +557,15 @@ impl Trainer {
         }
     }
 
+    /// Whether the final save of a LoRA run writes the merged model too
+    /// (always for a reward model, whose scorer reads it).
+    fn writes_merged(&self) -> bool {
+        self.cfg.save_merged || matches!(self.objective, Objective::Reward(_))
+    }
+
     /// After the last step: final evaluation, `train_results.json`, the final
     /// model in `final/` (LoRA: the adapter, plus the merged model in
-    /// `final/merged/`), charts and the summary.
+    /// `final/merged/` unless `save_merged` is off), charts and the summary.
     pub fn finish(mut self) -> Result<TrainOutcome> {
         if let Some(pb) = &self.progress {
             pb.finish();
@@ -571,7 +578,8 @@ impl Trainer {
         let out_dir = self.cfg.output_dir.clone();
         let final_dir = out_dir.join("final");
         self.save(&final_dir, false)?;
-        let final_model_dir = if self.models.policy.lora_config().is_some() { final_dir.join("merged") } else { final_dir };
+        let final_model_dir =
+            if self.models.policy.lora_config().is_some() && self.writes_merged() { final_dir.join("merged") } else { final_dir };
         let history = self.metrics.history;
         let charts = crate::charts::draw_charts(&history, &out_dir)?;
         let summary = crate::metrics::summary(&history);
