@@ -147,17 +147,20 @@ impl LoraRuntime {
         }
     }
 
-    /// Inverted-dropout mask shaped like `x` (values 0 or 1/(1-p)), drawn
-    /// on `x`'s device ([`crate::kernels::dropout`]); the stream moves on
-    /// past it.
-    fn dropout_mask(&self, x: &Tensor, p: f64) -> Result<Tensor> {
-        let start = {
-            let mut state = self.rng.lock().map_err(|_| anyhow::anyhow!("LoRA RNG lock poisoned"))?;
-            let start = *state;
-            *state = crate::kernels::dropout::DropoutMask::next_start(start, x.elem_count());
-            start
-        };
-        Ok(crate::kernels::dropout::mask_like(&x.detach(), start, p)?)
+    /// Where the dropout stream stands for a mask of `n` elements, moving
+    /// it on past them ([`crate::kernels::dropout`]).
+    fn take_dropout_start(&self, n: usize) -> Result<u64> {
+        let mut state = self.rng.lock().map_err(|_| anyhow::anyhow!("LoRA RNG lock poisoned"))?;
+        let start = *state;
+        *state = crate::kernels::dropout::DropoutMask::next_start(start, n);
+        Ok(start)
+    }
+
+    /// Inverted dropout of `x` (kept values scaled by 1/(1-p)), the mask
+    /// drawn on `x`'s device and not stored.
+    fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        let start = self.take_dropout_start(x.elem_count())?;
+        Ok(crate::kernels::dropout::dropout(x, start, p)?)
     }
 }
 
@@ -195,7 +198,7 @@ impl LoraAdapter {
 
     /// The adapter's contribution `scale * B A dropout(x)` for `x` [..., in].
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let x = if self.dropout > 0.0 && self.runtime.training() { (x * self.runtime.dropout_mask(x, self.dropout)?)? } else { x.clone() };
+        let x = if self.dropout > 0.0 && self.runtime.training() { self.runtime.dropout(x, self.dropout)? } else { x.clone() };
         let h = crate::ops::linear(&x, self.a.as_tensor(), None)?;
         let y = crate::ops::linear(&h, self.b.as_tensor(), None)?;
         Ok((y * self.scale)?)
@@ -250,7 +253,7 @@ mod tests {
         let run = |seed| {
             let rt = LoraRuntime::new(seed);
             rt.set_training(true);
-            rt.dropout_mask(&x, 0.5).unwrap().to_vec2::<f32>().unwrap()
+            rt.dropout(&x, 0.5).unwrap().to_vec2::<f32>().unwrap()
         };
         assert_eq!(run(3), run(3));
         assert_ne!(run(3), run(4));

@@ -215,12 +215,17 @@ fn check_sum_squares(dev: &Device, dt: DType) -> Result<f64> {
 }
 
 /// A dropout mask drawn on the device against the same mask drawn on the
-/// CPU: the stream is counter-based, so they agree bit for bit.
-fn check_dropout_mask(dev: &Device, dt: DType) -> Result<f64> {
-    let x = Tensor::zeros((3, 100_003), dt, dev)?;
-    let got = crate::kernels::dropout::mask_like(&x, 0xdead_beef, 0.1)?;
-    let want = crate::kernels::dropout::mask_like(&x.to_device(&Device::Cpu)?, 0xdead_beef, 0.1)?;
-    rel_err(&[got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?], &[want.to_dtype(DType::F64)?])
+/// CPU (the stream is counter-based, so they agree bit for bit), and the
+/// fused dropout on the device against the input times that mask.
+fn check_dropout(dev: &Device, dt: DType) -> Result<f64> {
+    use crate::kernels::dropout::{dropout, mask_like};
+    let x = (det(&[3, 100_003], 13)? * 3.0)?.to_dtype(dt)?;
+    let on = x.to_device(dev)?;
+    let want = mask_like(&x, 0xdead_beef, 0.1)?;
+    let got = mask_like(&on, 0xdead_beef, 0.1)?;
+    let applied = dropout(&on, 0xdead_beef, 0.1)?;
+    let back = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+    rel_err(&[back(&got)?, back(&applied)?], &[back(&want)?, back(&(&x * &want)?)?])
 }
 
 /// Runs every check on `dev` in f32 and bf16 (f32 only on the CPU, whose
@@ -239,7 +244,7 @@ pub fn run(dev: &Device) -> Result<Vec<CheckRow>> {
         // (f32 rounding of weights near 1 shows there at ~1e-4).
         rows.push(CheckRow { op: "adamw", dtype: dt, rel_err: check_adamw(dev, dt)?, tolerance: tolerance.max(5e-4) });
         rows.push(CheckRow { op: "sum_squares", dtype: dt, rel_err: check_sum_squares(dev, dt)?, tolerance: 1e-9 });
-        rows.push(CheckRow { op: "dropout_mask", dtype: dt, rel_err: check_dropout_mask(dev, dt)?, tolerance: 0.0 });
+        rows.push(CheckRow { op: "dropout", dtype: dt, rel_err: check_dropout(dev, dt)?, tolerance: 0.0 });
     }
     Ok(rows)
 }

@@ -220,17 +220,24 @@ template <typename G> __device__ void adamw_moments(float* mv, const G* g, u64 n
     }
 }
 
-// ---- Dropout masks: splitmix64 over the counter start + (j + 1) * GOLDEN, draw j's low
-// half for element 2j and its high half for element 2j + 1 (as kernels/dropout.rs on the CPU).
+// ---- Dropout: splitmix64 over the counter start + (j + 1) * GOLDEN, draw j's low half
+// for element 2j and its high half for element 2j + 1 (as kernels/dropout.rs on the CPU);
+// an element is dropped when its half is below thresh.
+__device__ __forceinline__ bool dropped(u64 i, u64 start, u64 thresh) {
+    u64 z = start + 0x9e3779b97f4a7c15ull * (i / 2 + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return ((i & 1) ? (z >> 32) : (z & 0xffffffffull)) < thresh;
+}
 template <typename T> __device__ void dropout_mask(T* out, u64 n, u64 start, u64 thresh, float keep) {
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        u64 z = start + 0x9e3779b97f4a7c15ull * (i / 2 + 1);
-        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-        z ^= z >> 31;
-        u64 half = (i & 1) ? (z >> 32) : (z & 0xffffffffull);
-        st(out, i, half < thresh ? 0.0f : keep);
-    }
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        st(out, i, dropped(i, start, thresh) ? 0.0f : keep);
+}
+// y = x * mask, the mask never stored (keep arrives rounded as a stored mask holds it).
+template <typename T> __device__ void dropout_apply(const T* x, T* y, u64 n, u64 start, u64 thresh, float keep) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        st(y, i, ld(x, i) * (dropped(i, start, thresh) ? 0.0f : keep));
 }
 
 extern "C" __global__ void swiglu_fwd_f32(const float* g, const float* u, float* y, u64 n) { swiglu_fwd(g, u, y, n); }
@@ -257,6 +264,8 @@ extern "C" __global__ void sum_squares_f32(const float* x, u64 n, double* out) {
 extern "C" __global__ void sum_squares_bf16(const bf16* x, u64 n, double* out) { sum_squares(x, n, out); }
 extern "C" __global__ void dropout_mask_f32(float* o, u64 n, u64 s, u64 t, float k) { dropout_mask(o, n, s, t, k); }
 extern "C" __global__ void dropout_mask_bf16(bf16* o, u64 n, u64 s, u64 t, float k) { dropout_mask(o, n, s, t, k); }
+extern "C" __global__ void dropout_apply_f32(const float* x, float* y, u64 n, u64 s, u64 t, float k) { dropout_apply(x, y, n, s, t, k); }
+extern "C" __global__ void dropout_apply_bf16(const bf16* x, bf16* y, u64 n, u64 s, u64 t, float k) { dropout_apply(x, y, n, s, t, k); }
 extern "C" __global__ void adamw_update(float* p, const float* mv, u64 n, float decay, float step_size, float inv_bc2_sqrt, float eps) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         p[i] = p[i] * decay - step_size * mv[i] / (sqrtf(mv[n + i]) * inv_bc2_sqrt + eps);
@@ -580,6 +589,20 @@ pub(super) fn dropout_mask(dev: &CudaDevice, dtype: DType, n: usize, start: u64,
         let k = keep as f32;
         launch!(dev, &named::<T>("dropout_mask"), flat(n); &out, &n, &start, &thresh, &k);
         wrap(out, dev)
+    }))
+}
+
+/// `x` times the dropout mask of the stream at `start`, the mask never stored.
+pub(super) fn dropout_apply(xs: &CudaStorage, xl: &Layout, start: u64, thresh: u64, keep: f64) -> Result<CudaStorage> {
+    let dev = xs.device();
+    let n = xl.shape().elem_count();
+    Ok(with_elem!(xs.dtype(), "dropout", T => {
+        let x = view::<T>(xs, xl, "dropout")?;
+        let y = unsafe { dev.alloc::<T>(n.max(1))? };
+        // The kept value as a stored mask of this dtype holds it.
+        let k = candle_core::WithDType::to_f64(<T as candle_core::WithDType>::from_f64(keep)) as f32;
+        launch!(dev, &named::<T>("dropout_apply"), flat(n); &x, &y, &n, &start, &thresh, &k);
+        wrap(y, dev)
     }))
 }
 

@@ -1,19 +1,21 @@
-//! Inverted-dropout masks (LoRA's `lora_dropout`) drawn where the
-//! activations live: values 0 or `1 / (1 - p)`, from a counter-based
-//! stream, so every element is computed on its own (in parallel on the
-//! CPU, one thread per element on a GPU) and both devices give the same
-//! bits.
+//! Inverted dropout (LoRA's `lora_dropout`) where the activations live:
+//! masks of 0 or `1 / (1 - p)` from a counter-based stream, so every
+//! element is computed on its own (in parallel on the CPU, one thread per
+//! element on a GPU) and both devices give the same bits. [`dropout`]
+//! applies the mask without ever storing it: backward draws it again from
+//! the same counter.
 //!
 //! Why: drawn one after another on one CPU thread and uploaded, the masks
 //! of a LoRA step on a 7B model (about a billion elements) took longer than
-//! the step itself on a GPU.
+//! the step itself on a GPU; and a stored mask per adapted layer is an
+//! activation-sized tensor kept for backward.
 //!
 //! The stream is splitmix64 over the counter `start + (j + 1) * GOLDEN`:
 //! draw `j` gives two 32-bit uniforms, its low half for element `2j` and its
 //! high half for element `2j + 1`. An element is dropped when its uniform
 //! is below `p * 2^32`.
 
-use super::MIN_FLAT;
+use super::{slice, MIN_FLAT};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -55,19 +57,24 @@ impl DropoutMask {
     }
 
     fn fill<T: WithDType>(&self, n: usize) -> Vec<T> {
+        let mut out = vec![T::from_f64(0.0); n];
+        self.each(&mut out, |_, m| m);
+        out
+    }
+
+    /// Sets every `out[i] = f(i, mask[i])`, in parallel. Chunks have an even
+    /// length, so each starts at the low half of a draw.
+    fn each<T: WithDType>(&self, out: &mut [T], f: impl Fn(usize, T) -> T + Sync) {
         let (thresh, keep, zero) = (self.threshold(), T::from_f64(self.keep()), T::from_f64(0.0));
-        let mut out = vec![zero; n];
-        // Chunks of an even length, so each starts at the low half of a draw.
         out.par_chunks_mut(MIN_FLAT).enumerate().for_each(|(c, chunk)| {
             let first_draw = (c * MIN_FLAT / 2) as u64;
             for (j, pair) in chunk.chunks_mut(2).enumerate() {
                 let z = mix(self.start.wrapping_add(GOLDEN.wrapping_mul(first_draw + j as u64 + 1)));
-                for (v, half) in pair.iter_mut().zip([z & 0xffff_ffff, z >> 32]) {
-                    *v = if half < thresh { zero } else { keep };
+                for (k, (v, half)) in pair.iter_mut().zip([z & 0xffff_ffff, z >> 32]).enumerate() {
+                    *v = f(c * MIN_FLAT + 2 * j + k, if half < thresh { zero } else { keep });
                 }
             }
         });
-        out
     }
 }
 
@@ -99,6 +106,76 @@ impl CustomOp1 for DropoutMask {
         let storage = super::cuda::dropout_mask(s.device(), s.dtype(), l.shape().elem_count(), self.start, self.threshold(), self.keep())?;
         Ok((storage, l.shape().clone()))
     }
+}
+
+/// `x * mask`, the mask drawn from the stream at `start` as [`DropoutMask`]
+/// draws it, in one pass and never stored: backward (`g * mask`) is the
+/// same op on the gradient.
+pub struct Dropout {
+    pub start: u64,
+    pub p: f64,
+}
+
+impl Dropout {
+    fn mask(&self) -> DropoutMask {
+        DropoutMask { start: self.start, p: self.p }
+    }
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "dpo2d-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn apply<T: WithDType>(op: &Dropout, x: &[T]) -> Vec<T> {
+            let mut out = vec![T::from_f64(0.0); x.len()];
+            // x * m, as the product with a stored mask computes it.
+            op.mask().each(&mut out, |i, m| x[i] * m);
+            out
+        }
+        if !(0.0..1.0).contains(&self.p) {
+            bail!("dropout probability must be in [0, 1), got {}", self.p);
+        }
+        let name = self.name();
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(apply(self, slice::<f32>(s, l, name)?)),
+            DType::F64 => CpuStorage::F64(apply(self, slice::<f64>(s, l, name)?)),
+            d => bail!("{name}: no CPU kernel for {d:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        if !(0.0..1.0).contains(&self.p) {
+            bail!("dropout probability must be in [0, 1), got {}", self.p);
+        }
+        let m = self.mask();
+        Ok((super::cuda::dropout_apply(s, l, self.start, m.threshold(), m.keep())?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(dropout_no_grad(g, self.start, self.p)?))
+    }
+}
+
+/// Inverted dropout of `x` with the mask of the stream at `start`: one
+/// fused op where the kernels run (the CPU in f32/f64, a GPU in f32/bf16),
+/// else `x` times the mask from [`mask_like`]; the same values either way.
+pub fn dropout(x: &Tensor, start: u64, p: f64) -> Result<Tensor> {
+    if super::fused(x) {
+        return x.contiguous()?.apply_op1(Dropout { start, p });
+    }
+    x * mask_like(x, start, p)?
+}
+
+/// [`dropout`] outside autograd (its own backward).
+fn dropout_no_grad(g: &Tensor, start: u64, p: f64) -> Result<Tensor> {
+    if super::fused(g) {
+        return g.contiguous()?.apply_op1_no_bwd(&Dropout { start, p });
+    }
+    g * mask_like(g, start, p)?
 }
 
 /// A dropout mask shaped like `x`, in its dtype, on its device, drawn from
@@ -150,6 +227,27 @@ mod tests {
         let second = mask_like(&Tensor::zeros(b, DType::F32, &Device::Cpu).unwrap(), DropoutMask::next_start(start, a), 0.5).unwrap();
         let both = [first.to_vec1::<f32>().unwrap(), second.to_vec1::<f32>().unwrap()].concat();
         assert_eq!(both, sequential(start, a + b, 0.5));
+    }
+
+    /// The fused dropout equals the product with the stored mask, bit for
+    /// bit, and so does its gradient (`g * mask`, the mask drawn again).
+    #[test]
+    fn fused_dropout_equals_the_product_with_the_mask() {
+        for (n, dt) in [(7, DType::F64), (2 * MIN_FLAT + 3, DType::F32)] {
+            let x = candle_core::Var::from_tensor(&crate::test_support::det(&[n], 1, dt)).unwrap();
+            let g = crate::test_support::det(&[n], 2, dt);
+            let fused = dropout(&x, 77, 0.3).unwrap();
+            let mask = mask_like(&x, 77, 0.3).unwrap();
+            let plain = (x.as_tensor() * &mask).unwrap();
+            assert_eq!(crate::test_support::max_abs_diff(&fused, &plain), 0.0, "{n}");
+            let grad = (&fused * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let want = (&g * &mask).unwrap();
+            assert_eq!(crate::test_support::max_abs_diff(grad.get(&x).unwrap(), &want), 0.0, "{n}");
+        }
+        // Other dtypes take the stored mask: the same values.
+        let x = crate::test_support::det(&[9], 3, DType::F32).to_dtype(DType::BF16).unwrap();
+        let (a, b) = (dropout(&x, 5, 0.5).unwrap(), (&x * mask_like(&x, 5, 0.5).unwrap()).unwrap());
+        assert_eq!(crate::test_support::max_abs_diff(&a, &b), 0.0);
     }
 
     #[test]
