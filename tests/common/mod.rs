@@ -147,6 +147,20 @@ pub fn strip_timing(r: &[Record]) -> Vec<(usize, String, BTreeMap<String, String
         .collect()
 }
 
+/// Two runs' training records agree step by step on the loss, the margins
+/// and the gradient norm (to float noise: other operation orders).
+pub fn assert_same_training(a: &[Record], b: &[Record], what: &str) {
+    let steps = |r: &[Record]| r.iter().filter(|r| r.get("loss").is_some()).cloned().collect::<Vec<_>>();
+    let (a, b) = (steps(a), steps(b));
+    assert_eq!(a.len(), b.len(), "{what}: training records");
+    for (x, y) in a.iter().zip(&b) {
+        for k in ["loss", "rewards/margins", "grad_norm"] {
+            let (u, v) = (x.get(k).unwrap(), y.get(k).unwrap());
+            assert!((u - v).abs() <= 1e-4 * (1.0 + u.abs()), "{what}: step {} {k}: {u} vs {v}", x.step);
+        }
+    }
+}
+
 /// The tiny model of these tests, for tests that change its weights.
 pub trait TinyModelExt {
     fn e2e() -> TinyModel;
