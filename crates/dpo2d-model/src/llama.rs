@@ -113,6 +113,14 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(l) = self.lora.as_ref().filter(|_| kernels::nodes_enabled() && kernels::fused(x) && x.dtype() == self.weight.dtype()) {
+            return l.linear_with_adapter(x, &self.weight, self.bias.as_ref());
+        }
+        self.forward_composed(x)
+    }
+
+    /// The layer from candle's ops: the product, then the adapter's delta.
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let y = ops::linear_with(x, &self.weight, self.bias.as_ref(), self.sink.as_ref())?;
         match &self.lora {
             Some(l) => Ok((y + l.delta(x)?)?),

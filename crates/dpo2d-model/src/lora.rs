@@ -204,6 +204,18 @@ impl LoraAdapter {
         Ok((y * self.scale)?)
     }
 
+    /// `w x + bias + delta(x)` as one graph node ([`crate::kernels::lora`]),
+    /// drawing the same dropout mask as [`Self::delta`] would.
+    pub fn linear_with_adapter(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let dropout = if self.dropout > 0.0 && self.runtime.training() {
+            Some((self.dropout, self.runtime.take_dropout_start(x.elem_count())?))
+        } else {
+            None
+        };
+        let adapter = crate::kernels::lora::Adapter { a: self.a.as_tensor(), b: self.b.as_tensor(), scale: self.scale, dropout };
+        Ok(crate::kernels::lora::lora_linear(x, w, bias, adapter)?)
+    }
+
     /// `scale * B A`, shaped like the base weight [out, in].
     pub fn merged_delta(&self) -> Result<Tensor> {
         Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?)

@@ -161,6 +161,27 @@ fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<u
             vec![0],
         ),
         (
+            // A LoRA adapter on a frozen weight with a bias, dropout on.
+            "lora_linear",
+            Box::new(|x: &[Tensor]| {
+                let ad = crate::kernels::lora::Adapter { a: &x[3], b: &x[4], scale: 2.0, dropout: Some((0.2, 7)) };
+                crate::kernels::lora::lora_linear(&x[0], &x[1], Some(&x[2]), ad)
+            }),
+            Box::new(|x: &[Tensor]| {
+                let dropped = crate::kernels::dropout::dropout(&x[0], 7, 0.2)?;
+                let delta = (ops::linear(&ops::linear(&dropped, &x[3], None)?, &x[4], None)? * 2.0)?;
+                ops::linear(&x[0], &x[1], Some(&x[2]))? + delta
+            }),
+            vec![
+                det(&[b, t, h], 20)?,
+                (det(&[h + 7, h], 21)? * 0.1)?,
+                det(&[h + 7], 22)?,
+                (det(&[8, h], 23)? * 0.1)?,
+                (det(&[h + 7, 8], 24)? * 0.1)?,
+            ],
+            vec![0, 3, 4],
+        ),
+        (
             "rope_heads",
             Box::new(|x: &[Tensor]| ops::rope_heads(&x[0], &x[1].cos()?, &x[1].sin()?)),
             Box::new(|x: &[Tensor]| ops::rope_plain(&x[0].transpose(1, 2)?, &x[1].cos()?, &x[1].sin()?)),
@@ -254,7 +275,7 @@ mod tests {
     #[test]
     fn cpu_kernels_pass_the_device_check() {
         let rows = super::run(&candle_core::Device::Cpu).unwrap();
-        assert_eq!(rows.len(), 10);
+        assert_eq!(rows.len(), 11);
         for r in rows {
             assert!(r.passed(), "{r:?}");
         }

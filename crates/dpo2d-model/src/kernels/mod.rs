@@ -23,6 +23,7 @@ pub mod cuda;
 pub mod dropout;
 mod gemm;
 pub mod logprobs;
+pub mod lora;
 pub mod mlp;
 pub mod rms_norm;
 pub mod rope;
