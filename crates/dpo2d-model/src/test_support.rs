@@ -20,6 +20,14 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     d.expect("tensors of one shape")
 }
 
+/// Asserts `got` is within `tol` of `want`, relative to `want`'s largest
+/// magnitude (at least 1); `what` names the pair in the failure.
+pub fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
+    let scale = want.abs().and_then(|t| t.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()).expect("a float tensor").max(1.0);
+    let d = max_abs_diff(got, want);
+    assert!(d <= tol * scale, "{what}: max abs diff {d} (tolerance {tol} x {scale})");
+}
+
 /// The shape of a tiny Llama (or Qwen2, with q/k/v biases) model.
 #[derive(Debug, Clone)]
 pub struct TinyModel {

@@ -93,7 +93,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, ad: Adapter) -
 mod tests {
     use super::{lora_linear, Adapter};
     use crate::ops::linear;
-    use crate::test_support::{det, max_abs_diff};
+    use crate::test_support::{assert_close, det};
     use candle_core::{DType, Tensor, Var};
 
     /// The node against the composed layer (`linear(x, W, b) + s *
@@ -127,12 +127,8 @@ mod tests {
             let fused = lora_linear(&xt, &w, b_bias.as_ref(), ad).unwrap();
             let got = (&fused * &proj).unwrap().sum_all().unwrap().backward().unwrap();
 
-            let scale_of =
-                |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1.0);
-            let close = |g: &Tensor, w: &Tensor, what: &str| {
-                let d = max_abs_diff(g, w);
-                assert!(d <= tol * scale_of(w), "p {p} bias {bias} x tracked {x_tracked} {what}: {d}");
-            };
+            let close =
+                |g: &Tensor, w: &Tensor, what: &str| assert_close(g, w, tol, &format!("p {p} bias {bias} x tracked {x_tracked} {what}"));
             close(&fused, &composed, "value");
             for (v, what) in [(&a, "A"), (&b, "B")] {
                 close(got.get(v.as_tensor()).unwrap(), want.get(v.as_tensor()).unwrap(), what);

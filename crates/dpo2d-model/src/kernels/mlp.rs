@@ -104,7 +104,7 @@ impl Saved {
 mod tests {
     use super::{swiglu_mlp, MlpWeights};
     use crate::ops::{linear, swiglu, GradSink};
-    use crate::test_support::{det, max_abs_diff};
+    use crate::test_support::{assert_close, det};
     use candle_core::{DType, Tensor, Var};
     use std::sync::Arc;
 
@@ -136,12 +136,7 @@ mod tests {
                 let fused = swiglu_mlp(&x, MlpWeights { gate: p(0), up: p(1), down: p(2) }).unwrap();
                 let fused_store = (&fused * &proj).unwrap().sum_all().unwrap().backward().unwrap();
 
-                let scale =
-                    |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1.0);
-                let close = |a: &Tensor, b: &Tensor, what: &str| {
-                    let d = max_abs_diff(a, b);
-                    assert!(d <= tol * scale(b), "{what} ({trains:?}): max abs diff {d}");
-                };
+                let close = |a: &Tensor, b: &Tensor, what: &str| assert_close(a, b, tol, &format!("{what} ({trains:?})"));
                 close(&fused, &composed, "value");
                 close(fused_store.get(&x).unwrap(), store.get(&x).unwrap(), "input gradient");
                 for (i, (w, s)) in weights.iter().zip(&sinks).enumerate() {
