@@ -113,7 +113,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(l) = self.lora.as_ref().filter(|_| kernels::nodes_enabled() && kernels::fused(x) && x.dtype() == self.weight.dtype()) {
+        if let Some(l) = self.lora.as_ref().filter(|_| fused_nodes_take(x, &self.weight)) {
             return l.linear_with_adapter(x, &self.weight, self.bias.as_ref());
         }
         self.forward_composed(x)
@@ -259,12 +259,17 @@ impl Attention {
     }
 }
 
-/// Whether `x` goes through the fused graph nodes: it takes part in
-/// autograd, where the fused kernels run (the CPU in f32/f64, a GPU in
-/// f32/bf16), in the dtype of the weights, and the nodes are not switched
-/// off ([`kernels::nodes_enabled`]).
+/// Whether the fused graph nodes take `x`: where the fused kernels run (the
+/// CPU in f32/f64, a GPU in f32/bf16), in the dtype of the weights, the
+/// nodes not switched off ([`kernels::nodes_enabled`]).
+fn fused_nodes_take(x: &Tensor, weight: &Tensor) -> bool {
+    kernels::nodes_enabled() && kernels::fused(x) && x.dtype() == weight.dtype()
+}
+
+/// Whether `x` goes through the fused graph nodes while it takes part in
+/// autograd (nodes whose weights are all frozen need a tracked input).
 fn trains_on_fused_kernels(x: &Tensor, weight: &Tensor) -> bool {
-    kernels::nodes_enabled() && kernels::fused(x) && x.track_op() && x.dtype() == weight.dtype()
+    x.track_op() && fused_nodes_take(x, weight)
 }
 
 struct Mlp {

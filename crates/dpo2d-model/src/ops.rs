@@ -357,19 +357,26 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !fast_ok(x) || cos.dtype() != x.dtype() {
         return rope_plain(x, cos, sin);
     }
-    let cos = cos.contiguous()?;
-    let sin = sin.contiguous()?;
-    let out = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, &cos, &sin)?;
+    rope_node(x, cos, sin, false)
+}
+
+/// candle's rotary kernel as one graph node of `x` (`[B, H, T, D]`, or with
+/// `heads` the projection's `[B, T, H, D]`, transposed into a copy that the
+/// node does not keep); backward rotates the gradient by the opposite angle
+/// (and transposes it back) and needs no input.
+fn rope_node(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: bool) -> Result<Tensor> {
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let input = if heads { x.detach().transpose(1, 2)? } else { x.detach() };
+    let out = candle_nn::rotary_emb::rope(&input.contiguous()?, &cos, &sin)?;
     if !tracked(x) {
         return Ok(out);
     }
     let neg_sin = sin.neg()?;
-    let op = Precomputed::new(
-        "dpo2d-rope",
-        out,
-        Box::new(move |_args, g| Ok(vec![Some(candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)?)])),
-    );
-    x.apply_op1(op)
+    let bwd = move |_args: &[&Tensor], g: &Tensor| {
+        let dx = candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)?;
+        Ok(vec![Some(if heads { dx.transpose(1, 2)? } else { dx })])
+    };
+    x.apply_op1(Precomputed::new(if heads { "dpo2d-rope-heads" } else { "dpo2d-rope" }, out, Box::new(bwd)))
 }
 
 /// Rotary embedding of a projection's output `[B, T, H, D]`, returned in
@@ -382,20 +389,8 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !fast_ok(x) || cos.dtype() != x.dtype() {
         return rope_plain(&x.transpose(1, 2)?.contiguous()?, cos, sin);
     }
-    // One graph node over the projection's output (as on a GPU): the
-    // transposed copy that the rotation reads is not kept for backward,
-    // which rotates the gradient back and needs no input.
-    let out = rope(&x.detach().transpose(1, 2)?, cos, sin)?;
-    if !tracked(x) {
-        return Ok(out);
-    }
-    let (cos, neg_sin) = (cos.contiguous()?, sin.neg()?.contiguous()?);
-    let op = Precomputed::new(
-        "dpo2d-rope-heads",
-        out,
-        Box::new(move |_args, g| Ok(vec![Some(candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)?.transpose(1, 2)?)])),
-    );
-    x.apply_op1(op)
+    // One graph node over the projection's output (as on a GPU).
+    rope_node(x, cos, sin, true)
 }
 
 // ---------------------------------------------------------------- linear

@@ -94,6 +94,40 @@ fn mask(tq: usize, tk: usize) -> Result<Tensor> {
     Tensor::from_vec(m, (2, 1, 1, tq, tk), &Device::Cpu)
 }
 
+/// The masked softmax from primitives, with the kernels' conventions: -inf
+/// as a large finite number, and rows with every key masked set to zero
+/// (no attention).
+fn masked_softmax_reference(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let finite = mask.clamp(-1e30, 0.0)?;
+    let alive = mask.max_keepdim(candle_core::D::Minus1)?.ge(-1e29)?.to_dtype(scores.dtype())?;
+    ops::softmax_plain(&scores.broadcast_add(&finite)?)?.broadcast_mul(&alive)
+}
+
+/// Grouped-query attention from primitives: `x` = q, k, v, mask.
+fn attention_reference(x: &[Tensor], scale: f64) -> Result<Tensor> {
+    let (b, nh, t, d) = x[0].dims4()?;
+    let nkv = x[1].dim(1)?;
+    let q = (&x[0] * scale)?.reshape((b, nkv, nh / nkv * t, d))?;
+    let scores = q.matmul(&x[1].t()?)?.reshape((b, nkv, nh / nkv, t, t))?;
+    let probs = masked_softmax_reference(&scores, &x[3])?;
+    let out = probs.reshape((b, nkv, nh / nkv * t, t))?.matmul(&x[2])?;
+    out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))
+}
+
+/// The SwiGLU MLP from products: `x` = input, gate, up, down.
+fn mlp_reference(x: &[Tensor]) -> Result<Tensor> {
+    let proj = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t()?);
+    proj(&ops::swiglu_plain(&proj(&x[0], &x[1])?, &proj(&x[0], &x[2])?)?, &x[3])
+}
+
+/// A LoRA layer from linear layers, scale 2 and dropout 0.2 at stream
+/// position 7: `x` = input, W, bias, A, B.
+fn lora_reference(x: &[Tensor]) -> Result<Tensor> {
+    let dropped = crate::kernels::dropout::dropout(&x[0], 7, 0.2)?;
+    let delta = (ops::linear(&ops::linear(&dropped, &x[3], None)?, &x[4], None)? * 2.0)?;
+    ops::linear(&x[0], &x[1], Some(&x[2]))? + delta
+}
+
 /// The ops and their references: (name, fused, composed, inputs, inputs with gradients).
 #[allow(clippy::type_complexity)]
 fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<usize>)>> {
@@ -112,13 +146,7 @@ fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<u
         (
             "masked_softmax",
             Box::new(|x: &[Tensor]| ops::masked_softmax(&x[0], &x[1])),
-            Box::new(|x: &[Tensor]| {
-                // -inf as a large finite number, and rows with every key masked
-                // set to zero (no attention), as the kernels give them.
-                let finite = x[1].clamp(-1e30, 0.0)?;
-                let alive = x[1].max_keepdim(candle_core::D::Minus1)?.ge(-1e29)?.to_dtype(x[0].dtype())?;
-                ops::softmax_plain(&x[0].broadcast_add(&finite)?)?.broadcast_mul(&alive)
-            }),
+            Box::new(|x: &[Tensor]| masked_softmax_reference(&x[0], &x[1])),
             vec![(det(&[b, 2, heads, t, t], 3)? * 4.0)?, msk.clone()],
             vec![0],
         ),
@@ -132,18 +160,7 @@ fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<u
         (
             "attention",
             Box::new(move |x: &[Tensor]| ops::attention(&x[0], &x[1], &x[2], &x[3], scale)),
-            Box::new(move |x: &[Tensor]| {
-                // Composed from primitives, with the masked softmax's conventions as above.
-                let (b, nh, t, d) = x[0].dims4()?;
-                let nkv = x[1].dim(1)?;
-                let q = (&x[0] * scale)?.reshape((b, nkv, nh / nkv * t, d))?;
-                let scores = q.matmul(&x[1].t()?)?.reshape((b, nkv, nh / nkv, t, t))?;
-                let finite = x[3].clamp(-1e30, 0.0)?;
-                let alive = x[3].max_keepdim(candle_core::D::Minus1)?.ge(-1e29)?.to_dtype(x[0].dtype())?;
-                let probs = ops::softmax_plain(&scores.broadcast_add(&finite)?)?.broadcast_mul(&alive)?;
-                let out = probs.reshape((b, nkv, nh / nkv * t, t))?.matmul(&x[2])?;
-                out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))
-            }),
+            Box::new(move |x: &[Tensor]| attention_reference(x, scale)),
             vec![det(&[b, 2 * heads, t, hd], 13)?, det(&[b, 2, t, hd], 14)?, det(&[b, 2, t, hd], 15)?, msk],
             vec![0, 1, 2],
         ),
@@ -153,10 +170,7 @@ fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<u
             Box::new(|x: &[Tensor]| {
                 mlp::swiglu_mlp(&x[0], mlp::MlpWeights { gate: (&x[1], None), up: (&x[2], None), down: (&x[3], None) })
             }),
-            Box::new(|x: &[Tensor]| {
-                let proj = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t()?);
-                proj(&ops::swiglu_plain(&proj(&x[0], &x[1])?, &proj(&x[0], &x[2])?)?, &x[3])
-            }),
+            Box::new(mlp_reference),
             vec![det(&[b, t, h], 16)?, (det(&[257, h], 17)? * 0.2)?, (det(&[257, h], 18)? * 0.2)?, (det(&[h, 257], 19)? * 0.2)?],
             vec![0],
         ),
@@ -167,11 +181,7 @@ fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<u
                 let ad = crate::kernels::lora::Adapter { a: &x[3], b: &x[4], scale: 2.0, dropout: Some((0.2, 7)) };
                 crate::kernels::lora::lora_linear(&x[0], &x[1], Some(&x[2]), ad)
             }),
-            Box::new(|x: &[Tensor]| {
-                let dropped = crate::kernels::dropout::dropout(&x[0], 7, 0.2)?;
-                let delta = (ops::linear(&ops::linear(&dropped, &x[3], None)?, &x[4], None)? * 2.0)?;
-                ops::linear(&x[0], &x[1], Some(&x[2]))? + delta
-            }),
+            Box::new(lora_reference),
             vec![
                 det(&[b, t, h], 20)?,
                 (det(&[h + 7, h], 21)? * 0.1)?,

@@ -30,6 +30,14 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Dropout probabilities are in [0, 1).
+fn check_p(p: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        bail!("dropout probability must be in [0, 1), got {p}");
+    }
+    Ok(())
+}
+
 /// The op: a mask shaped like its input (whose values it does not read),
 /// in the input's dtype, on the input's device.
 pub struct DropoutMask {
@@ -84,9 +92,7 @@ impl CustomOp1 for DropoutMask {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if !(0.0..1.0).contains(&self.p) {
-            bail!("dropout probability must be in [0, 1), got {}", self.p);
-        }
+        check_p(self.p)?;
         let n = l.shape().elem_count();
         let out = match s.dtype() {
             DType::F32 => CpuStorage::F32(self.fill(n)),
@@ -100,9 +106,7 @@ impl CustomOp1 for DropoutMask {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        if !(0.0..1.0).contains(&self.p) {
-            bail!("dropout probability must be in [0, 1), got {}", self.p);
-        }
+        check_p(self.p)?;
         let storage = super::cuda::dropout_mask(s.device(), s.dtype(), l.shape().elem_count(), self.start, self.threshold(), self.keep())?;
         Ok((storage, l.shape().clone()))
     }
@@ -134,9 +138,7 @@ impl CustomOp1 for Dropout {
             op.mask().each(&mut out, |i, m| x[i] * m);
             out
         }
-        if !(0.0..1.0).contains(&self.p) {
-            bail!("dropout probability must be in [0, 1), got {}", self.p);
-        }
+        check_p(self.p)?;
         let name = self.name();
         let out = match s.dtype() {
             DType::F32 => CpuStorage::F32(apply(self, slice::<f32>(s, l, name)?)),
@@ -148,34 +150,26 @@ impl CustomOp1 for Dropout {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        if !(0.0..1.0).contains(&self.p) {
-            bail!("dropout probability must be in [0, 1), got {}", self.p);
-        }
+        check_p(self.p)?;
         let m = self.mask();
         Ok((super::cuda::dropout_apply(s, l, self.start, m.threshold(), m.keep())?, l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(dropout_no_grad(g, self.start, self.p)?))
+        Ok(Some(dropout(&g.detach(), self.start, self.p)?))
     }
 }
 
 /// Inverted dropout of `x` with the mask of the stream at `start`: one
 /// fused op where the kernels run (the CPU in f32/f64, a GPU in f32/bf16),
 /// else `x` times the mask from [`mask_like`]; the same values either way.
+/// A detached `x` records no graph (backward and callers that write their
+/// own backward pass one).
 pub fn dropout(x: &Tensor, start: u64, p: f64) -> Result<Tensor> {
     if super::fused(x) {
         return x.contiguous()?.apply_op1(Dropout { start, p });
     }
     x * mask_like(x, start, p)?
-}
-
-/// [`dropout`] outside autograd (its own backward).
-fn dropout_no_grad(g: &Tensor, start: u64, p: f64) -> Result<Tensor> {
-    if super::fused(g) {
-        return g.contiguous()?.apply_op1_no_bwd(&Dropout { start, p });
-    }
-    g * mask_like(g, start, p)?
 }
 
 /// A dropout mask shaped like `x`, in its dtype, on its device, drawn from

@@ -14,7 +14,6 @@
 //! `dB = g^T (s h)`, `dh = s g B`, `dA = dh^T xd`,
 //! `dx = g W + dropout(dh A)` (the same mask).
 
-use super::dropout::Dropout;
 use super::gemm::{matmul, matmul_sum};
 use crate::ops::{precomputed3, tracked};
 use candle_core::{bail, Result, Tensor};
@@ -41,11 +40,13 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, ad: Adapter) -
     }
     let (w, a, b) = (w.detach(), ad.a.detach(), ad.b.detach());
     let x2 = x.detach().reshape((rows, inp))?;
-    let dropout = ad.dropout.filter(|(p, _)| *p > 0.0).map(|(p, start)| Dropout { start, p });
-    let xd = match &dropout {
-        Some(d) => x2.contiguous()?.apply_op1_no_bwd(d)?,
-        None => x2.clone(),
+    // dropout(t) with the adapter's mask, outside autograd (the same mask every call).
+    let dropout = ad.dropout.filter(|(p, _)| *p > 0.0);
+    let dropped = move |t: &Tensor| match dropout {
+        Some((p, start)) => super::dropout::dropout(&t.detach(), start, p),
+        None => Ok(t.clone()),
     };
+    let xd = dropped(&x2)?;
     let hs = (matmul(&xd, &a.t()?)? * ad.scale)?;
     // As large as the input, and backward draws it again: freed now.
     drop(xd);
@@ -65,21 +66,13 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, ad: Adapter) -
         let g2 = g.reshape((rows, out_f))?;
         let dh = (matmul(&g2, &b)? * scale)?;
         let x2 = x.detach().reshape((rows, inp))?;
-        let da = tracked(a_var)
-            .then(|| {
-                let xd = match &dropout {
-                    Some(d) => x2.contiguous()?.apply_op1_no_bwd(d)?,
-                    None => x2.clone(),
-                };
-                matmul(&dh.t()?, &xd)
-            })
-            .transpose()?;
+        let da = tracked(a_var).then(|| matmul(&dh.t()?, &dropped(&x2)?)).transpose()?;
         let db = tracked(b_var).then(|| matmul(&g2.t()?, &hs)).transpose()?;
         let dx = tracked(x)
             .then(|| -> Result<Tensor> {
-                let dx = match &dropout {
+                let dx = match dropout {
                     None => matmul_sum(&[(&g2, &w), (&dh, &a)])?,
-                    Some(d) => (matmul(&g2, &w)? + matmul(&dh, &a)?.contiguous()?.apply_op1_no_bwd(d)?)?,
+                    Some(_) => (matmul(&g2, &w)? + dropped(&matmul(&dh, &a)?)?)?,
                 };
                 dx.reshape(x.dims())
             })

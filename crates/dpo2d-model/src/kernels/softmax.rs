@@ -4,7 +4,7 @@
 //! scores `[B, .., Tq, Tk]`. Backward: `dscores = scale * y * (g - sum(g * y))`.
 //! Both directions are ops with a CPU kernel and a CUDA one.
 
-use super::{min_rows, slice, with_float, Float};
+use super::{min_rows, slice, with_float, with_slice, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -97,7 +97,7 @@ impl CustomOp1 for MaskedSoftmax {
         let y = with_float!(xs.dtype(), name, T => {
             let x = slice::<T>(xs, xl, name)?;
             let scale = T::from_f64(self.scale);
-            T::to_cpu_storage_owned(super::with_slice::<T, _>(&self.mask, name, |m| forward(x, m, geo, scale))?)
+            T::to_cpu_storage_owned(with_slice::<T, _>(&self.mask, name, |m| forward(x, m, geo, scale))?)
         });
         Ok((y, xl.shape().clone()))
     }
@@ -119,15 +119,22 @@ struct SoftmaxGrad {
     scale: f64,
 }
 
+impl SoftmaxGrad {
+    fn check(&self, yl: &Layout, gl: &Layout) -> Result<()> {
+        if yl.dims() != gl.dims() {
+            bail!("{}: result {:?} and gradient {:?} differ in shape", self.name(), yl.dims(), gl.dims());
+        }
+        Ok(())
+    }
+}
+
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
         "dpo2d-masked-softmax-grad"
     }
 
     fn cpu_fwd(&self, ys: &CpuStorage, yl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        if yl.dims() != gl.dims() {
-            bail!("{}: result {:?} and gradient {:?} differ in shape", self.name(), yl.dims(), gl.dims());
-        }
+        self.check(yl, gl)?;
         let tk = *yl.dims().last().unwrap_or(&1);
         let name = self.name();
         let dx = with_float!(ys.dtype(), name, T => {
@@ -144,9 +151,7 @@ impl CustomOp2 for SoftmaxGrad {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if yl.dims() != gl.dims() {
-            bail!("{}: result {:?} and gradient {:?} differ in shape", self.name(), yl.dims(), gl.dims());
-        }
+        self.check(yl, gl)?;
         super::cuda::softmax_bwd(ys, yl, gs, gl, self.scale)
     }
 }
