@@ -210,6 +210,12 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::rms_norm(x, &self.weight, self.eps)?)
     }
+
+    /// The residual add before the norm and the norm, in one op: `(a + b,
+    /// norm(a + b))`.
+    fn forward_add(&self, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(ops::add_rms_norm(a, b, &self.weight, self.eps)?)
+    }
 }
 
 /// Grouped-query self-attention with rotary positions.
@@ -383,10 +389,9 @@ impl Block {
                 )?);
             }
         }
-        let residual = x;
-        let x = (self.attn.forward(&self.input_norm.forward(x)?, ctx, cache)? + residual)?;
-        let residual = &x;
-        Ok((self.mlp.forward(&self.post_norm.forward(&x)?)? + residual)?)
+        let attn = self.attn.forward(&self.input_norm.forward(x)?, ctx, cache)?;
+        let (x, normed) = self.post_norm.forward_add(&attn, x)?;
+        Ok((self.mlp.forward(&normed)? + x)?)
     }
 }
 

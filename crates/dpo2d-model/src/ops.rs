@@ -244,6 +244,18 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.apply_op2(w, op)
 }
 
+/// A pre-norm block's residual add and the next norm: `(a + b, rms_norm(a +
+/// b, w))`, in one pass where the fused kernels run.
+pub fn add_rms_norm(a: &Tensor, b: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    if kernels::fused(a) && a.dtype() == b.dtype() && a.dtype() == w.dtype() && a.dims() == b.dims() {
+        let both = a.contiguous()?.apply_op3(&b.contiguous()?, &w.contiguous()?, kernels::rms_norm::AddRmsNorm { eps })?;
+        return Ok((both.get(0)?, both.get(1)?));
+    }
+    let h = (a + b)?;
+    let y = rms_norm(&h, w, eps)?;
+    Ok((h, y))
+}
+
 // ---------------------------------------------------------------- softmax
 
 /// Softmax over the last dim from differentiable primitives.

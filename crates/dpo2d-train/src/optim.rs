@@ -64,10 +64,17 @@ impl AdamW {
         self.t += 1;
         let p = self.params;
         let s = AdamWStep { lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay, step: self.t, grad_scale };
-        for (i, g) in grads.iter().enumerate() {
-            let Some(g) = g else { continue };
-            adamw::adamw_step(&self.vars[i].1, &mut self.moments[i], self.masters[i].as_mut(), g, s)?;
-        }
+        // Every parameter in one pass (one launch on a GPU).
+        let slots = self
+            .vars
+            .iter()
+            .zip(self.moments.iter_mut().zip(self.masters.iter_mut()))
+            .zip(grads)
+            .filter_map(|(((_, param), (moments, master)), grad)| {
+                grad.as_ref().map(|grad| adamw::Slot { param, moments, master: master.as_mut(), grad })
+            })
+            .collect();
+        adamw::adamw_step_all(slots, s)?;
         Ok(())
     }
 

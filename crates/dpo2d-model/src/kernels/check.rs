@@ -144,6 +144,20 @@ fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<u
             vec![0, 1],
         ),
         (
+            "add_rms_norm",
+            Box::new(|x: &[Tensor]| {
+                let (sum, normed) = ops::add_rms_norm(&x[0], &x[1], &x[2], 1e-5)?;
+                Tensor::cat(&[sum, normed], 0)
+            }),
+            Box::new(|x: &[Tensor]| {
+                let sum = (&x[0] + &x[1])?;
+                let normed = ops::rms_norm_plain(&sum, &x[2], 1e-5)?;
+                Tensor::cat(&[sum, normed], 0)
+            }),
+            vec![(det(&[b, t, h], 14)? * 3.0)?, det(&[b, t, h], 15)?, det(&[h], 2)?],
+            vec![0, 1, 2],
+        ),
+        (
             "masked_softmax",
             Box::new(|x: &[Tensor]| ops::masked_softmax(&x[0], &x[1])),
             Box::new(|x: &[Tensor]| masked_softmax_reference(&x[0], &x[1])),
@@ -212,29 +226,52 @@ fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<u
     ])
 }
 
-/// AdamW's fused step (with an f32 master for bf16) against the composed
-/// update in f64 over three steps.
+/// AdamW's fused pass over several parameters at once (with f32 masters for
+/// bf16; sizes that split into chunks unevenly) against the composed update
+/// in f64 over three steps.
 fn check_adamw(dev: &Device, dt: DType) -> Result<f64> {
-    let n = 100_003;
-    let p0 = det(&[n], 11)?;
-    let param = Var::from_tensor(&p0.to_dtype(dt)?.to_device(dev)?)?;
-    let mut moments = adamw::new_moments(param.as_tensor())?;
-    let mut master = adamw::new_master(param.as_tensor())?;
-    let (mut p, mut m, mut v) = (p0.to_dtype(dt)?.to_dtype(DType::F64)?, p0.zeros_like()?, p0.zeros_like()?);
+    let sizes = [100_003, 7, 70_001];
+    let p0: Vec<Tensor> = sizes.iter().enumerate().map(|(i, &n)| det(&[n], 11 + i as u64)).collect::<Result<_>>()?;
+    let params: Vec<Var> = p0.iter().map(|p| Var::from_tensor(&p.to_dtype(dt)?.to_device(dev)?)).collect::<Result<_>>()?;
+    let mut moments: Vec<Tensor> = params.iter().map(|p| adamw::new_moments(p.as_tensor())).collect::<Result<_>>()?;
+    let mut masters: Vec<Option<Tensor>> = params.iter().map(|p| adamw::new_master(p.as_tensor())).collect::<Result<_>>()?;
+    let start: Vec<Tensor> = p0.iter().map(|p| p.to_dtype(dt)?.to_dtype(DType::F64)).collect::<Result<_>>()?;
+    let mut want: Vec<(Tensor, Tensor, Tensor)> =
+        start.iter().map(|p| Ok((p.clone(), p.zeros_like()?, p.zeros_like()?))).collect::<Result<_>>()?;
     for step in 1..=3u64 {
-        let g = det(&[n], 20 + step)?.to_dtype(dt)?;
         let s = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
-        adamw::adamw_step(&param, &mut moments, master.as_mut(), &g.to_device(dev)?, s)?;
-        (p, m, v) = adamw::composed_update(&p, &m, &v, &g.to_dtype(DType::F64)?, s)?;
+        let grads: Vec<Tensor> =
+            sizes.iter().enumerate().map(|(i, &n)| det(&[n], 20 + 3 * step + i as u64)?.to_dtype(dt)).collect::<Result<_>>()?;
+        let on_dev: Vec<Tensor> = grads.iter().map(|g| g.to_device(dev)).collect::<Result<_>>()?;
+        let slots = params
+            .iter()
+            .zip(moments.iter_mut().zip(masters.iter_mut()))
+            .zip(&on_dev)
+            .map(|((param, (moments, master)), grad)| adamw::Slot { param, moments, master: master.as_mut(), grad })
+            .collect();
+        adamw::adamw_step_all(slots, s)?;
+        for (w, g) in want.iter_mut().zip(&grads) {
+            *w = adamw::composed_update(&w.0, &w.1, &w.2, &g.to_dtype(DType::F64)?, s)?;
+        }
     }
     let back = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
-    let got_p = match &master {
-        Some(ms) => back(ms)?,
-        None => back(param.as_tensor())?,
-    };
-    // The parameter's change against the reference's change (the update is small next to the weights).
-    let (dp_got, dp_want) = ((&got_p - &p0.to_dtype(dt)?.to_dtype(DType::F64)?)?, (&p - &p0.to_dtype(dt)?.to_dtype(DType::F64)?)?);
-    rel_err(&[dp_got, back(&moments.get(0)?)?, back(&moments.get(1)?)?], &[dp_want, m, v])
+    let (mut got, mut wanted) = (vec![], vec![]);
+    for i in 0..sizes.len() {
+        let p = match &masters[i] {
+            Some(ms) => back(ms)?,
+            None => back(params[i].as_tensor())?,
+        };
+        // The parameter's change against the reference's change (the update is
+        // small next to the weights), and the moments.
+        got.extend([(&p - &start[i])?, back(&moments[i].get(0)?)?, back(&moments[i].get(1)?)?]);
+        wanted.extend([(&want[i].0 - &start[i])?, want[i].1.clone(), want[i].2.clone()]);
+        if masters[i].is_some() {
+            // The bf16 parameter is its master, rounded.
+            got.push(back(params[i].as_tensor())?);
+            wanted.push(back(&masters[i].as_ref().unwrap().to_dtype(dt)?)?);
+        }
+    }
+    rel_err(&got, &wanted)
 }
 
 /// The sum of squares that gradient clipping adds up, against f64 on the CPU.
@@ -285,7 +322,7 @@ mod tests {
     #[test]
     fn cpu_kernels_pass_the_device_check() {
         let rows = super::run(&candle_core::Device::Cpu).unwrap();
-        assert_eq!(rows.len(), 11);
+        assert_eq!(rows.len(), 12);
         for r in rows {
             assert!(r.passed(), "{r:?}");
         }

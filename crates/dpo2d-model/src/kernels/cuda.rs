@@ -10,7 +10,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{bail, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
 use std::sync::OnceLock;
 
 const SOURCE: &str = r#"
@@ -76,6 +76,18 @@ template <typename T> __device__ void rmsnorm_fwd(const T* x, const T* w, T* y, 
     for (int j = threadIdx.x; j < h; j += blockDim.x) { float v = ld(x, row + j); ss += v * v; }
     float r = rsqrtf(block_sum(ss) / h + eps);
     for (int j = threadIdx.x; j < h; j += blockDim.x) st(y, row + j, ld(x, row + j) * r * ld(w, j));
+}
+// The residual add and the norm: out[row] = a + b (rounded to T), out[n + row] = its norm.
+template <typename T> __device__ void add_rmsnorm_fwd(const T* a, const T* b, const T* w, T* out, u64 n, int h, float eps) {
+    u64 row = (u64)blockIdx.x * h;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) {
+        st(out, row + j, ld(a, row + j) + ld(b, row + j));
+        float v = ld(out, row + j);
+        ss += v * v;
+    }
+    float r = rsqrtf(block_sum(ss) / h + eps);
+    for (int j = threadIdx.x; j < h; j += blockDim.x) st(out, n + row + j, ld(out, row + j) * r * ld(w, j));
 }
 // dx = r g w - x r^3 mean(g w x)
 template <typename T> __device__ void rmsnorm_dx(const T* x, const T* w, const T* go, T* dx, int h, float eps) {
@@ -211,12 +223,25 @@ template <typename T> __device__ void sum_squares(const T* x, u64 n, double* out
     if (threadIdx.x == 0) atomicAdd(out, s);
 }
 
-// ---- AdamW: moments [2n] f32 from the gradient, then the f32 parameter from the moments.
-template <typename G> __device__ void adamw_moments(float* mv, const G* g, u64 n, float b1, float b2, float c1, float c2, float scale) {
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        float x = ld(g, i) * scale;
-        mv[i] = b1 * mv[i] + c1 * x;
-        mv[n + i] = b2 * mv[n + i] + c2 * x * x;
+// ---- AdamW over every parameter in one launch. slots[6k..6k+6] for parameter k:
+// f32 weights p, moments mv [2n], gradient g, bf16 parameter out (0: none), n, g is bf16.
+// chunks[b] = k << 40 | first element of block b's chunk.
+extern "C" __global__ void adamw_all(const u64* slots, const u64* chunks, u64 chunk, float b1, float b2, float c1, float c2,
+                                     float scale, float decay, float step_size, float inv_bc2_sqrt, float eps) {
+    u64 c = chunks[blockIdx.x];
+    const u64* s = slots + 6 * (c >> 40);
+    float* p = (float*)s[0];
+    float* mv = (float*)s[1];
+    bf16* out = (bf16*)s[3];
+    u64 n = s[4], start = c & 0xffffffffffull, end = start + chunk < n ? start + chunk : n;
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float x = (s[5] ? ld((const bf16*)s[2], i) : ld((const float*)s[2], i)) * scale;
+        float m = b1 * mv[i] + c1 * x, v = b2 * mv[n + i] + c2 * x * x;
+        mv[i] = m;
+        mv[n + i] = v;
+        float q = p[i] * decay - step_size * m / (sqrtf(v) * inv_bc2_sqrt + eps);
+        p[i] = q;
+        if (out) st(out, i, q);
     }
 }
 
@@ -246,6 +271,8 @@ extern "C" __global__ void swiglu_bwd_f32(const float* g, const float* u, const 
 extern "C" __global__ void swiglu_bwd_bf16(const bf16* g, const bf16* u, const bf16* go, bf16* o, u64 n) { swiglu_bwd(g, u, go, o, n); }
 extern "C" __global__ void rmsnorm_fwd_f32(const float* x, const float* w, float* y, int h, float eps) { rmsnorm_fwd(x, w, y, h, eps); }
 extern "C" __global__ void rmsnorm_fwd_bf16(const bf16* x, const bf16* w, bf16* y, int h, float eps) { rmsnorm_fwd(x, w, y, h, eps); }
+extern "C" __global__ void add_rmsnorm_fwd_f32(const float* a, const float* b, const float* w, float* o, u64 n, int h, float eps) { add_rmsnorm_fwd(a, b, w, o, n, h, eps); }
+extern "C" __global__ void add_rmsnorm_fwd_bf16(const bf16* a, const bf16* b, const bf16* w, bf16* o, u64 n, int h, float eps) { add_rmsnorm_fwd(a, b, w, o, n, h, eps); }
 extern "C" __global__ void rmsnorm_dx_f32(const float* x, const float* w, const float* g, float* dx, int h, float eps) { rmsnorm_dx(x, w, g, dx, h, eps); }
 extern "C" __global__ void rmsnorm_dx_bf16(const bf16* x, const bf16* w, const bf16* g, bf16* dx, int h, float eps) { rmsnorm_dx(x, w, g, dx, h, eps); }
 extern "C" __global__ void rmsnorm_dw_f32(const float* x, const float* g, float* dw, int rows, int h, float eps, int pb) { rmsnorm_dw(x, g, dw, rows, h, eps, pb); }
@@ -254,8 +281,6 @@ extern "C" __global__ void softmax_fwd_f32(const float* x, const float* m, float
 extern "C" __global__ void softmax_fwd_bf16(const bf16* x, const bf16* m, bf16* y, u64 rows, int tk, int tq, u64 pb, int mb, float sc) { softmax_fwd(x, m, y, rows, tk, tq, pb, mb, sc); }
 extern "C" __global__ void softmax_bwd_f32(const float* y, const float* g, float* dx, u64 rows, int tk, float sc) { softmax_bwd(y, g, dx, rows, tk, sc); }
 extern "C" __global__ void softmax_bwd_bf16(const bf16* y, const bf16* g, bf16* dx, u64 rows, int tk, float sc) { softmax_bwd(y, g, dx, rows, tk, sc); }
-extern "C" __global__ void adamw_moments_f32(float* mv, const float* g, u64 n, float b1, float b2, float c1, float c2, float s) { adamw_moments(mv, g, n, b1, b2, c1, c2, s); }
-extern "C" __global__ void adamw_moments_bf16(float* mv, const bf16* g, u64 n, float b1, float b2, float c1, float c2, float s) { adamw_moments(mv, g, n, b1, b2, c1, c2, s); }
 extern "C" __global__ void label_pick_f32(const float* l, const unsigned* lab, float* o, u64 rows, u64 v) { label_pick(l, lab, o, rows, v); }
 extern "C" __global__ void label_pick_bf16(const bf16* l, const unsigned* lab, float* o, u64 rows, u64 v) { label_pick(l, lab, o, rows, v); }
 extern "C" __global__ void logit_grads_f32(const float* l, const unsigned* lab, const float* lg, float* o, u64 rows, u64 v) { logit_grads(l, lab, lg, o, rows, v); }
@@ -266,10 +291,6 @@ extern "C" __global__ void dropout_mask_f32(float* o, u64 n, u64 s, u64 t, float
 extern "C" __global__ void dropout_mask_bf16(bf16* o, u64 n, u64 s, u64 t, float k) { dropout_mask(o, n, s, t, k); }
 extern "C" __global__ void dropout_apply_f32(const float* x, float* y, u64 n, u64 s, u64 t, float k) { dropout_apply(x, y, n, s, t, k); }
 extern "C" __global__ void dropout_apply_bf16(const bf16* x, bf16* y, u64 n, u64 s, u64 t, float k) { dropout_apply(x, y, n, s, t, k); }
-extern "C" __global__ void adamw_update(float* p, const float* mv, u64 n, float decay, float step_size, float inv_bc2_sqrt, float eps) {
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        p[i] = p[i] * decay - step_size * mv[i] / (sqrtf(mv[n + i]) * inv_bc2_sqrt + eps);
-}
 "#;
 
 /// Whether the CUDA kernels serve this tensor (a GPU tensor in f32 or bf16,
@@ -388,45 +409,25 @@ pub(super) fn swiglu_fwd(gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &L
     Ok((y, gl.shape().clone()))
 }
 
-/// SwiGLU's input gradients `[2, ..]`: dgate, then dup.
-pub(super) struct SwiGluGrads;
-
-impl CustomOp3 for SwiGluGrads {
-    fn name(&self) -> &'static str {
-        "dpo2d-swiglu-grads"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("{}: CUDA only", self.name())
-    }
-    fn cuda_fwd(
-        &self,
-        gs: &CudaStorage,
-        gl: &Layout,
-        us: &CudaStorage,
-        ul: &Layout,
-        os: &CudaStorage,
-        ol: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = gs.device();
-        let n = gl.shape().elem_count();
-        let out = with_elem!(gs.dtype(), self.name(), T => {
-            let (g, u, go) = (view::<T>(gs, gl, self.name())?, view::<T>(us, ul, self.name())?, view::<T>(os, ol, self.name())?);
-            let out = unsafe { dev.alloc::<T>(2 * n)? };
-            launch!(dev, &named::<T>("swiglu_bwd"), flat(n); &g, &u, &go, &out, &n);
-            wrap(out, dev)
-        });
-        let mut dims = vec![2];
-        dims.extend_from_slice(gl.dims());
-        Ok((out, Shape::from(dims)))
-    }
+/// SwiGLU's input gradients `[2, ..]`: dgate, then dup ([`super::swiglu`]).
+pub(super) fn swiglu_grads(
+    gs: &CudaStorage,
+    gl: &Layout,
+    us: &CudaStorage,
+    ul: &Layout,
+    os: &CudaStorage,
+    ol: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let what = "swiglu backward";
+    let dev = gs.device();
+    let n = gl.shape().elem_count();
+    let out = with_elem!(gs.dtype(), what, T => {
+        let (g, u, go) = (view::<T>(gs, gl, what)?, view::<T>(us, ul, what)?, view::<T>(os, ol, what)?);
+        let out = unsafe { dev.alloc::<T>(2 * n)? };
+        launch!(dev, &named::<T>("swiglu_bwd"), flat(n); &g, &u, &go, &out, &n);
+        wrap(out, dev)
+    });
+    Ok((out, super::pair_shape(gl.dims())))
 }
 
 // ------------------------------------------------------------ RMSNorm
@@ -445,89 +446,80 @@ pub(super) fn rms_norm_fwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: 
     Ok((y, xl.shape().clone()))
 }
 
-/// RMSNorm's `dx` (inputs x, w, g).
-pub(super) struct RmsNormDx {
-    pub eps: f64,
+/// `[2, ..]`: `a + b`, then its norm ([`super::rms_norm::AddRmsNorm`]).
+pub(super) fn add_rms_norm_fwd(
+    as_: &CudaStorage,
+    al: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<(CudaStorage, Shape)> {
+    let what = "residual add and rms norm";
+    let dev = as_.device();
+    let n = al.shape().elem_count();
+    let h = wl.shape().elem_count();
+    if bl.dims() != al.dims() || al.dims().last() != Some(&h) {
+        bail!("{what}: shapes {:?}, {:?} and weight {:?} do not fit", al.dims(), bl.dims(), wl.dims());
+    }
+    let out = with_elem!(as_.dtype(), what, T => {
+        let (a, b, w) = (view::<T>(as_, al, what)?, view::<T>(bs, bl, what)?, view::<T>(ws, wl, what)?);
+        let out = unsafe { dev.alloc::<T>(2 * n)? };
+        let (hi, e) = (h as i32, eps as f32);
+        launch!(dev, &named::<T>("add_rmsnorm_fwd"), per_row(n / h.max(1), row_threads(h)); &a, &b, &w, &out, &n, &hi, &e);
+        wrap(out, dev)
+    });
+    Ok((out, super::pair_shape(al.dims())))
 }
 
-impl CustomOp3 for RmsNormDx {
-    fn name(&self) -> &'static str {
-        "dpo2d-rms-norm-dx"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("{}: CUDA only", self.name())
-    }
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
-        gs: &CudaStorage,
-        gl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = xs.device();
-        let n = xl.shape().elem_count();
-        let h = wl.shape().elem_count();
-        let dx = with_elem!(xs.dtype(), self.name(), T => {
-            let (x, w, g) = (view::<T>(xs, xl, self.name())?, view::<T>(ws, wl, self.name())?, view::<T>(gs, gl, self.name())?);
-            let dx = unsafe { dev.alloc::<T>(n)? };
-            let (hi, e) = (h as i32, self.eps as f32);
-            launch!(dev, &named::<T>("rmsnorm_dx"), per_row(n / h.max(1), row_threads(h)); &x, &w, &g, &dx, &hi, &e);
-            wrap(dx, dev)
-        });
-        Ok((dx, xl.shape().clone()))
-    }
+/// RMSNorm's `dx` from x, w and the incoming gradient ([`super::rms_norm`]).
+pub(super) fn rms_norm_dx(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+    eps: f64,
+) -> Result<(CudaStorage, Shape)> {
+    let what = "rms norm backward";
+    let dev = xs.device();
+    let n = xl.shape().elem_count();
+    let h = wl.shape().elem_count();
+    let dx = with_elem!(xs.dtype(), what, T => {
+        let (x, w, g) = (view::<T>(xs, xl, what)?, view::<T>(ws, wl, what)?, view::<T>(gs, gl, what)?);
+        let dx = unsafe { dev.alloc::<T>(n)? };
+        let (hi, e) = (h as i32, eps as f32);
+        launch!(dev, &named::<T>("rmsnorm_dx"), per_row(n / h.max(1), row_threads(h)); &x, &w, &g, &dx, &hi, &e);
+        wrap(dx, dev)
+    });
+    Ok((dx, xl.shape().clone()))
 }
 
-/// RMSNorm's `dw` in f32 (inputs x, g; `h` from x's last dim).
-pub(super) struct RmsNormDw {
-    pub eps: f64,
-}
-
-impl CustomOp2 for RmsNormDw {
-    fn name(&self) -> &'static str {
-        "dpo2d-rms-norm-dw"
+/// RMSNorm's `dw` in f32 from x and the incoming gradient (`h` from x's last dim).
+pub(super) fn rms_norm_dw(xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout, eps: f64) -> Result<(CudaStorage, Shape)> {
+    let what = "rms norm weight gradient";
+    let dev = xs.device();
+    let h = *xl.dims().last().unwrap_or(&1);
+    let rows = xl.shape().elem_count() / h.max(1);
+    if h * 4 > 48 * 1024 {
+        bail!("{what}: hidden size {h} too large for one block's shared memory");
     }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("{}: CUDA only", self.name())
-    }
-    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = xs.device();
-        let h = *xl.dims().last().unwrap_or(&1);
-        let rows = xl.shape().elem_count() / h.max(1);
-        if h * 4 > 48 * 1024 {
-            bail!("{}: hidden size {h} too large for one block's shared memory", self.name());
-        }
-        let per_block = rows.div_ceil(132 * 4).max(1);
-        let dw = with_elem!(xs.dtype(), self.name(), T => {
-            let (x, g) = (view::<T>(xs, xl, self.name())?, view::<T>(gs, gl, self.name())?);
-            let dw = dev.alloc_zeros::<f32>(h)?;
-            let (ri, hi, e, pb) = (rows as i32, h as i32, self.eps as f32, per_block as i32);
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(per_block).max(1) as u32, 1, 1),
-                block_dim: (row_threads(h).min(256), 1, 1),
-                shared_mem_bytes: (h * 4) as u32,
-            };
-            launch!(dev, &named::<T>("rmsnorm_dw"), cfg; &x, &g, &dw, &ri, &hi, &e, &pb);
-            wrap(dw, dev)
-        });
-        Ok((dw, Shape::from(h)))
-    }
+    let per_block = rows.div_ceil(132 * 4).max(1);
+    let dw = with_elem!(xs.dtype(), what, T => {
+        let (x, g) = (view::<T>(xs, xl, what)?, view::<T>(gs, gl, what)?);
+        let dw = dev.alloc_zeros::<f32>(h)?;
+        let (ri, hi, e, pb) = (rows as i32, h as i32, eps as f32, per_block as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(per_block).max(1) as u32, 1, 1),
+            block_dim: (row_threads(h).min(256), 1, 1),
+            shared_mem_bytes: (h * 4) as u32,
+        };
+        launch!(dev, &named::<T>("rmsnorm_dw"), cfg; &x, &g, &dw, &ri, &hi, &e, &pb);
+        wrap(dw, dev)
+    });
+    Ok((dw, Shape::from(h)))
 }
 
 // ------------------------------------------------------------ masked softmax
@@ -608,19 +600,6 @@ pub(super) fn dropout_apply(xs: &CudaStorage, xl: &Layout, start: u64, thresh: u
 
 // ------------------------------------------------------------ label log-probs
 
-/// Per row of `logits` `[R, V]` (f32 or bf16): `(logit[label] - logsumexp,
-/// logsumexp)` in f32, as [`super::logprobs::pick_and_lse`] on the CPU.
-pub fn pick_and_lse(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
-    let both = logits.contiguous()?.apply_op2_no_bwd(&labels.to_dtype(DType::U32)?.contiguous()?, &LabelPick)?;
-    Ok((both.get(0)?, both.get(1)?))
-}
-
-/// `g[r] * (onehot(label[r]) - exp(logits[r] - lse[r]))` in the logits' dtype.
-pub fn logit_grads(logits: &Tensor, labels: &Tensor, lse: &Tensor, g: &Tensor) -> Result<Tensor> {
-    let lse_g = Tensor::stack(&[lse.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?], 0)?.contiguous()?;
-    logits.contiguous()?.apply_op3_no_bwd(&labels.to_dtype(DType::U32)?.contiguous()?, &lse_g, &LogitGrads)
-}
-
 fn labels_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(u32::as_cuda_slice(s)?.slice(a..b)),
@@ -628,129 +607,110 @@ fn labels_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<candle_core::cuda_b
     }
 }
 
-struct LabelPick;
-
-impl CustomOp2 for LabelPick {
-    fn name(&self) -> &'static str {
-        "dpo2d-label-pick"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("{}: CUDA only", self.name())
-    }
-    fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout, bs: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = ls.device();
-        let (rows, v) = ll.shape().dims2()?;
-        let labels = labels_view(bs, bl)?;
-        let out = with_elem!(ls.dtype(), self.name(), T => {
-            let l = view::<T>(ls, ll, self.name())?;
-            let out = unsafe { dev.alloc::<f32>(2 * rows)? };
-            launch!(dev, &named::<T>("label_pick"), per_row(rows.max(1), 1024); &l, &labels, &out, &rows, &v);
-            wrap(out, dev)
-        });
-        Ok((out, Shape::from((2, rows))))
-    }
+/// Per row of logits `[R, V]`: `[2, R]` f32, `logit[label] - logsumexp`
+/// then the logsumexp ([`super::logprobs`]).
+pub(super) fn label_pick(ls: &CudaStorage, ll: &Layout, bs: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+    let what = "label log-probs";
+    let dev = ls.device();
+    let (rows, v) = ll.shape().dims2()?;
+    let labels = labels_view(bs, bl)?;
+    let out = with_elem!(ls.dtype(), what, T => {
+        let l = view::<T>(ls, ll, what)?;
+        let out = unsafe { dev.alloc::<f32>(2 * rows)? };
+        launch!(dev, &named::<T>("label_pick"), per_row(rows.max(1), 1024); &l, &labels, &out, &rows, &v);
+        wrap(out, dev)
+    });
+    Ok((out, Shape::from((2, rows))))
 }
 
-struct LogitGrads;
-
-impl CustomOp3 for LogitGrads {
-    fn name(&self) -> &'static str {
-        "dpo2d-logit-grads"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("{}: CUDA only", self.name())
-    }
-    fn cuda_fwd(
-        &self,
-        ls: &CudaStorage,
-        ll: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
-        gs: &CudaStorage,
-        gl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = ls.device();
-        let (rows, v) = ll.shape().dims2()?;
-        let labels = labels_view(bs, bl)?;
-        let lse_g = view::<f32>(gs, gl, self.name())?;
-        let out = with_elem!(ls.dtype(), self.name(), T => {
-            let l = view::<T>(ls, ll, self.name())?;
-            let out = unsafe { dev.alloc::<T>(rows * v)? };
-            launch!(dev, &named::<T>("logit_grads"), flat(rows * v); &l, &labels, &lse_g, &out, &rows, &v);
-            wrap(out, dev)
-        });
-        Ok((out, ll.shape().clone()))
-    }
+/// The logits' gradient from the labels and `[2, R]` f32 (logsumexp, then
+/// the incoming gradient), in the logits' dtype.
+pub(super) fn logit_grads(
+    ls: &CudaStorage,
+    ll: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let what = "label log-probs backward";
+    let dev = ls.device();
+    let (rows, v) = ll.shape().dims2()?;
+    let labels = labels_view(bs, bl)?;
+    let lse_g = view::<f32>(gs, gl, what)?;
+    let out = with_elem!(ls.dtype(), what, T => {
+        let l = view::<T>(ls, ll, what)?;
+        let out = unsafe { dev.alloc::<T>(rows * v)? };
+        launch!(dev, &named::<T>("logit_grads"), flat(rows * v); &l, &labels, &lse_g, &out, &rows, &v);
+        wrap(out, dev)
+    });
+    Ok((out, ll.shape().clone()))
 }
 
 // ------------------------------------------------------------ sum of squares
 
-/// The sum of the squares of a GPU tensor's elements, in f64, as a `[1]`
-/// tensor on the device (no copy to the host: the caller adds many of them
-/// and reads one number). candle's `sum_all` reduces in a single block.
-pub fn sum_squares(t: &Tensor) -> Result<Tensor> {
-    t.contiguous()?.apply_op1_no_bwd(&SumSquares)
-}
-
-struct SumSquares;
-
-impl candle_core::CustomOp1 for SumSquares {
-    fn name(&self) -> &'static str {
-        "dpo2d-sum-squares"
-    }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("{}: CUDA only", self.name())
-    }
-    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = xs.device();
-        let n = xl.shape().elem_count();
-        let out = dev.alloc_zeros::<f64>(1)?;
-        with_elem!(xs.dtype(), self.name(), T => {
-            let x = view::<T>(xs, xl, self.name())?;
-            launch!(dev, &named::<T>("sum_squares"), flat(n); &x, &n, &out);
-        });
-        Ok((f64::wrap_cuda_slice(out, dev.clone()), Shape::from(1)))
-    }
+/// The sum of the squares of a tensor's elements in f64, `[1]` on the
+/// device, over many blocks (candle's `sum_all` reduces in a single block).
+pub(super) fn sum_squares(xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+    let what = "sum of squares";
+    let dev = xs.device();
+    let n = xl.shape().elem_count();
+    let out = dev.alloc_zeros::<f64>(1)?;
+    with_elem!(xs.dtype(), what, T => {
+        let x = view::<T>(xs, xl, what)?;
+        launch!(dev, &named::<T>("sum_squares"), flat(n); &x, &n, &out);
+    });
+    Ok((f64::wrap_cuda_slice(out, dev.clone()), Shape::from(1)))
 }
 
 // ------------------------------------------------------------ AdamW
 
-/// `mv` (`[2, N]` f32) updated in place from the gradient (f32 or bf16).
-pub(super) fn adamw_moments(mv: &mut CudaStorage, ml: &Layout, gs: &CudaStorage, gl: &Layout, k: [f32; 5]) -> Result<()> {
-    let dev = mv.device().clone();
-    let n = gl.shape().elem_count();
-    let Some((a, _)) = ml.contiguous_offsets() else { bail!("adamw: moments not contiguous") };
-    let [b1, b2, c1, c2, scale] = k;
-    with_elem!(gs.dtype(), "adamw", T => {
-        let g = view::<T>(gs, gl, "adamw")?;
-        let mut m = f32::as_cuda_slice_mut(mv)?.slice_mut(a..a + 2 * n);
-        launch!(dev, &named::<T>("adamw_moments"), flat(n); &mut m, &g, &n, &b1, &b2, &c1, &c2, &scale);
-    });
-    Ok(())
+/// The device address of a storage's first element (for [`super::lock_all`]).
+pub(super) fn device_addr_mut(s: &mut CudaStorage) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
+    let stream = s.device().cuda_stream();
+    Ok(match s.dtype() {
+        DType::F32 => f32::as_cuda_slice_mut(s)?.device_ptr_mut(&stream).0,
+        DType::BF16 => half::bf16::as_cuda_slice_mut(s)?.device_ptr_mut(&stream).0,
+        d => bail!("adamw: no kernel writes {d:?}"),
+    })
 }
 
-/// The f32 parameter `p` updated in place from the moments.
-pub(super) fn adamw_update(p: &mut CudaStorage, pl: &Layout, ms: &CudaStorage, ml: &Layout, k: [f32; 4]) -> Result<()> {
-    let dev = p.device().clone();
-    let n = pl.shape().elem_count();
-    let Some((a, b_)) = pl.contiguous_offsets() else { bail!("adamw: parameter not contiguous") };
-    let mv = view::<f32>(ms, ml, "adamw")?;
-    let [decay, step_size, inv_bc2_sqrt, eps] = k;
-    let mut pv = f32::as_cuda_slice_mut(p)?.slice_mut(a..b_);
-    launch!(dev, "adamw_update", flat(n); &mut pv, &mv, &n, &decay, &step_size, &inv_bc2_sqrt, &eps);
+/// The device address of a contiguous GPU tensor's elements, for reading.
+pub(super) fn device_addr(t: &Tensor) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*st else { bail!("adamw: a gradient is not on the GPU") };
+    let Some((a, _)) = l.contiguous_offsets() else { bail!("adamw: a gradient is not contiguous") };
+    let stream = s.device().cuda_stream();
+    let base = match s.dtype() {
+        DType::F32 => f32::as_cuda_slice(s)?.device_ptr(&stream).0,
+        DType::BF16 => half::bf16::as_cuda_slice(s)?.device_ptr(&stream).0,
+        d => bail!("adamw: no kernel reads {d:?} gradients"),
+    };
+    Ok(base as usize + a * t.dtype().size_in_bytes())
+}
+
+/// AdamW over every slot in one launch: a block per chunk of `chunk` elements.
+pub(super) fn adamw_all(
+    dev: &CudaDevice,
+    flats: &[super::adamw::Flat],
+    chunks: &[(usize, usize)],
+    chunk: usize,
+    k: super::adamw::Consts,
+) -> Result<()> {
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    if flats.len() >= 1 << 24 || flats.iter().any(|f| f.n >= 1 << 40) {
+        bail!("adamw: too many parameters, or one too large, for one launch");
+    }
+    let table: Vec<u64> =
+        flats.iter().flat_map(|f| [f.p as u64, f.mv as u64, f.g as u64, f.out as u64, f.n as u64, f.grad_bf16 as u64]).collect();
+    let starts: Vec<u64> = chunks.iter().map(|&(k, start)| (k as u64) << 40 | start as u64).collect();
+    let (table, starts) = (dev.clone_htod(&table)?, dev.clone_htod(&starts)?);
+    let cfg = LaunchConfig { grid_dim: (chunks.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let chunk = chunk as u64;
+    launch!(dev, "adamw_all", cfg; &table, &starts, &chunk, &k.b1, &k.b2, &k.c1, &k.c2, &k.scale, &k.decay, &k.step_size, &k.inv_bc2_sqrt, &k.eps);
     Ok(())
 }

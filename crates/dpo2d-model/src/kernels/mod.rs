@@ -8,11 +8,13 @@
 //! [`crate::ops`] (`*_plain`) that the tests hold it to, values and
 //! gradients. Kernels exist for f32 and f64 (f64 for the gradient checks);
 //! other dtypes and devices take the composed path. With the `cuda` feature,
-//! RMSNorm, the masked softmax, SwiGLU, the label log-probs and AdamW also
-//! have CUDA kernels ([`cuda`]) behind the same ops, checked against the
-//! same references, and the attention and MLP graph nodes run on a GPU
-//! too (their products through cuBLAS, the rest in those kernels). The
-//! whole-block node is CPU only.
+//! RMSNorm, the masked softmax, SwiGLU, the label log-probs, dropout, the
+//! sum of squares and AdamW (every parameter in one launch) also have CUDA
+//! kernels ([`cuda`]) behind the same ops, forward and backward, checked
+//! against the same references; each op's CPU implementation is the twin
+//! that CI tests. The attention and MLP graph nodes run on a GPU too (their
+//! products through cuBLAS, the rest in those kernels). The whole-block
+//! node is CPU only.
 
 pub mod adamw;
 pub mod attention;
@@ -22,6 +24,7 @@ pub mod check;
 pub mod cuda;
 pub mod dropout;
 mod gemm;
+mod lock_all;
 pub mod logprobs;
 pub mod lora;
 pub mod mlp;
@@ -65,7 +68,6 @@ pub(crate) use with_float;
 
 /// Traits the kernels' dtype-specific code calls through.
 pub(crate) mod prelude {
-    pub use candle_core::backend::BackendStorage as _;
     pub use candle_core::WithDType as _;
     pub use num_traits::One as _;
     pub use num_traits::Zero as _;
@@ -117,6 +119,13 @@ pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, op: &str, f: impl FnOnce(&
         Storage::Cpu(cs) => Ok(f(slice::<T>(cs, l, op)?)),
         _ => bail!("{op}: the CPU kernel got a tensor on another device"),
     }
+}
+
+/// `[2, ..dims]`: the shape of an op's two results of one shape, stacked.
+pub(crate) fn pair_shape(dims: &[usize]) -> candle_core::Shape {
+    let mut d = vec![2];
+    d.extend_from_slice(dims);
+    candle_core::Shape::from(d)
 }
 
 /// A CPU tensor from a vector.

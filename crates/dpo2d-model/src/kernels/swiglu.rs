@@ -1,9 +1,9 @@
 //! SwiGLU's gate, `silu(gate) * up`, in one pass; backward forms both input
 //! gradients in one pass too (`silu'(x) = s (1 + x (1 - s))`, `s = sigmoid(x)`).
 
-use super::{slice, tensor, with_float, with_slice, Float, MIN_FLAT};
+use super::{slice, with_float, Float, MIN_FLAT};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The fused op over two contiguous tensors of one shape.
@@ -19,9 +19,10 @@ fn forward<T: Float>(gate: &[T], up: &[T]) -> Vec<T> {
     y
 }
 
-fn backward<T: Float>(gate: &[T], up: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
-    let mut dgate = vec![T::zero(); gate.len()];
-    let mut dup = vec![T::zero(); gate.len()];
+/// Both input gradients into `out` (`2 n`: dgate, then dup).
+fn backward<T: Float>(gate: &[T], up: &[T], g: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); 2 * gate.len()];
+    let (dgate, dup) = out.split_at_mut(gate.len());
     dgate.par_iter_mut().zip(dup.par_iter_mut()).zip(gate.par_iter().zip(up).zip(g)).with_min_len(MIN_FLAT).for_each(
         |((dg, du), ((&a, &u), &g))| {
             let s = sigmoid(a);
@@ -29,7 +30,7 @@ fn backward<T: Float>(gate: &[T], up: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
             *dg = g * u * s * (T::one() + a * (T::one() - s));
         },
     );
-    (dgate, dup)
+    out
 }
 
 impl CustomOp2 for SwiGlu {
@@ -69,19 +70,52 @@ impl CustomOp2 for SwiGlu {
 /// The gradients of `silu(gate) * up` with respect to `gate` and `up`, from
 /// the incoming gradient `g`, for a caller that writes its own backward
 /// ([`super::mlp`]).
-pub(crate) fn backward_tensors(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
-    #[cfg(feature = "cuda")]
-    if gate.device().is_cuda() {
-        let both = gate.apply_op3_no_bwd(up, &g.contiguous()?, &super::cuda::SwiGluGrads)?;
-        return Ok((both.get(0)?, both.get(1)?));
+/// SwiGLU's input gradients `[2, ..]` (dgate, then dup) from gate, up and
+/// the incoming gradient, all of one shape and contiguous.
+struct Grads;
+
+impl CustomOp3 for Grads {
+    fn name(&self) -> &'static str {
+        "dpo2d-swiglu-grads"
     }
-    let name = "dpo2d-swiglu";
-    with_float!(gate.dtype(), name, T => {
-        let (dg, du) = with_slice::<T, _>(gate, name, |a| {
-            with_slice::<T, _>(up, name, |u| with_slice::<T, _>(g, name, |g| backward(a, u, g)))
-        })???;
-        Ok((tensor(dg, gate.dims())?, tensor(du, up.dims())?))
-    })
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        os: &CpuStorage,
+        ol: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let out = with_float!(gs.dtype(), name, T => {
+            T::to_cpu_storage_owned(backward(slice::<T>(gs, gl, name)?, slice::<T>(us, ul, name)?, slice::<T>(os, ol, name)?))
+        });
+        Ok((out, super::pair_shape(gl.dims())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+        os: &candle_core::CudaStorage,
+        ol: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::swiglu_grads(gs, gl, us, ul, os, ol)
+    }
+}
+
+/// SwiGLU's input gradients (dgate, dup) for the incoming gradient `g`.
+pub(crate) fn backward_tensors(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    if gate.dims() != up.dims() || gate.dims() != g.dims() {
+        bail!("swiglu backward: gate {:?}, up {:?} and gradient {:?} differ in shape", gate.dims(), up.dims(), g.dims());
+    }
+    let both = gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &g.contiguous()?, &Grads)?;
+    Ok((both.get(0)?, both.get(1)?))
 }
 
 #[cfg(test)]
