@@ -2,7 +2,8 @@
 //! checks whose errors name the file and the tensor at fault.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Storage, Tensor, WithDType};
+use safetensors::tensor::{SafeTensors, TensorInfo};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -27,7 +28,7 @@ impl WeightSet {
         let files = weight_files(dir)?;
         let mut set = Self { tensors: HashMap::new(), origin: HashMap::new(), source: dir.display().to_string() };
         for f in files {
-            let map = load_file(&f, device)?;
+            let map = load_safetensors(&f, device)?;
             for (k, v) in map {
                 set.origin.insert(k.clone(), f.clone());
                 set.tensors.insert(k, v);
@@ -38,7 +39,7 @@ impl WeightSet {
 
     /// Load one safetensors file.
     pub fn load_file(path: &Path, device: &Device) -> Result<Self> {
-        let map = load_file(path, device)?;
+        let map = load_safetensors(path, device)?;
         let origin = map.keys().map(|k| (k.clone(), path.to_path_buf())).collect();
         Ok(Self { tensors: map, origin, source: path.display().to_string() })
     }
@@ -119,17 +120,32 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     bail!("no weights in {}: expected model.safetensors or model.safetensors.index.json", dir.display())
 }
 
-/// Open one safetensors file, memory-mapped. The header is validated
-/// against the file length here, so a truncated file fails on opening,
-/// without reading the tensor data.
-fn open(path: &Path) -> Result<candle_core::safetensors::MmapedSafetensors> {
+/// One safetensors file, opened: its validated header and where the tensor
+/// data starts.
+struct SafetensorsFile {
+    file: std::fs::File,
+    data_start: u64,
+    tensors: Vec<(String, TensorInfo)>,
+}
+
+/// Open one safetensors file. The header is validated against the file
+/// length here, so a truncated file fails on opening, without reading the
+/// tensor data.
+fn open(path: &Path) -> Result<SafetensorsFile> {
     if !path.is_file() {
         bail!("weights file {} does not exist", path.display());
     }
-    let bad = |e: candle_core::Error| anyhow::anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display());
-    // SAFETY: the file is only read; modifying it while loading is the caller's problem,
-    // as with any memory-mapped checkpoint loader.
-    unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // The header check needs the whole file as one slice (it compares the
+    // offsets with the length); a map gives that while reading only the
+    // header's pages.
+    // SAFETY: the file is only read; modifying it while loading is the caller's
+    // problem, as with any memory-mapped checkpoint loader.
+    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(&map)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
+    let tensors = metadata.tensors().into_iter().map(|(name, info)| (name, info.clone())).collect();
+    Ok(SafetensorsFile { file, data_start: 8 + header_len as u64, tensors })
 }
 
 /// Whether `path` is a complete, readable safetensors file (its header
@@ -138,20 +154,80 @@ pub fn check_file(path: &Path) -> Result<()> {
     open(path).map(drop)
 }
 
-/// Read one safetensors file.
-fn load_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+/// Read every tensor of one safetensors file onto `device`, in its stored
+/// dtype, refusing NaN and infinite values.
+///
+/// Each tensor is read from the file straight into its own buffer. Copying
+/// tensors out of a map of the whole file instead made every page of the
+/// file count towards the process's resident memory until the last tensor
+/// was copied: twice the model's size at the peak on the CPU, and the whole
+/// checkpoint in host memory while loading onto a GPU. On the CPU the
+/// tensors are read in parallel; onto another device one at a time, so the
+/// host holds one tensor's bytes at most.
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    use rayon::prelude::*;
     let st = open(path)?;
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        // Checked on the raw bytes: one pass, before any conversion or device copy.
-        let bad = DType::try_from(view.dtype()).map(|dt| count_non_finite(dt, view.data())).unwrap_or(0);
-        if bad > 0 {
-            bail!("{}: {}", path.display(), non_finite_message(&name, bad));
-        }
-        let t = st.load(&name, device).map_err(|e| anyhow::anyhow!("{}: cannot load tensor `{name}`: {e}", path.display()))?;
-        out.insert(name, t);
+    let read = |(name, info): &(String, TensorInfo)| -> Result<(String, Tensor)> {
+        let t = st.read(name, info, device).with_context(|| format!("{}", path.display()))?;
+        Ok((name.clone(), t))
+    };
+    if device.is_cpu() {
+        st.tensors.par_iter().map(read).collect()
+    } else {
+        st.tensors.iter().map(read).collect()
     }
-    Ok(out)
+}
+
+impl SafetensorsFile {
+    /// One tensor, read at its offset into a buffer of its element type.
+    fn read(&self, name: &str, info: &TensorInfo, device: &Device) -> Result<Tensor> {
+        let dtype = DType::try_from(info.dtype)
+            .map_err(|_| anyhow::anyhow!("tensor `{name}` has dtype {:?}, which dpo2d cannot load", info.dtype))?;
+        let offset = self.data_start + info.data_offsets.0 as u64;
+        let shape = info.shape.as_slice();
+        match dtype {
+            DType::F32 => self.read_as::<f32>(name, dtype, offset, shape, device),
+            DType::F64 => self.read_as::<f64>(name, dtype, offset, shape, device),
+            DType::BF16 => self.read_as::<half::bf16>(name, dtype, offset, shape, device),
+            DType::F16 => self.read_as::<half::f16>(name, dtype, offset, shape, device),
+            DType::U32 => self.read_as::<u32>(name, dtype, offset, shape, device),
+            DType::I64 => self.read_as::<i64>(name, dtype, offset, shape, device),
+            DType::U8 => self.read_as::<u8>(name, dtype, offset, shape, device),
+            _ => {
+                // Rarer types go through a byte buffer and candle's conversion.
+                let mut bytes = vec![0u8; info.data_offsets.1 - info.data_offsets.0];
+                self.read_bytes(name, &mut bytes, offset)?;
+                Ok(Tensor::from_raw_buffer(&bytes, dtype, shape, device)?)
+            }
+        }
+    }
+
+    fn read_as<T: WithDType + bytemuck::Pod>(
+        &self,
+        name: &str,
+        dtype: DType,
+        offset: u64,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor> {
+        let mut values = vec![T::zeroed(); shape.iter().product()];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut values);
+        self.read_bytes(name, bytes, offset)?;
+        // Checked on the stored bytes, before any device copy.
+        let bad = count_non_finite(dtype, bytes);
+        if bad > 0 {
+            bail!("{}", non_finite_message(name, bad));
+        }
+        if cfg!(target_endian = "big") {
+            bytes.chunks_exact_mut(std::mem::size_of::<T>()).for_each(<[u8]>::reverse);
+        }
+        Ok(Tensor::from_vec(values, shape, device)?)
+    }
+
+    fn read_bytes(&self, name: &str, bytes: &mut [u8], offset: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(bytes, offset).with_context(|| format!("cannot read tensor `{name}`"))
+    }
 }
 
 /// How many NaN or infinite values `bytes` (little-endian values of `dtype`)
@@ -256,6 +332,32 @@ mod tests {
         let bytes: Vec<u8> = big.iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(count_non_finite(DType::F32, &bytes), 5);
         assert_eq!(count_non_finite(DType::F32, &bytes[..bytes.len() - 2]), 4);
+    }
+
+    #[test]
+    fn every_dtype_reads_back_at_its_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let base = Tensor::arange(-7f32, 10., &dev).unwrap();
+        let mut m = HashMap::new();
+        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16, DType::U8, DType::U32, DType::I64, DType::I32, DType::I16] {
+            // Odd lengths put every later tensor at an offset unaligned for wider types.
+            let t = if matches!(dtype, DType::U8 | DType::U32) { base.abs().unwrap() } else { base.clone() };
+            m.insert(format!("{dtype:?}"), t.narrow(0, 0, 17 - m.len()).unwrap().to_dtype(dtype).unwrap());
+        }
+        m.insert("empty".to_string(), Tensor::zeros((0, 3), DType::F32, &dev).unwrap());
+        let file = dir.path().join("model.safetensors");
+        candle_core::safetensors::save(&m, &file).unwrap();
+        let back = load_safetensors(&file, &dev).unwrap();
+        assert_eq!(back.len(), m.len());
+        for (name, want) in &m {
+            let got = &back[name];
+            assert_eq!((got.dtype(), got.dims()), (want.dtype(), want.dims()), "{name}");
+            let (g, w) = (got.flatten_all().unwrap(), want.flatten_all().unwrap());
+            let (g, w) =
+                (g.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(), w.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap());
+            assert_eq!(g, w, "{name}");
+        }
     }
 
     #[test]

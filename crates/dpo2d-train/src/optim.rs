@@ -97,7 +97,8 @@ impl AdamW {
     /// must be present with the same shape.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let dev = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
-        let map = candle_core::safetensors::load(path, &dev).with_context(|| format!("reading optimizer state {}", path.display()))?;
+        let map =
+            dpo2d_model::weights::load_safetensors(path, &dev).with_context(|| format!("reading optimizer state {}", path.display()))?;
         for (i, (name, var)) in self.vars.iter().enumerate() {
             let mut rows = vec![];
             for key in ["exp_avg", "exp_avg_sq"] {
