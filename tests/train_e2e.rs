@@ -2,7 +2,8 @@
 //! both written by the test: 2D-DPO learns (held-out reward accuracy goes
 //! up), a resumed run ends exactly like an uninterrupted one, every loss
 //! trains through the binary, the fused graph nodes train like the ops
-//! they stand for, and 2-D losses refuse plain pairs.
+//! they stand for, runs repeat bit for bit on any number of threads, and
+//! 2-D losses refuse plain pairs.
 
 mod common;
 
@@ -190,6 +191,31 @@ fn fused_nodes_train_like_the_composed_ops() {
         let (fused, composed) = (run("1"), run("0"));
         assert_eq!(fused.iter().filter(|r| r.get("loss").is_some()).count(), 3, "{name}");
         assert_same_training(&fused, &composed, name);
+    }
+}
+
+/// The same seed and data give the same bits on any number of threads: every
+/// parallel sum in the training path adds its parts in an order fixed by the
+/// shapes, not by which thread finished first.
+#[test]
+fn runs_repeat_bit_for_bit_on_any_number_of_threads() {
+    let d = setup(true);
+    let run = |threads: &str| {
+        let out = d.path().join(format!("threads-{threads}"));
+        let o = train_command(d.path(), &out)
+            .args(["--loss", "2d-dpo", "--max-steps", "3", "--logging-steps", "1", "--learning-rate", "1e-3"])
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{threads} threads: {}", String::from_utf8_lossy(&o.stderr));
+        let weights = std::fs::read(out.join("final").join("model.safetensors")).unwrap();
+        (strip_timing(&read_metrics(&out.join("metrics.jsonl")).unwrap()), weights)
+    };
+    let one = run("1");
+    for threads in ["2", "3"] {
+        let other = run(threads);
+        assert_eq!(other.0, one.0, "{threads} threads: metrics");
+        assert!(other.1 == one.1, "{threads} threads: final weights differ");
     }
 }
 

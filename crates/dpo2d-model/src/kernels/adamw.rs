@@ -305,7 +305,10 @@ impl candle_core::CustomOp1 for SumSquares {
                     }
                 }
                 acc.iter().sum::<f64>() + lanes.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
-            }).sum()
+            })
+            // Chunk sums added in chunk order: the same bits on every run (a
+            // parallel `sum` adds them in whatever grouping the threads took).
+            .collect::<Vec<f64>>().into_iter().sum()
         });
         Ok((CpuStorage::F64(vec![sum]), Shape::from(1)))
     }
@@ -390,5 +393,21 @@ mod tests {
         let want = t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
         let got = sum_squares(&t).unwrap().to_vec1::<f64>().unwrap()[0];
         assert!((got - want).abs() < 1e-9 * want);
+    }
+
+    #[test]
+    fn sum_of_squares_has_the_same_bits_on_any_number_of_threads() {
+        // Chunks of many magnitudes, so that the order of the adds shows in the last bits.
+        let scale: Vec<f32> = (0..31).map(|c| 10f32.powi(c * 7 % 11 - 5)).collect();
+        let scale = Tensor::new(scale.as_slice(), &candle_core::Device::Cpu).unwrap().reshape((31, 1)).unwrap();
+        let t = det(&[31, MIN_FLAT], 5, DType::F32).broadcast_mul(&scale).unwrap().flatten_all().unwrap();
+        let on = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| sum_squares(&t).unwrap().to_vec1::<f64>().unwrap()[0].to_bits())
+        };
+        let one = on(1);
+        for threads in [2, 3, 4, 7] {
+            assert_eq!(on(threads), one, "{threads} threads");
+        }
     }
 }

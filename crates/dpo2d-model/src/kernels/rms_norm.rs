@@ -30,18 +30,25 @@ fn forward<T: Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
 }
 
 /// `dx = r (g w) - x r^3 mean(g w x)`, `dw = sum over rows of g x r`.
+///
+/// `dw` is summed in blocks of rows fixed by the shape alone, then the
+/// blocks' sums in order: the same bits on every run, whatever thread ran
+/// which block (rayon's `fold`/`reduce` would group rows as the threads
+/// happened to steal them).
 fn backward<T: Float>(x: &[T], w: &[T], g: &[T], eps: T) -> (Vec<T>, Vec<T>) {
     let h = w.len();
     let n = T::from(h).unwrap_or_else(T::one);
     let mut dx = vec![T::zero(); x.len()];
-    let dw = dx
-        .par_chunks_mut(h)
-        .zip(x.par_chunks(h))
-        .zip(g.par_chunks(h))
-        .with_min_len(min_rows(h))
-        .fold(
-            || vec![T::zero(); h],
-            |mut dw, ((dx, x), g)| {
+    if h == 0 {
+        return (dx, vec![]);
+    }
+    let block = min_rows(h).max((x.len() / h).div_ceil(256)) * h;
+    let partial: Vec<Vec<T>> = dx
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(g.par_chunks(block)))
+        .map(|(dx, (x, g))| {
+            let mut dw = vec![T::zero(); h];
+            for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
                 let r = inv_rms(x, eps);
                 let dot = x.iter().zip(g).zip(w).map(|((&x, &g), &w)| g * w * x).sum::<T>() / n;
                 let c = r * r * r * dot;
@@ -49,10 +56,14 @@ fn backward<T: Float>(x: &[T], w: &[T], g: &[T], eps: T) -> (Vec<T>, Vec<T>) {
                     dx[i] = r * g[i] * w[i] - x[i] * c;
                     dw[i] += g[i] * x[i] * r;
                 }
-                dw
-            },
-        )
-        .reduce(|| vec![T::zero(); h], |a, b| a.into_iter().zip(b).map(|(a, b)| a + b).collect());
+            }
+            dw
+        })
+        .collect();
+    let mut dw = vec![T::zero(); h];
+    for p in partial {
+        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
     (dx, dw)
 }
 
@@ -269,6 +280,24 @@ mod tests {
     use crate::ops::{rms_norm, rms_norm_plain};
     use crate::test_support::det;
     use candle_core::DType;
+
+    #[test]
+    fn weight_gradient_has_the_same_bits_on_any_number_of_threads() {
+        let (rows, h) = (3001, 48);
+        let x = det(&[rows, h], 1, DType::F32).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = (det(&[rows, h], 2, DType::F32) * 4.0).unwrap().exp().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = det(&[h], 3, DType::F32).to_vec1::<f32>().unwrap();
+        let on = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let (dx, dw) = pool.install(|| super::backward(&x, &w, &g, 1e-5));
+            (dx.iter().chain(&dw).map(|v| v.to_bits()).collect::<Vec<u32>>(), dw)
+        };
+        let one = on(1);
+        for threads in [2, 3, 4, 7] {
+            let (bits, dw) = on(threads);
+            assert!(bits == one.0, "{threads} threads: dw {:?} vs {:?}", &dw[..4], &one.1[..4]);
+        }
+    }
 
     #[test]
     fn matches_composed_values_and_gradients() {
