@@ -584,7 +584,7 @@ pub struct CausalLM {
 /// Turns named weights into model parameters (Vars when trainable) and
 /// LoRA adapters, recording the trainable variables in load order.
 struct Builder<'a> {
-    w: &'a WeightSet,
+    w: &'a mut WeightSet,
     opts: &'a LoadOptions,
     vars: Vec<(String, Var)>,
     sinks: HashMap<String, Arc<ops::GradSink>>,
@@ -595,7 +595,7 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn param(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.w.get(name, shape)?;
+        let t = self.w.take(name, shape)?;
         self.finish(name, t)
     }
     fn finish(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
@@ -648,17 +648,17 @@ impl CausalLM {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let w = WeightSet::load_dir(dir, &opts.device)?;
-        Self::from_weight_set(cfg, &w, opts)
+        Self::from_weight_set(cfg, w, opts)
     }
 
     /// Build from tensors in Hugging Face naming (`model.embed_tokens.weight`,
     /// `model.layers.N.self_attn.q_proj.weight`, ..., `lm_head.weight`).
     pub fn from_tensors(cfg: ModelConfig, tensors: HashMap<String, Tensor>, opts: &LoadOptions) -> Result<Self> {
         let w = WeightSet::from_map(tensors, "the tensor map");
-        Self::from_weight_set(cfg, &w, opts)
+        Self::from_weight_set(cfg, w, opts)
     }
 
-    pub fn from_weight_set(cfg: ModelConfig, w: &WeightSet, opts: &LoadOptions) -> Result<Self> {
+    pub fn from_weight_set(cfg: ModelConfig, mut w: WeightSet, opts: &LoadOptions) -> Result<Self> {
         if opts.trainable && opts.lora.is_some() {
             bail!("choose either full fine-tuning (trainable) or LoRA, not both");
         }
@@ -668,7 +668,7 @@ impl CausalLM {
         let seed = opts.lora.as_ref().map(|l| l.seed).unwrap_or(0);
         let runtime = LoraRuntime::new(seed);
         let mut b = Builder {
-            w,
+            w: &mut w,
             opts,
             vars: vec![],
             sinks: HashMap::new(),
@@ -681,10 +681,10 @@ impl CausalLM {
         let norm = RmsNorm::load(&mut b, "model.norm", h, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
-        } else if w.contains("lm_head.weight") {
+        } else if b.w.contains("lm_head.weight") {
             Some(b.param("lm_head.weight", &[v, h])?)
         } else {
-            bail!("tensor `lm_head.weight` is missing from {} and tie_word_embeddings is false", w.source());
+            bail!("tensor `lm_head.weight` is missing from {} and tie_word_embeddings is false", b.w.source());
         };
         let inv_freq = rope_inv_freq(&cfg);
         Ok(Self {

@@ -69,6 +69,15 @@ impl WeightSet {
         Ok(t.clone())
     }
 
+    /// [`Self::get`], handing the tensor over: a model that copies each
+    /// weight into a parameter then holds one tensor twice at a time, not
+    /// the whole model.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.get(name, shape)?;
+        self.tensors.remove(name);
+        Ok(t)
+    }
+
     /// Fetch a tensor if present (shape-checked).
     pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
         if self.contains(name) {
