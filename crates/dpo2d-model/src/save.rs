@@ -57,16 +57,7 @@ fn write_tensor(out: &mut impl std::io::Write, t: &Tensor) -> Result<()> {
         }
         Ok(())
     }
-    match t.dtype() {
-        DType::F32 => write::<f32>(out, t),
-        DType::F64 => write::<f64>(out, t),
-        DType::BF16 => write::<half::bf16>(out, t),
-        DType::F16 => write::<half::f16>(out, t),
-        DType::U32 => write::<u32>(out, t),
-        DType::I64 => write::<i64>(out, t),
-        DType::U8 => write::<u8>(out, t),
-        d => bail!("cannot save tensors of dtype {d:?}"),
-    }
+    crate::weights::with_stored_type!(t.dtype(), T => write::<T>(out, t), other => bail!("cannot save tensors of dtype {:?}", t.dtype()))
 }
 
 /// Serialise tensors as safetensors (with `{"format": "pt"}` metadata, which

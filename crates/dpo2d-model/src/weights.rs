@@ -129,6 +129,46 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     bail!("no weights in {}: expected model.safetensors or model.safetensors.index.json", dir.display())
 }
 
+/// Runs `$body` with `$T` bound to the Rust type of `$dtype`, for the dtypes
+/// that saving and loading move as plain values (bytes as they are in memory
+/// on a little-endian machine); evaluates `$other` for the rest.
+macro_rules! with_stored_type {
+    ($dtype:expr, $T:ident => $body:expr, other => $other:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $T = half::f16;
+                $body
+            }
+            candle_core::DType::U32 => {
+                type $T = u32;
+                $body
+            }
+            candle_core::DType::I64 => {
+                type $T = i64;
+                $body
+            }
+            candle_core::DType::U8 => {
+                type $T = u8;
+                $body
+            }
+            _ => $other,
+        }
+    };
+}
+pub(crate) use with_stored_type;
+
 /// One safetensors file, opened: its validated header and where the tensor
 /// data starts.
 struct SafetensorsFile {
@@ -194,21 +234,12 @@ impl SafetensorsFile {
             .map_err(|_| anyhow::anyhow!("tensor `{name}` has dtype {:?}, which dpo2d cannot load", info.dtype))?;
         let offset = self.data_start + info.data_offsets.0 as u64;
         let shape = info.shape.as_slice();
-        match dtype {
-            DType::F32 => self.read_as::<f32>(name, dtype, offset, shape, device),
-            DType::F64 => self.read_as::<f64>(name, dtype, offset, shape, device),
-            DType::BF16 => self.read_as::<half::bf16>(name, dtype, offset, shape, device),
-            DType::F16 => self.read_as::<half::f16>(name, dtype, offset, shape, device),
-            DType::U32 => self.read_as::<u32>(name, dtype, offset, shape, device),
-            DType::I64 => self.read_as::<i64>(name, dtype, offset, shape, device),
-            DType::U8 => self.read_as::<u8>(name, dtype, offset, shape, device),
-            _ => {
-                // Rarer types go through a byte buffer and candle's conversion.
-                let mut bytes = vec![0u8; info.data_offsets.1 - info.data_offsets.0];
-                self.read_bytes(name, &mut bytes, offset)?;
-                Ok(Tensor::from_raw_buffer(&bytes, dtype, shape, device)?)
-            }
-        }
+        with_stored_type!(dtype, T => self.read_as::<T>(name, dtype, offset, shape, device), other => {
+            // Rarer types go through a byte buffer and candle's conversion.
+            let mut bytes = vec![0u8; info.data_offsets.1 - info.data_offsets.0];
+            self.read_bytes(name, &mut bytes, offset)?;
+            Ok(Tensor::from_raw_buffer(&bytes, dtype, shape, device)?)
+        })
     }
 
     fn read_as<T: WithDType + bytemuck::Pod>(
