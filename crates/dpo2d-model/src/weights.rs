@@ -134,35 +134,15 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// on a little-endian machine); evaluates `$other` for the rest.
 macro_rules! with_stored_type {
     ($dtype:expr, $T:ident => $body:expr, other => $other:expr) => {
+        $crate::weights::with_stored_type!(@match $dtype, $T, $body, $other,
+            [F32: f32, F64: f64, BF16: half::bf16, F16: half::f16, U32: u32, I64: i64, U8: u8])
+    };
+    (@match $dtype:expr, $T:ident, $body:expr, $other:expr, [$($d:ident: $ty:ty),*]) => {
         match $dtype {
-            candle_core::DType::F32 => {
-                type $T = f32;
+            $(candle_core::DType::$d => {
+                type $T = $ty;
                 $body
-            }
-            candle_core::DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            candle_core::DType::BF16 => {
-                type $T = half::bf16;
-                $body
-            }
-            candle_core::DType::F16 => {
-                type $T = half::f16;
-                $body
-            }
-            candle_core::DType::U32 => {
-                type $T = u32;
-                $body
-            }
-            candle_core::DType::I64 => {
-                type $T = i64;
-                $body
-            }
-            candle_core::DType::U8 => {
-                type $T = u8;
-                $body
-            }
+            })*
             _ => $other,
         }
     };
