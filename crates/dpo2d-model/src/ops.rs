@@ -325,8 +325,9 @@ fn strided_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// [`attention_plain`], as one graph node with a written-out backward
 /// ([`kernels::attention`]) when it trains where the fused kernels run (the
-/// CPU in f32/f64, a GPU in f32/bf16): the graph then keeps the
-/// probabilities but not the scores, and backward forms each gradient once.
+/// CPU in f32/f64, a GPU in f32/bf16): the graph then keeps `q`, `k` and
+/// `v` only (backward computes the probabilities again), and backward forms
+/// each gradient once.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     if kernels::nodes_enabled() && kernels::fused(q) && (tracked(q) || tracked(k) || tracked(v)) && mask.dtype() == q.dtype() {
         return kernels::attention::attention(q, k, v, mask, scale);

@@ -7,8 +7,14 @@
 //! zeroed gradient buffer and adds into it, on one thread, several of them
 //! the size of the score matrix. Here the products run in gemm's threads,
 //! the softmax and its gradient in the fused kernel of [`super::softmax`]
-//! (with the scale folded in), and the graph keeps only `q`, `k`, `v` and
-//! the probabilities (not the scores as well).
+//! (with the scale folded in), and the graph keeps only `q`, `k` and `v`.
+//!
+//! Backward computes the probabilities again (one product and the softmax
+//! kernel, the same bits as in forward) rather than keeping them: a
+//! `batch x heads x T x T` tensor per layer is the largest thing a layer
+//! would hold for backward (about 2.4 GB for 28 layers of 28 heads over
+//! four 618-token rows in bf16), and recomputing it costs about as many
+//! operations as a hundredth of the layer's projections.
 //!
 //! Backward, per batch entry and kv head, with `P` the probabilities and
 //! `dO` the output's gradient: `dV = P^T dO`, `dP = dO V^T`,
@@ -43,8 +49,8 @@ pub(crate) struct Saved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// `[B, kv_heads, n_rep * T, Tk]`.
-    probs: Tensor,
+    /// Additive, `[B or 1, 1, 1, T, Tk]` (shared by every layer).
+    mask: Tensor,
     /// (B, heads, T, d).
     dims: (usize, usize, usize, usize),
     scale: f64,
@@ -54,29 +60,37 @@ pub(crate) struct Saved {
 /// what [`Saved::backward`] needs.
 pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<(Tensor, Saved)> {
     let (b, nh, t, d) = q.dims4()?;
-    let (kb, nkv, tk, kd) = k.dims4()?;
+    let (kb, nkv, _, kd) = k.dims4()?;
     if kb != b || kd != d || v.dims() != k.dims() || nkv == 0 || nh % nkv != 0 {
         bail!("attention: q {:?}, k {:?}, v {:?} do not fit", q.dims(), k.dims(), v.dims());
     }
-    let n_rep = nh / nkv;
-    let q = q.detach().contiguous()?.reshape((b, nkv, n_rep * t, d))?;
+    let q = q.detach().contiguous()?.reshape((b, nkv, (nh / nkv) * t, d))?;
     let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
-    let scores = matmul(&q, &k.t()?)?.reshape((b, nkv, n_rep, t, tk))?;
-    let probs = softmax::forward_tensor(&scores, mask, scale)?.reshape((b, nkv, n_rep * t, tk))?;
-    drop(scores);
-    let out = merge_heads(&matmul(&probs, &v)?, (b, nh, t, d))?;
-    Ok((out, Saved { q, k, v, probs, dims: (b, nh, t, d), scale }))
+    let saved = Saved { q, k, v, mask: mask.clone(), dims: (b, nh, t, d), scale };
+    let probs = saved.probs()?;
+    let out = merge_heads(&matmul(&probs, &saved.v)?, saved.dims)?;
+    Ok((out, saved))
 }
 
 impl Saved {
+    /// `softmax(scale * q k^T + mask)`, `[B, kv_heads, n_rep * T, Tk]`: the
+    /// same computation in forward and backward, so the same bits.
+    fn probs(&self) -> Result<Tensor> {
+        let (b, nh, t, _) = self.dims;
+        let (nkv, tk) = (self.k.dim(1)?, self.k.dim(2)?);
+        let scores = matmul(&self.q, &self.k.t()?)?.reshape((b, nkv, nh / nkv, t, tk))?;
+        softmax::forward_tensor(&scores, &self.mask, self.scale)?.reshape((b, nkv, (nh / nkv) * t, tk))
+    }
+
     /// Gradients of `q` (`[B, heads, T, d]`), `k` and `v` from the output's `g`.
     pub(crate) fn backward(&self, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, nh, t, d) = self.dims;
         let dout = g.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?.reshape(self.q.dims())?;
-        let dv = matmul(&self.probs.t()?, &dout)?;
+        let probs = self.probs()?;
+        let dv = matmul(&probs.t()?, &dout)?;
         let dprobs = matmul(&dout, &self.v.t()?)?;
-        let dscores = softmax::backward_tensor(&self.probs, &dprobs, self.scale)?;
-        drop(dprobs);
+        let dscores = softmax::backward_tensor(&probs, &dprobs, self.scale)?;
+        drop((probs, dprobs));
         let dq = matmul(&dscores, &self.k)?.reshape((b, nh, t, d))?;
         let dk = matmul(&dscores.t()?, &self.q)?;
         Ok((dq, dk, dv))
@@ -143,6 +157,18 @@ mod tests {
         let (q, k, v) = (det(&[1, 4, 9, 3], 4, DType::F64), det(&[1, 2, 9, 3], 5, DType::F64), det(&[1, 2, 9, 3], 6, DType::F64));
         let mask = packed_mask(1, 9 + 1, DType::F64).narrow(3, 0, 9).unwrap().narrow(4, 0, 9).unwrap().contiguous().unwrap();
         crate::ops::tests::grad_check(&[q, k, v], &move |x| super::attention(&x[0], &x[1], &x[2], &mask, 0.7), 1e-6);
+    }
+
+    /// Backward recomputes the probabilities: what the node keeps grows with
+    /// the tokens, not with their square (the mask aside, shared by every layer).
+    #[test]
+    fn keeps_no_score_sized_tensor() {
+        let (b, nh, nkv, t, d) = (2, 4, 2, 40, 3);
+        let (q, k, v) = (det(&[b, nh, t, d], 1, DType::F32), det(&[b, nkv, t, d], 2, DType::F32), det(&[b, nkv, t, d], 3, DType::F32));
+        let (_, saved) = super::forward(&q, &k, &v, &packed_mask(b, t, DType::F32), 0.5).unwrap();
+        let kept: usize = [&saved.q, &saved.k, &saved.v].iter().map(|x| x.elem_count()).sum();
+        assert_eq!(kept, b * (nh + 2 * nkv) * t * d);
+        assert!(kept < b * nh * t * t);
     }
 
     #[test]
