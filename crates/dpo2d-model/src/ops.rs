@@ -22,10 +22,9 @@ pub(crate) type BwdFn = dyn Fn(&[&Tensor], &Tensor) -> Result<Vec<Option<Tensor>
 /// A custom op whose forward result was computed beforehand (on detached
 /// inputs, with fast kernels); the forward hands that result over (on the
 /// CPU or the GPU, wherever it was computed), and `bwd` calls the closure
-/// with the op's inputs and the incoming gradient. On a GPU the result is
-/// taken out of the op as it is handed over, so the graph does not hold it
-/// twice; on the CPU it stays (dropping it early raised the peak resident
-/// memory of a SmolLM2 run by 350 MB: the allocator reused it worse).
+/// with the op's inputs and the incoming gradient. The result is taken out
+/// of the op as it is handed over, so the graph does not hold it twice (on
+/// the CPU, kept in the op, it was a fifth of a LoRA run's activations).
 struct Precomputed {
     name: &'static str,
     out: std::sync::Mutex<Option<Tensor>>,
@@ -37,17 +36,16 @@ impl Precomputed {
         Precomputed { name, out: std::sync::Mutex::new(Some(out)), bwd }
     }
 
-    /// The precomputed result, left in the op (`keep`) or taken out of it.
-    fn result(&self, keep: bool) -> Result<Tensor> {
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        match if keep { out.clone() } else { out.take() } {
+    /// The precomputed result, taken out of the op.
+    fn result(&self) -> Result<Tensor> {
+        match self.out.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(t) => t.contiguous(),
             None => bail!("internal: {} ran its forward twice", self.name),
         }
     }
 
     fn cpu_out(&self) -> Result<(CpuStorage, Shape)> {
-        let t = self.result(true)?;
+        let t = self.result()?;
         let (st, layout) = t.storage_and_layout();
         let (o1, o2) =
             layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("internal: precomputed tensor not contiguous".into()))?;
@@ -67,7 +65,7 @@ impl Precomputed {
     #[cfg(feature = "cuda")]
     fn cuda_out(&self) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let mut t = self.result(false)?;
+        let mut t = self.result()?;
         if t.layout().start_offset() != 0 {
             // A view into a larger buffer: the storage handed over must start at the tensor.
             t = t.affine(1.0, 0.0)?;
