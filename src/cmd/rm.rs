@@ -72,7 +72,7 @@ fn score(a: ScoreArgs) -> Result<()> {
             Item::Pair(p) | Item::Single(_, p) => p.clone(),
         })
         .collect();
-    let bar = dpo2d_train::progress::bar_if(
+    let bar = dpo2d_ui::progress::bar_if(
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
         pairs.len() as u64,
         "{bar:30} {pos}/{len} scored [{elapsed_precise}<{eta_precise}]",

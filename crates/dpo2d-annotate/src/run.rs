@@ -12,7 +12,7 @@ use crate::prompt::{
 };
 use anyhow::{bail, Context, Result};
 use dpo2d_data::{Pair, Response, Scores, Segment};
-use indicatif::{ProgressBar, ProgressStyle};
+use dpo2d_ui::ProgressBar;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
@@ -475,10 +475,10 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
     let ready: Vec<Arc<Prepared>> = ready.into_iter().map(Arc::new).collect();
     let tasks: Vec<(usize, Aspect)> = (0..ready.len()).flat_map(|i| opts.aspects.iter().map(move |&a| (i, a))).collect();
 
-    let bar = if opts.progress { ProgressBar::new(tasks.len() as u64) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} judgements, eta {eta} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let bar = dpo2d_ui::progress::bar_if(
+        opts.progress,
+        tasks.len() as u64,
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} judgements, eta {eta} {msg}",
     );
     // Without a terminal the bar is hidden; print its line now and then instead.
     let status_lines = opts.progress && bar.is_hidden();

@@ -8,6 +8,7 @@
 //! - [`stats`]: summary numbers for `dpo2d validate`.
 //! - [`rank`]: one number per scored response; pairs from scored samples.
 //! - [`io`]: JSONL reading and writing, gzip-aware.
+//! - [`weights`]: [`AspectWeights`], how the five aspects combine.
 
 pub mod helpsteer;
 pub mod io;
@@ -16,6 +17,7 @@ pub mod rank;
 pub mod segment;
 pub mod stats;
 pub mod validate;
+pub mod weights;
 
 pub use pair::{Message, Pair, Prompt, Response, Scores, Segment, ASPECTS};
 pub use segment::{segment, segment_response, segment_spans, segment_with, SegmentKind, SegmentOptions, Span};
@@ -24,3 +26,4 @@ pub use validate::{
     check_pair, load_pairs, load_pairs_from_str, parse_pair_line, parse_pair_value, require_scored, scored_problem, InvalidData, Limits,
     LineProblem, LoadOptions, LoadedPairs, Problem, Requirement, SkipReport,
 };
+pub use weights::AspectWeights;

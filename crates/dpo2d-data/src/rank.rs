@@ -1,11 +1,12 @@
 //! One number per scored response, and a preference pair from a set of
 //! scored samples: how an iterative round ranks what the policy wrote
-//! (METHOD.md §8). Per aspect, helpfulness and correctness are the mean over
+//! (docs/method.md §8). Per aspect, helpfulness and correctness are the mean over
 //! the segments, safety the minimum (one unsafe sentence makes the answer
 //! unsafe), completeness and clarity the last segment's (how far the answer
 //! got, and how it ends); the five are then weighted.
 
 use crate::pair::{Pair, Prompt, Response};
+use crate::AspectWeights;
 
 /// The five per-aspect numbers of a response from its segments' 0..4 scores
 /// (in [`crate::ASPECTS`] order); `None` without segments.
@@ -17,8 +18,8 @@ pub fn aspect_summary(segments: &[[u8; 5]]) -> Option<[f64; 5]> {
 }
 
 /// `sum_j weights[j] * aspect_summary[j]`.
-pub fn response_score(segments: &[[u8; 5]], weights: &[f64; 5]) -> Option<f64> {
-    aspect_summary(segments).map(|a| a.iter().zip(weights).map(|(x, w)| x * w).sum())
+pub fn response_score(segments: &[[u8; 5]], weights: &AspectWeights) -> Option<f64> {
+    aspect_summary(segments).map(|a| a.iter().zip(weights.as_array()).map(|(x, w)| x * w).sum())
 }
 
 /// Indices of the best and the worst score (the first of equals), or
@@ -41,7 +42,7 @@ pub fn best_and_worst(scores: &[f64]) -> Option<(usize, usize)> {
 }
 
 /// The score of a sample, `None` unless every segment is scored.
-pub fn sample_score(sample: &Response, weights: &[f64; 5]) -> Option<f64> {
+pub fn sample_score(sample: &Response, weights: &AspectWeights) -> Option<f64> {
     let m: Option<Vec<[u8; 5]>> = sample.segments()?.iter().map(|s| s.scores.map(|x| x.to_array())).collect();
     response_score(&m?, weights)
 }
@@ -49,7 +50,7 @@ pub fn sample_score(sample: &Response, weights: &[f64; 5]) -> Option<f64> {
 /// The pair of a prompt's scored samples: the best as chosen, the worst as
 /// rejected. Samples not fully scored (an empty answer has no segments) are
 /// left out; `None` when fewer than two remain or the best and worst tie.
-pub fn pair_from_samples(id: Option<serde_json::Value>, prompt: Prompt, samples: &[Response], weights: &[f64; 5]) -> Option<Pair> {
+pub fn pair_from_samples(id: Option<serde_json::Value>, prompt: Prompt, samples: &[Response], weights: &AspectWeights) -> Option<Pair> {
     let scored: Vec<(usize, f64)> = samples.iter().enumerate().filter_map(|(i, r)| Some((i, sample_score(r, weights)?))).collect();
     let scores: Vec<f64> = scored.iter().map(|s| s.1).collect();
     let (best, worst) = best_and_worst(&scores)?;
@@ -61,7 +62,7 @@ mod tests {
     use super::*;
     use crate::pair::{Scores, Segment};
 
-    const W: [f64; 5] = [0.3, 0.4, 0.1, 0.1, 0.1];
+    const W: AspectWeights = AspectWeights::PAPER;
 
     #[test]
     fn mean_min_and_last() {

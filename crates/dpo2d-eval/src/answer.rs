@@ -80,7 +80,7 @@ pub fn answer_all(
     let text = lm.text();
     let context = lm.config.max_position_embeddings;
     let total: usize = questions.iter().map(|q| q.turns.len()).sum();
-    let bar = dpo2d_train::progress::bar_if(
+    let bar = dpo2d_ui::progress::bar_if(
         progress,
         total as u64,
         "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} answers ({msg}), eta {eta}",

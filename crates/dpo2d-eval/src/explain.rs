@@ -251,7 +251,7 @@ pub fn png(e: &Explained, path: &Path) -> Result<()> {
 }
 
 fn draw(e: &Explained, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    dpo2d_train::charts::register_font();
+    dpo2d_ui::charts::register_font();
     const W: i32 = 1200;
     const LEFT: i32 = 190;
     const LINE: i32 = 22;

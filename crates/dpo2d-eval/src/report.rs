@@ -380,7 +380,7 @@ fn draw_bars(
     lo: f64,
     hi: f64,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    dpo2d_train::charts::register_font();
+    dpo2d_ui::charts::register_font();
     let mut labels: Vec<String> = vec![];
     for (_, rows) in series {
         for (k, _) in rows {
@@ -417,7 +417,7 @@ fn draw_bars(
         .draw()?;
     let band = 0.8 / per as f64;
     for (s, (name, rows)) in series.iter().enumerate() {
-        let color = dpo2d_train::charts::COLORS[s % dpo2d_train::charts::COLORS.len()];
+        let color = dpo2d_ui::charts::color(s);
         let bars: Vec<(f64, f64, Estimate)> = rows
             .iter()
             .filter_map(|(k, e)| {

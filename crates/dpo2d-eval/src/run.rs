@@ -12,9 +12,9 @@ use anyhow::{bail, Context, Result};
 use dpo2d_annotate::cache::{cache_key, Cache};
 use dpo2d_annotate::client::{ChatClient, ChatError, RetryPolicy, Secret};
 use dpo2d_annotate::prompt::ChatRequest;
+use dpo2d_data::AspectWeights;
 use dpo2d_data::Message;
 use dpo2d_model::llama::LoadOptions;
-use dpo2d_train::loss::AspectWeights;
 use futures_util::StreamExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,8 +128,7 @@ fn check_all(questions: &[Question], answers: &[Vec<String>]) -> Vec<Record> {
                 answer_chars: answer.chars().count(),
                 correct: checked.as_ref().map(|c| c.correct),
                 // The paper's weights, as `iterate` ranks answers by default; an empty answer (no segments) scores 0.
-                checked_score: checked
-                    .map(|c| dpo2d_data::rank::sample_score(&c.response, &AspectWeights::PAPER.as_array()).unwrap_or(0.0)),
+                checked_score: checked.map(|c| dpo2d_data::rank::sample_score(&c.response, &AspectWeights::PAPER).unwrap_or(0.0)),
                 ..Record::default()
             }
         })
@@ -218,7 +217,7 @@ fn parsed(g: &Got) -> bool {
 fn judge_all(ctx: &Arc<Ctx>, asks: &[Ask], progress: bool) -> Result<Vec<Got>> {
     let client =
         Arc::new(ChatClient::new(&ctx.judge.base_url, ctx.judge.api_key.clone(), ctx.judge.policy.clone(), ctx.judge.concurrency)?);
-    let bar = dpo2d_train::progress::bar_if(
+    let bar = dpo2d_ui::progress::bar_if(
         progress,
         asks.len() as u64,
         "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} judgements, eta {eta}",

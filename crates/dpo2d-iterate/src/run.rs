@@ -228,7 +228,7 @@ impl Iteration<'_> {
         &self,
         path: &Path,
         records: &[T],
-        bar: &indicatif::ProgressBar,
+        bar: &dpo2d_ui::ProgressBar,
         (round, phase): (usize, Phase),
         chunks_now: &mut usize,
     ) -> Result<bool> {
@@ -287,7 +287,7 @@ impl Iteration<'_> {
         let lm = self.load(policy)?;
         let text = lm.text();
         let context = lm.config.max_position_embeddings;
-        let bar = dpo2d_train::progress::bar_if(
+        let bar = dpo2d_ui::progress::bar_if(
             self.run.progress,
             self.prompts.len() as u64,
             "{bar:30} {pos}/{len} prompts sampled [{elapsed_precise}<{eta_precise}]",
@@ -339,8 +339,8 @@ impl Iteration<'_> {
             return Ok(Flow::Done(0));
         }
         self.say(&format!("round {n}: scoring the answers of {} prompts with {}", samples.len() - done, self.scorer.name()));
-        let weights = self.cfg.train.aspect_weights.as_array();
-        let bar = dpo2d_train::progress::bar_if(
+        let weights = self.cfg.train.aspect_weights;
+        let bar = dpo2d_ui::progress::bar_if(
             self.run.progress,
             samples.len() as u64,
             "{bar:30} {pos}/{len} prompts scored [{elapsed_precise}<{eta_precise}]",
@@ -376,7 +376,7 @@ impl Iteration<'_> {
     /// `pairs.jsonl`: each prompt's best answer against its worst.
     fn pair(&self, n: usize, policy: &str, dir: &Path) -> Result<RoundReport> {
         let scored: Vec<ScoredRecord> = dpo2d_data::io::read_jsonl(&dir.join("scored.jsonl"), "a scored record")?;
-        let weights = self.cfg.train.aspect_weights.as_array();
+        let weights = self.cfg.train.aspect_weights;
         let pairs: Vec<Pair> =
             scored.iter().filter_map(|s| rank::pair_from_samples(s.id.clone(), s.prompt.clone(), &s.responses, &weights)).collect();
         let all: Vec<f64> = scored.iter().flat_map(|s| s.scores.iter().flatten().copied()).collect();

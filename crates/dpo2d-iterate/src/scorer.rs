@@ -197,7 +197,7 @@ mod tests {
         let record = crate::prompts::arithmetic(1, 5).remove(0);
         let responses = vec![right, wrong];
         let scored = ArithmeticScorer.score(Path::new("."), &[Sampled { index: 0, prompt: &record, responses: &responses }]).unwrap();
-        let w = [0.3, 0.4, 0.1, 0.1, 0.1];
+        let w = dpo2d_data::AspectWeights::PAPER;
         let s: Vec<f64> = scored[0].iter().map(|r| dpo2d_data::rank::sample_score(r, &w).unwrap()).collect();
         assert!(s[0] > s[1], "{s:?}");
         let plain = PromptRecord { problem: None, ..record };

@@ -1,24 +1,10 @@
 //! PNG charts of the training indicators the paper plots (Fig. 4-5):
 //! implicit rewards of chosen and rejected, reward accuracy, sequence KL on
-//! chosen and rejected, and the loss. Text uses DejaVu Sans, shipped in the
-//! crate (licence beside the font file), registered with plotters once.
+//! chosen and rejected, and the loss, drawn by [`dpo2d_ui::charts`].
 
 use crate::metrics::Record;
-use anyhow::{anyhow, Result};
-use plotters::prelude::*;
+use anyhow::Result;
 use std::path::{Path, PathBuf};
-use std::sync::Once;
-
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
-static REGISTER: Once = Once::new();
-
-/// Makes the shipped font the "sans-serif" of every chart (once per process).
-pub fn register_font() {
-    REGISTER.call_once(|| {
-        // A failure leaves text undrawn; the charts themselves still render.
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
-    });
-}
 
 /// One chart: a title, and the metric keys to draw as lines.
 const CHARTS: &[(&str, &str, &[&str])] = &[
@@ -32,12 +18,8 @@ const CHARTS: &[(&str, &str, &[&str])] = &[
     ("loss.png", "Loss", &["loss", "eval_loss", "sft_loss"]),
 ];
 
-/// The series colours of every chart.
-pub const COLORS: [RGBColor; 4] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14)];
-
 /// Draw every chart that has data into `dir`; returns the files written.
 pub fn draw_charts(history: &[Record], dir: &Path) -> Result<Vec<PathBuf>> {
-    register_font();
     let mut out = Vec::new();
     for (file, title, keys) in CHARTS {
         let series: Vec<(&str, Vec<(f64, f64)>)> = keys
@@ -51,46 +33,10 @@ pub fn draw_charts(history: &[Record], dir: &Path) -> Result<Vec<PathBuf>> {
             continue;
         }
         let path = dir.join(file);
-        draw_one(&path, title, &series).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+        dpo2d_ui::charts::line_chart(&path, title, "step", &series)?;
         out.push(path);
     }
     Ok(out)
-}
-
-fn draw_one(path: &Path, title: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Result<(), Box<dyn std::error::Error>> {
-    let pts = series.iter().flat_map(|(_, p)| p.iter());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for (x, y) in pts {
-        x0 = x0.min(*x);
-        x1 = x1.max(*x);
-        y0 = y0.min(*y);
-        y1 = y1.max(*y);
-    }
-    if x1 <= x0 {
-        x1 = x0 + 1.0;
-    }
-    let pad = ((y1 - y0) * 0.08).max(1e-6);
-    let (y0, y1) = (y0 - pad, y1 + pad);
-    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .margin(12)
-        .caption(title, ("sans-serif", 22))
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(x0..x1, y0..y1)?;
-    chart.configure_mesh().x_desc("step").label_style(("sans-serif", 14)).draw()?;
-    for (i, (name, p)) in series.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        let s = chart.draw_series(LineSeries::new(p.iter().copied(), c.stroke_width(2)))?;
-        s.label(*name).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        if p.len() == 1 {
-            chart.draw_series(std::iter::once(Circle::new(p[0], 4, c.filled())))?;
-        }
-    }
-    chart.configure_series_labels().label_font(("sans-serif", 14)).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
-    root.present()?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@ pub mod metrics;
 pub mod optim;
 mod packing;
 mod phases;
-pub mod progress;
 mod reference;
 pub mod reward;
 pub mod sampler;

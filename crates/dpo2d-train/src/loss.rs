@@ -45,6 +45,9 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+/// The aspect weights live with the data (every stage uses them); the loss re-exports them.
+pub use dpo2d_data::AspectWeights;
+
 mod two_d;
 
 pub use two_d::{combined_scores, plan_pair, two_d_dpo_losses, PairPlan, SegmentBatch, TwoDLosses, NO_SEGMENT};
@@ -167,80 +170,6 @@ impl FromStr for LossType {
             let names: Vec<&str> = LossType::ALL.iter().map(|t| t.as_str()).collect();
             format!("unknown loss type '{s}'; expected one of: {}", names.join(", "))
         })
-    }
-}
-
-/// Aspect weights `W` (helpfulness, correctness, safety, completeness,
-/// clarity): five non-negative numbers summing to 1.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "[f64; 5]", into = "[f64; 5]")]
-pub struct AspectWeights([f64; 5]);
-
-impl AspectWeights {
-    /// The paper's weights `[0.3, 0.4, 0.1, 0.1, 0.1]`.
-    pub const PAPER: AspectWeights = AspectWeights([0.3, 0.4, 0.1, 0.1, 0.1]);
-    /// Helpfulness only: what 1D-DPO uses.
-    pub const HELPFULNESS_ONLY: AspectWeights = AspectWeights([1.0, 0.0, 0.0, 0.0, 0.0]);
-
-    /// Validated weights.
-    pub fn new(w: [f64; 5]) -> Result<Self> {
-        ensure!(w.iter().all(|x| x.is_finite() && *x >= 0.0), "aspect weights must be non-negative numbers, got {w:?}");
-        let sum: f64 = w.iter().sum();
-        ensure!(
-            (sum - 1.0).abs() <= 1e-6,
-            "aspect weights must sum to 1 (helpfulness, correctness, safety, completeness, \
-             clarity), got {w:?} summing to {sum}"
-        );
-        Ok(AspectWeights(w))
-    }
-
-    pub fn as_array(&self) -> [f64; 5] {
-        self.0
-    }
-}
-
-impl Default for AspectWeights {
-    fn default() -> Self {
-        AspectWeights::PAPER
-    }
-}
-
-impl TryFrom<[f64; 5]> for AspectWeights {
-    type Error = anyhow::Error;
-    fn try_from(w: [f64; 5]) -> Result<Self> {
-        AspectWeights::new(w)
-    }
-}
-
-impl From<AspectWeights> for [f64; 5] {
-    fn from(w: AspectWeights) -> Self {
-        w.0
-    }
-}
-
-/// Parses `"0.3,0.4,0.1,0.1,0.1"` (commas and/or spaces).
-impl FromStr for AspectWeights {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        let parts: Vec<&str> = s.split(|c: char| c == ',' || c.is_whitespace()).filter(|p| !p.is_empty()).collect();
-        ensure!(
-            parts.len() == 5,
-            "aspect weights need 5 numbers (helpfulness, correctness, safety, completeness, \
-             clarity), got {} in '{s}'",
-            parts.len()
-        );
-        let mut w = [0.0; 5];
-        for (x, p) in w.iter_mut().zip(&parts) {
-            *x = p.parse().with_context(|| format!("aspect weight '{p}' in '{s}' is not a number"))?;
-        }
-        AspectWeights::new(w)
-    }
-}
-
-impl fmt::Display for AspectWeights {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let w = self.0;
-        write!(f, "{},{},{},{},{}", w[0], w[1], w[2], w[3], w[4])
     }
 }
 

@@ -67,7 +67,7 @@ impl Reference {
         }
         let model = load()?;
         let pb = p.progress.then(|| {
-            crate::progress::bar(
+            dpo2d_ui::progress::bar(
                 (train.len() + eval.len()) as u64,
                 "reference log-probs {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
             )
@@ -165,7 +165,7 @@ fn compute(
     data: &[TokenizedPair],
     batch: usize,
     by_length: bool,
-    pb: Option<&indicatif::ProgressBar>,
+    pb: Option<&dpo2d_ui::ProgressBar>,
 ) -> Result<Vec<RefLogps>> {
     let mut order: Vec<usize> = (0..data.len()).collect();
     if by_length {

@@ -155,7 +155,7 @@ pub struct Trainer {
     start_step: usize,
     metrics: MetricsLog,
     writer: MetricsWriter,
-    progress: Option<indicatif::ProgressBar>,
+    progress: Option<dpo2d_ui::ProgressBar>,
     /// Training time as HF's `train_runtime`: reference precompute + loop + evals.
     clock: Instant,
     window_clock: Instant,
@@ -244,8 +244,8 @@ impl Trainer {
         Ok(t)
     }
 
-    fn progress_bar(&self) -> indicatif::ProgressBar {
-        let pb = crate::progress::bar(self.total as u64, "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}");
+    fn progress_bar(&self) -> dpo2d_ui::ProgressBar {
+        let pb = dpo2d_ui::progress::bar(self.total as u64, "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}");
         pb.set_position(self.start_step as u64);
         pb
     }

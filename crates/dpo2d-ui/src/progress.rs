@@ -1,5 +1,4 @@
-//! Progress bars (one style, set up in one place): training's, and those of
-//! the commands that build on it.
+//! Progress bars: one style, set up in one place.
 
 use indicatif::{ProgressBar, ProgressStyle};
 
