@@ -151,3 +151,39 @@ fn init_tracing(verbose: u8, quiet: &str) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every option of every command says in one line what it does, and one
+    /// that takes a value shows what it is when not given (clap's
+    /// `[default: X]`, or the same words in the help where the default is
+    /// not one value).
+    #[test]
+    fn every_option_has_one_line_help_and_shows_its_default() {
+        let mut problems = vec![];
+        check(&Cli::command(), "dpo2d", &mut problems);
+        assert!(problems.is_empty(), "{} option(s) without proper help:\n{}", problems.len(), problems.join("\n"));
+    }
+
+    fn check(cmd: &clap::Command, path: &str, problems: &mut Vec<String>) {
+        for a in cmd.get_arguments().filter(|a| !a.is_hide_set() && !matches!(a.get_id().as_str(), "help" | "version")) {
+            let name = a.get_long().map(|l| format!("--{l}")).unwrap_or_else(|| format!("<{}>", a.get_id()));
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            if help.trim().is_empty() {
+                problems.push(format!("{path} {name}: no help"));
+            } else if help.contains('\n') {
+                problems.push(format!("{path} {name}: help of more than one line"));
+            }
+            let optional_value = a.get_action().takes_values() && !a.is_positional() && !a.is_required_set();
+            if optional_value && a.get_default_values().is_empty() && !help.contains("[default: ") {
+                problems.push(format!("{path} {name}: no [default: ...]"));
+            }
+        }
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            check(sub, &format!("{path} {}", sub.get_name()), problems);
+        }
+    }
+}

@@ -247,7 +247,7 @@ fn arithmetic_needs_no_judge_and_other_sets_do() {
     let o = run(qs.to_str().unwrap(), "judged");
     assert!(!o.status.success());
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("needs a judge: give --base-url and --model"),
+        String::from_utf8_lossy(&o.stderr).contains("needs a judge: give --judge-base-url and --judge-model"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );

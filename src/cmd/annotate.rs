@@ -2,7 +2,7 @@
 //! with an LLM judge behind any OpenAI-compatible chat-completions server;
 //! `dpo2d annotate compare A B`: agreement between two annotations.
 use anyhow::{bail, Context, Result};
-use dpo2d_annotate::{annotate_file, AnnotateJob, Aspect, Options, ResponseFormat};
+use dpo2d_annotate::{annotate_file, AnnotateJob, Aspect, Options};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -33,50 +33,24 @@ struct RunArgs {
     /// Where to write the scored pairs (written atomically at the end).
     #[arg(short, long, required = true)]
     output: Option<PathBuf>,
-    #[command(flatten)]
-    judge: super::judge::JudgeArgs,
-    /// SQLite file of finished judgements (default: OUTPUT.cache.sqlite); a rerun resumes from it.
+    /// SQLite file of finished judgements, from which a rerun resumes [default: OUTPUT.cache.sqlite].
     #[arg(long, value_name = "PATH")]
     cache: Option<PathBuf>,
-    /// Write the pairs that could not be annotated, with the reasons, to this JSONL file.
+    /// Write the pairs that could not be annotated, with the reasons, to this JSONL file [default: none].
     #[arg(long, value_name = "FILE")]
     failed_out: Option<PathBuf>,
     /// Print the request bodies (JSONL) instead of sending them.
     #[arg(long)]
     dry_run: bool,
-    /// Aspects to request (default: all five). Others must already be scored in the input.
+    /// Aspects to request; the others must already be scored in the input [default: all five].
     #[arg(long, num_args = 1.., value_delimiter = ',')]
     aspects: Vec<String>,
-    /// Cap on the judge's answer length (max_tokens in the request); default 64 + 48 per segment
-    /// (256 to 4096), so a judge that loops is cut off and asked again; 0 sends none.
-    #[arg(long)]
-    max_tokens: Option<u32>,
-    /// How the judge answers: json-schema (structured outputs), free-text lines, or auto
-    /// (a JSON schema, falling back to free text when the server rejects it).
-    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
-    response_format: FormatArg,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
-}
-
-/// The values of `--response-format`, parsed once by clap; the library's
-/// [`ResponseFormat`] stays free of clap.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum FormatArg {
-    Auto,
-    JsonSchema,
-    FreeText,
-}
-
-impl From<FormatArg> for ResponseFormat {
-    fn from(f: FormatArg) -> Self {
-        match f {
-            FormatArg::Auto => ResponseFormat::Auto,
-            FormatArg::JsonSchema => ResponseFormat::JsonSchema,
-            FormatArg::FreeText => ResponseFormat::FreeText,
-        }
-    }
+    // The judge: the block that `annotate`, `eval` and `iterate` share.
+    #[command(flatten)]
+    judge: super::judge::JudgeArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -102,22 +76,9 @@ pub fn run(args: Args) -> Result<()> {
         }
         v
     };
-    let base_url = match (&r.judge.base_url, r.dry_run) {
-        (Some(u), _) => u.clone(),
-        (None, true) => "http://localhost:8000/v1".into(),
-        (None, false) => r.judge.base_url()?,
-    };
-    let opts = Options {
-        base_url,
-        model: r.judge.model()?,
-        api_key: r.judge.api_key()?,
-        concurrency: r.judge.concurrency()?,
-        policy: r.judge.policy()?,
-        aspects,
-        max_tokens: r.max_tokens,
-        response_format: r.response_format.into(),
-        progress: !r.no_progress,
-    };
+    // A dry run sends nothing, so it needs no server.
+    let judge = r.judge.settings(r.dry_run.then_some("http://localhost:8000/v1"))?;
+    let opts = Options { judge, aspects, progress: !r.no_progress };
     let job = AnnotateJob { input, output, cache: r.cache, failed_out: r.failed_out, dry_run: r.dry_run };
     let summary = annotate_file(&job, &opts)?;
     eprintln!("{summary}");

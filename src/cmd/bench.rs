@@ -45,10 +45,10 @@ pub struct Args {
     /// on a GPU); fails if one is off. Needs no model.
     #[arg(long)]
     pub check_kernels: bool,
-    /// Also write the JSON result here.
-    #[arg(long)]
+    /// Also write the JSON result here [default: standard output only].
+    #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    #[arg(long, env = "DPO2D_CACHE")]
+    #[arg(long, env = "DPO2D_CACHE", value_name = "DIR", help = super::CACHE_DIR_HELP)]
     pub cache_dir: Option<PathBuf>,
     #[command(flatten)]
     pub device: super::DeviceArg,

@@ -34,7 +34,7 @@ pub struct Args {
     /// Also split the responses into (unscored) segments, ready for `dpo2d annotate`.
     #[arg(long)]
     pub segment: bool,
-    /// Keep only rows whose `split` column has this value (e.g. train).
+    /// Keep only rows whose `split` column has this value, e.g. train [default: all rows].
     #[arg(long)]
     pub split: Option<String>,
 }

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use dpo2d_eval::answer::AnswerSettings;
-use dpo2d_eval::{Answerer, EvalOptions, JudgeOptions, Results};
+use dpo2d_eval::{Answerer, EvalOptions, Results};
 use dpo2d_model::fetch;
 use std::path::PathBuf;
 
@@ -24,7 +24,7 @@ enum EvalCommand {
         a: PathBuf,
         /// Output directory (or results.json) of the second run.
         b: PathBuf,
-        /// Also draw both runs' aspect ratings into this PNG.
+        /// Also draw both runs' aspect ratings into this PNG [default: none].
         #[arg(long, value_name = "FILE")]
         plot: Option<PathBuf>,
     },
@@ -39,22 +39,16 @@ struct RunArgs {
     /// The model to evaluate: Hugging Face directory, .gguf file, LoRA checkpoint, or smollm2.
     #[arg(long, required = true)]
     model_path: Option<String>,
-    /// Its name in reports (default: --model-path).
+    /// Its name in reports [default: --model-path].
     #[arg(long)]
     model_id: Option<String>,
-    /// Judge pairwise against this model's answers instead of the set's own baseline.
+    /// Judge pairwise against this model's answers instead of the set's own baseline [default: the set's].
     #[arg(long)]
     baseline_path: Option<String>,
-    /// The baseline's name in reports (default: --baseline-path).
+    /// The baseline's name in reports [default: --baseline-path].
     #[arg(long)]
     baseline_id: Option<String>,
-    #[command(flatten)]
-    judge: super::judge::JudgeArgs,
-    /// Cap on the judge's answer length (default by request kind: 512 for grades,
-    /// 64 for A/B verdicts, 1024 for reasoned verdicts, 96 for aspect ratings).
-    #[arg(long)]
-    max_tokens: Option<u32>,
-    /// Evaluate only N questions, taken in turn from every category.
+    /// Evaluate only N questions, taken in turn from every category [default: all].
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
     /// Longest answer the model may write, in tokens.
@@ -69,8 +63,7 @@ struct RunArgs {
     /// Where results.json, report.md and the charts go.
     #[arg(short, long, required = true)]
     output_dir: Option<PathBuf>,
-    /// SQLite file of answers and judgements (default: <cache>/eval/cache.sqlite,
-    /// shared by runs, so a rerun or a second model asks only for what is missing).
+    /// SQLite file of answers and judgements, shared by runs so that a rerun asks only what is missing [default: CACHE_DIR/eval/cache.sqlite].
     #[arg(long, value_name = "PATH")]
     cache: Option<PathBuf>,
     /// Seed of the bootstrap resampling.
@@ -78,11 +71,14 @@ struct RunArgs {
     seed: u64,
     #[command(flatten)]
     device: super::DeviceArg,
-    #[arg(long, env = "DPO2D_CACHE")]
+    #[arg(long, env = "DPO2D_CACHE", value_name = "DIR", help = super::CACHE_DIR_HELP)]
     cache_dir: Option<PathBuf>,
     /// No progress bars.
     #[arg(long)]
     no_progress: bool,
+    // The judge: the block that `annotate`, `eval` and `iterate` share.
+    #[command(flatten)]
+    judge: super::judge::JudgeArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -110,17 +106,7 @@ pub fn run(args: Args) -> Result<()> {
         model: answerer(&model_path, r.model_id)?,
         baseline: r.baseline_path.as_deref().map(|b| answerer(b, r.baseline_id.clone())).transpose()?,
         load: r.device.load_options()?,
-        judge: match (&r.judge.base_url, &r.judge.model) {
-            (None, None) => None,
-            _ => Some(JudgeOptions {
-                base_url: r.judge.base_url()?,
-                model: r.judge.model()?,
-                api_key: r.judge.api_key()?,
-                concurrency: r.judge.concurrency()?,
-                policy: r.judge.policy()?,
-                max_tokens: r.max_tokens,
-            }),
-        },
+        judge: r.judge.given().then(|| r.judge.settings(None)).transpose()?,
         limit: r.limit,
         answer: AnswerSettings { max_new_tokens: r.max_new_tokens, batch_size: r.batch_size.max(1) },
         aspects: !r.no_aspects,

@@ -18,20 +18,24 @@ pub struct Args {
     #[arg(long)]
     ref_model_path: String,
     /// A pair file (.jsonl): explain one of its pairs, chosen and rejected.
-    #[arg(long, conflicts_with = "prompt")]
+    #[arg(value_name = "FILE", conflicts_with_all = ["prompt", "pairs_flag"])]
     pairs: Option<PathBuf>,
+    /// The same as FILE (the older spelling).
+    #[arg(long = "pairs", hide = true, conflicts_with = "prompt")]
+    pairs_flag: Option<PathBuf>,
     /// Which pair (0-based position in the file).
     #[arg(long, default_value_t = 0, conflicts_with = "id")]
     index: usize,
-    /// Which pair, by its `id`.
+    /// Which pair, by its `id` [default: by --index].
     #[arg(long)]
     id: Option<String>,
-    /// A user prompt, with --response instead of a pair file.
+    /// A user prompt, with --response, instead of a pair file [default: none].
     #[arg(long, requires = "response", allow_hyphen_values = true)]
     prompt: Option<String>,
+    /// The response to explain, with --prompt [default: none].
     #[arg(long, allow_hyphen_values = true)]
     response: Option<String>,
-    /// The beta of the training run (default: from the run's config.toml next to the model, else TRL's 0.1).
+    /// The beta of the training run [default: the run's config.toml next to the model, else 0.1].
     #[arg(long)]
     beta: Option<f64>,
     /// The HTML page to write; a PNG of the same picture goes next to it.
@@ -39,20 +43,21 @@ pub struct Args {
     output: PathBuf,
     #[command(flatten)]
     device: super::DeviceArg,
-    #[arg(long, env = "DPO2D_CACHE")]
+    #[arg(long, env = "DPO2D_CACHE", value_name = "DIR", help = super::CACHE_DIR_HELP)]
     cache_dir: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let (prompt, responses): (Vec<Message>, Vec<(&str, Response)>) = match (&a.pairs, &a.prompt, &a.response) {
-        (Some(file), _, _) => {
-            let pair = pick_pair(file, a.index, a.id.as_deref())?;
-            let prompt = dpo2d_train::align::chat_messages(&pair.prompt);
-            (prompt, vec![("chosen", pair.chosen), ("rejected", pair.rejected)])
-        }
-        (None, Some(p), Some(r)) => (vec![Message::user(p.clone())], vec![("response", Response::Plain(r.clone()))]),
-        _ => bail!("give --pairs FILE (with --index or --id), or --prompt and --response"),
-    };
+    let (prompt, responses): (Vec<Message>, Vec<(&str, Response)>) =
+        match (a.pairs.as_ref().or(a.pairs_flag.as_ref()), &a.prompt, &a.response) {
+            (Some(file), _, _) => {
+                let pair = pick_pair(file, a.index, a.id.as_deref())?;
+                let prompt = dpo2d_train::align::chat_messages(&pair.prompt);
+                (prompt, vec![("chosen", pair.chosen), ("rejected", pair.rejected)])
+            }
+            (None, Some(p), Some(r)) => (vec![Message::user(p.clone())], vec![("response", Response::Plain(r.clone()))]),
+            _ => bail!("give a pair FILE (with --index or --id), or --prompt and --response"),
+        };
     let policy_path = fetch::resolve_model(&a.model_path, a.cache_dir.as_deref())?;
     let beta = match a.beta {
         Some(b) => b,

@@ -12,32 +12,37 @@ use std::path::{Path, PathBuf};
 pub struct Args {
     #[command(flatten)]
     pub model: super::ModelArgs,
-    /// A user prompt (repeatable; may start with `-`).
-    #[arg(long, conflicts_with = "input", allow_hyphen_values = true)]
-    pub prompt: Vec<String>,
-    /// JSONL file: one row per prompt with `prompt` (a string or a list of
-    /// {role, content} messages) or `messages`; other fields are copied.
-    #[arg(long)]
+    /// Prompts (.jsonl), a row each: `prompt` (a string or {role, content} messages) or `messages`; other fields are copied.
+    #[arg(value_name = "FILE", conflicts_with_all = ["prompt", "input_flag"])]
     pub input: Option<PathBuf>,
-    /// System message put before each prompt given as a string.
+    /// The same as FILE (the older spelling).
+    #[arg(long = "input", hide = true, conflicts_with = "prompt")]
+    pub input_flag: Option<PathBuf>,
+    /// A user prompt, instead of FILE (repeatable; may start with `-`) [default: none].
+    #[arg(long, allow_hyphen_values = true)]
+    pub prompt: Vec<String>,
+    /// System message put before each prompt given as a string [default: none].
     #[arg(long, allow_hyphen_values = true)]
     pub system: Option<String>,
     /// Feed prompts to the model as raw text, without the chat template.
     #[arg(long)]
     pub no_chat_template: bool,
+    /// Most tokens to generate per completion.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// 0 = greedy decoding; > 0 samples.
+    /// Sampling temperature (0 = greedy decoding).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// Nucleus sampling: sample from the smallest set of tokens whose probability reaches this.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
-    /// 0 = off.
+    /// Sample from the k most likely tokens only (0 = off).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Seed of the sampling.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Stop string (repeatable); cut from the completion.
+    /// Stop string (repeatable); cut from the completion [default: none].
     #[arg(long)]
     pub stop: Vec<String>,
     /// Completions per prompt.
@@ -46,7 +51,7 @@ pub struct Args {
     /// Sequences decoded together.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Write JSONL here instead of stdout.
+    /// Write JSONL here [default: standard output].
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
 }
@@ -99,7 +104,7 @@ pub(crate) fn read_prompt_rows(path: &Path, system: Option<&str>) -> Result<Vec<
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let rows: Vec<PromptRow> = match (&a.input, a.prompt.is_empty()) {
+    let rows: Vec<PromptRow> = match (a.input.as_ref().or(a.input_flag.as_ref()), a.prompt.is_empty()) {
         (Some(p), _) => read_prompt_rows(p, a.system.as_deref())?,
         (None, false) => a
             .prompt

@@ -4,10 +4,12 @@
 
 use anyhow::{bail, Context, Result};
 use dpo2d_iterate::{iterate, ArithmeticScorer, IterateConfig, IterateRun, JudgeScorer, RewardModelScorer, SamplingSettings, Scorer};
+use dpo2d_train::config::Preset;
 use std::path::PathBuf;
 use std::str::FromStr;
 
 #[derive(clap::Args, Debug)]
+#[command(mut_args(super::judge::prefixed_only))]
 pub struct Args {
     /// Prompts to sample answers for: a JSONL file with a "prompt" per line, or arithmetic:N (N generated word problems).
     #[arg(long)]
@@ -21,31 +23,25 @@ pub struct Args {
     /// Answers sampled per prompt (K).
     #[arg(long, default_value_t = SamplingSettings::default().samples_per_prompt)]
     samples_per_prompt: usize,
+    /// Sampling temperature of the answers.
     #[arg(long, default_value_t = SamplingSettings::default().temperature)]
     temperature: f64,
+    /// Nucleus sampling of the answers.
     #[arg(long, default_value_t = SamplingSettings::default().top_p)]
     top_p: f64,
+    /// Longest answer, in tokens.
     #[arg(long, default_value_t = SamplingSettings::default().max_new_tokens)]
     max_new_tokens: usize,
     /// Answers decoded together.
     #[arg(long, default_value_t = SamplingSettings::default().batch_size)]
     sampling_batch_size: usize,
-    /// The judge's model name (judge:URL).
-    #[arg(long)]
-    judge_model: Option<String>,
-    /// Environment variable with the judge's API key (judge:URL).
-    #[arg(long, value_name = "VAR")]
-    judge_api_key_env: Option<String>,
-    /// Judge requests in flight at once.
-    #[arg(long, default_value_t = 8)]
-    judge_concurrency: usize,
-    /// TOML file with training options (as `dpo2d train --config`).
-    #[arg(long)]
+    /// TOML file of training options, as `dpo2d train --config` [default: none].
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Training preset (as `dpo2d train --preset`).
-    #[arg(long)]
-    preset: Option<String>,
-    #[arg(long, env = "DPO2D_CACHE")]
+    /// Training preset, as `dpo2d train --preset`: paper or quickstart [default: none].
+    #[arg(long, value_name = "NAME")]
+    preset: Option<Preset>,
+    #[arg(long, env = "DPO2D_CACHE", value_name = "DIR", help = super::CACHE_DIR_HELP)]
     cache_dir: Option<PathBuf>,
     /// No progress bars.
     #[arg(long)]
@@ -54,6 +50,9 @@ pub struct Args {
     device: super::DeviceArg,
     #[command(flatten)]
     o: super::train::Overrides,
+    // The judge: the block that `annotate`, `eval` and `iterate` share.
+    #[command(flatten)]
+    judge: super::judge::JudgeArgs,
 }
 
 /// `--scorer`, parsed once.
@@ -86,26 +85,8 @@ impl Args {
                 batch_size: self.sampling_batch_size,
             }),
             ScorerSpec::Judge(url) => {
-                let judge = super::judge::JudgeArgs {
-                    base_url: Some(url.clone()),
-                    model: self.judge_model.clone(),
-                    api_key_env: self.judge_api_key_env.clone(),
-                    concurrency: self.judge_concurrency,
-                    timeout: 600.0,
-                    max_retries: 5,
-                    retry_backoff: 1.0,
-                };
-                let options = dpo2d_annotate::Options {
-                    base_url: judge.base_url()?,
-                    model: judge.model().context("judge:URL needs --judge-model")?,
-                    api_key: judge.api_key()?,
-                    concurrency: judge.concurrency()?,
-                    policy: judge.policy()?,
-                    aspects: dpo2d_annotate::Aspect::ALL.to_vec(),
-                    max_tokens: None,
-                    response_format: dpo2d_annotate::ResponseFormat::default(),
-                    progress: !self.no_progress,
-                };
+                let judge = self.judge.settings(Some(url)).context("judge:URL")?;
+                let options = dpo2d_annotate::Options { judge, aspects: dpo2d_annotate::Aspect::ALL.to_vec(), progress: !self.no_progress };
                 Box::new(JudgeScorer { options })
             }
         })
@@ -119,7 +100,7 @@ pub fn run(mut args: Args) -> Result<()> {
     if args.o.output_dir.is_none() {
         args.o.output_dir = Some(PathBuf::from("runs/iterate"));
     }
-    let mut train = super::train::resolve(args.preset.as_deref(), args.config.as_deref(), &args.o)?;
+    let mut train = super::train::resolve(args.preset, args.config.as_deref(), &args.o)?;
     // Each round's pairs go in `train_file` as it starts.
     train.train_file = None;
     let prompts = dpo2d_iterate::prompts::from_spec(&args.prompts, train.seed)?;

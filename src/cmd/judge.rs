@@ -1,76 +1,127 @@
-//! The judge's options, shared by `annotate` and `eval`: where the
-//! OpenAI-compatible server is, which model, the key's variable, and how
-//! hard to try.
+//! The judge's flags: one block, shared by `annotate`, `eval` and `iterate
+//! --scorer judge:URL`, with the same names and defaults everywhere; it
+//! builds the library's one [`JudgeSettings`]. `annotate` and `eval` also
+//! take the names without `judge-` (`--base-url`, `--model`, ...); `iterate`
+//! does not, since there `--model` is the policy.
 
 use anyhow::{bail, Context, Result};
-use dpo2d_annotate::{RetryPolicy, Secret};
+use dpo2d_annotate::{JudgeSettings, ResponseFormat, RetryPolicy, Secret};
 use std::time::Duration;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Judge")]
 pub struct JudgeArgs {
-    /// The judge server's OpenAI-compatible base URL, e.g. http://localhost:8000/v1.
-    #[arg(long)]
-    pub base_url: Option<String>,
-    /// The judge model name, as the server knows it.
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Name of the environment variable holding the API key (sent as a Bearer token; optional for local servers).
-    #[arg(long, value_name = "VAR")]
-    pub api_key_env: Option<String>,
-    /// Most requests in flight at once.
-    #[arg(long, default_value_t = 8)]
-    pub concurrency: usize,
-    /// Per-request timeout in seconds (fractions allowed).
-    #[arg(long, default_value_t = 120.0, value_name = "SECS")]
-    pub timeout: f64,
+    /// The judge server's OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (iterate: --scorer judge:URL) [default: none].
+    #[arg(long, visible_alias = "base-url", value_name = "URL")]
+    pub judge_base_url: Option<String>,
+    /// The judge model, as its server names it (needed wherever a judge is asked) [default: none].
+    #[arg(long, visible_alias = "model", value_name = "NAME")]
+    pub judge_model: Option<String>,
+    /// Environment variable holding the API key, sent as a Bearer token [default: OPENAI_API_KEY if set].
+    #[arg(long, visible_alias = "api-key-env", value_name = "VAR")]
+    pub judge_api_key_env: Option<String>,
+    /// Most requests in flight at once (a local server: its parallel slots).
+    #[arg(long, visible_alias = "concurrency", value_name = "N", default_value_t = JudgeSettings::DEFAULT_CONCURRENCY)]
+    pub judge_concurrency: usize,
+    /// Per-request timeout in seconds.
+    #[arg(long, visible_alias = "timeout", value_name = "SECS", default_value_t = RetryPolicy::default().timeout.as_secs_f64())]
+    pub judge_timeout: f64,
     /// Retries per request on 429, 5xx, timeouts and connection errors.
-    #[arg(long, default_value_t = 5)]
-    pub max_retries: u32,
-    /// First retry delay in seconds; doubles per retry, with jitter (a server's Retry-After wins).
-    #[arg(long, default_value_t = 1.0, value_name = "SECS")]
-    pub retry_backoff: f64,
+    #[arg(long, visible_alias = "max-retries", value_name = "N", default_value_t = RetryPolicy::default().max_retries)]
+    pub judge_max_retries: u32,
+    /// First retry delay in seconds, doubled per retry with jitter (a server's Retry-After wins).
+    #[arg(long, visible_alias = "retry-backoff", value_name = "SECS",
+          default_value_t = RetryPolicy::default().backoff_base.as_secs_f64())]
+    pub judge_retry_backoff: f64,
+    /// Cap on each judge answer (0: none) [default: by request: annotate 64 + 48 per segment, eval 64-1024].
+    #[arg(long, visible_alias = "max-tokens", value_name = "N")]
+    pub judge_max_tokens: Option<u32>,
+    /// How the judge answers: a JSON schema (structured outputs), free text, or auto (schema, else free text).
+    #[arg(long, visible_alias = "response-format", value_enum, default_value_t = FormatArg::Auto)]
+    pub judge_response_format: FormatArg,
+}
+
+/// The values of `--judge-response-format`, parsed once by clap; the
+/// library's [`ResponseFormat`] stays free of clap.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum FormatArg {
+    Auto,
+    JsonSchema,
+    FreeText,
+}
+
+impl From<FormatArg> for ResponseFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Auto => ResponseFormat::Auto,
+            FormatArg::JsonSchema => ResponseFormat::JsonSchema,
+            FormatArg::FreeText => ResponseFormat::FreeText,
+        }
+    }
+}
+
+/// For `#[command(mut_args(judge::prefixed_only))]`: the judge flags of a
+/// command keep only their `--judge-*` names.
+pub fn prefixed_only(a: clap::Arg) -> clap::Arg {
+    if a.get_id().as_str().starts_with("judge_") {
+        a.visible_alias(None)
+    } else {
+        a
+    }
 }
 
 impl JudgeArgs {
-    pub fn model(&self) -> Result<String> {
-        self.model.clone().context("--model (the judge model, as its server names it) is required")
+    /// Whether any flag names a judge (some commands run without one).
+    pub fn given(&self) -> bool {
+        self.judge_base_url.is_some() || self.judge_model.is_some()
     }
 
-    pub fn base_url(&self) -> Result<String> {
-        self.base_url.clone().context("--base-url (the judge server, e.g. http://localhost:8000/v1) is required")
-    }
-
-    pub fn concurrency(&self) -> Result<usize> {
-        if self.concurrency == 0 {
-            bail!("--concurrency must be at least 1");
+    /// The settings, with `base_url` from the flags (`default_url` when none is given).
+    pub fn settings(&self, default_url: Option<&str>) -> Result<JudgeSettings> {
+        let base_url = match (&self.judge_base_url, default_url) {
+            (Some(u), _) => u.clone(),
+            (None, Some(u)) => u.to_string(),
+            (None, None) => bail!("--judge-base-url (the judge server, e.g. http://localhost:8000/v1) is required"),
+        };
+        let model = self.judge_model.clone().context("--judge-model (the judge model, as its server names it) is required")?;
+        if self.judge_concurrency == 0 {
+            bail!("--judge-concurrency must be at least 1");
         }
-        Ok(self.concurrency)
+        Ok(JudgeSettings {
+            base_url,
+            model,
+            api_key: self.api_key()?,
+            concurrency: self.judge_concurrency,
+            policy: self.policy()?,
+            max_tokens: self.judge_max_tokens,
+            response_format: self.judge_response_format.into(),
+        })
     }
 
     /// The key is read from the environment and never printed; an explicitly
     /// named variable that is unset is an error, the default one
     /// (OPENAI_API_KEY) is optional.
-    pub fn api_key(&self) -> Result<Option<Secret>> {
-        Ok(match &self.api_key_env {
+    fn api_key(&self) -> Result<Option<Secret>> {
+        Ok(match &self.judge_api_key_env {
             Some(var) => match std::env::var(var) {
                 Ok(k) if !k.is_empty() => Some(Secret::new(k)),
-                _ => bail!("--api-key-env names {var}, but that environment variable is not set"),
+                _ => bail!("--judge-api-key-env names {var}, but that environment variable is not set"),
             },
             None => std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()).map(Secret::new),
         })
     }
 
-    pub fn policy(&self) -> Result<RetryPolicy> {
-        let secs = |v: f64, name: &str| -> Result<Duration> {
+    fn policy(&self) -> Result<RetryPolicy> {
+        let secs = |v: f64, name: &str, zero_ok: bool| -> Result<Duration> {
             Duration::try_from_secs_f64(v)
                 .ok()
-                .filter(|d| !d.is_zero() || name == "--retry-backoff")
+                .filter(|d| zero_ok || !d.is_zero())
                 .with_context(|| format!("{name} must be a positive number of seconds, got {v}"))
         };
         Ok(RetryPolicy {
-            timeout: secs(self.timeout, "--timeout")?,
-            max_retries: self.max_retries,
-            backoff_base: secs(self.retry_backoff, "--retry-backoff")?,
+            timeout: secs(self.judge_timeout, "--judge-timeout", false)?,
+            max_retries: self.judge_max_retries,
+            backoff_base: secs(self.judge_retry_backoff, "--judge-retry-backoff", true)?,
             ..RetryPolicy::default()
         })
     }

@@ -11,28 +11,32 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     pub model: super::ModelArgs,
-    /// User prompt (rendered with the chat template; may start with `-`).
-    #[arg(long, requires = "response", conflicts_with = "input", allow_hyphen_values = true)]
+    /// Rows (.jsonl) of `prompt` (a string or messages) and `response`.
+    #[arg(value_name = "FILE", conflicts_with_all = ["prompt", "input_flag"])]
+    pub input: Option<PathBuf>,
+    /// The same as FILE (the older spelling).
+    #[arg(long = "input", hide = true, conflicts_with = "prompt")]
+    pub input_flag: Option<PathBuf>,
+    /// A user prompt, instead of FILE (rendered with the chat template; may start with `-`) [default: none].
+    #[arg(long, requires = "response", allow_hyphen_values = true)]
     pub prompt: Option<String>,
-    /// Response to score (may start with `-`).
+    /// The response to score, with --prompt (may start with `-`) [default: none].
     #[arg(long, allow_hyphen_values = true)]
     pub response: Option<String>,
-    /// JSONL file with `prompt` (string or messages) and `response` per row.
-    #[arg(long)]
-    pub input: Option<PathBuf>,
-    /// System message for prompts given as strings.
+    /// System message for prompts given as strings [default: none].
     #[arg(long, allow_hyphen_values = true)]
     pub system: Option<String>,
     /// Also score the chat template's end-of-turn tokens after the response.
     #[arg(long)]
     pub with_end_of_turn: bool,
+    /// Write JSONL here [default: standard output].
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
     use super::generate::messages_of;
-    let rows: Vec<(Vec<dpo2d_model::chat::Message>, String)> = match (&a.input, &a.prompt, &a.response) {
+    let rows: Vec<(Vec<dpo2d_model::chat::Message>, String)> = match (a.input.as_ref().or(a.input_flag.as_ref()), &a.prompt, &a.response) {
         (Some(p), _, _) => {
             let f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
             let mut rows = vec![];

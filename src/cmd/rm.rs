@@ -22,9 +22,12 @@ pub struct ScoreArgs {
     /// The reward model: `dpo2d rm train`'s final/ (final/merged/ of a LoRA run).
     #[arg(long)]
     model: PathBuf,
-    /// JSONL of pairs (TRL strings or segmented), or of {"prompt", "response"} lines.
-    #[arg(long, short)]
-    input: PathBuf,
+    /// Pairs (.jsonl; TRL strings or segmented), or {"prompt", "response"} lines.
+    #[arg(value_name = "FILE", required_unless_present = "input_flag")]
+    input: Option<PathBuf>,
+    /// The same as FILE (the older spelling).
+    #[arg(short = 'i', long = "input", hide = true, conflicts_with = "input")]
+    input_flag: Option<PathBuf>,
     /// Where to write the same lines with every segment scored.
     #[arg(long, short)]
     output: PathBuf,
@@ -49,11 +52,12 @@ enum Item {
 }
 
 fn score(a: ScoreArgs) -> Result<()> {
+    let input = a.input.or(a.input_flag).context("give the file to score")?;
     let rm = RewardModel::load(&a.model, &a.device.device.device()?)?;
     let mut items = vec![];
-    for line in dpo2d_data::io::jsonl_lines(&a.input)? {
+    for line in dpo2d_data::io::jsonl_lines(&input)? {
         let line = line?;
-        let at = || format!("{}:{}", a.input.display(), line.number);
+        let at = || format!("{}:{}", input.display(), line.number);
         let v: Value = serde_json::from_str(&line.text).with_context(at)?;
         items.push(if v.get("response").is_some() && v.get("chosen").is_none() {
             let prompt: Prompt = serde_json::from_value(v["prompt"].clone()).with_context(|| format!("{}: \"prompt\"", at()))?;
@@ -64,7 +68,7 @@ fn score(a: ScoreArgs) -> Result<()> {
         });
     }
     if items.is_empty() {
-        bail!("{}: nothing to score", a.input.display());
+        bail!("{}: nothing to score", input.display());
     }
     let pairs: Vec<Pair> = items
         .iter()

@@ -27,7 +27,7 @@ pub enum Format {
 pub struct Args {
     /// Input file (.txt, .jsonl or .jsonl.gz); `-` or nothing reads standard input.
     pub input: Option<PathBuf>,
-    /// Segment this text instead of reading a file (may start with `-`, e.g. a list item).
+    /// Segment this text instead of reading a file (may start with `-`, e.g. a list item) [default: none].
     #[arg(long, conflicts_with = "input", allow_hyphen_values = true)]
     pub text: Option<String>,
     /// Input format.

@@ -11,12 +11,13 @@ pub struct Args {
     /// Address to listen on (loopback by default; 0.0.0.0 exposes the server to the network).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Port to listen on (0: any free port, printed at start).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// The model name that /v1/models lists and answers carry (default: --model).
+    /// The model name that /v1/models lists and answers carry [default: --model].
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// Require `Authorization: Bearer <key>` with the key held in this environment variable.
+    /// Require `Authorization: Bearer <key>` with the key held in this environment variable [default: no key].
     #[arg(long, value_name = "VAR")]
     pub api_key_env: Option<String>,
     /// Rows (requests x n) decoded together in one batch.
@@ -28,7 +29,7 @@ pub struct Args {
     /// Largest `max_tokens` a request may ask for (also the default).
     #[arg(long, default_value_t = 2048)]
     pub max_tokens_limit: usize,
-    /// Longest prompt in tokens (default: the model's context).
+    /// Longest prompt in tokens [default: the model's context].
     #[arg(long)]
     pub max_prompt_tokens: Option<usize>,
     /// Largest `n` (choices per request).

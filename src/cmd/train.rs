@@ -3,8 +3,8 @@
 //! flag names follow TRL (`--learning_rate` and `--learning-rate` both work).
 
 use anyhow::{Context, Result};
-use dpo2d_train::config::{Task, TrainConfig};
-use dpo2d_train::loss::LossType;
+use dpo2d_train::config::{Preset, Task, TrainConfig};
+use dpo2d_train::loss::{AspectWeights, LossType};
 use dpo2d_train::sampler::SamplingStrategy;
 use dpo2d_train::schedule::SchedulerType;
 use dpo2d_train::trainer::{train, RunOptions};
@@ -15,17 +15,16 @@ use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// TOML file with training options (same names as the flags, underscores).
-    #[arg(long)]
+    /// TOML file of training options, named as the flags with underscores [default: none].
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Named preset applied before the config file: `paper` (METHOD §6) or `quickstart`.
-    #[arg(long)]
-    preset: Option<String>,
-    /// Continue from the latest checkpoint in output_dir, or from the given checkpoint directory.
+    /// Named options applied before the config file: paper (docs/method.md §6) or quickstart [default: none].
+    #[arg(long, value_name = "NAME")]
+    preset: Option<Preset>,
+    /// Continue from the latest checkpoint in output_dir, or from this checkpoint directory [default: latest].
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
     resume: Option<String>,
-    /// Cache directory for precomputed reference log-probs (default: $DPO2D_CACHE or the user cache).
-    #[arg(long)]
+    #[arg(long, env = "DPO2D_CACHE", value_name = "DIR", help = super::CACHE_DIR_HELP)]
     cache_dir: Option<PathBuf>,
     /// No progress bar (log lines instead).
     #[arg(long)]
@@ -43,170 +42,240 @@ pub struct Args {
     o: Overrides,
 }
 
-/// Flags that override configuration keys; field names are the keys.
+/// Flags that override configuration keys; field names are the keys. Each
+/// has no clap default (it would override presets and config files): the
+/// help shows the built-in one ([`show_default`]).
 #[derive(clap::Args, Debug, Serialize, Default)]
+#[command(mut_args(show_default))]
 pub(crate) struct Overrides {
-    /// Policy model: HF directory, .gguf file, or `smollm2` (fetched).
-    #[arg(long)]
+    /// Policy model: a Hugging Face directory, a .gguf file, or smollm2 (fetched).
+    #[arg(long, value_name = "MODEL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) model: Option<String>,
-    /// Reference model (default: a frozen copy of the starting policy).
-    #[arg(long, alias = "ref_model")]
+    /// Reference model [default: a frozen copy of the starting policy].
+    #[arg(long, alias = "ref_model", value_name = "MODEL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     ref_model: Option<String>,
-    /// Training pairs (JSONL).
-    #[arg(long, alias = "train_file", alias = "data")]
+    /// Training pairs (.jsonl) [default: none; required].
+    #[arg(long, alias = "train_file", alias = "data", value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) train_file: Option<PathBuf>,
-    /// Held-out pairs (JSONL).
-    #[arg(long, alias = "eval_file")]
+    /// Held-out pairs (.jsonl) [default: none; see --eval-split].
+    #[arg(long, alias = "eval_file", value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     eval_file: Option<PathBuf>,
     /// Share of the training pairs held out when no eval file is given.
-    #[arg(long, alias = "eval_split")]
+    #[arg(long, alias = "eval_split", value_name = "SHARE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     eval_split: Option<f64>,
-    #[arg(long, alias = "output_dir")]
+    /// Where checkpoints, metrics, charts and the final model go.
+    #[arg(long, alias = "output_dir", value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) output_dir: Option<PathBuf>,
-    /// dpo, ipo, kto, orpo, simpo, tdpo1, tdpo2, 1d-dpo, 2d-dpo.
-    #[arg(long, alias = "loss_type", alias = "loss")]
+    /// The loss: dpo, ipo, kto, orpo, simpo, tdpo1, tdpo2, 1d-dpo or 2d-dpo.
+    #[arg(long, alias = "loss_type", alias = "loss", value_name = "LOSS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     loss_type: Option<LossType>,
+    /// Strength of the implicit KL penalty (TRL's beta; the paper's 0.2 is in --preset paper).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     beta: Option<f64>,
-    /// Weight of the SFT term on the chosen response.
-    #[arg(long, alias = "sft_weight")]
+    /// Weight of the SFT term (mean NLL per chosen token).
+    #[arg(long, alias = "sft_weight", value_name = "W")]
     #[serde(skip_serializing_if = "Option::is_none")]
     sft_weight: Option<f64>,
-    /// Five comma-separated weights: helpfulness,correctness,safety,completeness,clarity.
-    #[arg(long, alias = "aspect_weights", value_delimiter = ',', num_args = 5)]
+    /// Weights of helpfulness, correctness, safety, completeness and clarity, summing to 1.
+    #[arg(long, alias = "aspect_weights", value_name = "H,C,S,CO,CL")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    aspect_weights: Option<Vec<f64>>,
-    #[arg(long, alias = "simpo_gamma")]
+    aspect_weights: Option<AspectWeights>,
+    /// SimPO's target reward margin gamma.
+    #[arg(long, alias = "simpo_gamma", value_name = "GAMMA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     simpo_gamma: Option<f64>,
-    #[arg(long, alias = "tdpo_alpha")]
+    /// TDPO2's weight alpha of the sequential KL term.
+    #[arg(long, alias = "tdpo_alpha", value_name = "ALPHA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     tdpo_alpha: Option<f64>,
-    #[arg(long, alias = "label_smoothing")]
+    /// Label smoothing of DPO (conservative DPO); 0 is plain DPO.
+    #[arg(long, alias = "label_smoothing", value_name = "EPS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     label_smoothing: Option<f64>,
-    #[arg(long, alias = "learning_rate", alias = "lr")]
+    /// Peak learning rate of AdamW.
+    #[arg(long, alias = "learning_rate", alias = "lr", value_name = "LR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     learning_rate: Option<f64>,
-    /// cosine, linear, constant, constant_with_warmup.
-    #[arg(long, alias = "lr_scheduler_type")]
+    /// Learning-rate schedule: cosine, linear, constant or constant_with_warmup.
+    #[arg(long, alias = "lr_scheduler_type", value_name = "SCHEDULE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     lr_scheduler_type: Option<SchedulerType>,
-    #[arg(long, alias = "warmup_ratio")]
+    /// Share of the updates spent warming the learning rate up from 0.
+    #[arg(long, alias = "warmup_ratio", value_name = "SHARE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     warmup_ratio: Option<f64>,
-    #[arg(long, alias = "warmup_steps")]
+    /// Warm-up updates (overrides --warmup-ratio when > 0).
+    #[arg(long, alias = "warmup_steps", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     warmup_steps: Option<usize>,
-    #[arg(long, alias = "weight_decay")]
+    /// AdamW's decoupled weight decay.
+    #[arg(long, alias = "weight_decay", value_name = "W")]
     #[serde(skip_serializing_if = "Option::is_none")]
     weight_decay: Option<f64>,
-    #[arg(long, alias = "adam_beta1")]
+    /// AdamW's decay rate of the first moment.
+    #[arg(long, alias = "adam_beta1", value_name = "B1")]
     #[serde(skip_serializing_if = "Option::is_none")]
     adam_beta1: Option<f64>,
-    #[arg(long, alias = "adam_beta2")]
+    /// AdamW's decay rate of the second moment.
+    #[arg(long, alias = "adam_beta2", value_name = "B2")]
     #[serde(skip_serializing_if = "Option::is_none")]
     adam_beta2: Option<f64>,
-    #[arg(long, alias = "adam_epsilon")]
+    /// AdamW's epsilon.
+    #[arg(long, alias = "adam_epsilon", value_name = "EPS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     adam_epsilon: Option<f64>,
-    #[arg(long, alias = "max_grad_norm")]
+    /// Clip the global gradient norm to this (0 = no clipping).
+    #[arg(long, alias = "max_grad_norm", value_name = "NORM")]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_grad_norm: Option<f64>,
-    #[arg(long, alias = "per_device_train_batch_size", alias = "batch-size")]
+    /// Pairs per micro-batch.
+    #[arg(long, alias = "per_device_train_batch_size", alias = "batch-size", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     per_device_train_batch_size: Option<usize>,
-    #[arg(long, alias = "per_device_eval_batch_size")]
+    /// Pairs per evaluation batch.
+    #[arg(long, alias = "per_device_eval_batch_size", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     per_device_eval_batch_size: Option<usize>,
-    /// Order of training pairs: `random` (seeded shuffle per epoch) or `sequential` (file order).
-    #[arg(long, alias = "train_sampling_strategy")]
+    /// Order of the training pairs: random (a seeded shuffle per epoch) or sequential (file order).
+    #[arg(long, alias = "train_sampling_strategy", value_name = "ORDER")]
     #[serde(skip_serializing_if = "Option::is_none")]
     train_sampling_strategy: Option<SamplingStrategy>,
-    /// Pairs per forward/backward pass inside a micro-batch (0 = all; less = less memory).
-    #[arg(long, alias = "pairs_per_forward")]
+    /// Pairs per forward/backward pass inside a micro-batch (0 = all; fewer = less memory).
+    #[arg(long, alias = "pairs_per_forward", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pairs_per_forward: Option<usize>,
-    #[arg(long, alias = "gradient_accumulation_steps")]
+    /// Micro-batches per optimizer update.
+    #[arg(long, alias = "gradient_accumulation_steps", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     gradient_accumulation_steps: Option<usize>,
-    #[arg(long, alias = "num_train_epochs")]
+    /// Passes over the training pairs (fractions allowed).
+    #[arg(long, alias = "num_train_epochs", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     num_train_epochs: Option<f64>,
-    /// Optimizer updates (overrides num_train_epochs when > 0).
-    #[arg(long, alias = "max_steps")]
+    /// Optimizer updates (overrides --num-train-epochs when > 0).
+    #[arg(long, alias = "max_steps", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_steps: Option<usize>,
+    /// Seed of the data order, dropout and LoRA initialisation.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
-    #[arg(long, alias = "max_length")]
+    /// Most tokens of prompt and response together (longer responses are cut).
+    #[arg(long, alias = "max_length", value_name = "TOKENS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_length: Option<usize>,
-    #[arg(long, alias = "max_prompt_length")]
+    /// Most prompt tokens (longer prompts keep their end).
+    #[arg(long, alias = "max_prompt_length", value_name = "TOKENS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_prompt_length: Option<usize>,
-    #[arg(long, alias = "logging_steps")]
+    /// Write the training metrics every N updates.
+    #[arg(long, alias = "logging_steps", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     logging_steps: Option<usize>,
-    #[arg(long, alias = "eval_steps")]
+    /// Evaluate every N updates (0 = only at the end, when there is held-out data).
+    #[arg(long, alias = "eval_steps", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     eval_steps: Option<usize>,
-    #[arg(long, alias = "save_steps")]
+    /// Write a checkpoint every N updates (0 = only at the end).
+    #[arg(long, alias = "save_steps", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     save_steps: Option<usize>,
-    #[arg(long, alias = "save_total_limit")]
+    /// Keep at most this many intermediate checkpoints (0 = all).
+    #[arg(long, alias = "save_total_limit", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     save_total_limit: Option<usize>,
-    /// With LoRA, also write the merged model to final/merged/ (default true).
-    #[arg(long, alias = "save_merged")]
+    /// With LoRA, also write the merged model to final/merged/.
+    #[arg(long, alias = "save_merged", value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     save_merged: Option<bool>,
-    #[arg(long)]
+    /// Mixed precision: bf16 weights and activations, f32 master weights.
+    #[arg(long, value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     bf16: Option<bool>,
-    #[arg(long, alias = "gradient_checkpointing")]
+    /// Recompute each decoder block in backward instead of keeping its activations.
+    #[arg(long, alias = "gradient_checkpointing", value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     gradient_checkpointing: Option<bool>,
-    #[arg(long, alias = "use_lora")]
+    /// Train LoRA adapters instead of every weight.
+    #[arg(long, alias = "use_lora", value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     use_lora: Option<bool>,
-    #[arg(long, alias = "lora_r")]
+    /// LoRA rank.
+    #[arg(long, alias = "lora_r", value_name = "R")]
     #[serde(skip_serializing_if = "Option::is_none")]
     lora_r: Option<usize>,
-    #[arg(long, alias = "lora_alpha")]
+    /// LoRA scale numerator (the update is scaled by alpha / r).
+    #[arg(long, alias = "lora_alpha", value_name = "ALPHA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     lora_alpha: Option<f64>,
-    #[arg(long, alias = "lora_dropout")]
+    /// Dropout on the LoRA path's input.
+    #[arg(long, alias = "lora_dropout", value_name = "P")]
     #[serde(skip_serializing_if = "Option::is_none")]
     lora_dropout: Option<f64>,
-    /// Comma-separated, e.g. q_proj,v_proj or all-linear.
-    #[arg(long, alias = "lora_target_modules", value_delimiter = ',')]
+    /// Modules that get adapters, comma-separated (q_proj,...,down_proj, or all-linear).
+    #[arg(long, alias = "lora_target_modules", value_delimiter = ',', value_name = "MODULES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     lora_target_modules: Option<Vec<String>>,
-    #[arg(long, alias = "precompute_ref_log_probs")]
+    /// Compute the reference log-probs once and cache them on disk (TRL's option).
+    #[arg(long, alias = "precompute_ref_log_probs", value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     precompute_ref_log_probs: Option<bool>,
     /// Skip invalid data lines (reported) instead of stopping.
-    #[arg(long, alias = "skip_invalid")]
+    #[arg(long, alias = "skip_invalid", value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     skip_invalid: Option<bool>,
     /// Skip an update whose loss or gradient is not finite (counted as nonfinite_updates) instead of stopping.
-    #[arg(long, alias = "skip_nonfinite_updates")]
+    #[arg(long, alias = "skip_nonfinite_updates", value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     skip_nonfinite_updates: Option<bool>,
 }
 
+/// Appends the built-in default of the configuration key an option
+/// overrides to its help, as clap shows a default (`[default: 0.1]`): the
+/// one default, read from [`TrainConfig::default`], not written twice.
+pub(crate) fn show_default(a: clap::Arg) -> clap::Arg {
+    static DEFAULTS: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
+    show_default_from(a, DEFAULTS.get_or_init(|| defaults_of(None)))
+}
+
+/// [`show_default`] for `quickstart`, whose defaults are its preset's.
+pub(crate) fn show_quickstart_default(a: clap::Arg) -> clap::Arg {
+    static DEFAULTS: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
+    show_default_from(a, DEFAULTS.get_or_init(|| defaults_of(Some(Preset::Quickstart))))
+}
+
+/// Every option's value with no flag and no config file: the built-in
+/// defaults under the preset.
+fn defaults_of(preset: Option<Preset>) -> toml::Table {
+    let cfg = TrainConfig::resolve(preset, None, toml::Table::new()).unwrap_or_default();
+    toml::Table::try_from(cfg).expect("a configuration serialises")
+}
+
+fn show_default_from(a: clap::Arg, defaults: &toml::Table) -> clap::Arg {
+    let Some(value) = defaults.get(a.get_id().as_str()) else { return a };
+    let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+    if help.contains("[default: ") {
+        return a;
+    }
+    let shown = match value {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Float(x) => format!("{x:?}"),
+        toml::Value::Array(items) => items.iter().map(|v| v.to_string().trim_matches('"').to_string()).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    };
+    a.help(format!("{help} [default: {shown}]"))
+}
+
 /// The resolved configuration of `dpo2d train` arguments (shared with quickstart).
-pub fn resolve(preset: Option<&str>, config: Option<&std::path::Path>, o: &impl Serialize) -> Result<TrainConfig> {
+pub fn resolve(preset: Option<Preset>, config: Option<&std::path::Path>, o: &impl Serialize) -> Result<TrainConfig> {
     let table = toml::Table::try_from(o).context("command-line options")?;
     TrainConfig::resolve(preset, config, table)
 }
@@ -239,7 +308,7 @@ pub fn run_task(mut args: Args, task: Task) -> Result<()> {
     if task == Task::RewardModel && args.o.output_dir.is_none() {
         args.o.output_dir = Some(PathBuf::from("runs/rm"));
     }
-    let mut cfg = resolve(args.preset.as_deref(), args.config.as_deref(), &args.o)?;
+    let mut cfg = resolve(args.preset, args.config.as_deref(), &args.o)?;
     cfg.task = task;
     let resume = match &args.resume {
         Some(r) => Some(dpo2d_train::checkpoint::resolve_resume(r, &cfg.output_dir)?),

@@ -28,8 +28,8 @@ pub struct Args {
     /// How many bad lines to list.
     #[arg(long, default_value_t = 20)]
     pub max_errors: usize,
-    /// Write the valid pairs (normalised) to this file.
-    #[arg(long)]
+    /// Write the valid pairs (normalised) to this file [default: none].
+    #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 }
 

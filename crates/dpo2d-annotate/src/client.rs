@@ -440,7 +440,7 @@ impl ChatClient {
             408 | 409 | 425 => retry(msg, Reason::ServerError),
             500..=599 => retry(msg, Reason::ServerError),
             400..=499 if structured && self.rejects_format(code, &text) => Attempt::FormatRejected(msg),
-            401 | 403 => Attempt::Fatal(format!("{msg} (check the API key: --api-key-env names the variable that holds it)")),
+            401 | 403 => Attempt::Fatal(format!("{msg} (check the API key: --judge-api-key-env names the variable that holds it)")),
             404 | 405 => Attempt::Fatal(format!("{msg} (check --base-url, which should end in /v1, and --model)")),
             _ => Attempt::Fail(msg),
         }

@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod client;
 pub mod compare;
+pub mod judge;
 pub mod parse;
 pub mod prompt;
 pub mod run;
@@ -16,5 +17,6 @@ pub mod run;
 pub mod test_server;
 
 pub use client::{RetryPolicy, Secret};
+pub use judge::JudgeSettings;
 pub use prompt::{Aspect, ResponseFormat};
 pub use run::{annotate_file, AnnotateJob, AspectStats, FailedPair, Options, Summary};

@@ -5,7 +5,8 @@
 //! the output or listed as failed.
 
 use crate::cache::{cache_key, Cache, Judgement};
-use crate::client::{ChatClient, ChatError, Completion, Reason, RetryPolicy, Secret};
+use crate::client::{ChatClient, ChatError, Completion, Reason};
+use crate::judge::JudgeSettings;
 use crate::parse::{check, enforce_monotone, parse_answer, Checked, Parsed};
 use crate::prompt::{
     assistant, build_prompt, build_repair, default_max_tokens, user, Aspect, ChatRequest, ResponseFormat, ResponseFormatSpec, Tagging,
@@ -22,21 +23,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 
-/// How to reach the judge and how hard to push it.
+/// What to ask the judge, and where (`judge.max_tokens` of `None` sizes each
+/// request to its pair's segments: [`default_max_tokens`]).
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub base_url: String,
-    pub model: String,
-    pub api_key: Option<Secret>,
-    /// Most requests in flight at once (lowered for a while when requests time out).
-    pub concurrency: usize,
-    pub policy: RetryPolicy,
+    pub judge: JudgeSettings,
     /// Aspects to request; the others must already be scored in the input.
     pub aspects: Vec<Aspect>,
-    /// `max_tokens` of each request: `None` sizes it to the pair's segments
-    /// ([`default_max_tokens`]), `Some(0)` sends none.
-    pub max_tokens: Option<u32>,
-    pub response_format: ResponseFormat,
     /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
     pub progress: bool,
 }
@@ -245,8 +238,7 @@ fn first_request(model: &str, max_tokens: Option<u32>, item: &Prepared, aspect: 
     let prompt = build_prompt(&item.pair, &item.chosen, &item.rejected, aspect, structured);
     let max_tokens = match max_tokens {
         None => Some(default_max_tokens(tags.len())),
-        Some(0) => None,
-        Some(n) => Some(n),
+        Some(n) => Some(n).filter(|&n| n > 0),
     };
     let response_format = structured.then(|| ResponseFormatSpec::for_answer(&tags, aspect));
     ChatRequest { model: model.to_string(), messages: vec![user(prompt)], temperature: 0.0, max_tokens, response_format }
@@ -458,13 +450,12 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
     }
 
     let cache = Cache::open(&cache_path)?;
-    let client = ChatClient::new(&opts.base_url, opts.api_key.clone(), opts.policy.clone(), opts.concurrency)?;
     let ctx = Arc::new(Ctx {
-        client,
+        client: opts.judge.client()?,
         cache,
-        model: opts.model.clone(),
-        max_tokens: opts.max_tokens,
-        format: opts.response_format,
+        model: opts.judge.model.clone(),
+        max_tokens: opts.judge.max_tokens,
+        format: opts.judge.response_format,
         free_text_only: AtomicBool::new(false),
         failed_now: AtomicU64::new(0),
         repairs_now: AtomicU64::new(0),
@@ -485,7 +476,7 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
 
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
-    let results = rt.block_on(drive(ctx.clone(), ready.clone(), tasks, opts.concurrency, bar.clone(), status_lines));
+    let results = rt.block_on(drive(ctx.clone(), ready.clone(), tasks, opts.judge.concurrency, bar.clone(), status_lines));
     bar.finish_and_clear();
     let results = results?;
 
@@ -518,13 +509,13 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
 /// `--dry-run`: prints the first request of every judgement, as a real run
 /// would send it first; returns how many.
 fn print_requests(ready: &[Prepared], opts: &Options) -> Result<usize> {
-    let structured = opts.response_format != ResponseFormat::FreeText;
+    let structured = opts.judge.response_format != ResponseFormat::FreeText;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut n = 0;
     for item in ready {
         for &a in &opts.aspects {
-            writeln!(out, "{}", request_body(&first_request(&opts.model, opts.max_tokens, item, a, structured)))?;
+            writeln!(out, "{}", request_body(&first_request(&opts.judge.model, opts.judge.max_tokens, item, a, structured)))?;
             n += 1;
         }
     }
@@ -703,6 +694,7 @@ async fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::RetryPolicy;
     use crate::test_server::{expected_scores, MockConfig, MockFormat, MockJudge};
 
     fn pair_line(id: usize, marker: &str) -> String {
@@ -716,10 +708,7 @@ mod tests {
     }
 
     fn opts(url: &str) -> Options {
-        Options {
-            base_url: url.to_string(),
-            model: "judge-test".into(),
-            api_key: None,
+        let judge = JudgeSettings {
             concurrency: 4,
             policy: RetryPolicy {
                 timeout: Duration::from_millis(1000),
@@ -727,11 +716,14 @@ mod tests {
                 backoff_base: Duration::from_millis(10),
                 ..RetryPolicy::default()
             },
-            aspects: Aspect::ALL.to_vec(),
-            max_tokens: None,
-            response_format: ResponseFormat::Auto,
-            progress: false,
-        }
+            ..JudgeSettings::new(url, "judge-test")
+        };
+        Options { judge, aspects: Aspect::ALL.to_vec(), progress: false }
+    }
+
+    fn with_judge(mut o: Options, f: impl FnOnce(&mut JudgeSettings)) -> Options {
+        f(&mut o.judge);
+        o
     }
 
     fn job_in(dir: &Path, markers: &[&str]) -> AnnotateJob {
@@ -790,11 +782,11 @@ mod tests {
         assert_eq!(reject.stats().requests, 0);
 
         // Asked for explicitly, a schema the server rejects stops the run; free text never sends one.
-        let strict = Options { response_format: ResponseFormat::JsonSchema, ..opts(reject.base_url()) };
+        let strict = with_judge(opts(reject.base_url()), |j| j.response_format = ResponseFormat::JsonSchema);
         let e = format!("{:#}", annotate_file(&AnnotateJob { cache: Some(dir.path().join("c2")), ..job.clone() }, &strict).unwrap_err());
         assert!(e.contains("does not take response_format"), "{e}");
         honour.reset_stats();
-        let free = Options { response_format: ResponseFormat::FreeText, ..opts(honour.base_url()) };
+        let free = with_judge(opts(honour.base_url()), |j| j.response_format = ResponseFormat::FreeText);
         annotate_file(&AnnotateJob { cache: Some(dir.path().join("c3")), ..job }, &free).unwrap();
         assert_eq!((honour.stats().requests, honour.stats().with_response_format), (20, 0));
     }
@@ -811,7 +803,7 @@ mod tests {
 
         // No max_tokens: the loop runs into the timeout; the retry goes out warmer and is answered.
         server.reset_stats();
-        let o = Options { max_tokens: Some(0), ..opts(server.base_url()) };
+        let o = with_judge(opts(server.base_url()), |j| j.max_tokens = Some(0));
         let s = annotate_file(&AnnotateJob { cache: Some(dir.path().join("c2")), ..job }, &o).unwrap();
         assert_eq!(s.pairs_written, 1, "{s}");
         let st = server.stats();
@@ -826,9 +818,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let job = job_in(dir.path(), &["", "", ""]);
         let mut o = opts(server.base_url());
-        o.concurrency = 6;
-        o.policy.timeout = Duration::from_millis(900);
-        o.policy.max_retries = 8;
+        o.judge.concurrency = 6;
+        o.judge.policy.timeout = Duration::from_millis(900);
+        o.judge.policy.max_retries = 8;
         let s = annotate_file(&job, &o).unwrap();
         assert_eq!(s.pairs_written, 3, "{s}");
         assert!(s.concurrency_cuts.0 >= 1 && s.concurrency_cuts.1 <= 3, "{s}");
@@ -955,7 +947,7 @@ mod tests {
         // A port nobody listens on.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut o = opts(&format!("http://127.0.0.1:{port}/v1"));
-        o.policy.max_retries = 1;
+        o.judge.policy.max_retries = 1;
         let t = std::time::Instant::now();
         let e = format!("{:#}", annotate_file(&job, &o).unwrap_err());
         assert!(e.contains("is the server running"), "{e}");
@@ -967,8 +959,8 @@ mod tests {
         let input = dir.path().join("bad.jsonl");
         std::fs::write(&input, (0..6).map(|i| pair_line(i, "[[fault:500always]]") + "\n").collect::<String>()).unwrap();
         let mut o = opts(server.base_url());
-        o.policy.max_retries = 0;
-        o.policy.max_consecutive_failures = 5;
+        o.judge.policy.max_retries = 0;
+        o.judge.policy.max_consecutive_failures = 5;
         let e = format!("{:#}", annotate_file(&AnnotateJob { input, ..job }, &o).unwrap_err());
         assert!(e.contains("in a row failed"), "{e}");
         assert!(server.stats().requests < 30, "the run went on after the server was judged down");

@@ -20,4 +20,4 @@ pub mod sets;
 pub mod stats;
 
 pub use report::{compare, Results};
-pub use run::{evaluate, Answerer, EvalOptions, JudgeOptions};
+pub use run::{evaluate, Answerer, EvalOptions};

@@ -10,8 +10,9 @@ use crate::report::{Record, Results};
 use crate::sets::{self, Grading, Question};
 use anyhow::{bail, Context, Result};
 use dpo2d_annotate::cache::{cache_key, Cache};
-use dpo2d_annotate::client::{ChatClient, ChatError, RetryPolicy, Secret};
+use dpo2d_annotate::client::{ChatClient, ChatError};
 use dpo2d_annotate::prompt::ChatRequest;
+use dpo2d_annotate::JudgeSettings;
 use dpo2d_data::AspectWeights;
 use dpo2d_data::Message;
 use dpo2d_model::llama::LoadOptions;
@@ -19,19 +20,6 @@ use futures_util::StreamExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-/// The judge: any OpenAI-compatible chat completions server.
-#[derive(Clone)]
-pub struct JudgeOptions {
-    pub base_url: String,
-    pub model: String,
-    pub api_key: Option<Secret>,
-    pub concurrency: usize,
-    pub policy: RetryPolicy,
-    /// Overrides the per-kind answer budgets (grades 512, quick verdicts 64,
-    /// reasoned verdicts 1024, aspect ratings 96 tokens).
-    pub max_tokens: Option<u32>,
-}
 
 /// A model to answer with: its resolved path and the name the report uses.
 #[derive(Clone)]
@@ -47,8 +35,10 @@ pub struct EvalOptions {
     /// Answers the set for pairwise judging instead of the set's own baseline.
     pub baseline: Option<Answerer>,
     pub load: LoadOptions,
-    /// Needed by every set but the program-checked ones.
-    pub judge: Option<JudgeOptions>,
+    /// Needed by every set but the program-checked ones. Its `max_tokens`
+    /// overrides the per-kind answer budgets (grades 512, quick verdicts 64,
+    /// reasoned verdicts 1024, aspect ratings 96 tokens).
+    pub judge: Option<JudgeSettings>,
     pub limit: Option<usize>,
     pub answer: AnswerSettings,
     /// Also rate each answer on the five aspects.
@@ -104,7 +94,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<Results> {
     if grading != Grading::Single && baseline_answers.is_none() {
         bail!("{} is judged pairwise but has no baseline answers (give --baseline-path)", set.name);
     }
-    let judge = o.judge.clone().with_context(|| format!("{} needs a judge: give --base-url and --model", set.name))?;
+    let judge = o.judge.clone().with_context(|| format!("{} needs a judge: give --judge-base-url and --judge-model", set.name))?;
     let asks = plan(&questions, grading, o.aspects);
     let ctx = Arc::new(Ctx { questions, answers, baseline: baseline_answers, grading, judge, cache });
     let got = judge_all(&ctx, &asks, o.progress)?;
@@ -167,14 +157,14 @@ struct Ctx {
     answers: Vec<Vec<String>>,
     baseline: Option<Vec<Vec<String>>>,
     grading: Grading,
-    judge: JudgeOptions,
+    judge: JudgeSettings,
     cache: Cache,
 }
 
 impl Ctx {
     /// System and user message, and the answer budget, of one request.
-    fn prompt(&self, ask: &Ask) -> (String, String, u32) {
-        let budget = |default: u32| self.judge.max_tokens.unwrap_or(default);
+    fn prompt(&self, ask: &Ask) -> (String, String, Option<u32>) {
+        let budget = |default: u32| self.judge.max_tokens_or(default);
         match *ask {
             Ask::Grade { q, turn } => {
                 let qu = &self.questions[q];
@@ -215,8 +205,7 @@ fn parsed(g: &Got) -> bool {
 
 /// Asks the judge everything, `concurrency` requests at a time.
 fn judge_all(ctx: &Arc<Ctx>, asks: &[Ask], progress: bool) -> Result<Vec<Got>> {
-    let client =
-        Arc::new(ChatClient::new(&ctx.judge.base_url, ctx.judge.api_key.clone(), ctx.judge.policy.clone(), ctx.judge.concurrency)?);
+    let client = Arc::new(ctx.judge.client()?);
     let bar = dpo2d_ui::progress::bar_if(
         progress,
         asks.len() as u64,
@@ -269,7 +258,7 @@ async fn ask_judge(ctx: &Ctx, client: &ChatClient, ask: &Ask) -> Result<Got> {
                 Message { role: "user".into(), content: user.clone() },
             ],
             temperature,
-            max_tokens: Some(max_tokens),
+            max_tokens,
             response_format: None,
         };
         let body = serde_json::to_string(&req)?;

@@ -60,7 +60,7 @@ pub struct JudgeScorer {
 
 impl Scorer for JudgeScorer {
     fn name(&self) -> String {
-        format!("judge:{} ({})", self.options.base_url, self.options.model)
+        format!("judge:{} ({})", self.options.judge.base_url, self.options.judge.model)
     }
 
     fn score(&self, work: &Path, items: &[Sampled]) -> Result<Vec<Vec<Response>>> {

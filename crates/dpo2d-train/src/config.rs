@@ -220,27 +220,60 @@ pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
     "skip_nonfinite_updates",
 ];
 
-/// Named presets, as TOML text (the same text ships in `configs/`).
-pub fn preset(name: &str) -> Result<&'static str> {
-    Ok(match name {
-        "paper" => PAPER_PRESET,
-        "quickstart" => QUICKSTART_PRESET,
-        _ => bail!("unknown preset {name:?} (available: paper, quickstart)"),
-    })
+/// A named set of options applied before the config file (`--preset`); the
+/// same TOML text ships in `configs/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// docs/method.md §6: beta 0.2, lr 1e-7 cosine, batch 1 x grad-accum 8,
+    /// 700 steps, bf16. The paper's global batch of 64 came from 8 GPUs; one
+    /// device gets 8.
+    Paper,
+    /// The settings `dpo2d quickstart` trains with.
+    Quickstart,
 }
 
-/// METHOD.md §6: beta 0.2, lr 1e-7 cosine, batch 1 x grad-accum 8, 700 steps, bf16.
-/// The paper's global batch of 64 came from 8 GPUs; one device gets 8.
-pub const PAPER_PRESET: &str = include_str!("../../../configs/paper.toml");
-/// The settings `dpo2d quickstart` trains with.
-pub const QUICKSTART_PRESET: &str = include_str!("../../../configs/quickstart.toml");
+impl Preset {
+    pub const ALL: [Preset; 2] = [Preset::Paper, Preset::Quickstart];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Paper => "paper",
+            Preset::Quickstart => "quickstart",
+        }
+    }
+
+    /// The preset's options, as TOML text.
+    pub fn toml(self) -> &'static str {
+        match self {
+            Preset::Paper => include_str!("../../../configs/paper.toml"),
+            Preset::Quickstart => include_str!("../../../configs/quickstart.toml"),
+        }
+    }
+}
+
+impl std::str::FromStr for Preset {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Preset::ALL.into_iter().find(|p| p.name() == s.trim()).with_context(|| {
+            let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+            format!("unknown preset {s:?}; expected one of: {}", names.join(", "))
+        })
+    }
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 impl TrainConfig {
     /// Layer defaults < preset < file < overrides, then validate.
-    pub fn resolve(preset_name: Option<&str>, file: Option<&Path>, overrides: toml::Table) -> Result<Self> {
+    pub fn resolve(preset: Option<Preset>, file: Option<&Path>, overrides: toml::Table) -> Result<Self> {
         let mut table = toml::Table::new();
-        if let Some(p) = preset_name {
-            let t: toml::Table = toml::from_str(preset(p)?).with_context(|| format!("parsing preset {p}"))?;
+        if let Some(p) = preset {
+            let t: toml::Table = toml::from_str(p.toml()).with_context(|| format!("parsing preset {p}"))?;
             check_keys(&t, &format!("preset {p}"))?;
             table.extend(t);
         }
@@ -361,7 +394,7 @@ mod tests {
 
     #[test]
     fn layering_and_presets() -> Result<()> {
-        let cfg = TrainConfig::resolve(Some("paper"), None, toml::Table::new())?;
+        let cfg = TrainConfig::resolve(Some(Preset::Paper), None, toml::Table::new())?;
         assert_eq!(cfg.beta, 0.2);
         assert_eq!(cfg.learning_rate, 1e-7);
         assert_eq!(cfg.gradient_accumulation_steps, 8);
@@ -373,7 +406,7 @@ mod tests {
         std::fs::write(&f, "beta = 0.5\nlearning_rate = 2e-6\n")?;
         let mut o = toml::Table::new();
         o.insert("beta".into(), toml::Value::Float(0.7));
-        let cfg = TrainConfig::resolve(Some("paper"), Some(&f), o)?;
+        let cfg = TrainConfig::resolve(Some(Preset::Paper), Some(&f), o)?;
         assert_eq!(cfg.beta, 0.7);
         assert_eq!(cfg.learning_rate, 2e-6);
         assert_eq!(cfg.max_steps, 700);
@@ -387,8 +420,9 @@ mod tests {
         std::fs::write(&f, "betta = 0.5\n").unwrap();
         let e = TrainConfig::resolve(None, Some(&f), toml::Table::new()).unwrap_err();
         assert!(format!("{e:#}").contains("betta"), "{e:#}");
-        let e = TrainConfig::resolve(Some("nope"), None, toml::Table::new()).unwrap_err();
-        assert!(format!("{e:#}").contains("nope"));
+        let e = "nope".parse::<Preset>().unwrap_err();
+        assert!(format!("{e:#}").contains("\"nope\"; expected one of: paper, quickstart"), "{e:#}");
+        assert_eq!("quickstart".parse::<Preset>().unwrap(), Preset::Quickstart);
     }
 
     #[test]
