@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use dpo2d_eval::answer::AnswerSettings;
+use dpo2d_eval::sets::SetSpec;
 use dpo2d_eval::{Answerer, EvalOptions, Results};
 use dpo2d_model::fetch;
 use std::path::PathBuf;
@@ -34,8 +35,8 @@ enum EvalCommand {
 struct RunArgs {
     /// The question set: mt-bench, alpaca-eval, arena-hard, arithmetic (no judge), or a JSONL file
     /// (`prompt` or `turns`; optional `id`, `category`, `reference`, `baseline`).
-    #[arg(long, required = true)]
-    bench: Option<String>,
+    #[arg(long, required = true, value_name = "SET")]
+    bench: Option<SetSpec>,
     /// The model to evaluate: Hugging Face directory, .gguf file, LoRA checkpoint, or smollm2.
     #[arg(long, required = true)]
     model_path: Option<String>,

@@ -25,7 +25,7 @@
 
 use crate::io::jsonl_lines;
 use crate::pair::{Message, Pair, Prompt, Response};
-use crate::validate::{parse_pair_value, LoadOptions, Problem};
+use crate::validate::{parse_pair_value, LoadOptions, Problem, ProblemCode};
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -37,6 +37,36 @@ use std::path::Path;
 pub struct Row {
     pub number: usize,
     pub fields: Map<String, Value>,
+}
+
+impl Row {
+    /// A non-empty string field.
+    fn text(&self, k: &str) -> Result<&str, Problem> {
+        match self.fields.get(k) {
+            Some(Value::String(s)) if !s.trim().is_empty() => Ok(s),
+            Some(Value::String(_)) => Err(Problem::new(ProblemCode::EmptyText, format!("{k}: empty"))),
+            None | Some(Value::Null) => Err(Problem::new(ProblemCode::MissingField, format!("{k}: missing"))),
+            Some(_) => Err(Problem::new(ProblemCode::WrongType, format!("{k}: must be a string"))),
+        }
+    }
+
+    /// A whole-number field (`3.0` counts as 3); a missing one is `None`.
+    fn int(&self, k: &str) -> Result<Option<i64>, Problem> {
+        match self.fields.get(k) {
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+                .map(Some)
+                .ok_or_else(|| Problem::new(ProblemCode::ScoreNotInteger, format!("{k}: {n} is not a whole number"))),
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => Err(Problem::new(ProblemCode::WrongType, format!("{k}: must be a number"))),
+        }
+    }
+
+    /// [`Row::int`], which must be there.
+    fn required_int(&self, k: &str) -> Result<i64, Problem> {
+        self.int(k)?.ok_or_else(|| Problem::new(ProblemCode::MissingField, format!("{k}: missing")))
+    }
 }
 
 /// How to order two responses whose helpfulness is equal.
@@ -108,7 +138,7 @@ pub struct BuildReport {
     pub identical: usize,
     /// Malformed rows skipped (with `skip_invalid`).
     pub invalid_rows: usize,
-    pub invalid_by_reason: BTreeMap<&'static str, usize>,
+    pub invalid_by_reason: BTreeMap<ProblemCode, usize>,
     pub invalid_first: Vec<String>,
     /// Helpfulness margin of kept pairs: `margins[d]` = pairs with difference d (0..=4).
     pub margins: [usize; 5],
@@ -385,32 +415,13 @@ struct Rated<'a> {
 }
 
 fn rated(row: &Row) -> Result<Rated<'_>, Problem> {
-    let text = |k: &str| -> Result<&str, Problem> {
-        match row.fields.get(k) {
-            Some(Value::String(s)) if !s.trim().is_empty() => Ok(s),
-            Some(Value::String(_)) => Err(Problem { code: "empty-text", message: format!("{k}: empty") }),
-            None | Some(Value::Null) => Err(Problem { code: "missing-field", message: format!("{k}: missing") }),
-            Some(_) => Err(Problem { code: "wrong-type", message: format!("{k}: must be a string") }),
-        }
-    };
-    let int = |k: &str, required: bool| -> Result<i64, Problem> {
-        match row.fields.get(k) {
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
-                .ok_or_else(|| Problem { code: "score-not-integer", message: format!("{k}: {n} is not a whole number") }),
-            None | Some(Value::Null) if !required => Ok(0),
-            None | Some(Value::Null) => Err(Problem { code: "missing-field", message: format!("{k}: missing") }),
-            Some(_) => Err(Problem { code: "wrong-type", message: format!("{k}: must be a number") }),
-        }
-    };
     Ok(Rated {
         number: row.number,
-        prompt: text("prompt")?,
-        response: text("response")?,
-        helpfulness: int("helpfulness", true)?,
-        correctness: int("correctness", false)?,
-        coherence: int("coherence", false)?,
+        prompt: row.text("prompt")?,
+        response: row.text("response")?,
+        helpfulness: row.required_int("helpfulness")?,
+        correctness: row.int("correctness")?.unwrap_or(0),
+        coherence: row.int("coherence")?.unwrap_or(0),
     })
 }
 
@@ -497,29 +508,12 @@ fn pair_preference_rows(
     let mut pairs = Vec::new();
     for row in rows {
         report.groups += 1;
-        let get = |k: &str| -> Result<&str, Problem> {
-            match row.fields.get(k) {
-                Some(Value::String(s)) if !s.trim().is_empty() => Ok(s),
-                Some(Value::String(_)) => Err(Problem { code: "empty-text", message: format!("{k}: empty") }),
-                None | Some(Value::Null) => Err(Problem { code: "missing-field", message: format!("{k}: missing") }),
-                Some(_) => Err(Problem { code: "wrong-type", message: format!("{k}: must be a string") }),
-            }
-        };
-        let strength = match row.fields.get("preference_strength") {
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
-                .ok_or(Problem { code: "score-not-integer", message: format!("preference_strength: {n} is not a whole number") }),
-            None | Some(Value::Null) => Err(Problem { code: "missing-field", message: "preference_strength: missing".into() }),
-            Some(_) => Err(Problem { code: "wrong-type", message: "preference_strength: must be a number".into() }),
-        };
-        let (prompt, r1, r2, strength) = match (get("prompt"), get("response_1"), get("response_2"), strength) {
+        let strength = row.required_int("preference_strength");
+        let (prompt, r1, r2, strength) = match (row.text("prompt"), row.text("response_1"), row.text("response_2"), strength) {
             (Ok(p), Ok(a), Ok(b), Ok(s)) if (-3..=3).contains(&s) => (p, a, b, s),
             (Ok(_), Ok(_), Ok(_), Ok(s)) => {
-                invalid.push((
-                    row.number,
-                    Problem { code: "score-out-of-range", message: format!("preference_strength: {s} is outside -3..3") },
-                ));
+                invalid
+                    .push((row.number, Problem::new(ProblemCode::ScoreOutOfRange, format!("preference_strength: {s} is outside -3..3"))));
                 continue;
             }
             (p, a, b, s) => {
@@ -589,10 +583,10 @@ pub fn normalise_pair_row(fields: &Map<String, Value>) -> Result<Pair, Vec<Probl
             Value::Array(msgs) => match assistant_turn(&msgs) {
                 Some(text) => Value::String(text),
                 None => {
-                    return Err(vec![Problem {
-                        code: "wrong-type",
-                        message: format!("{side}: a conversational response must be one assistant message"),
-                    }])
+                    return Err(vec![Problem::new(
+                        ProblemCode::WrongType,
+                        format!("{side}: a conversational response must be one assistant message"),
+                    )])
                 }
             },
             other => other,
@@ -758,7 +752,7 @@ mod tests {
         let (pairs, r) = build_pairs(&rows(&v), "pref.jsonl", "pref", &opts).unwrap();
         assert_eq!(r.kind, InputKind::Preference);
         assert_eq!((r.other_split, r.ties_dropped, r.invalid_rows), (1, 1, 1));
-        assert_eq!(r.invalid_by_reason.get("score-out-of-range"), Some(&1));
+        assert_eq!(r.invalid_by_reason.get(&ProblemCode::ScoreOutOfRange), Some(&1));
         assert_eq!(pairs.len(), 2);
         assert_eq!((pairs[0].chosen.text(), pairs[0].rejected.text()), ("good".into(), "bad".into()));
         assert_eq!((pairs[1].chosen.text(), pairs[1].rejected.text()), ("fine".into(), "worse".into()));

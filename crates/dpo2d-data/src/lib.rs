@@ -24,6 +24,6 @@ pub use segment::{segment, segment_response, segment_spans, segment_with, Segmen
 pub use stats::DataStats;
 pub use validate::{
     check_pair, load_pairs, load_pairs_from_str, parse_pair_line, parse_pair_value, require_scored, scored_problem, InvalidData, Limits,
-    LineProblem, LoadOptions, LoadedPairs, Problem, Requirement, SkipReport,
+    LineProblem, LoadOptions, LoadedPairs, Problem, ProblemCode, Requirement, SkipReport,
 };
 pub use weights::AspectWeights;

@@ -7,7 +7,7 @@
 use crate::answer::{answer_all, model_identity, AnswerSettings};
 use crate::judge::{self, Verdict};
 use crate::report::{Record, Results};
-use crate::sets::{self, Grading, Question};
+use crate::sets::{self, Grading, Question, SetSpec};
 use anyhow::{bail, Context, Result};
 use dpo2d_annotate::cache::{cache_key, Cache};
 use dpo2d_annotate::client::{ChatClient, ChatError};
@@ -29,8 +29,8 @@ pub struct Answerer {
 }
 
 pub struct EvalOptions {
-    /// A set name (mt-bench, alpaca-eval, arena-hard) or a JSONL file.
-    pub set: String,
+    /// A named set or a JSONL file.
+    pub set: SetSpec,
     pub model: Answerer,
     /// Answers the set for pairwise judging instead of the set's own baseline.
     pub baseline: Option<Answerer>,

