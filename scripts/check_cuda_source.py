@@ -2,7 +2,7 @@
 """Compiles dpo2d's CUDA kernels as the binary does at run time (NVRTC), then
 assembles the PTX for a GPU generation with ptxas, on a machine without a GPU.
 
-The kernels are CUDA C inside `crates/dpo2d-model/src/kernels/cuda.rs`, compiled
+The kernels are CUDA C inside `crates/dpo2d-kernels/src/cuda.rs`, compiled
 by NVRTC the first time a process uses them: a typo there would only show on a
 GPU machine. This catches it before, and prints each kernel's registers and
 spills (`ptxas -v`).
@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUST = ROOT / "crates/dpo2d-model/src/kernels/cuda.rs"
+RUST = ROOT / "crates/dpo2d-kernels/src/cuda.rs"
 
 
 def kernel_source() -> str:

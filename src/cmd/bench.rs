@@ -57,7 +57,7 @@ pub struct Args {
 /// `--gemm`: every product of one training step, timed alone.
 fn gemm(a: &Args, path: &std::path::Path) -> Result<()> {
     let cfg = dpo2d_model::load_text_side(path)?.config;
-    let shapes = training_shapes(&cfg, a.gemm_tokens, dpo2d_model::ops::chunk_rows(cfg.vocab_size));
+    let shapes = training_shapes(&cfg, a.gemm_tokens, dpo2d_kernels::ops::chunk_rows(cfg.vocab_size));
     let threads = candle_core::utils::get_num_threads();
     println!("CPU: {} ({threads} threads), f32, {} tokens per pass\n", cpu_model(), a.gemm_tokens);
     println!("| product | batch x m x k x n | per step | GFLOP/s |");
@@ -103,7 +103,7 @@ fn cpu_model() -> String {
 /// `--check-kernels`: the table of ops, dtypes and errors; an error if one failed.
 fn check_kernels(a: &Args) -> Result<()> {
     let dev = a.device.device.device()?;
-    let rows = dpo2d_model::kernels::check::run(&dev)?;
+    let rows = dpo2d_kernels::check::run(&dev)?;
     println!("device: {}\n\n| op | dtype | max error / max magnitude | tolerance | |\n|---|---|---|---|---|", a.device.device);
     for r in &rows {
         println!("| {} | {:?} | {:.2e} | {:.0e} | {} |", r.op, r.dtype, r.rel_err, r.tolerance, if r.passed() { "ok" } else { "FAILED" });

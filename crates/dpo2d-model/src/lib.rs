@@ -9,11 +9,9 @@ pub mod fetch;
 pub mod gemm_bench;
 pub mod generate;
 pub mod gguf;
-pub mod kernels;
 pub mod llama;
 pub mod logprobs;
 pub mod lora;
-pub mod ops;
 pub mod save;
 pub mod source;
 #[cfg(any(test, feature = "test-support"))]

@@ -1,5 +1,5 @@
 //! A differentiable Llama / Qwen2 causal LM, built only from ops that have a
-//! backward pass (candle primitives or the custom ops in [`crate::ops`]).
+//! backward pass (candle primitives or the custom ops in [`dpo2d_kernels::ops`]).
 //!
 //! # Using it
 //!
@@ -28,18 +28,18 @@
 //! let h = model.forward_cached(&next_ids /*[B,1]*/, None, &mut cache)?;
 //! ```
 //!
-//! Log-probabilities go through [`crate::ops::label_logprobs`], which never
+//! Log-probabilities go through [`dpo2d_kernels::ops::label_logprobs`], which never
 //! keeps a `[tokens x vocab]` tensor alive for backward.
 
 mod checkpoint;
 
 use crate::config::ModelConfig;
-use crate::kernels;
 use crate::lora::{LoraAdapter, LoraConfig, LoraRuntime, LoraTarget};
-use crate::ops;
 use crate::weights::WeightSet;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use dpo2d_kernels as kernels;
+use dpo2d_kernels::ops;
 use rand::SeedableRng;
 use std::collections::HashMap;
 use std::path::Path;
@@ -770,10 +770,10 @@ impl CausalLM {
             .map(|(name, var)| {
                 let mut grad = self.sinks.get(name).and_then(|s| s.take());
                 if let Some(g) = self.checkpointing.as_ref().and_then(|c| c.sinks.get(name)).and_then(|s| s.take()) {
-                    crate::kernels::accumulate(&mut grad, g)?;
+                    dpo2d_kernels::accumulate(&mut grad, g)?;
                 }
                 if let Some(g) = store.get(var.as_tensor()) {
-                    crate::kernels::accumulate(&mut grad, g.clone())?;
+                    dpo2d_kernels::accumulate(&mut grad, g.clone())?;
                 }
                 Ok(grad)
             })
@@ -1251,12 +1251,12 @@ pub(crate) mod tests {
             let f = |t: &[Tensor]| -> candle_core::Result<Tensor> {
                 m.layers[0].attn.forward(&t[0], &ctx, None).map_err(|e| candle_core::Error::Msg(e.to_string()))
             };
-            crate::ops::tests::grad_check(std::slice::from_ref(&x), &f, 1e-6);
+            crate::test_support::grad_check(std::slice::from_ref(&x), &f, 1e-6);
         }
         let mlp = |t: &[Tensor]| -> candle_core::Result<Tensor> {
             m.layers[1].mlp.forward(&t[0]).map_err(|e| candle_core::Error::Msg(e.to_string()))
         };
-        crate::ops::tests::grad_check(&[x], &mlp, 1e-6);
+        crate::test_support::grad_check(&[x], &mlp, 1e-6);
     }
 
     /// With every weight training in full and no biases, each block is one

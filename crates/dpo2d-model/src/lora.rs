@@ -148,11 +148,11 @@ impl LoraRuntime {
     }
 
     /// Where the dropout stream stands for a mask of `n` elements, moving
-    /// it on past them ([`crate::kernels::dropout`]).
+    /// it on past them ([`dpo2d_kernels::dropout`]).
     fn take_dropout_start(&self, n: usize) -> Result<u64> {
         let mut state = self.rng.lock().map_err(|_| anyhow::anyhow!("LoRA RNG lock poisoned"))?;
         let start = *state;
-        *state = crate::kernels::dropout::DropoutMask::next_start(start, n);
+        *state = dpo2d_kernels::dropout::DropoutMask::next_start(start, n);
         Ok(start)
     }
 
@@ -160,7 +160,7 @@ impl LoraRuntime {
     /// drawn on `x`'s device and not stored.
     fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
         let start = self.take_dropout_start(x.elem_count())?;
-        Ok(crate::kernels::dropout::dropout(x, start, p)?)
+        Ok(dpo2d_kernels::dropout::dropout(x, start, p)?)
     }
 }
 
@@ -199,12 +199,12 @@ impl LoraAdapter {
     /// The adapter's contribution `scale * B A dropout(x)` for `x` [..., in].
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
         let x = if self.dropout > 0.0 && self.runtime.training() { self.runtime.dropout(x, self.dropout)? } else { x.clone() };
-        let h = crate::ops::linear(&x, self.a.as_tensor(), None)?;
-        let y = crate::ops::linear(&h, self.b.as_tensor(), None)?;
+        let h = dpo2d_kernels::ops::linear(&x, self.a.as_tensor(), None)?;
+        let y = dpo2d_kernels::ops::linear(&h, self.b.as_tensor(), None)?;
         Ok((y * self.scale)?)
     }
 
-    /// `w x + bias + delta(x)` as one graph node ([`crate::kernels::lora`]),
+    /// `w x + bias + delta(x)` as one graph node ([`dpo2d_kernels::lora`]),
     /// drawing the same dropout mask as [`Self::delta`] would.
     pub fn linear_with_adapter(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let dropout = if self.dropout > 0.0 && self.runtime.training() {
@@ -212,8 +212,8 @@ impl LoraAdapter {
         } else {
             None
         };
-        let adapter = crate::kernels::lora::Adapter { a: self.a.as_tensor(), b: self.b.as_tensor(), scale: self.scale, dropout };
-        Ok(crate::kernels::lora::lora_linear(x, w, bias, adapter)?)
+        let adapter = dpo2d_kernels::lora::Adapter { a: self.a.as_tensor(), b: self.b.as_tensor(), scale: self.scale, dropout };
+        Ok(dpo2d_kernels::lora::lora_linear(x, w, bias, adapter)?)
     }
 
     /// `scale * B A`, shaped like the base weight [out, in].
@@ -225,7 +225,7 @@ impl LoraAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tests::{det, grad_check};
+    use crate::test_support::{det, grad_check};
 
     #[test]
     fn parse_targets() {
@@ -252,7 +252,7 @@ mod tests {
         let w = det(&[4, 5], 2, DType::F64);
         let f = move |t: &[Tensor]| {
             let ad = LoraAdapter::from_tensors(&t[1], &t[2], 2.0, 0.0, rt.clone()).unwrap();
-            let y = crate::ops::linear(&t[0], &w, None)?;
+            let y = dpo2d_kernels::ops::linear(&t[0], &w, None)?;
             y + ad.delta(&t[0]).map_err(|e| candle_core::Error::Msg(e.to_string()))?
         };
         grad_check(&[x, det(&[3, 5], 3, DType::F64), det(&[4, 3], 4, DType::F64)], &f, 1e-6);

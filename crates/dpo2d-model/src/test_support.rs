@@ -8,25 +8,8 @@ use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Deterministic pseudo-random tensor with entries in [-1, 1) (no RNG
-/// dependency, the same numbers on every machine; the kernel check's inputs).
-pub fn det(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-    crate::kernels::check::det(shape, seed).and_then(|t| t.to_dtype(dtype)).expect("float dtype")
-}
-
-/// Largest absolute elementwise difference of two tensors of one shape.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a.to_dtype(DType::F64).and_then(|a| a - b.to_dtype(DType::F64)?)).and_then(|d| d.abs()?.max_all()?.to_scalar::<f64>());
-    d.expect("tensors of one shape")
-}
-
-/// Asserts `got` is within `tol` of `want`, relative to `want`'s largest
-/// magnitude (at least 1); `what` names the pair in the failure.
-pub fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
-    let scale = want.abs().and_then(|t| t.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()).expect("a float tensor").max(1.0);
-    let d = max_abs_diff(got, want);
-    assert!(d <= tol * scale, "{what}: max abs diff {d} (tolerance {tol} x {scale})");
-}
+/// The kernels' test tensors and assertions, for the model's tests too.
+pub use dpo2d_kernels::test_support::{assert_close, det, grad_check, max_abs_diff};
 
 /// The shape of a tiny Llama (or Qwen2, with q/k/v biases) model.
 #[derive(Debug, Clone)]

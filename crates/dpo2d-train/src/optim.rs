@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use dpo2d_model::kernels::adamw::{self, AdamWStep};
+use dpo2d_kernels::adamw::{self, AdamWStep};
 use std::collections::HashMap;
 use std::path::Path;
 

@@ -31,7 +31,7 @@ use crate::schedule::{self, SchedulerType};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use dpo2d_data::{load_pairs, LoadOptions as DataLoadOptions, Pair, Requirement};
-use dpo2d_model::kernels;
+use dpo2d_kernels as kernels;
 use dpo2d_model::llama::{CausalLM, LoadOptions};
 use dpo2d_model::lora::LoraConfig;
 use dpo2d_model::source::TextSide;

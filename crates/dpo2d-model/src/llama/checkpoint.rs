@@ -6,9 +6,9 @@
 
 use super::{Block, LayerCtx};
 use crate::lora::LoraRuntime;
-use crate::ops::{self, GradSink};
 use anyhow::Result;
 use candle_core::{Tensor, Var};
+use dpo2d_kernels::ops::{self, GradSink};
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -102,9 +102,9 @@ impl RopeHeads {
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::tests::same_values_and_grads;
     use crate::ops::{rope_heads, rope_plain};
     use crate::test_support::det;
+    use crate::tests::same_values_and_grads;
     use candle_core::DType;
 
     #[test]
@@ -130,6 +130,6 @@ mod tests {
         let x = det(&[2, 3, 4, 8], 4, DType::F64);
         let ang = (det(&[2, 3, 4], 5, DType::F64) * 3.0).unwrap();
         let (c, s) = (ang.cos().unwrap(), ang.sin().unwrap());
-        crate::ops::tests::grad_check(&[x], &move |t| rope_heads(&t[0], &c, &s), 1e-6);
+        crate::test_support::grad_check(&[x], &move |t| rope_heads(&t[0], &c, &s), 1e-6);
     }
 }

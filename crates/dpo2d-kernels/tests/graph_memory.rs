@@ -4,8 +4,8 @@
 //! sees every thread of the process.)
 
 use candle_core::{DType, Device, Tensor, Var};
-use dpo2d_model::kernels::lora::{lora_linear, Adapter};
-use dpo2d_model::ops::attention;
+use dpo2d_kernels::lora::{lora_linear, Adapter};
+use dpo2d_kernels::ops::attention;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 

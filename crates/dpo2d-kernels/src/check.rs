@@ -4,8 +4,8 @@
 //! cuda` runs it on a GPU (the CUDA kernels and candle's kernels behind our
 //! backward passes); on the CPU it checks the CPU kernels the same way.
 
-use crate::kernels::adamw::{self, AdamWStep};
-use crate::kernels::mlp;
+use crate::adamw::{self, AdamWStep};
+use crate::mlp;
 use crate::ops;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
@@ -123,7 +123,7 @@ fn mlp_reference(x: &[Tensor]) -> Result<Tensor> {
 /// A LoRA layer from linear layers, scale 2 and dropout 0.2 at stream
 /// position 7: `x` = input, W, bias, A, B.
 fn lora_reference(x: &[Tensor]) -> Result<Tensor> {
-    let dropped = crate::kernels::dropout::dropout(&x[0], 7, 0.2)?;
+    let dropped = crate::dropout::dropout(&x[0], 7, 0.2)?;
     let delta = (ops::linear(&ops::linear(&dropped, &x[3], None)?, &x[4], None)? * 2.0)?;
     ops::linear(&x[0], &x[1], Some(&x[2]))? + delta
 }
@@ -192,8 +192,8 @@ fn cases() -> Result<Vec<(&'static str, Box<OpFn>, Box<OpFn>, Vec<Tensor>, Vec<u
             // A LoRA adapter on a frozen weight with a bias, dropout on.
             "lora_linear",
             Box::new(|x: &[Tensor]| {
-                let ad = crate::kernels::lora::Adapter { a: &x[3], b: &x[4], scale: 2.0, dropout: Some((0.2, 7)) };
-                crate::kernels::lora::lora_linear(&x[0], &x[1], Some(&x[2]), ad)
+                let ad = crate::lora::Adapter { a: &x[3], b: &x[4], scale: 2.0, dropout: Some((0.2, 7)) };
+                crate::lora::lora_linear(&x[0], &x[1], Some(&x[2]), ad)
             }),
             Box::new(lora_reference),
             vec![
@@ -286,7 +286,7 @@ fn check_sum_squares(dev: &Device, dt: DType) -> Result<f64> {
 /// CPU (the stream is counter-based, so they agree bit for bit), and the
 /// fused dropout on the device against the input times that mask.
 fn check_dropout(dev: &Device, dt: DType) -> Result<f64> {
-    use crate::kernels::dropout::{dropout, mask_like};
+    use crate::dropout::{dropout, mask_like};
     let x = (det(&[3, 100_003], 13)? * 3.0)?.to_dtype(dt)?;
     let on = x.to_device(dev)?;
     let want = mask_like(&x, 0xdead_beef, 0.1)?;

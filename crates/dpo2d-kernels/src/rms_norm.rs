@@ -276,9 +276,9 @@ impl CustomOp2 for Dw {
 #[cfg(test)]
 mod tests {
     use super::{Dw, Dx};
-    use crate::kernels::tests::{same_values_and_grads, value_and_grads};
     use crate::ops::{rms_norm, rms_norm_plain};
     use crate::test_support::det;
+    use crate::tests::{same_values_and_grads, value_and_grads};
     use candle_core::DType;
 
     #[test]
@@ -355,7 +355,7 @@ mod tests {
     #[test]
     fn add_and_norm_gradient_by_finite_differences() {
         let (a, b, w) = (det(&[3, 7], 1, DType::F64), det(&[3, 7], 2, DType::F64), det(&[7], 3, DType::F64));
-        crate::ops::tests::grad_check(
+        crate::test_support::grad_check(
             &[a, b, w],
             &|t| {
                 let (h, y) = crate::ops::add_rms_norm(&t[0], &t[1], &t[2], 1e-5)?;

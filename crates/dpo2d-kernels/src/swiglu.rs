@@ -120,9 +120,9 @@ pub(crate) fn backward_tensors(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::tests::same_values_and_grads;
     use crate::ops::{swiglu, swiglu_plain};
     use crate::test_support::det;
+    use crate::tests::same_values_and_grads;
     use candle_core::DType;
 
     #[test]
@@ -138,6 +138,6 @@ mod tests {
     fn gradient_by_finite_differences() {
         let a = (det(&[3, 7], 1, DType::F64) * 4.0).unwrap();
         let u = det(&[3, 7], 2, DType::F64);
-        crate::ops::tests::grad_check(&[a, u], &|t| swiglu(&t[0], &t[1]), 1e-6);
+        crate::test_support::grad_check(&[a, u], &|t| swiglu(&t[0], &t[1]), 1e-6);
     }
 }

@@ -111,7 +111,7 @@ mod tests {
             let (scale, start) = (2.5, 99u64);
             let proj = det(&[rows.clone(), vec![out]].concat(), 6, dt);
 
-            let dropped = if p > 0.0 { crate::kernels::dropout::dropout(&xt, start, p).unwrap() } else { xt.clone() };
+            let dropped = if p > 0.0 { crate::dropout::dropout(&xt, start, p).unwrap() } else { xt.clone() };
             let delta = (linear(&linear(&dropped, a.as_tensor(), None).unwrap(), b.as_tensor(), None).unwrap() * scale).unwrap();
             let composed = (linear(&xt, &w, b_bias.as_ref()).unwrap() + delta).unwrap();
             let want = (&composed * &proj).unwrap().sum_all().unwrap().backward().unwrap();

@@ -1,11 +1,14 @@
-//! Fused CPU kernels for the training path, each a candle custom op with a
-//! forward and a backward, multi-threaded over rows with rayon (the pool the
-//! matrix products already use, so no second pool spins beside it).
+//! The differentiable ops of the training path ([`ops`]) and the fused
+//! kernels behind them: each kernel a candle custom op with a forward and a
+//! backward, multi-threaded over rows with rayon (the pool the matrix
+//! products already use, so no second pool spins beside it). A crate of its
+//! own: it knows tensors, not models, and the model code above it is built
+//! from [`ops`] alone.
 //!
 //! Why: composed candle ops make one pass over memory per primitive and run
 //! element-wise work on one thread; a fused op reads its inputs once and
 //! keeps both cores busy. Every kernel has a composed twin in
-//! [`crate::ops`] (`*_plain`) that the tests hold it to, values and
+//! [`ops`] (`*_plain`) that the tests hold it to, values and
 //! gradients. Kernels exist for f32 and f64 (f64 for the gradient checks);
 //! other dtypes and devices take the composed path. With the `cuda` feature,
 //! RMSNorm, the masked softmax, SwiGLU, the label log-probs, dropout, the
@@ -28,10 +31,13 @@ mod lock_all;
 pub mod logprobs;
 pub mod lora;
 pub mod mlp;
+pub mod ops;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor, WithDType};
 
@@ -51,13 +57,13 @@ macro_rules! with_float {
             candle_core::DType::F32 => {
                 type $T = f32;
                 #[allow(unused_imports)]
-                use $crate::kernels::prelude::*;
+                use $crate::prelude::*;
                 $body
             }
             candle_core::DType::F64 => {
                 type $T = f64;
                 #[allow(unused_imports)]
-                use $crate::kernels::prelude::*;
+                use $crate::prelude::*;
                 $body
             }
             dt => candle_core::bail!("{}: no CPU kernel for {dt:?}", $name),

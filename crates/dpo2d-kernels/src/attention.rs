@@ -104,24 +104,25 @@ fn merge_heads(x: &Tensor, (b, nh, t, d): (usize, usize, usize, usize)) -> Resul
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::tests::same_values_and_grads;
     use crate::ops::attention_plain;
     use crate::test_support::det;
+    use crate::tests::same_values_and_grads;
     use candle_core::{DType, Device, Tensor};
 
-    /// Two packed units per row (a prompt shared by two responses, then a
-    /// plain sequence) and one padding token, as an additive `[B, 1, 1, T, T]`
-    /// mask: a token sees earlier tokens of its sequence and of the sequence
-    /// it continues; padding sees itself.
+    /// Two packed units per row (a prompt of 3 tokens shared by two
+    /// responses, then a plain sequence) and one padding token, as an
+    /// additive `[B, 1, 1, T, T]` mask: a token sees earlier tokens of its
+    /// sequence and of the sequence it continues; padding sees itself.
     fn packed_mask(b: usize, t: usize, dt: DType) -> Tensor {
-        let units: Vec<Vec<(usize, Vec<usize>)>> = (0..b).map(|i| vec![(3, vec![2 + i, 3]), (t - 9 - i, vec![])]).collect();
-        let layout = crate::llama::AttentionLayout::packed_shared(&units, t).unwrap();
         let mut m = vec![f64::NEG_INFINITY; b * t * t];
-        for (bi, row) in layout.seq_ids.iter().enumerate() {
+        for bi in 0..b {
+            // Sequence ids 1 (prompt), 2 and 3 (its responses), 4 (plain), 0 (padding).
+            let lens = [(1, 3), (2, 2 + bi), (3, 3), (4, t - 9 - bi), (0, 1)];
+            let seq: Vec<usize> = lens.iter().flat_map(|&(id, n)| std::iter::repeat_n(id, n)).collect();
+            let parent = |s: usize| if s == 2 || s == 3 { 1 } else { 0 };
             for i in 0..t {
-                let parent = layout.parents[bi].get(row[i] as usize).copied().unwrap_or(0);
                 for j in 0..=i {
-                    let seen = if row[i] == 0 { j == i } else { row[j] == row[i] || (parent != 0 && row[j] == parent) };
+                    let seen = if seq[i] == 0 { j == i } else { seq[j] == seq[i] || (parent(seq[i]) != 0 && seq[j] == parent(seq[i])) };
                     if seen {
                         m[(bi * t + i) * t + j] = 0.0;
                     }
@@ -156,7 +157,7 @@ mod tests {
     fn gradient_by_finite_differences() {
         let (q, k, v) = (det(&[1, 4, 9, 3], 4, DType::F64), det(&[1, 2, 9, 3], 5, DType::F64), det(&[1, 2, 9, 3], 6, DType::F64));
         let mask = packed_mask(1, 9 + 1, DType::F64).narrow(3, 0, 9).unwrap().narrow(4, 0, 9).unwrap().contiguous().unwrap();
-        crate::ops::tests::grad_check(&[q, k, v], &move |x| super::attention(&x[0], &x[1], &x[2], &mask, 0.7), 1e-6);
+        crate::test_support::grad_check(&[q, k, v], &move |x| super::attention(&x[0], &x[1], &x[2], &mask, 0.7), 1e-6);
     }
 
     /// Backward recomputes the probabilities: what the node keeps grows with

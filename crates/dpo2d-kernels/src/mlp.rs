@@ -155,7 +155,7 @@ mod tests {
         let ws: Vec<Tensor> = [(6, 3, 2), (6, 3, 3), (3, 6, 4)].iter().map(|&(o, i, s)| det(&[o, i], s, DType::F64)).collect();
         let sinks: Vec<Arc<GradSink>> = (0..3).map(|_| Arc::new(GradSink::default())).collect();
         let x = det(&[2, 2, 3], 5, DType::F64);
-        crate::ops::tests::grad_check(
+        crate::test_support::grad_check(
             &[x],
             &move |t| {
                 let p = |i: usize| (&ws[i], Some(&sinks[i]));

@@ -171,9 +171,9 @@ pub(crate) fn backward_tensor(y: &Tensor, g: &Tensor, scale: f64) -> Result<Tens
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::tests::same_values_and_grads;
     use crate::ops::{masked_softmax, softmax_plain};
     use crate::test_support::det;
+    use crate::tests::same_values_and_grads;
     use candle_core::{DType, Tensor};
 
     /// A causal mask with one extra masked key per row, `[mb, 1, 1, tq, tk]`.
@@ -220,6 +220,6 @@ mod tests {
     fn gradient_by_finite_differences() {
         let x = det(&[2, 3, 1, 4, 5], 3, DType::F64);
         let m = mask(2, 4, 5, DType::F64);
-        crate::ops::tests::grad_check(&[x], &move |t| masked_softmax(&t[0], &m), 1e-6);
+        crate::test_support::grad_check(&[x], &move |t| masked_softmax(&t[0], &m), 1e-6);
     }
 }

@@ -1,7 +1,7 @@
 //! Differentiable building blocks with fast forward kernels and explicit backward.
 //!
 //! In f32 and f64 on the CPU, each op is one of the fused, multi-threaded
-//! kernels of [`crate::kernels`]. For half types on the CPU, candle's fast
+//! kernels of [`crate`]. For half types on the CPU, candle's fast
 //! kernels (`candle_nn::ops::rms_norm`, `softmax_last_dim`,
 //! `rotary_emb::rope`, which have no backward pass) run on detached inputs
 //! and the result joins the autograd graph through a custom op whose `bwd`
@@ -14,10 +14,9 @@
 //! `[tokens x vocab]` tensor alive for backward, and a linear layer with a
 //! frozen weight that skips the (unused) weight gradient.
 
-use crate::kernels;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 
-pub(crate) type BwdFn = dyn Fn(&[&Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
+pub type BwdFn = dyn Fn(&[&Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
 
 /// A custom op whose forward result was computed beforehand (on detached
 /// inputs, with fast kernels); the forward hands that result over (on the
@@ -157,7 +156,7 @@ pub(crate) fn precomputed1(name: &'static str, a: &Tensor, out: Tensor, bwd: Box
 
 /// `out`, computed beforehand from `a` and `b`, as an op of theirs whose
 /// backward is `bwd` (gradients for `a` and `b`, in that order).
-pub(crate) fn precomputed2(name: &'static str, a: &Tensor, b: &Tensor, out: Tensor, bwd: Box<BwdFn>) -> Result<Tensor> {
+pub fn precomputed2(name: &'static str, a: &Tensor, b: &Tensor, out: Tensor, bwd: Box<BwdFn>) -> Result<Tensor> {
     a.apply_op2(b, Precomputed::new(name, out, bwd))
 }
 
@@ -203,8 +202,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if !fast_ok(x) || x.dtype() != w.dtype() {
         return rms_norm_plain(x, w, eps);
     }
-    if kernels::fused(x) {
-        return x.contiguous()?.apply_op2(&w.contiguous()?, kernels::rms_norm::RmsNorm { eps });
+    if crate::fused(x) {
+        return x.contiguous()?.apply_op2(&w.contiguous()?, crate::rms_norm::RmsNorm { eps });
     }
     let out = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
     if !tracked(x) && !tracked(w) {
@@ -245,8 +244,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// A pre-norm block's residual add and the next norm: `(a + b, rms_norm(a +
 /// b, w))`, in one pass where the fused kernels run.
 pub fn add_rms_norm(a: &Tensor, b: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    if kernels::fused(a) && a.dtype() == b.dtype() && a.dtype() == w.dtype() && a.dims() == b.dims() {
-        let both = a.contiguous()?.apply_op3(&b.contiguous()?, &w.contiguous()?, kernels::rms_norm::AddRmsNorm { eps })?;
+    if crate::fused(a) && a.dtype() == b.dtype() && a.dtype() == w.dtype() && a.dims() == b.dims() {
+        let both = a.contiguous()?.apply_op3(&b.contiguous()?, &w.contiguous()?, crate::rms_norm::AddRmsNorm { eps })?;
         return Ok((both.get(0)?, both.get(1)?));
     }
     let h = (a + b)?;
@@ -287,8 +286,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Attention's `softmax(scores + mask)` over the last dim; `mask` is additive
 /// (0 or -inf), `[B or 1, 1, .., Tq, Tk]` against scores `[B, .., Tq, Tk]`.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    if kernels::fused(scores) && mask.dtype() == scores.dtype() {
-        return scores.contiguous()?.apply_op1(kernels::softmax::MaskedSoftmax { mask: mask.contiguous()?, scale: 1.0 });
+    if crate::fused(scores) && mask.dtype() == scores.dtype() {
+        return scores.contiguous()?.apply_op1(crate::softmax::MaskedSoftmax { mask: mask.contiguous()?, scale: 1.0 });
     }
     softmax_last_dim(&scores.broadcast_add(mask)?)
 }
@@ -322,13 +321,13 @@ fn strided_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// [`attention_plain`], as one graph node with a written-out backward
-/// ([`kernels::attention`]) when it trains where the fused kernels run (the
+/// ([`crate::attention`]) when it trains where the fused kernels run (the
 /// CPU in f32/f64, a GPU in f32/bf16): the graph then keeps `q`, `k` and
 /// `v` only (backward computes the probabilities again), and backward forms
 /// each gradient once.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    if kernels::nodes_enabled() && kernels::fused(q) && (tracked(q) || tracked(k) || tracked(v)) && mask.dtype() == q.dtype() {
-        return kernels::attention::attention(q, k, v, mask, scale);
+    if crate::nodes_enabled() && crate::fused(q) && (tracked(q) || tracked(k) || tracked(v)) && mask.dtype() == q.dtype() {
+        return crate::attention::attention(q, k, v, mask, scale);
     }
     attention_plain(q, k, v, mask, scale)
 }
@@ -342,8 +341,8 @@ pub fn swiglu_plain(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// `silu(gate) * up`, fused in f32/f64 on the CPU and in f32/bf16 on a GPU.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if kernels::fused(gate) && up.dtype() == gate.dtype() {
-        return gate.contiguous()?.apply_op2(&up.contiguous()?, kernels::swiglu::SwiGlu);
+    if crate::fused(gate) && up.dtype() == gate.dtype() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, crate::swiglu::SwiGlu);
     }
     swiglu_plain(gate, up)
 }
@@ -394,8 +393,8 @@ fn rope_node(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: bool) -> Result<Tens
 /// attention's layout `[B, H, T, D]` (transpose and rotation in one pass in
 /// f32/f64 on the CPU). `cos`, `sin`: `[B, T, D/2]`.
 pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if kernels::supports(x) && cos.dtype() == x.dtype() && sin.dtype() == x.dtype() {
-        return x.contiguous()?.apply_op1(kernels::rope::RopeHeads { cos: cos.contiguous()?, sin: sin.contiguous()? });
+    if crate::supports(x) && cos.dtype() == x.dtype() && sin.dtype() == x.dtype() {
+        return x.contiguous()?.apply_op1(crate::rope::RopeHeads { cos: cos.contiguous()?, sin: sin.contiguous()? });
     }
     if !fast_ok(x) || cos.dtype() != x.dtype() {
         return rope_plain(&x.transpose(1, 2)?.contiguous()?, cos, sin);
@@ -428,8 +427,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 pub struct GradSink(std::sync::Mutex<Option<Tensor>>);
 
 impl GradSink {
-    pub(crate) fn add(&self, g: Tensor) -> Result<()> {
-        kernels::accumulate(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()), g)
+    pub fn add(&self, g: Tensor) -> Result<()> {
+        crate::accumulate(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()), g)
     }
 
     /// The gradient collected since the last call (None: no backward pass reached it).
@@ -538,7 +537,7 @@ fn chunk_rows_on(vocab: usize, dev: &candle_core::Device) -> usize {
 /// computed on a GPU (its kernels read bf16), else in `it`.
 fn chunk_logits(h: &Tensor, w: &Tensor, it: DType) -> Result<Tensor> {
     let logits = h.matmul(&w.t()?)?;
-    if kernels::on_gpu(&logits) {
+    if crate::on_gpu(&logits) {
         Ok(logits)
     } else {
         logits.to_dtype(it)
@@ -594,8 +593,8 @@ fn label_logprobs_chunks(hd: &Tensor, wd: &Tensor, labels: &Tensor, rows: usize,
         let r = rows.min(n - s);
         let logits = chunk_logits(&hd.narrow(0, s, r)?, wd, it)?;
         let lab = labels.narrow(0, s, r)?;
-        if kernels::fused(&logits) {
-            let (picked, lse) = kernels::logprobs::pick_and_lse(&logits, &lab)?;
+        if crate::fused(&logits) {
+            let (picked, lse) = crate::logprobs::pick_and_lse(&logits, &lab)?;
             outs.push(picked);
             lses.push(lse);
         } else {
@@ -636,8 +635,8 @@ fn label_logprobs_backward(
         let hc = hd.narrow(0, s, r)?;
         let logits = chunk_logits(&hc, &wd, it)?;
         let (lse_c, lab, g_c) = (lse.narrow(0, s, r)?, labels.narrow(0, s, r)?, g.narrow(0, s, r)?);
-        let gl = if kernels::fused(&logits) {
-            kernels::logprobs::logit_grads(&logits, &lab, &lse_c, &g_c)?
+        let gl = if crate::fused(&logits) {
+            crate::logprobs::logit_grads(&logits, &lab, &lse_c, &g_c)?
         } else {
             let p = logits.broadcast_sub(&lse_c.unsqueeze(1)?)?.exp()?;
             let onehot = vocab.unsqueeze(0)?.broadcast_eq(&lab.unsqueeze(1)?)?.to_dtype(it)?;
@@ -648,7 +647,7 @@ fn label_logprobs_backward(
             dh.push(gl.matmul(&wd)?);
         }
         if need_w {
-            kernels::accumulate(&mut dw, gl.t()?.matmul(&hc)?)?;
+            crate::accumulate(&mut dw, gl.t()?.matmul(&hc)?)?;
         }
         s += r;
     }
@@ -664,7 +663,8 @@ fn label_logprobs_backward(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use crate::test_support::{det, grad_check};
+    use candle_core::Device;
 
     #[test]
     fn linear_row_by_row_for_small_frozen_batches_equals_one_product() {
@@ -677,37 +677,6 @@ pub(crate) mod tests {
             let want = x.reshape((rows, 24)).unwrap().matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
             let d = (got.reshape((rows, 48)).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-5, "rows {rows}: {d}");
-        }
-    }
-
-    pub use crate::test_support::det;
-
-    /// Check d(sum(f(x) * proj))/dx from autograd against central finite
-    /// differences, for every input in `xs` (f64).
-    pub fn grad_check(xs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>, tol: f64) {
-        let vars: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
-        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let y = f(&ts).unwrap();
-        let proj = det(y.dims(), 99, DType::F64);
-        let loss = (y * &proj).unwrap().sum_all().unwrap();
-        let grads = loss.backward().unwrap();
-        let eps = 1e-6;
-        for (i, x) in xs.iter().enumerate() {
-            let g = grads.get(vars[i].as_tensor()).expect("no gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let base = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            // Check a subset of coordinates to keep it quick.
-            let step = (base.len() / 40).max(1);
-            for j in (0..base.len()).step_by(step) {
-                let eval = |d: f64| {
-                    let mut b = base.clone();
-                    b[j] += d;
-                    let mut ins: Vec<Tensor> = xs.to_vec();
-                    ins[i] = Tensor::from_vec(b, x.dims(), &Device::Cpu).unwrap();
-                    (f(&ins).unwrap() * &proj).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
-                };
-                let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
-                assert!((fd - g[j]).abs() <= tol * (1.0 + fd.abs()), "input {i} coord {j}: autograd {} vs finite difference {fd}", g[j]);
-            }
         }
     }
 
