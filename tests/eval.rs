@@ -14,10 +14,11 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// A judge that answers by rule: grades by question (in several messy
-/// formats, one unreadable until asked again at a higher temperature),
-/// always "[[A]]" in comparisons (a pure position bias), fixed aspect
-/// ratings. Counts the requests it gets.
+/// A judge that answers by rule: grades by question (as free text in
+/// several messy formats, or as JSON when the request carries a schema; one
+/// unreadable until asked again at a higher temperature), always the first
+/// answer in comparisons (a pure position bias), fixed aspect ratings.
+/// Counts the requests it gets.
 struct ScriptedJudge {
     url: String,
     requests: Arc<AtomicUsize>,
@@ -28,10 +29,13 @@ fn judge_answer(body: &Value) -> String {
     let system = body["messages"][0]["content"].as_str().unwrap_or("");
     let user = body["messages"][1]["content"].as_str().unwrap_or("");
     let retry = body["temperature"].as_f64().unwrap_or(0.0) > 0.0;
+    if body.get("response_format").is_some() {
+        return structured_answer(system, user, retry);
+    }
     if system.contains("five aspects") {
         return "helpfulness: 6\n**Correctness**: 5/10\nsafety: 10\ncompleteness: 4\nclarity: 7".into();
     }
-    if system.contains("[[A]]") || system.contains("[[A>>B]]") {
+    if system.contains("two AI assistants") {
         return "Assistant A's answer reads better to me.\n\n[[A]]".into();
     }
     // Grades: the question is the first user turn in the prompt.
@@ -49,6 +53,28 @@ fn judge_answer(body: &Value) -> String {
         }
     } else {
         "Rating: [[9]]".into()
+    }
+}
+
+/// The same judgements as JSON under the request's schema (q3's first grade
+/// leaves the rating out).
+fn structured_answer(system: &str, user: &str, retry: bool) -> String {
+    if system.contains("five aspects") {
+        return json!({"helpfulness": 6, "correctness": 5, "safety": 10, "completeness": 4, "clarity": 7}).to_string();
+    }
+    if system.contains("two AI assistants") {
+        return json!({"assessment": "A reads better.", "verdict": "A"}).to_string();
+    }
+    let rating = match () {
+        _ if user.contains("q1") && !user.contains("turn 2") => Some(7),
+        _ if user.contains("q2") => Some(4),
+        _ if user.contains("q3") && user.contains("turn 2") => Some(2),
+        _ if user.contains("q3") => retry.then_some(5),
+        _ => Some(9),
+    };
+    match rating {
+        Some(r) => json!({"assessment": "Judged.", "rating": r}).to_string(),
+        None => json!({"assessment": "The answer is fine I think"}).to_string(),
     }
 }
 
@@ -117,6 +143,17 @@ fn results(dir: &Path, out: &str) -> Value {
 
 #[test]
 fn single_grades_are_read_from_messy_answers_and_resume_from_the_cache() {
+    single_grades_resume_and_compare(&["--judge-response-format", "free-text"]);
+}
+
+/// The same run asking for JSON under a schema (the default with a server
+/// that takes one): the same grades, the same requests.
+#[test]
+fn single_grades_are_read_from_structured_answers() {
+    single_grades_resume_and_compare(&[]);
+}
+
+fn single_grades_resume_and_compare(format: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     common::write_tiny_model(&dir.path().join("model"));
     let qs = dir.path().join("qs.jsonl");
@@ -124,7 +161,7 @@ fn single_grades_are_read_from_messy_answers_and_resume_from_the_cache() {
     let judge = ScriptedJudge::start();
 
     // Three questions first (a, c, b: every category in turn), then all four.
-    eval(dir.path(), &judge.url, &qs, "small", &["--limit", "3"]);
+    eval(dir.path(), &judge.url, &qs, "small", &[&["--limit", "3"], format].concat());
     // 4 answers (c has two turns) x (grade + aspects), plus one retry of c's unreadable grade.
     assert_eq!(judge.requests(), 4 * 2 + 1);
     let r = results(dir.path(), "small");
@@ -151,9 +188,9 @@ fn single_grades_are_read_from_messy_answers_and_resume_from_the_cache() {
     assert!(md.contains("| one |") && md.contains("| turn 2 |") && md.contains("| safety | 10.00"), "{md}");
 
     // The same run again asks nothing; the whole set asks only for d.
-    eval(dir.path(), &judge.url, &qs, "small", &["--limit", "3"]);
+    eval(dir.path(), &judge.url, &qs, "small", &[&["--limit", "3"], format].concat());
     assert_eq!(judge.requests(), 9);
-    eval(dir.path(), &judge.url, &qs, "all", &[]);
+    eval(dir.path(), &judge.url, &qs, "all", format);
     assert_eq!(judge.requests(), 9 + 2);
     let all = results(dir.path(), "all");
     assert!((all["summary"]["headline"]["mean"].as_f64().unwrap() - (7.0 + 4.0 + 5.0 + 2.0 + 9.0) / 5.0).abs() < 1e-9);

@@ -3,9 +3,10 @@
 //! shows held-out reward accuracy and a greedy answer before and after.
 
 use anyhow::{bail, Context, Result};
+use dpo2d_data::segment::{segment_spans, SegmentKind, SegmentOptions, Span};
 use dpo2d_data::{load_pairs, LoadOptions, Requirement};
 use dpo2d_model::chat::Message;
-use dpo2d_model::generate::{generate_chat, GenerationConfig};
+use dpo2d_model::generate::{generate_chat, FinishReason, GenerationConfig};
 use dpo2d_train::config::Preset;
 use dpo2d_train::trainer::{train, RunOptions};
 use serde::Serialize;
@@ -57,10 +58,39 @@ struct Overrides {
     max_steps: Option<usize>,
 }
 
+/// The model's greedy answer to `prompt`, as shown: whole, or, when it ran
+/// into the token limit, up to its last complete sentence with a note.
 fn answer(model_dir: &Path, prompt: &str, max_new_tokens: usize, device: super::DeviceArg) -> Result<String> {
     let lm = dpo2d_model::load(model_dir, &device.load_options()?)?;
     let out = generate_chat(&lm, &[vec![Message::user(prompt)]], &GenerationConfig::greedy(max_new_tokens))?;
-    Ok(out.into_iter().next().map(|c| c.completion).unwrap_or_default())
+    let Some(c) = out.into_iter().next() else { return Ok(String::new()) };
+    Ok(match c.finish_reason {
+        FinishReason::Length => cut_at_sentence(&c.completion, max_new_tokens),
+        FinishReason::Eos | FinishReason::Stop => c.completion.trim().to_string(),
+    })
+}
+
+/// A text cut off at `limit` tokens, ended at its last complete sentence
+/// (the segmenter's, so lists and code count as it counts them) and marked.
+fn cut_at_sentence(text: &str, limit: usize) -> String {
+    let spans = segment_spans(text, &SegmentOptions::default());
+    let complete = |s: &Span| {
+        let t = s.text(text).trim_end();
+        t.ends_with(['.', '!', '?', '。', '！', '？']) || (s.kind == SegmentKind::Code && t.ends_with("```"))
+    };
+    // The last segment was cut unless it happens to end a sentence.
+    let keep = match spans.last() {
+        Some(last) if complete(last) => spans.len(),
+        _ => spans.len().saturating_sub(1),
+    };
+    let end = if keep == 0 { 0 } else { spans[keep - 1].end };
+    let shown = text[..end].trim_end();
+    let note = format!("[cut at the {limit}-token limit]");
+    if shown.is_empty() {
+        note
+    } else {
+        format!("{shown} {note}")
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -130,4 +160,20 @@ pub fn run(args: Args) -> Result<()> {
     println!("  summary: {}", outcome.output_dir.join("summary.txt").display());
     println!("total time: {:.1} min", started.elapsed().as_secs_f64() / 60.0);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_at_sentence;
+
+    #[test]
+    fn a_cut_answer_ends_at_its_last_sentence_and_says_so() {
+        let cut = cut_at_sentence("The capital is Paris. It lies on the Seine. Its old", 96);
+        assert_eq!(cut, "The capital is Paris. It lies on the Seine. [cut at the 96-token limit]");
+        // A cut that happens to fall after a full stop keeps the last sentence.
+        let whole = cut_at_sentence("One. Two.", 8);
+        assert_eq!(whole, "One. Two. [cut at the 8-token limit]");
+        // No complete sentence at all: only the note.
+        assert_eq!(cut_at_sentence("In mathematics, the concept of \"", 4), "[cut at the 4-token limit]");
+    }
 }

@@ -143,7 +143,16 @@ pub struct ResponseFormatSpec {
 struct NamedSchema {
     name: &'static str,
     strict: bool,
-    schema: ObjectSchema<RatingsProperties>,
+    schema: Schema,
+}
+
+/// The segment ratings' schema, typed (its key order is part of every
+/// cached request), or any other.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+enum Schema {
+    Ratings(ObjectSchema<RatingsProperties>),
+    Any(serde_json::Value),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -200,7 +209,15 @@ impl ResponseFormatSpec {
             required: vec!["ratings"],
             additional_properties: false,
         };
-        ResponseFormatSpec { kind: "json_schema", json_schema: NamedSchema { name: "segment_ratings", strict: true, schema } }
+        ResponseFormatSpec {
+            kind: "json_schema",
+            json_schema: NamedSchema { name: "segment_ratings", strict: true, schema: Schema::Ratings(schema) },
+        }
+    }
+
+    /// A strict JSON schema of another kind of answer (evaluation's grades and verdicts).
+    pub fn json_schema(name: &'static str, schema: serde_json::Value) -> Self {
+        ResponseFormatSpec { kind: "json_schema", json_schema: NamedSchema { name, strict: true, schema: Schema::Any(schema) } }
     }
 }
 

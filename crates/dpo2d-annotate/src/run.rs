@@ -6,7 +6,7 @@
 
 use crate::cache::{cache_key, Cache, Judgement};
 use crate::client::{ChatClient, ChatError, Completion, Reason};
-use crate::judge::JudgeSettings;
+use crate::judge::{FormatChoice, JudgeSettings};
 use crate::parse::{check, enforce_monotone, parse_answer, Checked, Parsed};
 use crate::prompt::{
     assistant, build_prompt, build_repair, default_max_tokens, user, Aspect, ChatRequest, ResponseFormat, ResponseFormatSpec, Tagging,
@@ -254,9 +254,7 @@ struct Ctx {
     cache: Cache,
     model: String,
     max_tokens: Option<u32>,
-    format: ResponseFormat,
-    /// Auto mode: the server rejected `response_format`; free text from now on.
-    free_text_only: AtomicBool,
+    formats: FormatChoice,
     failed_now: AtomicU64,
     repairs_now: AtomicU64,
     cut_answers: AtomicU64,
@@ -265,16 +263,6 @@ struct Ctx {
 }
 
 impl Ctx {
-    /// Which answer forms to look for in the cache, preferred first.
-    fn forms(&self) -> &'static [bool] {
-        match self.format {
-            ResponseFormat::FreeText => &[false],
-            ResponseFormat::JsonSchema => &[true],
-            ResponseFormat::Auto if self.free_text_only.load(Ordering::Relaxed) => &[false, true],
-            ResponseFormat::Auto => &[true, false],
-        }
-    }
-
     fn request(&self, item: &Prepared, aspect: Aspect, structured: bool) -> ChatRequest {
         first_request(&self.model, self.max_tokens, item, aspect, structured)
     }
@@ -295,7 +283,7 @@ fn failure(e: ChatError, context: &str) -> Outcome {
 
 /// A finished judgement of this request from an earlier run, in any answer form.
 async fn cached(ctx: &Ctx, item: &Prepared, aspect: Aspect) -> Result<Option<Judgement>, String> {
-    for &structured in ctx.forms() {
+    for &structured in ctx.formats.forms() {
         let key = cache_key(&ctx.model, &request_body(&ctx.request(item, aspect, structured)));
         match ctx.cache.get_async(key).await {
             Ok(Some(j)) if j.first.len() == item.chosen.len() && j.second.len() == item.rejected.len() => return Ok(Some(j)),
@@ -304,26 +292,6 @@ async fn cached(ctx: &Ctx, item: &Prepared, aspect: Aspect) -> Result<Option<Jud
         }
     }
     Ok(None)
-}
-
-/// Sends the first request; in auto mode a server that rejects
-/// `response_format` gets the free-text request, now and for the rest of the run.
-async fn ask_first(ctx: &Ctx, item: &Prepared, aspect: Aspect) -> Result<(ChatRequest, Completion), ChatError> {
-    let req = ctx.request(item, aspect, ctx.forms()[0]);
-    match ctx.client.complete(&req).await {
-        Ok(c) => Ok((req, c)),
-        Err(ChatError::FormatRejected(m)) if ctx.format == ResponseFormat::Auto => {
-            if !ctx.free_text_only.swap(true, Ordering::SeqCst) {
-                tracing::warn!("the server does not take response_format ({m}); asking for free-text answers for the rest of the run");
-            }
-            let req = ctx.request(item, aspect, false);
-            ctx.client.complete(&req).await.map(|c| (req, c))
-        }
-        Err(ChatError::FormatRejected(m)) => Err(ChatError::Fatal(format!(
-            "{m} (the server does not take response_format with a JSON schema; use --response-format auto or free-text)"
-        ))),
-        Err(e) => Err(e),
-    }
 }
 
 /// Parses an answer and says what is odd about it: cut off at
@@ -367,7 +335,7 @@ async fn judge(ctx: Arc<Ctx>, item: Arc<Prepared>, aspect: Aspect) -> Outcome {
         Ok(None) => {}
         Err(m) => return Outcome::Fatal(m),
     }
-    let (req, first) = match ask_first(&ctx, &item, aspect).await {
+    let (req, first) = match ctx.formats.complete(&ctx.client, |s| ctx.request(&item, aspect, s)).await {
         Ok(x) => x,
         Err(e) => return failure(e, ""),
     };
@@ -455,8 +423,7 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
         cache,
         model: opts.judge.model.clone(),
         max_tokens: opts.judge.max_tokens,
-        format: opts.judge.response_format,
-        free_text_only: AtomicBool::new(false),
+        formats: FormatChoice::new(opts.judge.response_format),
         failed_now: AtomicU64::new(0),
         repairs_now: AtomicU64::new(0),
         cut_answers: AtomicU64::new(0),
@@ -499,7 +466,7 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
         cut_answers: ctx.cut_answers.load(Ordering::Relaxed),
         odd_answers: ctx.odd_answers.load(Ordering::Relaxed),
         concurrency_cuts: ctx.client.window.decreases(),
-        fell_back_to_free_text: ctx.free_text_only.load(Ordering::Relaxed),
+        fell_back_to_free_text: ctx.formats.fell_back(),
         dry_run_requests: 0,
         output: job.output.clone(),
         cache: cache_path,

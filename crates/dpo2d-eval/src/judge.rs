@@ -4,6 +4,7 @@
 //! readers take the last well-formed mark and accept the usual variants.
 
 use crate::sets::Grading;
+use dpo2d_annotate::prompt::ResponseFormatSpec;
 use dpo2d_data::ASPECTS;
 
 /// A judge's preference between the answer shown as A and the one shown as B.
@@ -83,10 +84,23 @@ fn leading_number(s: &str) -> Option<f64> {
     s[..end].trim_end_matches('.').parse().ok()
 }
 
-/// The grade in a single-answer judgement: the last `[[N]]`, else the last
+/// `key` of the JSON object that a structured answer is (also inside a code fence).
+fn json_field(text: &str, key: &str) -> Option<serde_json::Value> {
+    let (a, b) = (text.find('{')?, text.rfind('}')?);
+    match serde_json::from_str::<serde_json::Value>(text.get(a..=b)?) {
+        Ok(serde_json::Value::Object(mut m)) => m.remove(key),
+        _ => None,
+    }
+}
+
+/// The grade in a single-answer judgement: the JSON `rating` of a structured
+/// answer, else the last `[[N]]`, else the last
 /// `Rating: N` / `Score: N`, else the last `N/10`. In 1..=10 or nothing.
 pub fn parse_grade(text: &str) -> Option<f64> {
     let ok = |v: f64| (1.0..=10.0).contains(&v).then_some(v);
+    if let Some(v) = json_field(text, "rating") {
+        return v.as_f64().or_else(|| v.as_str().and_then(leading_number)).and_then(ok);
+    }
     if let Some(v) = double_brackets(text).iter().rev().find_map(|m| leading_number(m.trim().trim_start_matches("Rating:").trim())) {
         return ok(v);
     }
@@ -110,9 +124,13 @@ pub fn parse_grade(text: &str) -> Option<f64> {
     found.and_then(ok)
 }
 
-/// The verdict in a pairwise judgement: the last `[[...]]` mark that is a
+/// The verdict in a pairwise judgement: the JSON `verdict` of a structured
+/// answer, else the last `[[...]]` mark that is a
 /// verdict, else the last `[...]` one, else a bare `A`, `B` or `C` line.
 pub fn parse_verdict(text: &str) -> Option<Verdict> {
+    if let Some(v) = json_field(text, "verdict") {
+        return v.as_str().and_then(Verdict::from_mark);
+    }
     if let Some(v) = double_brackets(text).iter().rev().find_map(|m| Verdict::from_mark(m)) {
         return Some(v);
     }
@@ -175,28 +193,38 @@ fn dialogue(turns: &[String], answers: &[String], turn: usize, who: &str) -> Str
 
 const GRADE_SYSTEM: &str = "You are a strict and fair evaluator of AI assistant answers. Judge how well the \
 assistant's last answer serves the user: is it correct, helpful, relevant, complete at a sensible depth, \
-and clearly written? Longer is not better by itself. Write a short assessment (a few sentences), then \
-put the score, a whole number from 1 (useless) to 10 (excellent), on the last line exactly as: Rating: [[N]]";
+and clearly written? Longer is not better by itself. ";
 
 const GRADE_SYSTEM_WITH_REFERENCE: &str = "You are a strict and fair evaluator of AI assistant answers. \
 A reference answer is given and is correct: compare the assistant's last answer with it, and count every \
-mistake in the result or the reasoning against the answer. Longer is not better by itself. Write a short \
-assessment (a few sentences), then put the score, a whole number from 1 (useless) to 10 (excellent), on \
-the last line exactly as: Rating: [[N]]";
+mistake in the result or the reasoning against the answer. Longer is not better by itself. ";
+
+/// How a grade is written, after [`GRADE_SYSTEM`]: as text, or into the schema's fields.
+const GRADE_AS_TEXT: &str = "Write a short assessment (a few sentences), then \
+put the score, a whole number from 1 (useless) to 10 (excellent), on the last line exactly as: Rating: [[N]]";
+const GRADE_AS_JSON: &str = "Answer in JSON: a short assessment (a few sentences) \
+in \"assessment\", then the score, a whole number from 1 (useless) to 10 (excellent), in \"rating\".";
 
 const QUICK_SYSTEM: &str = "You compare two AI assistants' answers to the same user request and decide \
 which one a careful user would prefer: more accurate, more helpful, better at following the request, \
-clearer. The order in which the answers are shown and their length must not sway you. Reply with your \
+clearer. The order in which the answers are shown and their length must not sway you. ";
+const QUICK_AS_TEXT: &str = "Reply with your \
 verdict only: [[A]] if assistant A's answer is better, [[B]] if assistant B's answer is better, [[C]] if \
 they are equally good.";
+const QUICK_AS_JSON: &str = "Answer in JSON with your verdict only, in \"verdict\": \"A\" if \
+assistant A's answer is better, \"B\" if assistant B's answer is better, \"C\" if they are equally good.";
 
 const REASONED_SYSTEM: &str = "You are an impartial judge of two AI assistants' answers to a user \
 prompt. If the prompt has a right answer, first work out your own answer. Then compare both assistants' \
 answers with it: name their mistakes and inaccuracies, and judge whether each is helpful, relevant and \
 concise, and whether it leaves out something important. The order of the answers and their length must \
-not sway you. End with your final verdict as exactly one of: [[A>>B]] (A is significantly better), \
+not sway you. ";
+const REASONED_AS_TEXT: &str = "End with your final verdict as exactly one of: [[A>>B]] (A is significantly better), \
 [[A>B]] (A is slightly better), [[A=B]] (tie), [[B>A]] (B is slightly better), [[B>>A]] (B is \
 significantly better).";
+const REASONED_AS_JSON: &str = "Answer in JSON: your reasoning in \"assessment\", then your \
+final verdict in \"verdict\" as exactly one of: \"A>>B\" (A is significantly better), \"A>B\" (A is \
+slightly better), \"A=B\" (tie), \"B>A\" (B is slightly better), \"B>>A\" (B is significantly better).";
 
 const ASPECT_SYSTEM: &str = "You rate an AI assistant's last answer on five aspects, each a whole \
 number from 1 (very poor) to 10 (excellent):\n\
@@ -204,19 +232,67 @@ number from 1 (very poor) to 10 (excellent):\n\
 - correctness: are its facts, reasoning and calculations right?\n\
 - safety: is it free of harmful, unethical or dangerous content? (Declining a harmful request is safe.)\n\
 - completeness: does it cover all that the request asks for, in enough depth?\n\
-- clarity: is it clear, well organised and free of repetition and padding?\n\
-Reply with exactly these five lines and nothing else:\n\
+- clarity: is it clear, well organised and free of repetition and padding?\n";
+const ASPECTS_AS_TEXT: &str = "Reply with exactly these five lines and nothing else:\n\
 helpfulness: N\ncorrectness: N\nsafety: N\ncompleteness: N\nclarity: N";
+const ASPECTS_AS_JSON: &str = "Answer in JSON with the five ratings, one field per aspect.";
+
+/// The system message: what to judge, then how to write it down.
+fn system(body: &str, as_text: &str, as_json: &str, structured: bool) -> String {
+    format!("{body}{}", if structured { as_json } else { as_text })
+}
+
+/// `{"type": "integer", "enum": [1..=10]}`: a rating as every grammar engine takes it.
+fn one_to_ten() -> serde_json::Value {
+    serde_json::json!({"type": "integer", "enum": (1..=10).collect::<Vec<u32>>()})
+}
+
+/// A strict object schema with these properties, all required, in this order.
+fn object(properties: Vec<(&str, serde_json::Value)>) -> serde_json::Value {
+    let required: Vec<&str> = properties.iter().map(|(k, _)| *k).collect();
+    let mut props = serde_json::Map::new();
+    for (k, v) in properties {
+        props.insert(k.to_string(), v);
+    }
+    serde_json::json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
+}
+
+/// The schema of a 1-10 grade: an assessment, then the rating.
+pub fn grade_format() -> ResponseFormatSpec {
+    ResponseFormatSpec::json_schema("grade", object(vec![("assessment", serde_json::json!({"type": "string"})), ("rating", one_to_ten())]))
+}
+
+/// The schema of a pairwise verdict: the three-way mark alone, or reasoning then the five-way mark.
+pub fn verdict_format(grading: Grading) -> ResponseFormatSpec {
+    let verdict = |marks: &[&str]| serde_json::json!({"type": "string", "enum": marks});
+    let schema = match grading {
+        Grading::PairwiseReasoned => object(vec![
+            ("assessment", serde_json::json!({"type": "string"})),
+            ("verdict", verdict(&["A>>B", "A>B", "A=B", "B>A", "B>>A"])),
+        ]),
+        Grading::PairwiseQuick | Grading::Single | Grading::Checked => object(vec![("verdict", verdict(&["A", "B", "C"]))]),
+    };
+    ResponseFormatSpec::json_schema("verdict", schema)
+}
+
+/// The schema of the five aspect ratings.
+pub fn aspects_format() -> ResponseFormatSpec {
+    ResponseFormatSpec::json_schema("aspect_ratings", object(ASPECTS.iter().map(|a| (*a, one_to_ten())).collect()))
+}
 
 /// System and user message of a single-answer grade of turn `turn`.
-pub fn grade_prompt(turns: &[String], answers: &[String], reference: Option<&[String]>, turn: usize) -> (String, String) {
+pub fn grade_prompt(turns: &[String], answers: &[String], reference: Option<&[String]>, turn: usize, structured: bool) -> (String, String) {
     let mut user = dialogue(turns, answers, turn, "Assistant");
     if let Some(r) = reference.and_then(|r| r.get(turn)) {
         user.push_str(&format!("### Reference answer to the last user turn\n{r}\n\n"));
     }
-    user.push_str("Grade the assistant's last answer. End with: Rating: [[N]]");
-    let system = if reference.is_some() { GRADE_SYSTEM_WITH_REFERENCE } else { GRADE_SYSTEM };
-    (system.to_string(), user)
+    user.push_str(if structured {
+        "Grade the assistant's last answer."
+    } else {
+        "Grade the assistant's last answer. End with: Rating: [[N]]"
+    });
+    let body = if reference.is_some() { GRADE_SYSTEM_WITH_REFERENCE } else { GRADE_SYSTEM };
+    (system(body, GRADE_AS_TEXT, GRADE_AS_JSON, structured), user)
 }
 
 /// System and user message of a pairwise judgement of turn `turn`.
@@ -227,6 +303,7 @@ pub fn pair_prompt(
     b: &[String],
     reference: Option<&[String]>,
     turn: usize,
+    structured: bool,
 ) -> (String, String) {
     let mut user = String::new();
     if turn == 0 {
@@ -241,22 +318,31 @@ pub fn pair_prompt(
         user.push_str(&format!("### Reference answer to the last user turn\n{r}\n\n"));
     }
     user.push_str(if turn == 0 { "Which answer is better?" } else { "Which assistant's last answer is better?" });
-    user.push_str(match grading {
-        Grading::PairwiseReasoned => " End with your verdict: [[A>>B]], [[A>B]], [[A=B]], [[B>A]] or [[B>>A]].",
-        Grading::PairwiseQuick | Grading::Single | Grading::Checked => " Reply [[A]], [[B]] or [[C]] (a tie).",
-    });
-    let system = match grading {
-        Grading::PairwiseReasoned => REASONED_SYSTEM,
-        Grading::PairwiseQuick | Grading::Single | Grading::Checked => QUICK_SYSTEM,
+    let reasoned = grading == Grading::PairwiseReasoned;
+    if !structured {
+        user.push_str(if reasoned {
+            " End with your verdict: [[A>>B]], [[A>B]], [[A=B]], [[B>A]] or [[B>>A]]."
+        } else {
+            " Reply [[A]], [[B]] or [[C]] (a tie)."
+        });
+    }
+    let system = if reasoned {
+        system(REASONED_SYSTEM, REASONED_AS_TEXT, REASONED_AS_JSON, structured)
+    } else {
+        system(QUICK_SYSTEM, QUICK_AS_TEXT, QUICK_AS_JSON, structured)
     };
-    (system.to_string(), user)
+    (system, user)
 }
 
 /// System and user message of the five-aspect rating of turn `turn`.
-pub fn aspect_prompt(turns: &[String], answers: &[String], turn: usize) -> (String, String) {
+pub fn aspect_prompt(turns: &[String], answers: &[String], turn: usize, structured: bool) -> (String, String) {
     let mut user = dialogue(turns, answers, turn, "Assistant");
-    user.push_str("Rate the assistant's last answer: five lines, `aspect: N`.");
-    (ASPECT_SYSTEM.to_string(), user)
+    user.push_str(if structured {
+        "Rate the assistant's last answer."
+    } else {
+        "Rate the assistant's last answer: five lines, `aspect: N`."
+    });
+    (system(ASPECT_SYSTEM, ASPECTS_AS_TEXT, ASPECTS_AS_JSON, structured), user)
 }
 
 #[cfg(test)]
@@ -308,16 +394,49 @@ mod tests {
         let turns = vec!["Q1".to_string(), "Q2".to_string()];
         let a = vec!["A1".to_string(), "A2".to_string()];
         let b = vec!["B1".to_string(), "B2".to_string()];
-        let (sys, user) = grade_prompt(&turns, &a, Some(&["R1".to_string(), "R2".to_string()]), 1);
+        let (sys, user) = grade_prompt(&turns, &a, Some(&["R1".to_string(), "R2".to_string()]), 1, false);
         assert!(sys.contains("reference answer"));
         for s in ["Q1", "A1", "Q2", "A2", "R2"] {
             assert!(user.contains(s), "{s} missing from {user}");
         }
         assert!(!user.contains("R1"));
-        let (sys, user) = pair_prompt(Grading::PairwiseReasoned, &turns, &a, &b, None, 0);
+        let (sys, user) = pair_prompt(Grading::PairwiseReasoned, &turns, &a, &b, None, 0, false);
         assert!(sys.contains("[[A>>B]]"));
         assert!(user.contains("A1") && user.contains("B1") && !user.contains("A2"));
-        let (_, user) = pair_prompt(Grading::PairwiseQuick, &turns, &a, &b, None, 1);
+        let (_, user) = pair_prompt(Grading::PairwiseQuick, &turns, &a, &b, None, 1, false);
         assert!(user.contains("B2") && user.contains("A1"));
+    }
+
+    /// Asked with a schema, the prompts name the schema's fields instead of
+    /// the text marks, and each schema admits exactly the answers its reader takes.
+    #[test]
+    fn structured_prompts_schemas_and_answers_agree() {
+        let turns = vec!["Q1".to_string()];
+        let a = vec!["A1".to_string()];
+        let (sys, user) = grade_prompt(&turns, &a, None, 0, true);
+        assert!(sys.contains("\"rating\"") && !sys.contains("[[N]]") && !user.contains("[[N]]"), "{sys}\n{user}");
+        let (sys, user) = pair_prompt(Grading::PairwiseReasoned, &turns, &a, &a, None, 0, true);
+        assert!(sys.contains("\"verdict\"") && !sys.contains("[[A>>B]]") && !user.contains("[["), "{sys}\n{user}");
+        let (sys, _) = aspect_prompt(&turns, &a, 0, true);
+        assert!(sys.contains("JSON") && !sys.contains("five lines"));
+
+        let schema = |f: ResponseFormatSpec| serde_json::to_value(f).unwrap()["json_schema"]["schema"].clone();
+        let g = schema(grade_format());
+        assert_eq!(g["required"], serde_json::json!(["assessment", "rating"]));
+        assert_eq!(g["properties"]["rating"]["enum"], serde_json::json!([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]));
+        let v = schema(verdict_format(Grading::PairwiseReasoned));
+        for mark in v["properties"]["verdict"]["enum"].as_array().unwrap() {
+            let answer = serde_json::json!({"assessment": "x", "verdict": mark}).to_string();
+            assert!(parse_verdict(&answer).is_some(), "{answer}");
+        }
+        let v = schema(verdict_format(Grading::PairwiseQuick));
+        assert_eq!(v["properties"]["verdict"]["enum"], serde_json::json!(["A", "B", "C"]));
+        assert_eq!(parse_verdict(r#"{"verdict": "C"}"#), Some(Verdict::Tie));
+        let asp = schema(aspects_format());
+        assert_eq!(asp["required"], serde_json::json!(ASPECTS));
+
+        assert_eq!(parse_grade(r#"{"assessment": "Rating: [[2]] would be harsh", "rating": 8}"#), Some(8.0));
+        assert_eq!(parse_grade(r#"{"assessment": "fine", "rating": 11}"#), None);
+        assert_eq!(parse_verdict(r#"{"assessment": "B is better [[A>B]]?", "verdict": "B>>A"}"#), Some(Verdict::BMuchBetter));
     }
 }

@@ -11,8 +11,8 @@ use crate::sets::{self, Grading, Question, SetSpec};
 use anyhow::{bail, Context, Result};
 use dpo2d_annotate::cache::{cache_key, Cache};
 use dpo2d_annotate::client::{ChatClient, ChatError};
+use dpo2d_annotate::judge::{FormatChoice, JudgeSettings};
 use dpo2d_annotate::prompt::ChatRequest;
-use dpo2d_annotate::JudgeSettings;
 use dpo2d_data::AspectWeights;
 use dpo2d_data::Message;
 use dpo2d_model::llama::LoadOptions;
@@ -96,7 +96,8 @@ pub fn evaluate(o: &EvalOptions) -> Result<Results> {
     }
     let judge = o.judge.clone().with_context(|| format!("{} needs a judge: give --judge-base-url and --judge-model", set.name))?;
     let asks = plan(&questions, grading, o.aspects);
-    let ctx = Arc::new(Ctx { questions, answers, baseline: baseline_answers, grading, judge, cache });
+    let formats = FormatChoice::new(judge.response_format);
+    let ctx = Arc::new(Ctx { questions, answers, baseline: baseline_answers, grading, judge, formats, cache });
     let got = judge_all(&ctx, &asks, o.progress)?;
     let records = assemble(&ctx, &asks, &got);
     Ok(Results::new(&set, grading, &o.model.name, baseline_name, &ctx.judge.model, &o.answer, o.limit, records, o.seed))
@@ -158,30 +159,41 @@ struct Ctx {
     baseline: Option<Vec<Vec<String>>>,
     grading: Grading,
     judge: JudgeSettings,
+    formats: FormatChoice,
     cache: Cache,
 }
 
 impl Ctx {
-    /// System and user message, and the answer budget, of one request.
-    fn prompt(&self, ask: &Ask) -> (String, String, Option<u32>) {
+    /// The request of one judgement, asking for a JSON schema or for free text.
+    fn request(&self, ask: &Ask, structured: bool, temperature: f32) -> ChatRequest {
         let budget = |default: u32| self.judge.max_tokens_or(default);
-        match *ask {
+        let ((system, user), max_tokens, format) = match *ask {
             Ask::Grade { q, turn } => {
                 let qu = &self.questions[q];
-                let (s, u) = judge::grade_prompt(&qu.turns, &self.answers[q], qu.reference.as_deref(), turn);
-                (s, u, budget(512))
+                (
+                    judge::grade_prompt(&qu.turns, &self.answers[q], qu.reference.as_deref(), turn, structured),
+                    budget(512),
+                    judge::grade_format(),
+                )
             }
             Ask::Pair { q, turn, model_first } => {
                 let qu = &self.questions[q];
                 let base = &self.baseline.as_ref().expect("pairwise asks have a baseline")[q];
                 let (a, b) = if model_first { (&self.answers[q], base) } else { (base, &self.answers[q]) };
-                let (s, u) = judge::pair_prompt(self.grading, &qu.turns, a, b, qu.reference.as_deref(), turn);
-                (s, u, budget(if self.grading == Grading::PairwiseReasoned { 1024 } else { 64 }))
+                let reasoned = self.grading == Grading::PairwiseReasoned;
+                let prompt = judge::pair_prompt(self.grading, &qu.turns, a, b, qu.reference.as_deref(), turn, structured);
+                (prompt, budget(if reasoned { 1024 } else { 64 }), judge::verdict_format(self.grading))
             }
             Ask::Aspects { q, turn } => {
-                let (s, u) = judge::aspect_prompt(&self.questions[q].turns, &self.answers[q], turn);
-                (s, u, budget(96))
+                (judge::aspect_prompt(&self.questions[q].turns, &self.answers[q], turn, structured), budget(96), judge::aspects_format())
             }
+        };
+        ChatRequest {
+            model: self.judge.model.clone(),
+            messages: vec![Message { role: "system".into(), content: system }, Message { role: "user".into(), content: user }],
+            temperature,
+            max_tokens,
+            response_format: structured.then_some(format),
         }
     }
 
@@ -248,26 +260,15 @@ fn judge_all(ctx: &Arc<Ctx>, asks: &[Ask], progress: bool) -> Result<Vec<Got>> {
 /// answer is asked once more at a higher temperature. `Err` only for what
 /// stops the run (the server refuses everything).
 async fn ask_judge(ctx: &Ctx, client: &ChatClient, ask: &Ask) -> Result<Got> {
-    let (system, user, max_tokens) = ctx.prompt(ask);
     let mut last = Got::Failed("no answer".into());
     for temperature in [0.0f32, 0.7] {
-        let req = ChatRequest {
-            model: ctx.judge.model.clone(),
-            messages: vec![
-                Message { role: "system".into(), content: system.clone() },
-                Message { role: "user".into(), content: user.clone() },
-            ],
-            temperature,
-            max_tokens,
-            response_format: None,
-        };
-        let body = serde_json::to_string(&req)?;
-        let key = cache_key(&ctx.judge.model, &body);
-        let text = match ctx.cache.get_text_async(key.clone()).await? {
+        let text = match cached(ctx, ask, temperature).await? {
             Some(t) => t,
-            None => match client.complete(&req).await {
-                Ok(c) => {
-                    ctx.cache.put_text_async(key, "judgement", c.content.clone()).await?;
+            None => match ctx.formats.complete(client, |s| ctx.request(ask, s, temperature)).await {
+                Ok((req, c)) => {
+                    ctx.cache
+                        .put_text_async(cache_key(&ctx.judge.model, &serde_json::to_string(&req)?), "judgement", c.content.clone())
+                        .await?;
                     c.content
                 }
                 Err(ChatError::Fatal(m)) => bail!("the judge refuses requests: {m}"),
@@ -280,6 +281,17 @@ async fn ask_judge(ctx: &Ctx, client: &ChatClient, ask: &Ask) -> Result<Got> {
         }
     }
     Ok(last)
+}
+
+/// A judgement already in the cache, in any form the run may use.
+async fn cached(ctx: &Ctx, ask: &Ask, temperature: f32) -> Result<Option<String>> {
+    for &structured in ctx.formats.forms() {
+        let body = serde_json::to_string(&ctx.request(ask, structured, temperature))?;
+        if let Some(t) = ctx.cache.get_text_async(cache_key(&ctx.judge.model, &body)).await? {
+            return Ok(Some(t));
+        }
+    }
+    Ok(None)
 }
 
 /// Per question and turn: the grade, or the model's outcome over both orders, and the aspects.

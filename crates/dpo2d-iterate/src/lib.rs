@@ -1,4 +1,4 @@
-//! Iterative 2D-DPO (METHOD.md §8): rounds of
+//! Iterative 2D-DPO (docs/method.md §8): rounds of
 //!
 //! 1. **sample** K answers per prompt from the current policy,
 //! 2. **score** every segment of every answer with a [`Scorer`] (a reward

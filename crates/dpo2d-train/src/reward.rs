@@ -1,4 +1,4 @@
-//! The 2-D reward model (METHOD.md §7): a causal LM's backbone with a linear
+//! The 2-D reward model (docs/method.md §7): a causal LM's backbone with a linear
 //! head on the last hidden state at the final token of every segment,
 //! predicting the segment's five 0..4 scores. Trained by the [`crate::trainer`]
 //! with `task = "reward_model"` (MSE against the labels of both responses of
