@@ -24,8 +24,11 @@
 #      and gradient norm within 1e-4 relative; steps 2-5 within 1e-3 (rewards:
 #      1e-3 absolute, as they are small differences of large log-probs);
 #   5. step 1 with another reference model (dpo2d's model after step 4, so the
-#      rewards are not 0): 2d-dpo in 1 process and 1d-dpo in 2 processes,
-#      within 1e-4 relative.
+#      rewards are not 0): 2d-dpo in 1 process (file order) and 1d-dpo in 2
+#      processes (dpo2d's seeded random order), within 1e-4 relative;
+#   6. dpo2d reads what the bridge writes: `dpo2d logprobs` of the bridge's
+#      final/ (full fine-tuning), of a LoRA adapter (trained with gradient
+#      checkpointing) and of its merged model equal transformers' and PEFT's.
 #
 # CI does not run this script (torch alone is larger than CI should download).
 #
@@ -107,10 +110,10 @@ state_field() { "$PY" -c 'import json,sys; print(json.dumps(json.load(open(sys.a
 note "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg)"
 note "versions: $("$PY" -c 'import torch, transformers, trl, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}")'); $("$DPO2D" --version)"
 
-echo "[bridge] 1/5 pytest"
+echo "[bridge] 1/6 pytest"
 check "pytest" "$PY" -m pytest -q python/dpo2d-trl/tests
 
-echo "[bridge] 2/5 tokenization of the shipped data against dpo2d train"
+echo "[bridge] 2/6 tokenization of the shipped data against dpo2d train"
 fingerprint_matches() {  # label, trainer_state.json, tokenize options...
     local label=$1 state=$2; shift 2
     local want got
@@ -149,7 +152,7 @@ dpo2d_train data-plain --train-file "$WORK_DIR/plain.jsonl" --loss-type dpo --ma
 check "tokens of plain TRL pairs (train + heldout)" fingerprint_matches "plain" \
     "$WORK_DIR/data-plain/final/trainer_state.json" --train-file "$WORK_DIR/plain.jsonl" --loss-type dpo
 
-echo "[bridge] 3/5 parity: 5 steps of 2d-dpo, dpo2d and the bridge in 1 process"
+echo "[bridge] 3/6 parity: 5 steps of 2d-dpo, dpo2d and the bridge in 1 process"
 PARITY=(--train-file data/train.jsonl --loss-type 2d-dpo --beta 0.1 --sft-weight 0.1 --learning-rate 5e-6
         --max-steps 5 --train-sampling-strategy sequential --seed 42 --max-length 256 --max-prompt-length 128
         --logging-steps 1 --gradient-accumulation-steps 1)
@@ -168,23 +171,83 @@ check "dpo2d vs bridge (1 process), step 1, 1e-4" compare dpo2d-2d bridge-2d-1p 
 check "dpo2d vs bridge (1 process), steps 2-5, 1e-3" compare dpo2d-2d bridge-2d-1p 2,3,4,5 1e-3 0 "$LOSS_KEYS"
 check "dpo2d vs bridge (1 process), steps 2-5 rewards, 1e-3 absolute" compare dpo2d-2d bridge-2d-1p 2,3,4,5 0 1e-3 "$REWARD_KEYS"
 
-echo "[bridge] 4/5 parity: the bridge in 2 processes (torchrun, gloo), per-device batch 1"
+echo "[bridge] 4/6 parity: the bridge in 2 processes (torchrun, gloo), per-device batch 1"
 bridge_train bridge-2d-2p 2 "${PARITY[@]}" --per-device-train-batch-size 1
 check "bridge 1 process x batch 2 vs 2 processes x batch 1, step 1, 1e-4" compare bridge-2d-1p bridge-2d-2p 1 1e-4 1e-6
 check "bridge 1 process vs 2 processes, steps 2-5, 1e-3" compare bridge-2d-1p bridge-2d-2p 2,3,4,5 1e-3 0 "$LOSS_KEYS"
 check "bridge 1 process vs 2 processes, steps 2-5 rewards, 1e-3 absolute" compare bridge-2d-1p bridge-2d-2p 2,3,4,5 0 1e-3 "$REWARD_KEYS"
 check "dpo2d vs bridge (2 processes), step 1, 1e-4" compare dpo2d-2d bridge-2d-2p 1 1e-4 1e-6
 
-echo "[bridge] 5/5 step 1 against another reference model (rewards not 0)"
+echo "[bridge] 5/6 step 1 against another reference model (rewards not 0)"
 REF=(--ref-model "$WORK_DIR/dpo2d-2d/final" --train-file data/train.jsonl --beta 0.1 --sft-weight 0.1
-     --learning-rate 5e-6 --max-steps 1 --train-sampling-strategy sequential --max-length 256
-     --max-prompt-length 128 --logging-steps 1)
-dpo2d_train dpo2d-ref-2d "${REF[@]}" --loss-type 2d-dpo --per-device-train-batch-size 2
-bridge_train bridge-ref-2d-1p 1 "${REF[@]}" --loss-type 2d-dpo --per-device-train-batch-size 2
+     --learning-rate 5e-6 --max-steps 1 --max-length 256 --max-prompt-length 128 --logging-steps 1)
+dpo2d_train dpo2d-ref-2d "${REF[@]}" --loss-type 2d-dpo --per-device-train-batch-size 2 --train-sampling-strategy sequential
+bridge_train bridge-ref-2d-1p 1 "${REF[@]}" --loss-type 2d-dpo --per-device-train-batch-size 2 --train-sampling-strategy sequential
 check "2d-dpo, reference = dpo2d's model after 5 steps: dpo2d vs bridge (1 process), 1e-4" compare dpo2d-ref-2d bridge-ref-2d-1p 1 1e-4 1e-6
-dpo2d_train dpo2d-ref-1d "${REF[@]}" --loss-type 1d-dpo --per-device-train-batch-size 2
-bridge_train bridge-ref-1d-2p 2 "${REF[@]}" --loss-type 1d-dpo --per-device-train-batch-size 1
-check "1d-dpo, same reference: dpo2d vs bridge (2 processes x batch 1), 1e-4" compare dpo2d-ref-1d bridge-ref-1d-2p 1 1e-4 1e-6
+# In dpo2d's seeded random order: the first global micro-batch is the same 2 pairs, split over the ranks.
+dpo2d_train dpo2d-ref-1d "${REF[@]}" --loss-type 1d-dpo --per-device-train-batch-size 2 --train-sampling-strategy random --seed 11
+bridge_train bridge-ref-1d-2p 2 "${REF[@]}" --loss-type 1d-dpo --per-device-train-batch-size 1 --train-sampling-strategy random --seed 11
+check "1d-dpo, same reference, random order (seed 11): dpo2d vs bridge (2 processes x batch 1), 1e-4" compare dpo2d-ref-1d bridge-ref-1d-2p 1 1e-4 1e-6
+
+echo "[bridge] 6/6 dpo2d reads the bridge's outputs: full weights, a LoRA adapter, the merged model"
+# LoRA with gradient checkpointing; a large learning rate so that one step moves the adapters
+# (the check below requires log-probs that differ from the base model's).
+bridge_train bridge-lora 1 --train-file data/train.jsonl --loss-type 2d-dpo --use-lora true --lora-r 8 \
+    --lora-dropout 0 --gradient-checkpointing true --learning-rate 1e-2 --per-device-train-batch-size 2 \
+    --max-steps 1 --max-length 128 --max-prompt-length 64 --logging-steps 1
+"$PY" - data/heldout.jsonl > "$WORK_DIR/rows.jsonl" <<'EOF'
+import json, sys
+for line in list(open(sys.argv[1], encoding="utf-8"))[:3]:
+    p = json.loads(line)
+    print(json.dumps({"prompt": p["prompt"], "response": "".join(s["text"] for s in p["chosen"]["segments"])}))
+EOF
+same_logprobs() {  # model dir, base model of an adapter (or nothing): dpo2d logprobs vs transformers (+ PEFT)
+    local model=$1 base=${2:-}
+    RAYON_NUM_THREADS=$THREADS "$DPO2D" logprobs --model "$model" --input "$WORK_DIR/rows.jsonl" --with-end-of-turn \
+        -o "$WORK_DIR/logprobs.jsonl" > /dev/null 2>&1 || { echo "dpo2d logprobs failed on $model"; return 1; }
+    "$PY" - "$model" "$base" "$WORK_DIR/rows.jsonl" "$WORK_DIR/logprobs.jsonl" <<'EOF'
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from dpo2d_trl.align import Aligner
+from dpo2d_trl.data import Response
+model_dir, base, rows, theirs = sys.argv[1:]
+tok = AutoTokenizer.from_pretrained(model_dir)
+if base:
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), model_dir)
+else:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+a = Aligner(tok)
+moved = 0.0
+got = {}
+for line in open(theirs, encoding="utf-8"):
+    r = json.loads(line)
+    got.setdefault(r["row"], []).append((r["id"], r["logprob"]))
+worst = 0.0
+for i, line in enumerate(open(rows, encoding="utf-8")):
+    row = json.loads(line)
+    prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+    p, r = a.prompt_ids(prompt), a.response(Response(row["response"]))[0].ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p + r])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)[len(p) - 1 : len(p) + len(r) - 1].gather(-1, torch.tensor(r).unsqueeze(-1)).squeeze(-1)
+    if [t for t, _ in got[i]] != r:
+        sys.exit(f"row {i}: token ids differ")
+    worst = max(worst, max(abs(x - y) for (_, x), y in zip(got[i], lp.tolist())))
+    if base:  # the adapter must change the model, or the check would not see it ignored
+        with model.disable_adapter(), torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + r])).logits[0].float()
+        lb = torch.log_softmax(logits, -1)[len(p) - 1 : len(p) + len(r) - 1].gather(-1, torch.tensor(r).unsqueeze(-1)).squeeze(-1)
+        moved = max(moved, (lp - lb).abs().max().item())
+print(f"{model_dir}: {sum(len(v) for v in got.values())} tokens, same ids, largest log-prob difference {worst:.2e}"
+      + (f"; the adapter moves log-probs by up to {moved:.2e}" if base else ""))
+sys.exit(worst > 1e-3 or (base and moved < 1e-2))
+EOF
+}
+check "dpo2d logprobs of the bridge's full fine-tuned final/ = transformers' (1e-3)" same_logprobs "$WORK_DIR/bridge-2d-1p/final"
+check "dpo2d logprobs of the bridge's LoRA adapter final/ = PEFT's (1e-3)" same_logprobs "$WORK_DIR/bridge-lora/final" "$MODEL_DIR"
+check "dpo2d logprobs of the bridge's final/merged/ = transformers' (1e-3)" same_logprobs "$WORK_DIR/bridge-lora/final/merged"
 
 echo
 grep -E '^(PASS|FAIL|machine|versions)' "$SUMMARY"

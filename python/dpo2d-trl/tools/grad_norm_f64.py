@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """The loss and gradient norm of the first training step, computed in float64
 and in float32 with transformers, to tell the rounding of two float32 runs
-(dpo2d's and the bridge's) from a real difference.
+(dpo2d's and the bridge's) from a real difference. Each line gives the
+gradient's norm summed in float64 and the norm torch's `clip_grad_norm_`
+computes (what transformers logs as `grad_norm`).
 
     python python/dpo2d-trl/tools/grad_norm_f64.py --model DIR --train-file data/train.jsonl \
         --batch 2 --max-length 256 --max-prompt-length 128
@@ -69,8 +71,12 @@ def main() -> None:
         out = two_d_loss(a.loss_type, lp[:b], lp[b:], ref_lp[:b], ref_lp[b:], mask[:b], mask[b:], seg[:b], seg[b:],
                          sc[:b], sc[b:], beta=a.beta, sft_weight=a.sft_weight)  # fmt: skip
         out.loss.backward()
-        norm = torch.sqrt(sum((q.grad.double() ** 2).sum() for q in model.parameters() if q.grad is not None)).item()
-        print(f"{name:<28} loss {out.loss.item():.10f}  grad_norm {norm:.8f}", flush=True)
+        grads = [q for q in model.parameters() if q.grad is not None]
+        norm = torch.sqrt(sum((q.grad.double() ** 2).sum() for q in grads)).item()
+        # What transformers logs as grad_norm: torch's clip_grad_norm_, summed in the gradients' dtype.
+        logged = torch.nn.utils.clip_grad_norm_(grads, float("inf")).item()
+        print(f"{name:<28} loss {out.loss.item():.10f}  grad_norm {norm:.8f} (summed in float64)  "
+              f"{logged:.8f} (clip_grad_norm_)", flush=True)
 
 
 if __name__ == "__main__":

@@ -258,7 +258,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     from .data import PLAIN, SCORED, load_pairs
     from .sampler import split_held_out
-    from .trainer import DPO2DConfig, DPO2DTrainer
+    from .trainer import DPO2DConfig, DPO2DTrainer, dpo2d_readable_config
 
     out = opts["output_dir"]
     resume = None
@@ -345,12 +345,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
         save_steps=opts["save_steps"] if opts["save_steps"] > 0 else 500,
         save_total_limit=opts["save_total_limit"] or None,
         bf16=opts["bf16"],
-        gradient_checkpointing=opts["gradient_checkpointing"],
+        **_checkpointing(DPO2DConfig, opts["gradient_checkpointing"]),
         use_cpu=use_cpu,
         deepspeed=ns.deepspeed,
         report_to=ns.report_to,
         disable_tqdm=ns.no_progress,
         dataloader_num_workers=0,
+        # As dpo2d: reference log-probs computed once before training where the loss allows
+        # (TRL keeps sequence sums, which its own losses need; the 2-D losses need them per token).
+        precompute_ref_log_probs=not two_d,
         **trl_loss,
     )
     trainer = DPO2DTrainer(
@@ -378,11 +381,20 @@ def cmd_train(ns: argparse.Namespace) -> int:
     trainer.save_model(final)
     trainer.save_metrics("train", result.metrics)
     trainer.accelerator.wait_for_everyone()
-    if opts["use_lora"] and opts["save_merged"] and trainer.accelerator.is_main_process:
-        _save_merged(opts["model"], final, os.path.join(final, "merged"), tokenizer)
+    if trainer.accelerator.is_main_process:
+        dpo2d_readable_config(final)
+        if opts["use_lora"] and opts["save_merged"]:
+            _save_merged(opts["model"], final, os.path.join(final, "merged"), tokenizer)
+            dpo2d_readable_config(os.path.join(final, "merged"))
     if _is_main():
         print(f"trained model: {final}")
     return 0
+
+
+def _checkpointing(config_class, on: bool) -> dict[str, bool]:
+    """transformers 5 calls it `activation_checkpointing` (`gradient_checkpointing` is a deprecated alias)."""
+    fields = getattr(config_class, "__dataclass_fields__", {})
+    return {"activation_checkpointing": on} if "activation_checkpointing" in fields else {"gradient_checkpointing": on}
 
 
 def _save_merged(base: str, adapter_dir: str, out: str, tokenizer) -> None:
@@ -482,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--loss-type", "--loss_type", "--loss", default="2d-dpo")
     t.add_argument("--max-length", "--max_length", type=int, default=1024)
     t.add_argument("--max-prompt-length", "--max_prompt_length", type=int, default=512)
-    t.add_argument("--skip-invalid", "--skip_invalid", action="store_true")
+    t.add_argument("--skip-invalid", "--skip_invalid", type=_bool, nargs="?", const=True, default=False)
     t.add_argument("--dump", help="write every tokenized pair (ids and segment ids) as JSONL")
     c = sub.add_parser("compare", help="compare two metrics.jsonl files step by step")
     c.add_argument("a")

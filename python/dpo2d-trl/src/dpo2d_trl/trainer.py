@@ -27,6 +27,7 @@ sequence sums; the 2-D loss needs per-token reference log-probs.)
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -89,8 +90,9 @@ class DPO2DConfig(DPOConfig):
         metadata={"help": "Train in dpo2d's order (seeded SplitMix64 per epoch, or file order when sequential)."},
     )
     metrics_file: str | None = field(default="metrics.jsonl", metadata={"help": "Written in output_dir on rank 0."})
-    # dpo2d's defaults where DPOConfig has others.
-    gradient_checkpointing: bool = False
+    # dpo2d's defaults where DPOConfig has others. Checkpointing is off unless asked for
+    # (transformers 5 names it `activation_checkpointing`, `gradient_checkpointing` being its alias).
+    gradient_checkpointing: bool | None = None
     bf16: bool | None = False
     max_length: int | None = 1024
     remove_unused_columns: bool = False
@@ -230,6 +232,42 @@ class MetricsJsonl(TrainerCallback):
             f.write(json.dumps(rec) + "\n")
 
 
+def dpo2d_readable_config(model_dir: str) -> bool:
+    """Make a saved model's ``config.json`` readable by dpo2d: transformers 5
+    writes the rotary base as ``rope_parameters.rope_theta`` and the dtype as
+    ``dtype``, while dpo2d reads the top-level ``rope_theta`` (default 10000,
+    which would silently give other logits) and ``torch_dtype``. Both spellings
+    are kept, so transformers reads the file as before. True if it changed."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    changed = False
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" not in cfg and isinstance(rope.get("rope_theta"), (int, float)):
+        cfg["rope_theta"] = rope["rope_theta"]
+        changed = True
+    if "torch_dtype" not in cfg and isinstance(cfg.get("dtype"), str):
+        cfg["torch_dtype"] = cfg["dtype"]
+        changed = True
+    if changed:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    return changed
+
+
+class Dpo2dReadableCheckpoints(TrainerCallback):
+    """Every checkpoint's ``config.json`` in the form dpo2d reads (rank 0)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            dpo2d_readable_config(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+
 # ------------------------------------------------------------- trainer ----
 
 
@@ -269,11 +307,20 @@ class DPO2DTrainer(DPOTrainer):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         collator = DataCollatorFor2D(tok.pad_token_id, with_segments=args.dpo2d_loss is not None)
-        callbacks = list(callbacks or [])
+        callbacks = list(callbacks or []) + [Dpo2dReadableCheckpoints()]
         if args.metrics_file:
             callbacks.append(MetricsJsonl(os.path.join(args.output_dir, args.metrics_file)))
         self._tokens = 0
         self._tokens_clock = time.perf_counter()
+        if (
+            ref_model is None
+            and peft_config is None
+            and not isinstance(model, str)
+            and not hasattr(model, "peft_config")
+            and not getattr(model.config, "_name_or_path", "")
+        ):
+            # TRL loads the reference copy from the model's path; a model built in memory has none.
+            ref_model = copy.deepcopy(model)
         super().__init__(
             model,
             ref_model=ref_model,
@@ -335,15 +382,20 @@ class DPO2DTrainer(DPOTrainer):
     @staticmethod
     def _token_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
         """``[N, T-1]``: log-prob of token t+1 at position t where labels are set, else 0."""
+        # TRL's fused LM head (added to the policy and the reference by DPOTrainer) gives the
+        # log-probs without a [tokens x vocab] logits tensor; a model without it gives logits.
         try:
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
-            lp = out.log_probs
-            lp = lp[:, -(input_ids.shape[1] - 1) :]
-        except TypeError:  # a model without TRL's fused LM head
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-            target = labels[:, 1:]
+        except TypeError:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        target = labels[:, 1:]
+        lp = getattr(out, "log_probs", None)
+        if lp is not None:
+            lp = lp[:, -target.shape[1] :]
+        else:
+            logits = out.logits[:, -target.shape[1] - 1 : -1]
             lp = torch.log_softmax(logits.float(), -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return lp.float() * (labels[:, 1:] != -100)
+        return lp.float() * (target != -100)
 
     def _reference_logps(self, model, input_ids, attention_mask, labels) -> torch.Tensor:
         gc_off = (
