@@ -39,6 +39,8 @@
 #   MODEL_DIR                 SmolLM2-135M-Instruct as a Hugging Face directory (default: `dpo2d model fetch smollm2`)
 #   WORK_DIR [runs/test-trl-bridge]  runs, logs and summary.txt
 #   THREADS  [nproc]          CPU threads per run (halved per process for the 2-process runs)
+#   KEEP_WEIGHTS [0]          1: keep the runs' model weights (about 6 GB; by default each run's
+#                             weights are deleted once the checks that read them are done)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -105,6 +107,13 @@ bridge_train() {  # output name, processes, options...: the bridge, 1 process or
         --no-progress --overwrite-output-dir --output-dir "$out" "$@" > "$out.log" 2>&1 \
         || { echo "error: bridge train failed, see $out.log" >&2; tail -n 30 "$out.log" >&2; exit 1; }
 }
+prune() {  # drop the weights and optimizer state of finished runs (several GB in all); KEEP_WEIGHTS=1 keeps them
+    if [ "${KEEP_WEIGHTS:-0}" != 1 ]; then
+        for run in "$@"; do
+            find "$WORK_DIR/$run" -type f \( -name '*.safetensors' -o -name '*.pt' -o -name '*.pth' -o -name '*.bin' \) -delete
+        done
+    fi
+}
 state_field() { "$PY" -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))[sys.argv[2]]))' "$@"; }
 
 note "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -151,6 +160,7 @@ EOF
 dpo2d_train data-plain --train-file "$WORK_DIR/plain.jsonl" --loss-type dpo --max-steps 1 --per-device-train-batch-size 1
 check "tokens of plain TRL pairs (train + heldout)" fingerprint_matches "plain" \
     "$WORK_DIR/data-plain/final/trainer_state.json" --train-file "$WORK_DIR/plain.jsonl" --loss-type dpo
+prune data-2d data-plain
 
 echo "[bridge] 3/6 parity: 5 steps of 2d-dpo, dpo2d and the bridge in 1 process"
 PARITY=(--train-file data/train.jsonl --loss-type 2d-dpo --beta 0.1 --sft-weight 0.1 --learning-rate 5e-6
@@ -177,6 +187,7 @@ check "bridge 1 process x batch 2 vs 2 processes x batch 1, step 1, 1e-4" compar
 check "bridge 1 process vs 2 processes, steps 2-5, 1e-3" compare bridge-2d-1p bridge-2d-2p 2,3,4,5 1e-3 0 "$LOSS_KEYS"
 check "bridge 1 process vs 2 processes, steps 2-5 rewards, 1e-3 absolute" compare bridge-2d-1p bridge-2d-2p 2,3,4,5 0 1e-3 "$REWARD_KEYS"
 check "dpo2d vs bridge (2 processes), step 1, 1e-4" compare dpo2d-2d bridge-2d-2p 1 1e-4 1e-6
+prune bridge-2d-2p
 
 echo "[bridge] 5/6 step 1 against another reference model (rewards not 0)"
 REF=(--ref-model "$WORK_DIR/dpo2d-2d/final" --train-file data/train.jsonl --beta 0.1 --sft-weight 0.1
@@ -188,6 +199,7 @@ check "2d-dpo, reference = dpo2d's model after 5 steps: dpo2d vs bridge (1 proce
 dpo2d_train dpo2d-ref-1d "${REF[@]}" --loss-type 1d-dpo --per-device-train-batch-size 2 --train-sampling-strategy random --seed 11
 bridge_train bridge-ref-1d-2p 2 "${REF[@]}" --loss-type 1d-dpo --per-device-train-batch-size 1 --train-sampling-strategy random --seed 11
 check "1d-dpo, same reference, random order (seed 11): dpo2d vs bridge (2 processes x batch 1), 1e-4" compare dpo2d-ref-1d bridge-ref-1d-2p 1 1e-4 1e-6
+prune dpo2d-2d dpo2d-ref-2d bridge-ref-2d-1p dpo2d-ref-1d bridge-ref-1d-2p
 
 echo "[bridge] 6/6 dpo2d reads the bridge's outputs: full weights, a LoRA adapter, the merged model"
 # LoRA with gradient checkpointing; a large learning rate so that one step moves the adapters
@@ -242,12 +254,13 @@ for i, line in enumerate(open(rows, encoding="utf-8")):
         moved = max(moved, (lp - lb).abs().max().item())
 print(f"{model_dir}: {sum(len(v) for v in got.values())} tokens, same ids, largest log-prob difference {worst:.2e}"
       + (f"; the adapter moves log-probs by up to {moved:.2e}" if base else ""))
-sys.exit(worst > 1e-3 or (base and moved < 1e-2))
+sys.exit(1 if worst > 1e-3 or (base and moved < 1e-2) else 0)
 EOF
 }
 check "dpo2d logprobs of the bridge's full fine-tuned final/ = transformers' (1e-3)" same_logprobs "$WORK_DIR/bridge-2d-1p/final"
 check "dpo2d logprobs of the bridge's LoRA adapter final/ = PEFT's (1e-3)" same_logprobs "$WORK_DIR/bridge-lora/final" "$MODEL_DIR"
 check "dpo2d logprobs of the bridge's final/merged/ = transformers' (1e-3)" same_logprobs "$WORK_DIR/bridge-lora/final/merged"
+prune bridge-2d-1p bridge-lora
 
 echo
 grep -E '^(PASS|FAIL|machine|versions)' "$SUMMARY"

@@ -12,7 +12,7 @@ CHATML = (
 )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tok():
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?\n:é日本"
     vocab = {"<|im_start|>": 0, "<|im_end|>": 1}

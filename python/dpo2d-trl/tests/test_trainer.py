@@ -79,3 +79,17 @@ def test_2d_loss_refuses_plain_pairs(tok, tmp_path):
         DPO2DTrainer(tiny_model(len(tok)), args=args, train_dataset=plain, processing_class=tok)
     with pytest.raises(ValueError, match="precompute_ref_log_probs"):
         DPO2DConfig(output_dir=str(tmp_path), precompute_ref_log_probs=True)
+
+
+def test_trl_losses_run_on_dpo2d_tokens_with_a_precomputed_reference(tok, tmp_path):
+    args = DPO2DConfig(
+        output_dir=str(tmp_path), dpo2d_loss=None, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.1],
+        precompute_ref_log_probs=True, per_device_train_batch_size=2, max_steps=1, logging_steps=1,
+        use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, max_length=64, max_prompt_length=32,
+    )  # fmt: skip
+    plain = [Pair([{"role": "user", "content": "hi"}], Response(c), Response(r)) for c, r in [("ab", "cd"), ("Yes.", "No.")]]
+    trainer = DPO2DTrainer(tiny_model(len(tok)), args=args, train_dataset=plain, processing_class=tok)
+    assert "ref_chosen_logps" in trainer.train_dataset.column_names
+    trainer.train()
+    rec = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert rec["step"] == 1 and rec["rewards/chosen"] == pytest.approx(0.0, abs=1e-5) and "lr" in rec

@@ -196,6 +196,9 @@ class DataCollatorFor2D:
             attention_mask[i, : len(r)] = 1
             completion_mask[i, : len(m)] = torch.tensor(m, dtype=torch.long)
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):  # TRL's precomputed reference (its own losses)
+            if key in examples[0]:
+                out[key] = torch.tensor([ex[key] for ex in examples])
         if self.with_segments:
             segment_ids = torch.full((n, width), NO_SEGMENT, dtype=torch.long)
             s_max = max(1, max(len(s) for s in scores))
@@ -260,8 +263,14 @@ def dpo2d_readable_config(model_dir: str) -> bool:
     return changed
 
 
-class Dpo2dReadableCheckpoints(TrainerCallback):
-    """Every checkpoint's ``config.json`` in the form dpo2d reads (rank 0)."""
+class Dpo2dCheckpoints(TrainerCallback):
+    """Checkpoints as dpo2d writes them: every ``save_steps`` but not at the
+    end, where ``final/`` is (transformers would also save one after the last
+    step); every checkpoint's ``config.json`` in the form dpo2d reads (rank 0)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and not (args.save_steps and state.global_step % args.save_steps == 0):
+            control.should_save = False
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -307,7 +316,7 @@ class DPO2DTrainer(DPOTrainer):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         collator = DataCollatorFor2D(tok.pad_token_id, with_segments=args.dpo2d_loss is not None)
-        callbacks = list(callbacks or []) + [Dpo2dReadableCheckpoints()]
+        callbacks = list(callbacks or []) + [Dpo2dCheckpoints()]
         if args.metrics_file:
             callbacks.append(MetricsJsonl(os.path.join(args.output_dir, args.metrics_file)))
         self._tokens = 0
