@@ -8,7 +8,7 @@
 //! result is written once, and the terms of a sum accumulate into one
 //! buffer (gemm's `dst = dst + a b`).
 
-use super::{tensor, with_float};
+use super::{tensor, with_float, Float};
 use candle_core::{bail, Result, Storage, Tensor};
 
 /// `a @ b`: `[.., m, k] @ [.., k, n]` with the same leading (batch) dims,
@@ -20,103 +20,125 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `sum_i a_i @ b_i` for tensors of one dtype (any strides), every `a_i`
 /// `[.., m, k_i]` and `b_i` `[.., k_i, n]` with the same leading (batch) dims.
 pub(crate) fn matmul_sum(terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
-    let Some((a0, b0)) = terms.first() else { bail!("matmul_sum: no terms") };
-    let rank = a0.rank();
-    if rank < 2 {
-        bail!("matmul_sum: operands need two dims at least, got {:?}", a0.dims());
-    }
-    let batch_dims = &a0.dims()[..rank - 2];
-    let (m, n) = (a0.dims()[rank - 2], b0.dim(rank - 1)?);
-    let dtype = a0.dtype();
-    for (a, b) in terms {
-        let fits = a.rank() == rank
-            && b.rank() == rank
-            && &a.dims()[..rank - 2] == batch_dims
-            && &b.dims()[..rank - 2] == batch_dims
-            && a.dims()[rank - 2] == m
-            && b.dims()[rank - 1] == n
-            && a.dims()[rank - 1] == b.dims()[rank - 2];
-        if !fits || a.dtype() != dtype || b.dtype() != dtype || !a.device().same_device(a0.device()) || !b.device().same_device(a0.device())
-        {
-            bail!("matmul_sum: {:?} @ {:?} does not fit {:?} x [{m}, {n}] {dtype:?} on one device", a.dims(), b.dims(), batch_dims);
-        }
-    }
-    if !super::supports(a0) {
+    let shape = Shape::of(terms)?;
+    if !super::supports(terms[0].0) {
         return candle_sum(terms);
     }
+    let mut out_dims = shape.batch_dims.clone();
+    out_dims.extend([shape.m, shape.n]);
+    with_float!(terms[0].0.dtype(), "matmul_sum", T => tensor(gemm_sum::<T>(terms, &shape)?, &out_dims))
+}
+
+/// The shape every term of a sum of products shares.
+struct Shape {
+    rank: usize,
+    batch_dims: Vec<usize>,
+    m: usize,
+    n: usize,
+}
+
+impl Shape {
+    /// The terms' common shape; an error unless every term fits it, in one
+    /// dtype, on one device.
+    fn of(terms: &[(&Tensor, &Tensor)]) -> Result<Shape> {
+        let Some((a0, b0)) = terms.first() else { bail!("matmul_sum: no terms") };
+        let rank = a0.rank();
+        if rank < 2 {
+            bail!("matmul_sum: operands need two dims at least, got {:?}", a0.dims());
+        }
+        let batch_dims = &a0.dims()[..rank - 2];
+        let (m, n) = (a0.dims()[rank - 2], b0.dim(rank - 1)?);
+        let dtype = a0.dtype();
+        for (a, b) in terms {
+            let fits = a.rank() == rank
+                && b.rank() == rank
+                && &a.dims()[..rank - 2] == batch_dims
+                && &b.dims()[..rank - 2] == batch_dims
+                && a.dims()[rank - 2] == m
+                && b.dims()[rank - 1] == n
+                && a.dims()[rank - 1] == b.dims()[rank - 2];
+            let alike =
+                a.dtype() == dtype && b.dtype() == dtype && a.device().same_device(a0.device()) && b.device().same_device(a0.device());
+            if !fits || !alike {
+                bail!("matmul_sum: {:?} @ {:?} does not fit {:?} x [{m}, {n}] {dtype:?} on one device", a.dims(), b.dims(), batch_dims);
+            }
+        }
+        Ok(Shape { rank, batch_dims: batch_dims.to_vec(), m, n })
+    }
+}
+
+/// The sum of products of CPU tensors through gemm, written into one buffer.
+fn gemm_sum<T: Float>(terms: &[(&Tensor, &Tensor)], shape: &Shape) -> Result<Vec<T>> {
+    let Shape { rank, ref batch_dims, m, n } = *shape;
     let batches: usize = batch_dims.iter().product();
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    let mut out_dims = batch_dims.to_vec();
-    out_dims.extend([m, n]);
-    with_float!(dtype, "matmul_sum", T => {
-        let len = batches * m * n;
-        let mut out: Vec<T> = Vec::with_capacity(len);
-        let mut written = false;
-        for (a, b) in terms {
-            let k = a.dims()[rank - 1];
-            if k == 0 || len == 0 {
-                continue;
-            }
-            let (a_st, a_l) = a.storage_and_layout();
-            let (b_st, b_l) = b.storage_and_layout();
-            let (Storage::Cpu(a_cs), Storage::Cpu(b_cs)) = (&*a_st, &*b_st) else {
-                bail!("matmul_sum: tensors not on the CPU");
-            };
-            let (a_data, b_data) = (a_cs.as_slice::<T>()?, b_cs.as_slice::<T>()?);
-            let (a_s, b_s) = (a_l.stride(), b_l.stride());
-            // The furthest element each operand's layout reaches must lie in its storage.
-            let reach = |off: usize, s: &[usize], dims: &[usize]| off + dims.iter().zip(s).map(|(&d, &st)| (d - 1) * st).sum::<usize>();
-            if reach(a_l.start_offset(), a_s, a.dims()) >= a_data.len() || reach(b_l.start_offset(), b_s, b.dims()) >= b_data.len() {
-                bail!("matmul_sum: a layout reaches past its storage");
-            }
-            for batch in 0..batches {
-                // Offsets of this batch entry in each operand, from its strides.
-                let (mut a_off, mut b_off, mut rest) = (a_l.start_offset(), b_l.start_offset(), batch);
-                for d in (0..rank - 2).rev() {
-                    let i = rest % batch_dims[d];
-                    rest /= batch_dims[d];
-                    a_off += i * a_s[d];
-                    b_off += i * b_s[d];
-                }
-                // SAFETY: `out` has room for batches x m x n elements; this entry
-                // writes m x n of them from `batch * m * n` with row stride n.
-                // The operands' offsets and strides come from candle's layouts of
-                // storages checked above to hold every element read. Until the
-                // first term has written `out`, gemm does not read it.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        out.as_mut_ptr().add(batch * m * n),
-                        1,
-                        n as isize,
-                        written,
-                        a_data.as_ptr().add(a_off),
-                        a_s[rank - 1] as isize,
-                        a_s[rank - 2] as isize,
-                        b_data.as_ptr().add(b_off),
-                        b_s[rank - 1] as isize,
-                        b_s[rank - 2] as isize,
-                        T::one(),
-                        T::one(),
-                        false,
-                        false,
-                        false,
-                        parallelism,
-                    );
-                }
-            }
-            written = true;
+    let len = batches * m * n;
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    let mut written = false;
+    for (a, b) in terms {
+        let k = a.dims()[rank - 1];
+        if k == 0 || len == 0 {
+            continue;
         }
-        if !written {
-            out.resize(len, T::zero());
+        let (a_st, a_l) = a.storage_and_layout();
+        let (b_st, b_l) = b.storage_and_layout();
+        let (Storage::Cpu(a_cs), Storage::Cpu(b_cs)) = (&*a_st, &*b_st) else {
+            bail!("matmul_sum: tensors not on the CPU");
+        };
+        let (a_data, b_data) = (a_cs.as_slice::<T>()?, b_cs.as_slice::<T>()?);
+        let (a_s, b_s) = (a_l.stride(), b_l.stride());
+        // The furthest element each operand's layout reaches must lie in its storage.
+        let reach = |off: usize, s: &[usize], dims: &[usize]| off + dims.iter().zip(s).map(|(&d, &st)| (d - 1) * st).sum::<usize>();
+        if reach(a_l.start_offset(), a_s, a.dims()) >= a_data.len() || reach(b_l.start_offset(), b_s, b.dims()) >= b_data.len() {
+            bail!("matmul_sum: a layout reaches past its storage");
         }
-        // SAFETY: every element was written by a product (or by the resize).
-        unsafe { out.set_len(len) };
-        tensor(out, &out_dims)
-    })
+        for batch in 0..batches {
+            // Offsets of this batch entry in each operand, from its strides.
+            let (mut a_off, mut b_off, mut rest) = (a_l.start_offset(), b_l.start_offset(), batch);
+            for d in (0..rank - 2).rev() {
+                let i = rest % batch_dims[d];
+                rest /= batch_dims[d];
+                a_off += i * a_s[d];
+                b_off += i * b_s[d];
+            }
+            // SAFETY: `out` has room for batches x m x n elements; this entry
+            // writes m x n of them from `batch * m * n` with row stride n.
+            // The operands' offsets and strides come from candle's layouts of
+            // storages checked above to hold every element read. Until the
+            // first term has written `out`, gemm does not read it.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr().add(batch * m * n),
+                    1,
+                    n as isize,
+                    written,
+                    a_data.as_ptr().add(a_off),
+                    a_s[rank - 1] as isize,
+                    a_s[rank - 2] as isize,
+                    b_data.as_ptr().add(b_off),
+                    b_s[rank - 1] as isize,
+                    b_s[rank - 2] as isize,
+                    T::one(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+        }
+        written = true;
+    }
+    if !written {
+        out.resize(len, T::zero());
+    }
+    // SAFETY: every element was written by a product (or by the resize).
+    unsafe { out.set_len(len) };
+    Ok(out)
 }
 
 /// The sum of products through candle's matmul (cuBLAS on a GPU): for

@@ -89,6 +89,34 @@ fn opt_f64(obj: &Map<String, Value>, key: &str, file: &str, default: f64) -> Res
     }
 }
 
+/// The rotary base: `rope_theta`, or where transformers 5 writes it,
+/// `rope_parameters.rope_theta`; 10000 when neither is there. A scaled rope
+/// (`rope_type` other than `default`) is not supported and is ignored, as
+/// `rope_scaling` is.
+fn rope_theta(obj: &Map<String, Value>, file: &str) -> Result<f64> {
+    let params = match obj.get("rope_parameters") {
+        Some(Value::Object(p)) => Some(p),
+        None | Some(Value::Null) => None,
+        Some(v) => bail!("{file}: field `rope_parameters` must be an object, got {v}"),
+    };
+    if let Some(kind) = params.and_then(|p| p.get("rope_type")).and_then(Value::as_str).filter(|k| *k != "default") {
+        tracing::warn!("{file}: rope_type `{kind}` is not supported and is ignored");
+    }
+    let nested =
+        params.map(|p| opt_f64(p, "rope_theta", &format!("{file}: rope_parameters"), f64::NAN)).transpose()?.filter(|t| !t.is_nan());
+    match (obj.get("rope_theta").filter(|v| !v.is_null()), nested) {
+        (Some(_), Some(n)) => {
+            let top = opt_f64(obj, "rope_theta", file, n)?;
+            if top != n {
+                bail!("{file}: rope_theta {top} and rope_parameters.rope_theta {n} differ");
+            }
+            Ok(top)
+        }
+        (None, Some(n)) => Ok(n),
+        _ => opt_f64(obj, "rope_theta", file, 10000.0),
+    }
+}
+
 fn opt_bool(obj: &Map<String, Value>, key: &str, file: &str, default: bool) -> Result<bool> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(default),
@@ -208,6 +236,7 @@ impl ModelConfig {
                 tracing::warn!("{file}: `rope_scaling` is not supported and is ignored");
             }
         }
+        let rope_theta = rope_theta(obj, file)?;
         let cfg = ModelConfig {
             architecture,
             vocab_size: req_usize(obj, "vocab_size", file)?,
@@ -217,7 +246,7 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rope_theta: opt_f64(obj, "rope_theta", file, 10000.0)?,
+            rope_theta,
             rms_norm_eps: opt_f64(obj, "rms_norm_eps", file, 1e-6)?,
             tie_word_embeddings: opt_bool(obj, "tie_word_embeddings", file, false)?,
             attention_bias: opt_bool(obj, "attention_bias", file, default_bias)? || default_bias,
@@ -227,7 +256,8 @@ impl ModelConfig {
             },
             bos_token_id: bos.first().copied(),
             eos_token_ids,
-            torch_dtype: obj.get("torch_dtype").and_then(|v| v.as_str()).map(str::to_string),
+            // transformers 5 names it `dtype`.
+            torch_dtype: ["torch_dtype", "dtype"].iter().find_map(|k| obj.get(*k)?.as_str()).map(str::to_string),
             extra,
         };
         Ok(cfg)
@@ -307,6 +337,23 @@ mod tests {
         // Round trip through the HF writer.
         let back = ModelConfig::from_json_str(&c.to_hf_json_string(), "x").unwrap();
         assert_eq!(back, c);
+    }
+
+    /// transformers 5 writes the rotary base into `rope_parameters`; read
+    /// there it must give the same model as the old top-level key.
+    #[test]
+    fn rope_theta_from_transformers_5_rope_parameters() {
+        let v5 = SMOL.replace(r#""rope_theta":100000.0,"#, r#""rope_parameters":{"rope_theta":100000.0,"rope_type":"default"},"#);
+        assert!(!v5.contains(r#""rope_theta":100000.0,"rms"#));
+        assert_eq!(ModelConfig::from_json_str(&v5, "c.json").unwrap().rope_theta, 100000.0);
+        let both = SMOL.replace(r#""rope_theta":100000.0,"#, r#""rope_theta":100000.0,"rope_parameters":{"rope_theta":100000.0},"#);
+        assert_eq!(ModelConfig::from_json_str(&both, "c.json").unwrap().rope_theta, 100000.0);
+        let clash = SMOL.replace(r#""rope_theta":100000.0,"#, r#""rope_theta":100000.0,"rope_parameters":{"rope_theta":500000.0},"#);
+        assert!(ModelConfig::from_json_str(&clash, "c.json").unwrap_err().to_string().contains("differ"));
+        let renamed = v5.replace(r#""torch_dtype":"bfloat16""#, r#""dtype":"bfloat16""#);
+        assert_eq!(ModelConfig::from_json_str(&renamed, "c.json").unwrap().torch_dtype.as_deref(), Some("bfloat16"));
+        let neither = SMOL.replace(r#""rope_theta":100000.0,"#, "");
+        assert_eq!(ModelConfig::from_json_str(&neither, "c.json").unwrap().rope_theta, 10000.0);
     }
 
     #[test]
