@@ -1,7 +1,8 @@
 //! `dpo2d serve` end to end: the OpenAI wire format (whole and streamed
 //! answers) checked with reqwest against a server on 127.0.0.1, its limits
-//! and errors, batching of concurrent requests, the bearer key, Ctrl-C with
-//! a request in flight, a LoRA checkpoint as the model, `dpo2d annotate`
+//! and errors, batching of concurrent requests, 503 on a full queue, a
+//! failed batch, the bearer key, Ctrl-C and SIGTERM with a request in flight
+//! and a second Ctrl-C, a LoRA checkpoint as the model, `dpo2d annotate`
 //! against it, and the official `openai` Python client.
 
 mod common;
@@ -214,6 +215,67 @@ async fn concurrent_requests_are_decoded_together() {
     srv.stop().unwrap();
 }
 
+/// A full queue answers 503 with `Retry-After`, and the server goes on
+/// serving once the queue has room again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_answers_503_with_retry_after() {
+    // One request may be queued; it waits 5 s in the batch window.
+    let limits = Limits { max_queue: 1, ..Limits::default() };
+    let (_d, srv) = start(ServeOptions { limits, batch_wait: Duration::from_secs(5), ..ServeOptions::default() });
+    let url = srv.base_url();
+    let body = json!({"messages": ask("what is q1 ."), "temperature": 0, "max_tokens": 3});
+    let first = tokio::spawn({
+        let (url, body) = (url.clone(), body.clone());
+        async move { post(&url, body).await }
+    });
+    until_pending(srv.addr, 1).await;
+    let r = reqwest::Client::new().post(format!("{url}/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "server_error", "{e}");
+    let (status, a) = first.await.unwrap();
+    assert_eq!(status, 200, "the queued request is answered: {a}");
+    let (status, a) = post(&url, body).await;
+    assert_eq!(status, 200, "room again: {a}");
+    assert_eq!(counters(srv.addr).await.2, 0);
+    srv.stop().unwrap();
+}
+
+/// A batch that fails (here: a prompt word the tokenizer knows but the model
+/// cannot embed) fails its own requests with a server error, whole or
+/// streamed, and the server answers the next requests.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_batch_fails_its_requests_and_the_server_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model_from(dir.path(), &<dpo2d_model::test_support::TinyModel as common::TinyModelExt>::e2e(), &["zz"]);
+    let lm = dpo2d_model::load(dir.path(), &Default::default()).unwrap();
+    let srv = dpo2d_serve::spawn(lm, ServeOptions { port: 0, ..ServeOptions::default() }).unwrap();
+    let url = srv.base_url();
+    let good = json!({"messages": ask("what is q1 ."), "temperature": 0, "max_tokens": 3});
+    let bad = json!({"messages": ask("what is zz ."), "temperature": 0, "max_tokens": 3});
+    let (s, a) = post(&url, good.clone()).await;
+    assert_eq!(s, 200, "{a}");
+    let (s, e) = post(&url, bad.clone()).await;
+    assert_eq!(s, 500, "{e}");
+    assert_eq!(e["error"]["type"], "server_error");
+    assert!(e["error"]["message"].as_str().unwrap().contains("generation failed"), "{e}");
+    let (s, again) = post(&url, good.clone()).await;
+    assert_eq!((s, &again["choices"][0]["message"]["content"]), (200, &a["choices"][0]["message"]["content"]), "{again}");
+    // Streamed: the stream carries the error and ends.
+    let mut streamed = bad;
+    streamed["stream"] = json!(true);
+    let text = reqwest::Client::new().post(format!("{url}/chat/completions")).json(&streamed).send().await.unwrap().text().await.unwrap();
+    let data = sse_data(&text);
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert!(last["error"]["message"].as_str().unwrap().contains("generation failed"), "{text}");
+    let (s, _) = post(&url, good).await;
+    assert_eq!(s, 200);
+    let (batches, _, pending) = counters(srv.addr).await;
+    assert_eq!((batches, pending), (5, 0));
+    srv.stop().unwrap();
+}
+
 async fn futures_join<F: std::future::Future<Output = Value> + Send + 'static>(fs: impl Iterator<Item = F>) -> Vec<Value> {
     let handles: Vec<_> = fs.map(tokio::spawn).collect();
     let mut out = vec![];
@@ -351,6 +413,41 @@ fn a_signal_finishes_the_request_in_flight(sig: &str) {
 #[test]
 fn ctrl_c_finishes_the_request_in_flight() {
     a_signal_finishes_the_request_in_flight("-INT");
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight() {
+    a_signal_finishes_the_request_in_flight("-TERM");
+}
+
+/// A second Ctrl-C quits at once (exit 130) instead of waiting for the
+/// request in flight, which here would wait a minute in the batch window.
+#[test]
+fn a_second_ctrl_c_quits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model(dir.path());
+    let mut served = serve_process(dir.path(), &["--batch-wait-ms", "60000"], &[]);
+    let req = served.request(json!({"messages": ask("what is q3 ."), "max_tokens": 20, "temperature": 0}));
+    served.wait_pending(1);
+    served.interrupt();
+    served.wait_for("stopping: finishing the requests in flight").expect("the first Ctrl-C is acknowledged");
+    // The second Ctrl-C (sent until the process is gone: one that lands
+    // before the second handler listens is not counted).
+    let mut exit = None;
+    for _ in 0..100 {
+        served.interrupt();
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(e) = served.child.try_wait().unwrap() {
+            exit = Some(e);
+            break;
+        }
+    }
+    let exit = match exit {
+        Some(e) => e,
+        None => served.child.wait().unwrap(),
+    };
+    assert_eq!(exit.code(), Some(130), "{exit}: {}", served.log());
+    assert!(req.join().unwrap().is_err(), "the request in flight was not answered");
 }
 
 #[test]
