@@ -1,7 +1,9 @@
 //! `dpo2d iterate` end to end on a tiny random model: a run stopped in each
 //! phase (sampling, scoring, training), by its stop hook or by `kill -9` of
 //! the process, resumes without redoing finished work and ends where an
-//! uninterrupted run ends; the judge scorer through the binary.
+//! uninterrupted run ends; the judge scorer, and generated arithmetic
+//! prompts with the checker, through the binary; a run directory refuses
+//! other prompts or another scorer.
 
 mod common;
 
@@ -281,4 +283,54 @@ fn killed_in_every_phase_resumes_with_nothing_lost_or_redone() {
     let weights = |r: &Path| std::fs::read(r.join("train/final/model.safetensors")).unwrap();
     assert!(weights(&round) == weights(&whole), "the killed and resumed run trained another policy");
     assert!(round.join("round.json").is_file());
+}
+
+/// `--prompts arithmetic:N` with `--scorer check:arithmetic` through the
+/// binary: the prompts are the generated problems, every answer is scored
+/// as the checker scores it, and the tiny model's answers (no arithmetic in
+/// them: all tie) give no pair, which stops the round with the reason before
+/// any training; the same directory then refuses other prompts and another
+/// scorer.
+#[test]
+fn arithmetic_prompts_and_checker_through_the_cli() {
+    let d = tempfile::tempdir().unwrap();
+    common::write_tiny_model(&d.path().join("model"));
+    let n = 12;
+    let spec = format!("arithmetic:{n}");
+    let o = iterate_command(d.path(), "out", &spec, "check:arithmetic").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains(&format!("round 1: 0 pairs from {n} prompts ({n} without a pair)")), "{err}");
+    assert!(err.contains("no prompt had answers of different scores, so there is nothing to train on"), "{err}");
+    assert!(!d.path().join("out/round-1/train").exists() && !d.path().join("out/round-1/pairs.jsonl").exists());
+    let problems = dpo2d_iterate::prompts::arithmetic(n, 3);
+    let read = |f: &str| -> Vec<serde_json::Value> {
+        lines(&d.path().join("out/round-1").join(f)).iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (samples, scored) = (read("samples.jsonl"), read("scored.jsonl"));
+    assert_eq!((samples.len(), scored.len()), (n, n));
+    let mut answers = 0;
+    for ((s, sample), want) in scored.iter().zip(&samples).zip(&problems) {
+        let problem = want.problem.as_ref().unwrap();
+        assert_eq!(s["id"], serde_json::json!(problem.id));
+        assert_eq!(s["prompt"], serde_json::json!(problem.prompt()), "the prompt is the generated problem");
+        let texts = sample["responses"].as_array().unwrap();
+        assert_eq!(texts.len(), 2);
+        for (r, text) in s["responses"].as_array().unwrap().iter().zip(texts) {
+            let got: dpo2d_data::Response = serde_json::from_value(r.clone()).unwrap();
+            assert_eq!(got, dpo2d_eval::arithmetic::check(problem, text.as_str().unwrap()).response, "{text}");
+            answers += !text.as_str().unwrap().is_empty() as usize;
+        }
+    }
+    assert!(answers > n, "{answers} non-empty answers");
+
+    // Other prompts or another scorer in the same directory are refused, naming what changed.
+    let refused = |prompts: &str, scorer: &str, what: &str| {
+        let o = iterate_command(d.path(), "out", prompts, scorer).args(["--judge-model", "judge"]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains(&format!("holds a run with other {what}")), "{err}");
+    };
+    refused(&format!("arithmetic:{}", n + 1), "check:arithmetic", "prompts");
+    refused(&spec, "judge:http://127.0.0.1:9/v1", "scorer");
 }
