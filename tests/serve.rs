@@ -370,6 +370,19 @@ impl Served {
         self.signal("-INT");
     }
 
+    /// Waits for the process to exit; one that does not exit within five
+    /// minutes is killed and fails the test (instead of hanging it).
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        for _ in 0..3000 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        panic!("the server did not exit:\n{}", self.log());
+    }
+
     /// Waits until `n` requests are queued or decoding.
     fn wait_pending(&self, n: u64) {
         tokio::runtime::Runtime::new().unwrap().block_on(until_pending(self.addr, n));
@@ -381,7 +394,8 @@ impl Served {
         let url = format!("{}/chat/completions", self.url);
         std::thread::spawn(move || {
             tokio::runtime::Runtime::new().unwrap().block_on(async move {
-                let r = reqwest::Client::new().post(url).json(&body).send().await.map_err(|e| e.to_string())?;
+                let http = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
+                let r = http.post(url).json(&body).send().await.map_err(|e| e.to_string())?;
                 let status = r.status().as_u16();
                 Ok((status, r.json().await.map_err(|e| e.to_string())?))
             })
@@ -401,7 +415,7 @@ fn a_signal_finishes_the_request_in_flight(sig: &str) {
     let (status, answer) = req.join().unwrap().expect("the request in flight is answered");
     assert_eq!(status, 200, "{answer}");
     assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0);
-    let exit = served.child.wait().unwrap();
+    let exit = served.wait_exit();
     assert!(exit.success(), "{sig}: {exit}");
     let log = served.log();
     assert!(log.contains("stopping: finishing the requests in flight"), "{log}");
@@ -444,7 +458,7 @@ fn a_second_ctrl_c_quits_at_once() {
     }
     let exit = match exit {
         Some(e) => e,
-        None => served.child.wait().unwrap(),
+        None => served.wait_exit(),
     };
     assert_eq!(exit.code(), Some(130), "{exit}: {}", served.log());
     assert!(req.join().unwrap().is_err(), "the request in flight was not answered");
@@ -518,7 +532,7 @@ fn annotate_runs_against_serve() {
         }
     }
     served.interrupt();
-    assert!(served.child.wait().unwrap().success());
+    assert!(served.wait_exit().success());
     let log = served.log();
     // The structured-output request is refused, the free-text ones answered.
     assert!(log.contains("POST /v1/chat/completions 400"), "{log}");
@@ -563,7 +577,7 @@ print("ok", repr(whole))
 "#;
     let out = Command::new("python3").args(["-c", script, &url]).env("PYTHONPATH", &site).output().unwrap();
     served.interrupt();
-    let _ = served.child.wait();
+    served.wait_exit();
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok"));
 }
