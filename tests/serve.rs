@@ -358,6 +358,16 @@ fn serve_process(model: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Served 
     s
 }
 
+/// A test that fails before the server exits leaves no server behind.
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Served {
     /// Reads the log until a line that holds `needle`; `None` when the log ends first.
     fn wait_for(&mut self, needle: &str) -> Option<String> {
