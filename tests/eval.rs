@@ -2,7 +2,8 @@
 //! grades read right, an unreadable answer asked again, both-order
 //! aggregation of a judge with a position bias, the report files, resume
 //! from the cache (a rerun asks nothing, a larger slice asks only for the
-//! new questions), `eval compare`, and `dpo2d serve` as the judge.
+//! new questions), `eval compare`, a baseline model (`--baseline-path`)
+//! judged against in both orders, and `dpo2d serve` as the judge.
 
 mod common;
 
@@ -12,7 +13,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A judge that answers by rule: grades by question (as free text in
 /// several messy formats, or as JSON when the request carries a schema; one
@@ -22,6 +23,8 @@ use std::sync::Arc;
 struct ScriptedJudge {
     url: String,
     requests: Arc<AtomicUsize>,
+    /// The user message of every request, in order.
+    prompts: Arc<Mutex<Vec<String>>>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -82,13 +85,15 @@ impl ScriptedJudge {
     fn start() -> ScriptedJudge {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
-        let counter = requests.clone();
+        let prompts = Arc::new(Mutex::new(vec![]));
+        let (counter, seen) = (requests.clone(), prompts.clone());
         let app = Router::new().route(
             "/v1/chat/completions",
             post(move |Json(body): Json<Value>| {
-                let counter = counter.clone();
+                let (counter, seen) = (counter.clone(), seen.clone());
                 async move {
                     counter.fetch_add(1, Ordering::SeqCst);
+                    seen.lock().unwrap().push(body["messages"][1]["content"].as_str().unwrap_or("").to_string());
                     Json(json!({
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": judge_answer(&body)}, "finish_reason": "stop"}],
                         "usage": {"prompt_tokens": 10, "completion_tokens": 5}
@@ -99,7 +104,7 @@ impl ScriptedJudge {
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
         rt.spawn(async move { axum::serve(listener, app).await });
-        ScriptedJudge { url, requests, _rt: rt }
+        ScriptedJudge { url, requests, prompts, _rt: rt }
     }
 
     fn requests(&self) -> usize {
@@ -231,6 +236,53 @@ fn pairwise_judging_in_both_orders_cancels_a_position_bias() {
     assert_eq!(rec["verdict_model_first"], "A>B");
     assert_eq!(rec["verdict_model_second"], "B>A");
     assert!(s.get("aspects").unwrap().as_object().unwrap().is_empty());
+}
+
+/// The greedy answer of `model` to `prompt`, as `dpo2d generate` writes it.
+fn greedy_answer(model: &Path, prompt: &str, max_new_tokens: usize) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_dpo2d"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", &max_new_tokens.to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap();
+    line["completion"].as_str().unwrap().trim().to_string()
+}
+
+/// `--baseline-path`: a set without baseline answers is judged pairwise
+/// against another model's answers, which the judge sees in both orders.
+#[test]
+fn a_baseline_model_is_judged_against_in_both_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model(&dir.path().join("model"));
+    let other = dir.path().join("other");
+    common::write_tiny_model_seeded(&other, 900);
+    let qs = dir.path().join("qs.jsonl");
+    write_questions(&qs, false);
+    let judge = ScriptedJudge::start();
+    let extra = ["--baseline-path", other.to_str().unwrap(), "--baseline-id", "other", "--no-aspects", "--limit", "2"];
+    eval(dir.path(), &judge.url, &qs, "vs", &extra);
+    let r = results(dir.path(), "vs");
+    assert_eq!(r["grading"], "pairwise-quick");
+    assert_eq!(r["baseline"], "other");
+    // a (one turn) and c (two turns): 3 answers, each compared in both orders.
+    assert_eq!(judge.requests(), 6);
+    let (mine, theirs) = (greedy_answer(&dir.path().join("model"), "what is q1 .", 4), greedy_answer(&other, "what is q1 .", 4));
+    assert_ne!(mine, theirs, "the two models must answer differently for this check");
+    let shown = |a: &str, b: &str| {
+        format!(
+            "### Assistant A's answer\n{a}\n### End of assistant A's answer\n\n### Assistant B's answer\n{b}\n### End of assistant B's answer"
+        )
+    };
+    let prompts = judge.prompts.lock().unwrap().clone();
+    for (a, b) in [(&mine, &theirs), (&theirs, &mine)] {
+        assert_eq!(prompts.iter().filter(|p| p.contains("what is q1 .") && p.contains(&shown(a, b))).count(), 1, "{prompts:#?}");
+    }
+    let rec = r["records"].as_array().unwrap().iter().find(|x| x["id"] == "a").unwrap().clone();
+    assert_eq!(rec["baseline_chars"], theirs.chars().count());
+    assert_eq!(rec["answer_chars"], mine.chars().count());
+    // The judge always picks A: one win and one loss per answer, a tie overall.
+    assert_eq!((rec["verdict_model_first"].as_str(), rec["verdict_model_second"].as_str()), (Some("A>B"), Some("B>A")));
 }
 
 #[test]

@@ -1,6 +1,9 @@
 //! `dpo2d iterate` end to end on a tiny random model: a run stopped in each
-//! phase (sampling, scoring, training) resumes without redoing finished
-//! work and ends where an uninterrupted run ends.
+//! phase (sampling, scoring, training), by its stop hook or by `kill -9` of
+//! the process, resumes without redoing finished work and ends where an
+//! uninterrupted run ends; the judge scorer, and generated arithmetic
+//! prompts with the checker, through the binary; a run directory refuses
+//! other prompts or another scorer.
 
 mod common;
 
@@ -172,4 +175,162 @@ fn judge_scorer_through_the_cli() {
     assert!(judged >= 12, "only {judged} answers judged");
     assert!(server.stats().requests > 0);
     assert!(d.path().join("out/round-1/train/final/model.safetensors").exists());
+}
+
+/// `dpo2d iterate` as a process into `out` (under `d`), with the tiny model,
+/// training 4 updates with a checkpoint after each.
+fn iterate_command(d: &Path, out: &str, prompts: &str, scorer: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_dpo2d"));
+    c.current_dir(d).env_remove("OPENAI_API_KEY").env_remove(dpo2d_fs::HANG_AT).env_remove("RUST_LOG");
+    c.args(["iterate", "--no-progress", "--model", "model", "--prompts", prompts, "--scorer", scorer]);
+    c.args(["--samples-per-prompt", "2", "--max-new-tokens", "8", "--temperature", "1.0", "--sampling-batch-size", "8"]);
+    c.args(["--loss", "2d-dpo", "--max-steps", "4", "--save-steps", "1", "--logging-steps", "1", "--per-device-train-batch-size", "2"]);
+    c.args(["--seed", "3"]);
+    c.args(["--output-dir", out, "--cache-dir", "cache"]);
+    c
+}
+
+/// Runs `cmd` to its end; its stderr (it must succeed).
+fn run_to_end(cmd: &mut std::process::Command) -> String {
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    err
+}
+
+/// Runs `cmd` until it reaches the hang point `point` (all its work up to
+/// there on disk), then kills it with SIGKILL: no chance to clean up. Its
+/// stderr up to there.
+fn kill_at(cmd: &mut std::process::Command, point: &str) -> String {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child =
+        cmd.env(dpo2d_fs::HANG_AT, point).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            let _ = child.kill();
+            panic!("the run ended before {point}:\n{seen}");
+        }
+        seen.push_str(&line);
+        if line.trim_end() == format!("hanging at {point}") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    assert_eq!(child.wait().unwrap().signal(), Some(9));
+    seen
+}
+
+/// A real `kill -9` in each phase (after the first sampling chunk, after the
+/// first scoring chunk, after the second update) and the same command run
+/// again each time: the run ends with the files and weights of an
+/// uninterrupted run, nothing sampled, judged or trained twice.
+#[test]
+fn killed_in_every_phase_resumes_with_nothing_lost_or_redone() {
+    use dpo2d_annotate::test_server::{MockConfig, MockJudge};
+    let d = tempfile::tempdir().unwrap();
+    common::write_tiny_model(&d.path().join("model"));
+    let prompts: String = (0..PROMPTS).map(|i| format!("{{\"id\": {i}, \"prompt\": \"what is q{} .\"}}\n", i % 10)).collect();
+    std::fs::write(d.path().join("prompts.jsonl"), prompts).unwrap();
+    let judge = MockJudge::start(MockConfig::default());
+    let scorer = format!("judge:{}", judge.base_url());
+    let cmd = |out: &str| {
+        let mut c = iterate_command(d.path(), out, "prompts.jsonl", &scorer);
+        c.args(["--judge-model", "judge"]);
+        c
+    };
+
+    // The reference: one uninterrupted run.
+    run_to_end(&mut cmd("whole"));
+    let judged = judge.stats().requests;
+    assert!(judged > 0);
+    let (whole, round) = (d.path().join("whole/round-1"), d.path().join("killed/round-1"));
+
+    // Killed after the first sampling chunk (4 prompts x 2 answers); a kill
+    // during the next append would leave a torn line, so one is added.
+    kill_at(&mut cmd("killed"), "round-1/sampling:1");
+    assert_eq!(lines(&round.join("samples.jsonl")).len(), 4);
+    assert!(!round.join("scored.jsonl").exists());
+    let mut f = std::fs::OpenOptions::new().append(true).open(round.join("samples.jsonl")).unwrap();
+    std::io::Write::write_all(&mut f, b"{\"index\": 4, \"prompt\": \"what").unwrap();
+
+    // Killed after the first scoring chunk (16 prompts): the other 16 prompts were sampled, no more.
+    let err = kill_at(&mut cmd("killed"), "round-1/scoring:1");
+    assert!(err.contains("sampling 2 answers for each of 16 prompts"), "{err}");
+    assert_eq!(lines(&round.join("samples.jsonl")), lines(&whole.join("samples.jsonl")), "resumed sampling differs");
+    assert_eq!(lines(&round.join("scored.jsonl")).len(), 16);
+
+    // Killed after the second update: the last 4 prompts were scored, nothing sampled again.
+    let err = kill_at(&mut cmd("killed"), "step:2");
+    assert!(!err.contains("sampling"), "{err}");
+    assert!(err.contains("scoring the answers of 4 prompts"), "{err}");
+    assert_eq!(lines(&round.join("scored.jsonl")), lines(&whole.join("scored.jsonl")), "resumed scoring differs");
+    assert_eq!(lines(&round.join("pairs.jsonl")), lines(&whole.join("pairs.jsonl")));
+    assert!(round.join("train/checkpoint-2").is_dir() && !round.join("train/checkpoint-3").exists());
+
+    // To the end: training continues from the checkpoint of the killed run.
+    let err = run_to_end(&mut cmd("killed"));
+    assert!(!err.contains("sampling") && !err.contains("scoring"), "{err}");
+    assert!(err.contains("training resumes from") && err.contains("at step 2"), "{err}");
+    assert_eq!(judge.stats().requests, 2 * judged, "answers judged twice");
+    let metrics = |r: &Path| dpo2d_train::metrics::read_metrics(&r.join("train/metrics.jsonl")).unwrap();
+    let steps: Vec<usize> = metrics(&round).iter().filter(|r| r.get("loss").is_some()).map(|r| r.step).collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    assert_eq!(common::strip_timing(&metrics(&round)), common::strip_timing(&metrics(&whole)));
+    let weights = |r: &Path| std::fs::read(r.join("train/final/model.safetensors")).unwrap();
+    assert!(weights(&round) == weights(&whole), "the killed and resumed run trained another policy");
+    assert!(round.join("round.json").is_file());
+}
+
+/// `--prompts arithmetic:N` with `--scorer check:arithmetic` through the
+/// binary: the prompts are the generated problems, every answer is scored
+/// as the checker scores it, and the tiny model's answers (no arithmetic in
+/// them: all tie) give no pair, which stops the round with the reason before
+/// any training; the same directory then refuses other prompts and another
+/// scorer.
+#[test]
+fn arithmetic_prompts_and_checker_through_the_cli() {
+    let d = tempfile::tempdir().unwrap();
+    common::write_tiny_model(&d.path().join("model"));
+    let n = 12;
+    let spec = format!("arithmetic:{n}");
+    let o = iterate_command(d.path(), "out", &spec, "check:arithmetic").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains(&format!("round 1: 0 pairs from {n} prompts ({n} without a pair)")), "{err}");
+    assert!(err.contains("no prompt had answers of different scores, so there is nothing to train on"), "{err}");
+    assert!(!d.path().join("out/round-1/train").exists() && !d.path().join("out/round-1/pairs.jsonl").exists());
+    let problems = dpo2d_iterate::prompts::arithmetic(n, 3);
+    let read = |f: &str| -> Vec<serde_json::Value> {
+        lines(&d.path().join("out/round-1").join(f)).iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (samples, scored) = (read("samples.jsonl"), read("scored.jsonl"));
+    assert_eq!((samples.len(), scored.len()), (n, n));
+    let mut answers = 0;
+    for ((s, sample), want) in scored.iter().zip(&samples).zip(&problems) {
+        let problem = want.problem.as_ref().unwrap();
+        assert_eq!(s["id"], serde_json::json!(problem.id));
+        assert_eq!(s["prompt"], serde_json::json!(problem.prompt()), "the prompt is the generated problem");
+        let texts = sample["responses"].as_array().unwrap();
+        assert_eq!(texts.len(), 2);
+        for (r, text) in s["responses"].as_array().unwrap().iter().zip(texts) {
+            let got: dpo2d_data::Response = serde_json::from_value(r.clone()).unwrap();
+            assert_eq!(got, dpo2d_eval::arithmetic::check(problem, text.as_str().unwrap()).response, "{text}");
+            answers += !text.as_str().unwrap().is_empty() as usize;
+        }
+    }
+    assert!(answers > n, "{answers} non-empty answers");
+
+    // Other prompts or another scorer in the same directory are refused, naming what changed.
+    let refused = |prompts: &str, scorer: &str, what: &str| {
+        let o = iterate_command(d.path(), "out", prompts, scorer).args(["--judge-model", "judge"]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains(&format!("holds a run with other {what}")), "{err}");
+    };
+    refused(&format!("arithmetic:{}", n + 1), "check:arithmetic", "prompts");
+    refused(&spec, "judge:http://127.0.0.1:9/v1", "scorer");
 }

@@ -1,7 +1,8 @@
 //! `dpo2d rm train` / `rm score` end to end on a tiny random model: the loss
 //! falls, a resumed run ends where an uninterrupted one does, the saved
-//! directory is a transformers token classifier, and scored output is valid
-//! 2-D data.
+//! directory is a transformers token classifier, scored output is valid
+//! 2-D data, `rm train` through the binary trains what the library trains,
+//! and the reward model scores an iterate round (`--scorer rm:DIR`).
 
 mod common;
 
@@ -124,4 +125,138 @@ fn scores_an_iterate_round() {
         }
     }
     assert!(answers_scored > 8, "{scored}");
+}
+
+/// `dpo2d rm train` through the binary trains the reward model the library
+/// trains with the same settings (same metrics, same weights), and
+/// `dpo2d iterate --scorer rm:DIR` scores every answer as `dpo2d rm score`
+/// scores it with that model, then trains its round.
+#[test]
+fn rm_train_and_an_iterate_round_scored_by_it_through_the_binary() {
+    let d = common::setup(true);
+    let mut cfg = rm_config(d.path(), "library");
+    (cfg.max_steps, cfg.eval_steps) = (10, 5);
+    let library = train(&cfg, &common::quiet(d.path())).unwrap();
+
+    let bin = env!("CARGO_BIN_EXE_dpo2d");
+    let run = |args: &[&str]| {
+        let o = Command::new(bin).current_dir(d.path()).args(args).env_remove("RUST_LOG").output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        o
+    };
+    run(&[
+        "rm",
+        "train",
+        "--no-progress",
+        "--model",
+        "model",
+        "--train-file",
+        "train.jsonl",
+        "--eval-file",
+        "eval.jsonl",
+        "--output-dir",
+        "cli",
+        "--cache-dir",
+        "cache",
+        "--loss",
+        "dpo",
+        "--beta",
+        "0.1",
+        "--learning-rate",
+        "0.02",
+        "--lr-scheduler-type",
+        "constant",
+        "--per-device-train-batch-size",
+        "4",
+        "--per-device-eval-batch-size",
+        "8",
+        "--max-steps",
+        "10",
+        "--max-length",
+        "64",
+        "--max-prompt-length",
+        "32",
+        "--logging-steps",
+        "1",
+        "--eval-steps",
+        "5",
+        "--save-steps",
+        "0",
+        "--seed",
+        "7",
+    ]);
+    let cli = d.path().join("cli");
+    let metrics = dpo2d_train::metrics::read_metrics(&cli.join("metrics.jsonl")).unwrap();
+    assert!(metrics.iter().any(|r| r.get("eval_within_one").is_some()), "reward-model metrics: {metrics:?}");
+    assert_eq!(common::strip_timing(&metrics), common::strip_timing(&library.history));
+    let bytes = |p: &std::path::Path| std::fs::read(p.join("model.safetensors")).unwrap();
+    assert!(bytes(&cli.join("final")) == bytes(&library.final_model_dir), "the binary trained another reward model");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cli.join("final/config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForTokenClassification");
+
+    // A round of iterate scored by it.
+    let rm = format!("rm:{}", cli.join("final").display());
+    let o = run(&[
+        "iterate",
+        "--no-progress",
+        "--model",
+        "model",
+        "--prompts",
+        "eval.jsonl",
+        "--scorer",
+        &rm,
+        "--samples-per-prompt",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "1.0",
+        "--loss",
+        "2d-dpo",
+        "--max-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "2",
+        "--output-dir",
+        "iterate",
+        "--cache-dir",
+        "cache",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("| 1 | 8 |"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(d.path().join("iterate/round-1/train/final/model.safetensors").is_file());
+    // Every non-empty answer, scored again on its own by `rm score`.
+    let scored: Vec<serde_json::Value> = std::fs::read_to_string(d.path().join("iterate/round-1/scored.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let samples: Vec<serde_json::Value> = std::fs::read_to_string(d.path().join("iterate/round-1/samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut singles = String::new();
+    let mut want = vec![];
+    for (s, sample) in scored.iter().zip(&samples) {
+        for (r, text) in s["responses"].as_array().unwrap().iter().zip(sample["responses"].as_array().unwrap()) {
+            if text.as_str().unwrap().trim().is_empty() {
+                continue;
+            }
+            singles += &(serde_json::json!({"prompt": s["prompt"], "response": text}).to_string() + "\n");
+            want.push(r["segments"].clone());
+        }
+    }
+    assert!(want.len() > 8, "{} answers scored", want.len());
+    std::fs::write(d.path().join("singles.jsonl"), singles).unwrap();
+    run(&["rm", "score", "--model", cli.join("final").to_str().unwrap(), "-i", "singles.jsonl", "-o", "singles.scored.jsonl"]);
+    let by_rm: Vec<serde_json::Value> = std::fs::read_to_string(d.path().join("singles.scored.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["response"]["segments"].clone())
+        .collect();
+    assert_eq!(by_rm.len(), want.len());
+    for (got, want) in by_rm.iter().zip(&want) {
+        assert!(want.as_array().unwrap().iter().all(|s| s["scores"].is_object()), "every segment scored: {want}");
+        assert_eq!(got, want, "iterate's rm scorer and `rm score` disagree");
+    }
 }

@@ -1,9 +1,9 @@
 //! End-to-end training tests on a tiny random model and synthetic 2-D data,
 //! both written by the test: 2D-DPO learns (held-out reward accuracy goes
 //! up), a resumed run ends exactly like an uninterrupted one, every loss
-//! trains through the binary, the fused graph nodes train like the ops
-//! they stand for, runs repeat bit for bit on any number of threads, and
-//! 2-D losses refuse plain pairs.
+//! trains through the binary with the loss it names, the fused graph nodes
+//! train like the ops they stand for, runs repeat bit for bit on any number
+//! of threads, and 2-D losses refuse plain pairs.
 
 mod common;
 
@@ -148,22 +148,175 @@ fn sequential_sampling_keeps_file_order() {
     assert!(TrainConfig::resolve(None, None, o).unwrap_err().to_string().contains("train_sampling_strategy"));
 }
 
+/// The response part of `prompt + response` under a model, from one plain
+/// forward pass of that sequence alone: per response token its log-prob
+/// (log-softmax of the logits, in f64) and the full next-token
+/// distribution's log-probs that predicted it.
+struct ResponseOut {
+    logps: Vec<f64>,
+    dists: Vec<Vec<f64>>,
+}
+
+fn response_out(m: &dpo2d_model::llama::CausalLM, prompt: &[u32], response: &[u32]) -> ResponseOut {
+    let ids: Vec<u32> = prompt.iter().chain(response).copied().collect();
+    let x = candle_core::Tensor::new(vec![ids.clone()], &candle_core::Device::Cpu).unwrap();
+    let h = m.forward(&x, &dpo2d_model::llama::AttentionLayout::causal(1, ids.len())).unwrap();
+    let logits = m.logits(&h).unwrap().squeeze(0).unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec2::<f64>().unwrap();
+    let (mut logps, mut dists) = (vec![], vec![]);
+    for (j, &tok) in response.iter().enumerate() {
+        // Position prompt_len + j - 1 predicts response token j.
+        let row = &logits[prompt.len() + j - 1];
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        let dist: Vec<f64> = row.iter().map(|v| v - lse).collect();
+        logps.push(dist[tok as usize]);
+        dists.push(dist);
+    }
+    ResponseOut { logps, dists }
+}
+
+/// `[B, T]` f32 values padded with zeros, and the response mask.
+fn padded(rows: &[Vec<f64>]) -> (candle_core::Tensor, candle_core::Tensor) {
+    let t = rows.iter().map(Vec::len).max().unwrap();
+    let (mut v, mut m) = (vec![], vec![]);
+    for r in rows {
+        for j in 0..t {
+            v.push(r.get(j).copied().unwrap_or(0.0) as f32);
+            m.push(if j < r.len() { 1f32 } else { 0.0 });
+        }
+    }
+    let dev = candle_core::Device::Cpu;
+    (candle_core::Tensor::from_vec(v, (rows.len(), t), &dev).unwrap(), candle_core::Tensor::from_vec(m, (rows.len(), t), &dev).unwrap())
+}
+
+/// The loss of `loss_type` on the pairs `idx` of `pairs`, built here from the
+/// loss module's inputs: log-probs of the policy and of the reference from
+/// plain forward passes of each sequence, the exact per-token KL for TDPO,
+/// the mismatched prompt/completion sums for KTO (prompt i with the chosen
+/// answer of pair i+1), the segments for the 2-D losses.
+fn library_loss(
+    loss_type: dpo2d_train::loss::LossType,
+    policy: &dpo2d_model::llama::CausalLM,
+    reference: &dpo2d_model::llama::CausalLM,
+    pairs: &[dpo2d_train::align::TokenizedPair],
+    idx: &[usize],
+) -> f64 {
+    use dpo2d_train::align::{TokenizedResponse, NO_SEGMENT};
+    use dpo2d_train::loss::{compute_loss, KtoKl, LossConfig, PreferenceBatch, SegmentBatch, SideBatch};
+    let side = |pick: fn(&dpo2d_train::align::TokenizedPair) -> &TokenizedResponse| {
+        let (mut pol, mut refs, mut kls) = (vec![], vec![], vec![]);
+        for &i in idx {
+            let (prompt, resp) = (&pairs[i].prompt, &pick(&pairs[i]).ids);
+            let (p, r) = (response_out(policy, prompt, resp), response_out(reference, prompt, resp));
+            // KL(ref || policy) of the next-token distributions.
+            kls.push(r.dists.iter().zip(&p.dists).map(|(q, p)| q.iter().zip(p).map(|(q, p)| q.exp() * (q - p)).sum()).collect());
+            pol.push(p.logps);
+            refs.push(r.logps);
+        }
+        let (logps, mask) = padded(&pol);
+        let mut b = SideBatch::new(logps, mask);
+        if loss_type.needs_reference() {
+            b.reference_logps = Some(padded(&refs).0);
+        }
+        if loss_type.needs_token_kl() {
+            b.token_kl = Some(padded(&kls).0);
+        }
+        if loss_type.needs_segment_scores() {
+            let t = idx.iter().map(|&i| pick(&pairs[i]).ids.len()).max().unwrap();
+            let ids = idx
+                .iter()
+                .map(|&i| {
+                    let mut v = pick(&pairs[i]).token_segments.clone();
+                    v.resize(t, NO_SEGMENT);
+                    v
+                })
+                .collect();
+            b.segments = Some(SegmentBatch::new(ids, idx.iter().map(|&i| pick(&pairs[i]).scores.clone()).collect()).unwrap());
+        }
+        b
+    };
+    let kto_kl = loss_type.needs_kto_kl().then(|| {
+        let sums = |m: &dpo2d_model::llama::CausalLM| {
+            let v: Vec<f32> = (0..idx.len())
+                .map(|k| {
+                    let (prompt, other) = (&pairs[idx[k]].prompt, &pairs[idx[(k + 1) % idx.len()]].chosen.ids);
+                    response_out(m, prompt, other).logps.iter().sum::<f64>() as f32
+                })
+                .collect();
+            candle_core::Tensor::new(v, &candle_core::Device::Cpu).unwrap()
+        };
+        KtoKl { policy_logps: sums(policy), reference_logps: sums(reference) }
+    });
+    let batch = PreferenceBatch { chosen: side(|p| &p.chosen), rejected: side(|p| &p.rejected), kto_kl };
+    let out = compute_loss(&LossConfig { loss_type, beta: 0.1, ..LossConfig::default() }, &batch).unwrap();
+    out.metrics().iter().find(|(k, _)| *k == "loss").unwrap().1
+}
+
+/// Every `--loss NAME` trains through the binary, and trains with that loss:
+/// its first update's loss (logged before any weight changes) equals the
+/// loss of that type computed here on the same batch, with a reference
+/// model other than the policy so that no two losses coincide.
 #[test]
 fn every_loss_trains_through_the_binary() {
+    use dpo2d_train::loss::LossType;
     let d = setup(true);
-    for loss in ["dpo", "ipo", "kto", "orpo", "simpo", "tdpo1", "tdpo2", "1d-dpo", "2d-dpo"] {
+    let reference = d.path().join("reference");
+    common::write_tiny_model_seeded(&reference, 900);
+    let losses = [
+        ("dpo", LossType::Dpo),
+        ("ipo", LossType::Ipo),
+        ("kto", LossType::Kto),
+        ("orpo", LossType::Orpo),
+        ("simpo", LossType::Simpo),
+        ("tdpo1", LossType::Tdpo1),
+        ("tdpo2", LossType::Tdpo2),
+        ("1d-dpo", LossType::OneDDpo),
+        ("2d-dpo", LossType::TwoDDpo),
+    ];
+    assert_eq!(losses.len(), LossType::ALL.len());
+
+    // The first batch, tokenized as the trainer does.
+    let (seed, batch_size) = (7, 3);
+    let load = |p: &std::path::Path| dpo2d_model::load(p, &Default::default()).unwrap();
+    let (policy, refm) = (load(&d.path().join("model")), load(&reference));
+    let text = policy.text();
+    let data =
+        dpo2d_data::load_pairs(&d.path().join("train.jsonl"), &dpo2d_data::LoadOptions::new(dpo2d_data::Requirement::Scored)).unwrap();
+    let aligner = dpo2d_train::align::Aligner::new(&text.tokenizer.inner, &text.chat).unwrap();
+    let opts = dpo2d_train::align::AlignOptions { max_length: 64, max_prompt_length: 512 };
+    let (pairs, _) = aligner.pairs(&data.pairs, opts).unwrap();
+    let idx =
+        dpo2d_train::sampler::Sampler::new(dpo2d_train::sampler::SamplingStrategy::Random, seed, pairs.len(), batch_size, 0).next_batch();
+    assert_eq!(idx.len(), batch_size);
+    let want: Vec<f64> = losses.iter().map(|(_, t)| library_loss(*t, &policy.model, &refm.model, &pairs, &idx)).collect();
+    // No two losses agree on this batch: a run of the wrong loss cannot pass.
+    for i in 0..want.len() {
+        for j in 0..i {
+            assert!((want[i] - want[j]).abs() > 1e-3, "{} and {} give the same loss {}", losses[i].0, losses[j].0, want[i]);
+        }
+    }
+
+    for ((loss, _), want) in losses.iter().zip(want) {
         let out = d.path().join(format!("out-{loss}"));
         let o = train_command(d.path(), &out)
-            .args(["--loss", loss, "--max-steps", "2", "--per-device-train-batch-size", "3"])
-            .args(["--learning_rate", "1e-3", "--max-length", "64", "--logging-steps", "1"])
+            .args(["--loss", loss, "--max-steps", "2", "--per-device-train-batch-size", &batch_size.to_string()])
+            .args(["--learning_rate", "1e-3", "--max-length", "64", "--logging-steps", "1", "--seed", &seed.to_string()])
+            .arg("--ref-model")
+            .arg(&reference)
             .arg("--eval-file")
             .arg(d.path().join("eval.jsonl"))
             .output()
             .unwrap();
         assert!(o.status.success(), "{loss}: {}", String::from_utf8_lossy(&o.stderr));
         let m = read_metrics(&out.join("metrics.jsonl")).unwrap();
-        assert_eq!(m.iter().filter(|r| r.get("loss").is_some()).count(), 2, "{loss}");
+        let steps: Vec<&Record> = m.iter().filter(|r| r.get("loss").is_some()).collect();
+        assert_eq!(steps.len(), 2, "{loss}");
         assert!(m.iter().all(|r| r.values.values().all(|v| v.is_finite())), "{loss}: {m:?}");
+        let got = steps[0].get("loss").unwrap();
+        assert!(
+            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+            "--loss {loss}: first update's loss {got}, the {loss} loss of that batch is {want}"
+        );
         assert!(out.join("final/model.safetensors").is_file(), "{loss}");
     }
 }

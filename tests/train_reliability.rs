@@ -87,9 +87,30 @@ fn a_non_finite_loss_stops_the_run_or_is_skipped_and_counted() {
     let counts: Vec<f64> =
         read_metrics(&out.output_dir.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.get("nonfinite_updates")).collect();
     assert_eq!(counts, vec![1.0, 2.0, 3.0]);
-    // The skipped updates left the weights as they were, and resumable.
+    // The skipped updates left the weights as they were, bit for bit: in the
+    // checkpoints and in the final model.
+    let start = tensor_bits(&d.path().join("model/model.safetensors"));
+    for dir in ["checkpoint-1", "checkpoint-2", "final"] {
+        let saved = tensor_bits(&cfg.output_dir.join(dir).join("model.safetensors"));
+        assert_eq!(saved.keys().collect::<Vec<_>>(), start.keys().collect::<Vec<_>>(), "{dir}");
+        for (name, bits) in &start {
+            assert!(saved[name] == *bits, "{dir}: {name} changed by a skipped update");
+        }
+    }
+    // And resumable.
     let state = checkpoint::check_complete(&cfg.output_dir.join("checkpoint-2")).unwrap();
     assert_eq!(state.nonfinite_updates, 2);
+}
+
+/// Every tensor of a safetensors file as the bits of its f32 values.
+fn tensor_bits(path: &Path) -> std::collections::BTreeMap<String, Vec<u32>> {
+    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    t.into_iter()
+        .map(|(k, v)| {
+            let v = v.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (k, v.iter().map(|x| x.to_bits()).collect())
+        })
+        .collect()
 }
 
 #[test]
@@ -102,11 +123,17 @@ fn a_second_run_into_a_locked_output_dir_is_refused() {
     assert!(!cfg.output_dir.join("metrics.jsonl").exists());
 }
 
+/// A run whose newest checkpoint is damaged resumes from the previous
+/// complete one, at its step, and ends exactly where an uninterrupted run
+/// ends (weights and metrics).
 #[test]
 fn resume_skips_a_damaged_newest_checkpoint() {
     let d = setup(true);
     let mut cfg = base_config(d.path(), "dpo");
     (cfg.max_steps, cfg.save_steps, cfg.eval_file) = (6, 2, None);
+    let mut straight = cfg.clone();
+    straight.output_dir = d.path().join("straight");
+    let whole = train(&straight, &quiet(d.path())).unwrap();
     train(&cfg, &RunOptions { stop_after: Some(4), ..quiet(d.path()) }).unwrap();
     let newest = cfg.output_dir.join("checkpoint-4/optimizer.safetensors");
     let bytes = std::fs::read(&newest).unwrap();
@@ -116,7 +143,13 @@ fn resume_skips_a_damaged_newest_checkpoint() {
     assert!(cp.ends_with("checkpoint-2"), "{}", cp.display());
     let said = said.into_inner();
     assert!(said.len() == 1 && said[0].contains("checkpoint-4") && said[0].contains("optimizer.safetensors"), "{said:?}");
-    assert!(train(&cfg, &RunOptions { resume: Some(cp), ..quiet(d.path()) }).is_ok());
+    let resumed = train(&cfg, &RunOptions { resume: Some(cp), ..quiet(d.path()) }).unwrap();
+    assert_eq!((resumed.start_step, resumed.global_step), (2, 6), "the run continues from checkpoint-2 to the end");
+    let weights = |o: &dpo2d_train::trainer::TrainOutcome| std::fs::read(o.final_model_dir.join("model.safetensors")).unwrap();
+    assert!(weights(&resumed) == weights(&whole), "the resumed run ends with other weights than an uninterrupted one");
+    assert_eq!(common::strip_timing(&resumed.history), common::strip_timing(&whole.history));
+    let steps: Vec<usize> = read_metrics(&cfg.output_dir.join("metrics.jsonl")).unwrap().iter().map(|r| r.step).collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>(), "each step logged once");
 }
 
 #[test]

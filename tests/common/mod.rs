@@ -45,8 +45,21 @@ const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['r
 /// A tiny random Llama with a word-level tokenizer over [`WORDS`] and a
 /// ChatML template.
 pub fn write_tiny_model(dir: &Path) {
-    let vocab = 32usize;
-    TinyModel::e2e().write(dir);
+    write_tiny_model_from(dir, &TinyModel::e2e(), &[]);
+}
+
+/// [`write_tiny_model`] with other random weights (the same shape and
+/// tokenizer): a second model that gives other log-probs.
+pub fn write_tiny_model_seeded(dir: &Path, seed: u64) {
+    write_tiny_model_from(dir, &TinyModel { seed, ..TinyModel::e2e() }, &[]);
+}
+
+/// `model`'s weights with the word-level tokenizer of [`write_tiny_model`],
+/// plus `extra` words whose ids come after the model's vocabulary (text
+/// the tokenizer reads but the model cannot embed).
+pub fn write_tiny_model_from(dir: &Path, model: &TinyModel, extra: &[&str]) {
+    let vocab = model.vocab;
+    model.write(dir);
     let mut v = serde_json::Map::new();
     v.insert("<|im_start|>".into(), 0.into());
     v.insert("<|im_end|>".into(), 1.into());
@@ -56,6 +69,9 @@ pub fn write_tiny_model(dir: &Path) {
         v.insert(w.to_string(), n.into());
     }
     assert!(v.len() <= vocab);
+    for (i, w) in extra.iter().enumerate() {
+        v.insert(w.to_string(), (vocab + i).into());
+    }
     let special = |id: u32, c: &str| json!({"id": id, "content": c, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
     let tok = json!({
         "version": "1.0", "truncation": null, "padding": null,

@@ -106,6 +106,24 @@ pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<(
     sync_dir(parent)
 }
 
+/// The environment variable that names a [`hang_point`] to stop at.
+pub const HANG_AT: &str = "DPO2D_HANG_AT";
+
+/// For crash tests: when `DPO2D_HANG_AT` equals `point`, says `hanging at
+/// POINT` on stderr and waits there until the process is killed, so a test
+/// can `kill -9` a run at a known place (after the outputs of `point` are on
+/// disk). Does nothing otherwise. The points: `step:N` after training update
+/// N (and its checkpoint, if one is due), `round-R/sampling:K` and
+/// `round-R/scoring:K` after the K-th chunk an iterate process appends.
+pub fn hang_point(point: &str) {
+    if std::env::var_os(HANG_AT).is_some_and(|v| v == point) {
+        eprintln!("hanging at {point}");
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
 /// Refuse a path that exists, for outputs that must not be overwritten.
 pub fn ensure_absent(path: &Path, what: &str) -> Result<()> {
     if path.exists() {

@@ -66,6 +66,17 @@ pub enum Phase {
     Training,
 }
 
+impl Phase {
+    /// `sampling`, `scoring` or `training`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Sampling => "sampling",
+            Phase::Scoring => "scoring",
+            Phase::Training => "training",
+        }
+    }
+}
+
 /// Stop as if interrupted after `after` chunks (sampling, scoring) or
 /// updates (training) of `phase` in round `round`; for tests of resume.
 #[derive(Debug, Clone, Copy)]
@@ -235,6 +246,7 @@ impl Iteration<'_> {
         append(path, records)?;
         bar.inc(records.len() as u64);
         *chunks_now += 1;
+        dpo2d_fs::hang_point(&format!("round-{round}/{}:{chunks_now}", phase.name()));
         let stop = self.stop_now(round, phase, *chunks_now);
         if stop {
             bar.finish_and_clear();

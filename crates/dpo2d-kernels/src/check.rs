@@ -310,14 +310,40 @@ fn check_sum_squares(dev: &Device, dt: DType) -> Result<f64> {
     Ok((got - want).abs() / want)
 }
 
-/// A dropout mask drawn on the device against the same mask drawn on the
-/// CPU (the stream is counter-based, so they agree bit for bit), and the
-/// fused dropout on the device against the input times that mask.
+/// The dropout stream as its documentation defines it, drawn one element
+/// after another by a plain loop (no kernel): splitmix64 over the counter
+/// `start + (j + 1) * GOLDEN`, draw `j` giving its low 32 bits to element
+/// `2j` and its high 32 bits to element `2j + 1`; an element is dropped
+/// (0) when its uniform is below `p * 2^32`, else kept as `1 / (1 - p)`
+/// rounded to f32.
+fn dropout_mask_reference(shape: &[usize], start: u64, p: f64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let thresh = (p * 4294967296.0) as u64;
+    let keep = (1.0 / (1.0 - p)) as f32 as f64;
+    let mut state = start;
+    let mut v = Vec::with_capacity(n + 1);
+    while v.len() < n {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        for half in [z & 0xffff_ffff, z >> 32] {
+            v.push(if half < thresh { 0.0 } else { keep });
+        }
+    }
+    v.truncate(n);
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// A dropout mask drawn on the device, and the fused dropout on the device,
+/// against the stream drawn by a plain loop on the CPU (the stream is
+/// counter-based, so they agree bit for bit) and the input times that mask.
 fn check_dropout(dev: &Device, dt: DType) -> Result<f64> {
     use crate::dropout::{dropout, mask_like};
     let x = (det(&[3, 100_003], 13)? * 3.0)?.to_dtype(dt)?;
     let on = x.to_device(dev)?;
-    let want = mask_like(&x, 0xdead_beef, 0.1)?;
+    let want = dropout_mask_reference(x.dims(), 0xdead_beef, 0.1)?.to_dtype(dt)?;
     let got = mask_like(&on, 0xdead_beef, 0.1)?;
     let applied = dropout(&on, 0xdead_beef, 0.1)?;
     let back = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);

@@ -1436,19 +1436,22 @@ pub(crate) mod tests {
 
     /// Parity with Hugging Face transformers: set DPO2D_HF_PARITY_DIR to a
     /// model directory that holds `expected.json` ({"ids": [...], "logits":
-    /// [[...]]}) written by transformers for the same weights, then run
-    /// `cargo test -p dpo2d-model hf_parity -- --ignored`.
+    /// [[...]]}) and `expected_pad.json` (the same with a "mask" of 0/1 per
+    /// position) written by transformers for the same weights, then run
+    /// `cargo test -p dpo2d-model hf_parity -- --ignored`. A missing file
+    /// fails the test: it never passes without comparing.
     #[test]
     #[ignore]
     fn hf_parity() {
         let dir = std::path::PathBuf::from(std::env::var("DPO2D_HF_PARITY_DIR").expect("set DPO2D_HF_PARITY_DIR"));
         for (file, padded) in [("expected.json", false), ("expected_pad.json", true)] {
-            let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
-                continue;
-            };
+            let text = std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| {
+                panic!("{}: {e} (the parity fixtures are written by transformers; see the doc above)", dir.join(file).display())
+            });
             let v: serde_json::Value = serde_json::from_str(&text).unwrap();
             let ids: Vec<u32> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
             let want: Vec<Vec<f64>> = serde_json::from_value(v["logits"].clone()).unwrap();
+            assert!(!ids.is_empty() && want.len() == ids.len(), "{file}: {} ids, {} rows of logits", ids.len(), want.len());
             let m = CausalLM::load(&dir, &LoadOptions::default()).unwrap();
             let t = ids.len();
             let lay = if padded {
@@ -1460,15 +1463,21 @@ pub(crate) mod tests {
             let h = m.forward(&Tensor::new(vec![ids.clone()], &Device::Cpu).unwrap(), &lay).unwrap();
             let got = m.logits(&h).unwrap().get(0).unwrap().to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
             let mut worst: f64 = 0.0;
+            let mut compared = 0;
             for i in 0..t {
                 if padded && lay.seq_ids[0][i] == 0 {
                     continue;
                 }
+                assert_eq!(want[i].len(), got[i].len(), "{file}: position {i}: logits over another vocabulary");
                 for j in 0..want[i].len() {
-                    worst = worst.max((got[i][j] - want[i][j]).abs());
+                    let d = (got[i][j] - want[i][j]).abs();
+                    // A NaN is the worst difference, not one that max() skips.
+                    worst = if d.is_nan() { f64::INFINITY } else { worst.max(d) };
                 }
+                compared += 1;
             }
-            eprintln!("{file}: max |logit diff| = {worst}");
+            assert!(compared > 0, "{file}: no position to compare");
+            eprintln!("{file}: max |logit diff| = {worst} over {compared} positions");
             if let Ok(out) = std::env::var("DPO2D_HF_PARITY_SAVE") {
                 crate::save::save_full(&m, Path::new(&out), Some(DType::BF16)).unwrap();
             }

@@ -81,14 +81,22 @@ impl Engine {
             let taken = batch.len();
             // Skip requests whose client has already gone.
             batch.retain(|j| !j.events.is_closed());
+            self.stats.pending.fetch_sub(taken - batch.len(), Ordering::SeqCst);
             if !batch.is_empty() {
                 self.answer(&batch);
                 tracing::debug!("decoded a batch of {} request(s), {} row(s)", batch.len(), rows_of(&batch));
-                self.stats.batches.fetch_add(1, Ordering::SeqCst);
-                self.stats.rows.fetch_add(rows_of(&batch), Ordering::SeqCst);
             }
-            self.stats.pending.fetch_sub(taken, Ordering::SeqCst);
         }
+    }
+
+    /// The batch is decoded (or failed): count it, and stop counting its
+    /// requests as pending, before they get their answers, so that a client
+    /// that asks again as soon as it is answered is not refused for a full
+    /// queue, and `/health` already counts the batch it was answered in.
+    fn finished(&self, batch: &[Job]) {
+        self.stats.batches.fetch_add(1, Ordering::SeqCst);
+        self.stats.rows.fetch_add(rows_of(batch), Ordering::SeqCst);
+        self.stats.pending.fetch_sub(batch.len(), Ordering::SeqCst);
     }
 
     /// Decodes one batch; a failure (or a panic) fails its requests, not the server.
@@ -119,6 +127,7 @@ impl Engine {
         };
         let decoded =
             std::panic::catch_unwind(AssertUnwindSafe(|| decode_rows(&self.model, rows, &self.eos, tok.pad_token_id(), &mut on_token)));
+        self.finished(batch);
         let raw = match decoded {
             Ok(Ok(raw)) => raw,
             Ok(Err(e)) => return fail(batch, &format!("generation failed: {e:#}")),

@@ -94,6 +94,7 @@ pub fn train(cfg: &TrainConfig, run: &RunOptions) -> Result<TrainOutcome> {
         trainer.log(&update)?;
         trainer.evaluate_if_due()?;
         let saved = trainer.save_if_due()?;
+        dpo2d_fs::hang_point(&format!("step:{}", trainer.global_step));
         if trainer.signalled() && trainer.global_step < trainer.total {
             let checkpoint = match saved {
                 Some(dir) => dir,
