@@ -29,33 +29,11 @@ export STEPS=${STEPS:-30} BATCH=${BATCH:-2} MAX_LENGTH=${MAX_LENGTH:-256}
 export MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-128} LR=${LR:-5e-7} BETA=${BETA:-0.1}
 export THREADS=${THREADS:-$(nproc)} TOOLS=${TOOLS:-trl,dpo2d} BENCH_DIR=${BENCH_DIR:-runs/bench-trl}
 
-# Versions this benchmark was run with (CPU use; the default wheel of torch).
-PINS=(torch==2.15.0 transformers==5.24.0 trl==1.16.0 datasets==5.2.0 accelerate==1.15.0)
-
-if [ ! -x "$BENCH_VENV/bin/python" ]; then
-    echo "[bench] creating virtual environment $BENCH_VENV"
-    "$PYTHON" -m venv "$BENCH_VENV"
-fi
-if ! "$BENCH_VENV/bin/python" -m pip show -q trl >/dev/null 2>&1 \
-    || [ "$("$BENCH_VENV/bin/python" -c 'import trl; print(trl.__version__)' 2>/dev/null)" != "1.16.0" ]; then
-    echo "[bench] installing ${PINS[*]}"
-    "$BENCH_VENV/bin/python" -m pip install -q --upgrade pip
-    "$BENCH_VENV/bin/python" -m pip install -q "${PINS[@]}"
-fi
-
-echo "[bench] building dpo2d (release)"
-cargo build --release --quiet
-DPO2D=target/release/dpo2d
-
-if [ -z "${MODEL_DIR:-}" ]; then
-    echo "[bench] fetching SmolLM2-135M-Instruct"
-    # The command prints the converted Hugging Face directory on its last line.
-    MODEL_DIR=$("$DPO2D" model fetch smollm2 | tail -n 1)
-fi
-if [ ! -f "$MODEL_DIR/config.json" ]; then
-    echo "error: '$MODEL_DIR' is not a Hugging Face model directory" >&2
-    exit 1
-fi
+source scripts/torch_env.sh
+torch_env bench
+# The benchmark always times the dpo2d built from this checkout.
+DPO2D=""
+dpo2d_and_model bench
 
 echo "[bench] load before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
-exec "$BENCH_VENV/bin/python" scripts/bench_trl.py --model "$MODEL_DIR" --dpo2d "$DPO2D" "$@"
+exec "$PY" scripts/bench_trl.py --model "$MODEL_DIR" --dpo2d "$DPO2D" "$@"

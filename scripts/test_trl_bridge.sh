@@ -50,37 +50,11 @@ PYTHON=${PYTHON:-python3}
 WORK_DIR=${WORK_DIR:-runs/test-trl-bridge}
 THREADS=${THREADS:-$(nproc)}
 
-# Versions the bridge was tested with (CPU use; the default wheel of torch).
-PINS=(torch==2.15.0 transformers==5.24.0 trl==1.16.0 datasets==5.2.0 accelerate==1.15.0 peft==0.21.2 pytest)
-
-if [ ! -x "$BENCH_VENV/bin/python" ]; then
-    echo "[bridge] creating virtual environment $BENCH_VENV"
-    "$PYTHON" -m venv "$BENCH_VENV"
-fi
-PY="$BENCH_VENV/bin/python"
-if [ "$("$PY" -c 'import trl; print(trl.__version__)' 2>/dev/null)" != "1.16.0" ] \
-    || ! "$PY" -c 'import peft, pytest' >/dev/null 2>&1; then
-    echo "[bridge] installing ${PINS[*]}"
-    "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q "${PINS[@]}"
-fi
+source scripts/torch_env.sh
+torch_env bridge peft==0.21.2 pytest
 echo "[bridge] installing python/dpo2d-trl (editable)"
 "$PY" -m pip install -q --no-deps -e python/dpo2d-trl
-
-if [ -z "${DPO2D:-}" ]; then
-    echo "[bridge] building dpo2d (release)"
-    cargo build --release --quiet
-    DPO2D=target/release/dpo2d
-fi
-if [ -z "${MODEL_DIR:-}" ]; then
-    echo "[bridge] fetching SmolLM2-135M-Instruct"
-    # The command prints the converted Hugging Face directory on its last line.
-    MODEL_DIR=$("$DPO2D" model fetch smollm2 | tail -n 1)
-fi
-if [ ! -f "$MODEL_DIR/config.json" ]; then
-    echo "error: '$MODEL_DIR' is not a Hugging Face model directory" >&2
-    exit 1
-fi
+dpo2d_and_model bridge
 
 mkdir -p "$WORK_DIR"
 SUMMARY="$WORK_DIR/summary.txt"

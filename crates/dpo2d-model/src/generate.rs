@@ -214,10 +214,15 @@ fn decode_rows_within(
         return Ok(out.into_iter().flatten().collect());
     }
     let prompts: Vec<&[u32]> = active.iter().map(|&r| rows[r].prompt).collect();
-    let (mut cache, mut last) = prefill(model, &prompts, pad_id, max_new, budget)?;
-    let dev = model.device().clone();
+    let mut prefill = Prefill::new(model, &prompts, pad_id, max_new)?;
+    let chunk = prefill.chunk_within(model, budget);
+    while !prefill.is_done() {
+        prefill.advance(model, chunk)?;
+    }
+    let mut batch = DecodeBatch::default();
+    batch.join(prefill)?;
     loop {
-        let logits = model.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?; // [active, V]
+        let logits = batch.logits(model)?; // [active, V]
         let next = pick_tokens(&logits, &active, &mut rows)?;
         let mut keep = vec![];
         let mut keep_tokens = vec![];
@@ -246,49 +251,146 @@ fn decode_rows_within(
         if keep.is_empty() {
             break;
         }
-        if keep.len() != active.len() {
-            cache.select_rows(&keep)?;
-            active = keep.iter().map(|&i| active[i]).collect();
-        }
-        let step_ids = Tensor::from_vec(keep_tokens, (active.len(), 1), &dev)?;
-        last = model.forward_cached(&step_ids, None, &mut cache)?;
+        batch.step(model, &keep, &keep_tokens)?;
+        active = keep.iter().map(|&i| active[i]).collect();
     }
     Ok(out.into_iter().map(|o| o.unwrap_or(RawCompletion { tokens: vec![], finish: FinishReason::Length })).collect())
 }
 
-/// Runs the left-padded prompts through the model into a new KV cache, in
-/// column chunks within `budget` attention scores; returns the cache and
-/// the last position's hidden state of every row.
-fn prefill(model: &CausalLM, prompts: &[&[u32]], pad_id: u32, max_new: usize, budget: usize) -> Result<(KvCache, Tensor)> {
-    let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let limit = model.config().max_position_embeddings;
-    if max_len + max_new > limit {
-        tracing::warn!("prompt ({max_len} tokens) + max_new_tokens exceeds the model's context ({limit})");
+/// Prompts on their way into a KV cache of their own: left-padded and run
+/// through the model a column chunk per [`Prefill::advance`], so that a
+/// server can interleave a long prompt with the decoding steps of the rows
+/// already running, then [`DecodeBatch::join`] them.
+pub struct Prefill {
+    input: Tensor,
+    mask: Vec<Vec<u32>>,
+    any_pad: bool,
+    cache: KvCache,
+    start: usize,
+    last: Option<Tensor>,
+}
+
+impl Prefill {
+    /// `max_new`: the most tokens any of the rows will generate (the cache is
+    /// made long enough at once).
+    pub fn new(model: &CausalLM, prompts: &[&[u32]], pad_id: u32, max_new: usize) -> Result<Self> {
+        let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        if max_len == 0 || prompts.iter().any(|p| p.is_empty()) {
+            bail!("cannot generate from an empty prompt");
+        }
+        let limit = model.config().max_position_embeddings;
+        if max_len + max_new > limit {
+            tracing::warn!("prompt ({max_len} tokens) + max_new_tokens exceeds the model's context ({limit})");
+        }
+        let mut ids = Vec::with_capacity(prompts.len() * max_len);
+        let mut mask = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            let pad = max_len - p.len();
+            ids.extend(std::iter::repeat_n(pad_id, pad));
+            ids.extend_from_slice(p);
+            mask.push(std::iter::repeat_n(0u32, pad).chain(std::iter::repeat_n(1, p.len())).collect::<Vec<_>>());
+        }
+        let input = Tensor::from_vec(ids, (prompts.len(), max_len), model.device())?;
+        let any_pad = mask.iter().any(|r| r.contains(&0));
+        Ok(Prefill { input, mask, any_pad, cache: model.new_cache_for(max_len + max_new), start: 0, last: None })
     }
-    let mut ids = Vec::with_capacity(prompts.len() * max_len);
-    let mut mask = Vec::with_capacity(prompts.len());
-    for p in prompts {
-        let pad = max_len - p.len();
-        ids.extend(std::iter::repeat_n(pad_id, pad));
-        ids.extend_from_slice(p);
-        mask.push(std::iter::repeat_n(0u32, pad).chain(std::iter::repeat_n(1, p.len())).collect::<Vec<_>>());
+
+    pub fn rows(&self) -> usize {
+        self.mask.len()
     }
-    let input = Tensor::from_vec(ids, (prompts.len(), max_len), model.device())?;
-    let mut cache = model.new_cache_for(max_len + max_new);
-    let any_pad = mask.iter().any(|r| r.contains(&0));
-    let chunk = prefill_chunk(prompts.len(), max_len, model.config().num_attention_heads, budget);
-    let mut start = 0;
-    let mut last = None;
-    while start < max_len {
-        let len = chunk.min(max_len - start);
-        let part: Vec<Vec<u32>> = mask.iter().map(|r| r[start..start + len].to_vec()).collect();
-        let hidden = model.forward_cached(&input.narrow(1, start, len)?, if any_pad { Some(&part) } else { None }, &mut cache)?;
-        start += len;
-        if start == max_len {
-            last = Some(hidden.narrow(1, len - 1, 1)?);
+
+    fn len(&self) -> usize {
+        self.mask.first().map(Vec::len).unwrap_or(0)
+    }
+
+    /// Every prompt column has been through the model.
+    pub fn is_done(&self) -> bool {
+        self.start == self.len()
+    }
+
+    /// Prompt columns per pass that keep one pass within `budget` attention scores.
+    pub fn chunk_within(&self, model: &CausalLM, budget: usize) -> usize {
+        prefill_chunk(self.rows(), self.len(), model.config().num_attention_heads, budget)
+    }
+
+    /// Runs up to `columns` more prompt columns through the model.
+    pub fn advance(&mut self, model: &CausalLM, columns: usize) -> Result<()> {
+        let len = columns.max(1).min(self.len() - self.start);
+        if len == 0 {
+            return Ok(());
+        }
+        let part: Vec<Vec<u32>> = self.mask.iter().map(|r| r[self.start..self.start + len].to_vec()).collect();
+        let mask = if self.any_pad { Some(part.as_slice()) } else { None };
+        let hidden = model.forward_cached(&self.input.narrow(1, self.start, len)?, mask, &mut self.cache)?;
+        self.start += len;
+        if self.is_done() {
+            self.last = Some(hidden.narrow(1, len - 1, 1)?);
+        }
+        Ok(())
+    }
+}
+
+/// Rows decoding together from one KV cache, one token per row per step
+/// (continuous batching): rows join once their [`Prefill`] is done and
+/// leave at any step; the others carry on.
+#[derive(Default)]
+pub struct DecodeBatch {
+    cache: Option<KvCache>,
+    /// Each row's last hidden state, `[rows, 1, H]`.
+    last: Option<Tensor>,
+}
+
+impl DecodeBatch {
+    pub fn rows(&self) -> usize {
+        self.cache.as_ref().map(KvCache::rows).unwrap_or(0)
+    }
+
+    /// Adds the rows of a finished prefill after the rows already here.
+    pub fn join(&mut self, p: Prefill) -> Result<()> {
+        let last = p.last.context("the prefill is not finished")?;
+        match (self.cache.as_mut(), self.last.take()) {
+            (Some(cache), Some(mine)) if cache.rows() > 0 => {
+                cache.append_rows(p.cache)?;
+                self.last = Some(Tensor::cat(&[&mine, &last], 0)?);
+            }
+            _ => {
+                self.cache = Some(p.cache);
+                self.last = Some(last);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next-token logits of every row, `[rows, V]` in f32.
+    pub fn logits(&self, model: &CausalLM) -> Result<Tensor> {
+        let last = self.last.as_ref().context("no rows to decode")?;
+        Ok(model.logits(last)?.squeeze(1)?.to_dtype(DType::F32)?)
+    }
+
+    /// Keeps the rows `keep` (in that order) and feeds each its next token;
+    /// with none left, the batch is empty again.
+    pub fn step(&mut self, model: &CausalLM, keep: &[usize], tokens: &[u32]) -> Result<()> {
+        if keep.is_empty() {
+            *self = DecodeBatch::default();
+            return Ok(());
+        }
+        let cache = self.cache.as_mut().context("no rows to decode")?;
+        if keep.len() != cache.rows() || keep.iter().enumerate().any(|(i, &k)| i != k) {
+            cache.select_rows(keep)?;
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), (keep.len(), 1), model.device())?;
+        self.last = Some(model.forward_cached(&ids, None, cache)?);
+        Ok(())
+    }
+
+    /// Drops cache positions that no row attends to any more (left by rows
+    /// that are gone while others joined later).
+    pub fn trim(&mut self) -> Result<()> {
+        match self.cache.as_mut() {
+            Some(c) => Ok(c.trim_front()?),
+            None => Ok(()),
         }
     }
-    Ok((cache, last.context("cannot generate from an empty prompt")?))
 }
 
 /// The next token of every active row: one argmax on the device when all
@@ -460,6 +562,55 @@ mod tests {
         for (p, r) in prompts.iter().zip(&raw) {
             assert_eq!(r[0].tokens, greedy_reference(&lm.model, p, 80));
         }
+    }
+
+    /// Continuous batching: a row that joins a running batch (shorter or
+    /// longer than the rows there, prefilled in chunks meanwhile) decodes
+    /// what it decodes alone, and so do the rows it joined and outlived.
+    #[test]
+    fn rows_joining_and_leaving_a_running_batch_decode_as_alone() {
+        let (_d, lm) = tiny();
+        let m = &lm.model;
+        let prompts: [&[u32]; 3] = [&[5, 9, 40, 7, 100, 3], &[11, 12], &[200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211]];
+        let want: Vec<Vec<u32>> = prompts.iter().map(|p| greedy_reference(m, p, 12)).collect();
+        let mut batch = DecodeBatch::default();
+        let mut got: Vec<Vec<u32>> = vec![vec![]; 3];
+        // Rows in the batch, as prompt indices; each joins after some steps
+        // of the others, and prompt 1 leaves early (after 4 tokens).
+        let mut rows: Vec<usize> = vec![];
+        let joins = [(0usize, 0usize), (1, 3), (2, 5)];
+        for step in 0..20 {
+            for &(p, at) in &joins {
+                if at == step {
+                    let mut pre = Prefill::new(m, &[prompts[p]], 0, 12).unwrap();
+                    while !pre.is_done() {
+                        pre.advance(m, 5).unwrap();
+                    }
+                    batch.join(pre).unwrap();
+                    rows.push(p);
+                }
+            }
+            if rows.is_empty() {
+                break;
+            }
+            let next = batch.logits(m).unwrap().argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
+            let mut keep = vec![];
+            for (i, &p) in rows.iter().enumerate() {
+                got[p].push(next[i]);
+                let limit = if p == 1 { 4 } else { 12 };
+                if got[p].len() < limit {
+                    keep.push(i);
+                }
+            }
+            let tokens: Vec<u32> = keep.iter().map(|&i| next[i]).collect();
+            batch.step(m, &keep, &tokens).unwrap();
+            batch.trim().unwrap();
+            rows = keep.iter().map(|&i| rows[i]).collect();
+        }
+        assert_eq!(got[0], want[0]);
+        assert_eq!(got[1], want[1][..4]);
+        assert_eq!(got[2], want[2]);
+        assert_eq!(batch.rows(), 0);
     }
 
     #[test]

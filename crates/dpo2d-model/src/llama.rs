@@ -189,6 +189,32 @@ impl KvBuffer {
     }
 }
 
+impl KvBuffer {
+    /// `a`'s rows then `b`'s in one buffer, each shifted right by its
+    /// padding so that their last positions line up.
+    fn stack(a: KvBuffer, pad_a: usize, b: KvBuffer, pad_b: usize) -> Result<KvBuffer> {
+        let len = a.len + pad_a;
+        debug_assert_eq!(len, b.len + pad_b);
+        let (ra, nkv, cap_a, d) = a.k.dims4()?;
+        let (rb, _, cap_b, _) = b.k.dims4()?;
+        // Room for the rows' next tokens, as each side had.
+        let cap = (cap_a + pad_a).max(cap_b + pad_b);
+        let out = KvBuffer {
+            k: Tensor::zeros((ra + rb, nkv, cap, d), a.k.dtype(), a.k.device())?,
+            v: Tensor::zeros((ra + rb, nkv, cap, d), a.v.dtype(), a.v.device())?,
+            len,
+        };
+        for (src, first, pad) in [(&a, 0, pad_a), (&b, ra, pad_b)] {
+            let rows = src.k.dim(0)?;
+            for (dst, s) in [(&out.k, &src.k), (&out.v, &src.v)] {
+                let part = s.narrow(2, 0, src.len)?.contiguous()?;
+                dst.narrow(0, first, rows)?.slice_set(&part, 2, pad)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// RMSNorm with a learned scale.
 struct RmsNorm {
     weight: Tensor,
@@ -557,6 +583,56 @@ impl KvCache {
         }
         self.valid = rows.iter().map(|&r| self.valid[r].clone()).collect();
         self.next_pos = rows.iter().map(|&r| self.next_pos[r]).collect();
+        Ok(())
+    }
+
+    /// Rows in the cache.
+    pub fn rows(&self) -> usize {
+        self.valid.len()
+    }
+
+    /// Adds the rows of `other` (prefilled on their own) after this cache's
+    /// rows, so that they decode together from the next step on. The shorter
+    /// side is padded on the left with positions no row attends to; every
+    /// row keeps its own positions.
+    pub fn append_rows(&mut self, mut other: KvCache) -> Result<()> {
+        if self.valid.is_empty() {
+            *self = other;
+            return Ok(());
+        }
+        if other.valid.is_empty() {
+            return Ok(());
+        }
+        let (mine, theirs) = (self.len(), other.len());
+        let len = mine.max(theirs);
+        for (a, b) in self.kv.iter_mut().zip(other.kv.iter_mut()) {
+            let (Some(x), Some(y)) = (a.buf.take(), b.buf.take()) else { bail!("KV cache: a layer has no keys") };
+            a.buf = Some(KvBuffer::stack(x, len - mine, y, len - theirs)?);
+        }
+        for (rows, pad) in [(&mut self.valid, len - mine), (&mut other.valid, len - theirs)] {
+            for r in rows.iter_mut() {
+                r.splice(0..0, std::iter::repeat_n(false, pad));
+            }
+        }
+        self.valid.append(&mut other.valid);
+        self.next_pos.append(&mut other.next_pos);
+        Ok(())
+    }
+
+    /// Drops the leading positions that no row attends to (left by rows
+    /// that have left a batch that others keep joining).
+    pub fn trim_front(&mut self) -> Result<()> {
+        let drop = (0..self.len()).take_while(|&t| self.valid.iter().all(|r| !r[t])).count();
+        if drop == 0 || drop == self.len() {
+            return Ok(());
+        }
+        for e in self.kv.iter_mut().filter_map(|l| l.buf.as_mut()) {
+            let keep = e.len - drop;
+            *e = KvBuffer { k: e.k.narrow(2, drop, keep)?.contiguous()?, v: e.v.narrow(2, drop, keep)?.contiguous()?, len: keep };
+        }
+        for r in self.valid.iter_mut() {
+            r.drain(..drop);
+        }
         Ok(())
     }
 }
