@@ -610,3 +610,256 @@ print("ok", repr(whole))
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok"));
 }
+
+/// A server over a tiny random model with a byte-level tokenizer: it can
+/// write any text, so every grammar can be followed.
+fn start_byte_level(opts: ServeOptions) -> (tempfile::TempDir, Running) {
+    let dir = tempfile::tempdir().unwrap();
+    dpo2d_model::test_support::TinyModel::byte_level().write_byte_level(dir.path());
+    let lm = dpo2d_model::load(dir.path(), &Default::default()).unwrap();
+    let opts = ServeOptions { port: 0, model_name: "tiny".into(), ..opts };
+    (dir, dpo2d_serve::spawn(lm, opts).unwrap())
+}
+
+/// Checks `v` against the part of JSON Schema the judges' schemas use
+/// (type, enum, properties, required, additionalProperties: false, items,
+/// minItems, maxItems); `Err` says where it does not fit.
+fn fits(v: &Value, s: &Value, at: &str) -> Result<(), String> {
+    if let Some(options) = s.get("enum").and_then(Value::as_array) {
+        if !options.contains(v) {
+            return Err(format!("{at}: {v} is not one of {options:?}"));
+        }
+    }
+    let ty = s.get("type").and_then(Value::as_str).unwrap_or("");
+    let ok = match ty {
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "number" => v.is_number(),
+        "boolean" => v.is_boolean(),
+        _ => true,
+    };
+    if !ok {
+        return Err(format!("{at}: {v} is not of type {ty}"));
+    }
+    if let (Some(obj), Some(props)) = (v.as_object(), s.get("properties").and_then(Value::as_object)) {
+        for req in s.get("required").and_then(Value::as_array).into_iter().flatten() {
+            if !obj.contains_key(req.as_str().unwrap()) {
+                return Err(format!("{at}: {req} is missing"));
+            }
+        }
+        for (k, x) in obj {
+            match props.get(k) {
+                Some(ps) => fits(x, ps, &format!("{at}.{k}"))?,
+                None if s.get("additionalProperties") == Some(&json!(false)) => return Err(format!("{at}: {k} is not allowed")),
+                None => {}
+            }
+        }
+    }
+    if let Some(items) = v.as_array() {
+        let n = items.len() as u64;
+        if s.get("minItems").and_then(Value::as_u64).is_some_and(|m| n < m)
+            || s.get("maxItems").and_then(Value::as_u64).is_some_and(|m| n > m)
+        {
+            return Err(format!("{at}: {n} items"));
+        }
+        if let Some(is) = s.get("items") {
+            for (i, x) in items.iter().enumerate() {
+                fits(x, is, &format!("{at}[{i}]"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The schemas the judges ask for: annotate's segment ratings (a safety
+/// one: 0 or 4), eval's grade, both verdicts and the aspect ratings, and
+/// `json_object`.
+fn judge_formats() -> Vec<Value> {
+    use dpo2d_annotate::prompt::{ResponseFormatSpec, Tagging};
+    use dpo2d_annotate::Aspect;
+    use dpo2d_eval::judge;
+    use dpo2d_eval::sets::Grading;
+    let spec = |f: ResponseFormatSpec| serde_json::to_value(f).unwrap();
+    vec![
+        spec(ResponseFormatSpec::for_answer(&Tagging::new(2, 3), Aspect::Safety)),
+        spec(ResponseFormatSpec::for_answer(&Tagging::new(1, 1), Aspect::Clarity)),
+        spec(judge::grade_format()),
+        spec(judge::verdict_format(Grading::PairwiseQuick)),
+        spec(judge::verdict_format(Grading::PairwiseReasoned)),
+        spec(judge::aspects_format()),
+        json!({"type": "json_object"}),
+    ]
+}
+
+/// Structured outputs: whatever the temperature and seed, every answer that
+/// ends (rather than running into `max_tokens`) is JSON that fits the
+/// schema, whole and streamed; a good share end.
+#[tokio::test(flavor = "multi_thread")]
+async fn structured_outputs_always_fit_the_judges_schemas() {
+    let (_d, srv) = start_byte_level(ServeOptions::default());
+    let url = srv.base_url();
+    let cases: u64 = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(21);
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let formats = judge_formats();
+    let (mut ended, mut all) = (0, 0);
+    for case in 0..cases {
+        let format = &formats[case as usize % formats.len()];
+        let schema = format.pointer("/json_schema/schema").cloned().unwrap_or(json!({"type": "object"}));
+        let temperature = (next() % 150) as f64 / 100.0;
+        let body = json!({"messages": ask("rate this"), "response_format": format, "temperature": temperature,
+                          "seed": next() % 1000, "max_tokens": 1500, "n": 2, "stream": case % 2 == 1});
+        let texts: Vec<(String, String)> = if case % 2 == 1 {
+            let text =
+                reqwest::Client::new().post(format!("{url}/chat/completions")).json(&body).send().await.unwrap().text().await.unwrap();
+            let mut parts = vec![String::new(); 2];
+            let mut finish = vec![String::new(); 2];
+            for d in sse_data(&text).iter().filter(|d| *d != "[DONE]") {
+                let v: Value = serde_json::from_str(d).unwrap();
+                let c = &v["choices"][0];
+                let i = c["index"].as_u64().unwrap() as usize;
+                parts[i].push_str(c["delta"]["content"].as_str().unwrap_or(""));
+                if let Some(f) = c["finish_reason"].as_str() {
+                    finish[i] = f.to_string();
+                }
+            }
+            parts.into_iter().zip(finish).collect()
+        } else {
+            let (status, a) = post(&url, body).await;
+            assert_eq!(status, 200, "{a}");
+            a["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| (c["message"]["content"].as_str().unwrap().to_string(), c["finish_reason"].as_str().unwrap().to_string()))
+                .collect()
+        };
+        for (text, finish) in texts {
+            all += 1;
+            if finish == "length" {
+                continue;
+            }
+            ended += 1;
+            let v: Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("case {case} (t={temperature}): not JSON ({e}): {text:?}"));
+            fits(&v, &schema, "$").unwrap_or_else(|e| panic!("case {case} (t={temperature}): {e}: {text}"));
+        }
+    }
+    // A random model writes long strings (about one closing quote in 250 tokens): many run out.
+    assert!(ended * 3 >= all, "only {ended} of {all} answers ended within 1500 tokens");
+    srv.stop().unwrap();
+}
+
+/// Bad schemas, unknown formats and fields this server cannot honour get a
+/// 400 that names them; a word-level tokenizer (no byte vocabulary) refuses
+/// structured outputs in words.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_schemas_and_unsupported_fields_get_400() {
+    let (_d, srv) = start_byte_level(ServeOptions::default());
+    let url = srv.base_url();
+    let schema = |s: Value| json!({"type": "json_schema", "json_schema": {"name": "x", "schema": s, "strict": true}});
+    for (extra, param) in [
+        (json!({"response_format": schema(json!({"type": "object", "properties": {"a": {"type": "no-such-type"}}}))}), "response_format"),
+        (
+            json!({"response_format": schema(json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}))}),
+            "response_format",
+        ),
+        (json!({"response_format": {"type": "json_schema"}}), "response_format"),
+        (json!({"response_format": {"type": "yaml"}}), "response_format"),
+        (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
+        (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs"),
+        (json!({"logit_bias": {"5": 3}}), "logit_bias"),
+    ] {
+        let mut body = json!({"messages": ask("hi"), "max_tokens": 3});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, e) = post(&url, body.clone()).await;
+        assert_eq!((status, e["error"]["param"].as_str()), (400, Some(param)), "{body} -> {e}");
+    }
+    srv.stop().unwrap();
+    let (_d, words) = start(ServeOptions::default());
+    let (status, e) = post(&words.base_url(), json!({"messages": ask("hi"), "response_format": {"type": "json_object"}})).await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("does not support constrained decoding"), "{e}");
+    words.stop().unwrap();
+}
+
+/// Log-probabilities in OpenAI's shape: one entry per completion token with
+/// its text, bytes and `top_logprobs` (most likely first, the greedy choice
+/// at the top), whole and streamed alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn logprobs_come_in_the_openai_shape() {
+    let (_d, srv) = start_byte_level(ServeOptions::default());
+    let url = srv.base_url();
+    let body = json!({"messages": ask("hi"), "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 3});
+    let (status, a) = post(&url, body.clone()).await;
+    assert_eq!(status, 200, "{a}");
+    let content = a["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(content.len() as u64, a["usage"]["completion_tokens"].as_u64().unwrap(), "{a}");
+    let mut text = String::new();
+    for e in &content {
+        let (token, lp) = (e["token"].as_str().unwrap(), e["logprob"].as_f64().unwrap());
+        assert!(lp <= 0.0);
+        assert_eq!(e["bytes"], json!(token.as_bytes()));
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        let lps: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{lps:?}");
+        assert_eq!((top[0]["token"].as_str().unwrap(), lps[0]), (token, lp), "greedy takes the most likely token");
+        text.push_str(token);
+    }
+    assert_eq!(text, a["choices"][0]["message"]["content"].as_str().unwrap());
+    // Without logprobs the field is null.
+    let (_, plain) = post(&url, json!({"messages": ask("hi"), "max_tokens": 2})).await;
+    assert!(plain["choices"][0]["logprobs"].is_null(), "{plain}");
+    // Streamed: the chunks' entries are the same tokens.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let sse = reqwest::Client::new().post(format!("{url}/chat/completions")).json(&streamed).send().await.unwrap().text().await.unwrap();
+    let mut entries = vec![];
+    for d in sse_data(&sse).iter().filter(|d| *d != "[DONE]") {
+        let v: Value = serde_json::from_str(d).unwrap();
+        if let Some(c) = v["choices"][0]["logprobs"]["content"].as_array() {
+            entries.extend(c.iter().cloned());
+        }
+    }
+    assert_eq!(entries, content);
+    srv.stop().unwrap();
+}
+
+/// Continuous batching: a short request that arrives while a long one is
+/// decoding joins it at a step and is answered while the long one still
+/// streams, which it goes on doing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_request_arriving_during_a_long_one_finishes_first() {
+    let (_d, srv) = start_byte_level(ServeOptions::default());
+    let url = srv.base_url();
+    // A grammar that forces at least 300 characters: a long answer whatever the model.
+    let long_format = json!({"type": "json_schema", "json_schema": {"name": "long", "schema": {"type": "string", "minLength": 300}}});
+    let long = json!({"messages": ask("hi"), "max_tokens": 1000, "stream": true, "response_format": long_format, "temperature": 0});
+    let mut resp = reqwest::Client::new().post(format!("{url}/chat/completions")).json(&long).send().await.unwrap();
+    // Wait for the long answer's first piece of text.
+    let mut buf = String::new();
+    while !sse_data(&buf).iter().any(|d| d.contains("\"content\":\"") && !d.contains("\"content\":\"\"")) {
+        buf.push_str(&String::from_utf8_lossy(&resp.chunk().await.unwrap().expect("the long stream ended early")));
+    }
+    let (status, short) = post(&url, json!({"messages": ask("q"), "max_tokens": 3, "temperature": 0})).await;
+    assert_eq!(status, 200, "{short}");
+    let before = sse_data(&buf).len();
+    assert!(!buf.contains("[DONE]"), "the long answer ended before the short one");
+    while let Some(c) = resp.chunk().await.unwrap() {
+        buf.push_str(&String::from_utf8_lossy(&c));
+    }
+    let data = sse_data(&buf);
+    assert!(data.len() > before + 10, "the long answer kept streaming after the short one was answered");
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    srv.stop().unwrap();
+}

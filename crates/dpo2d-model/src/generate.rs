@@ -415,7 +415,8 @@ fn pick_tokens(logits: &Tensor, active: &[usize], rows: &mut [Row]) -> Result<Ve
         .collect())
 }
 
-fn argmax(l: &[f32]) -> u32 {
+/// The index of the largest logit (the first of equals).
+pub fn argmax(l: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in l.iter().enumerate() {
         if *v > l[best] {

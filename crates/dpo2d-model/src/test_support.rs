@@ -28,6 +28,8 @@ pub struct TinyModel {
     pub seed: u64,
     pub bos_token_id: u32,
     pub eos_token_id: u32,
+    /// `max_position_embeddings`.
+    pub context: usize,
 }
 
 impl Default for TinyModel {
@@ -45,6 +47,7 @@ impl Default for TinyModel {
             seed: 100,
             bos_token_id: 1,
             eos_token_id: 2,
+            context: 256,
         }
     }
 }
@@ -57,7 +60,7 @@ impl TinyModel {
             "architectures": [arch], "vocab_size": self.vocab, "hidden_size": self.hidden,
             "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
             "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "rope_theta": 10000.0,
-            "rms_norm_eps": 1e-5, "tie_word_embeddings": self.tied, "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": self.tied, "max_position_embeddings": self.context,
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id
         })
         .to_string()
@@ -114,4 +117,56 @@ impl TinyModel {
     pub fn build(&self, opts: &LoadOptions) -> CausalLM {
         CausalLM::from_tensors(self.config(), self.tensors(), opts).expect("tiny model loads")
     }
+
+    /// A tiny random model whose tokenizer is byte-level BPE (GPT-2's byte
+    /// alphabet, no merges) with ChatML specials: it can write any text, so
+    /// a grammar can always be followed (structured-output tests).
+    pub fn byte_level() -> TinyModel {
+        TinyModel { vocab: BYTE_VOCAB, bos_token_id: 256, eos_token_id: 257, context: 2048, ..TinyModel::default() }
+    }
+
+    /// [`TinyModel::write`] plus the byte-level tokenizer files of [`TinyModel::byte_level`].
+    pub fn write_byte_level(&self, dir: &Path) -> ModelConfig {
+        let cfg = self.write(dir);
+        let chars = byte_chars();
+        let mut vocab = serde_json::Map::new();
+        for (b, c) in chars.iter().enumerate() {
+            vocab.insert(c.to_string(), b.into());
+        }
+        vocab.insert("<|im_start|>".into(), 256.into());
+        vocab.insert("<|im_end|>".into(), 257.into());
+        let special = |id: u32, c: &str| serde_json::json!({"id": id, "content": c, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
+        let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true});
+        let tok = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [special(256, "<|im_start|>"), special(257, "<|im_end|>")],
+            "normalizer": null, "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
+        });
+        std::fs::write(dir.join("tokenizer.json"), tok.to_string()).expect("write tokenizer.json");
+        let chatml = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let config = serde_json::json!({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "chat_template": chatml, "tokenizer_class": "GPT2TokenizerFast"});
+        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).expect("write tokenizer_config.json");
+        cfg
+    }
+}
+
+/// Byte tokens, two specials, and spare ids.
+const BYTE_VOCAB: usize = 264;
+
+/// GPT-2's printable stand-ins for the 256 bytes (what byte-level BPE vocabularies spell bytes with).
+fn byte_chars() -> Vec<char> {
+    let mut chars = vec![' '; 256];
+    let mut next = 256u32;
+    for b in 0..256u32 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        chars[b as usize] = if printable {
+            char::from_u32(b).expect("a byte is a char")
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("a char past the bytes")
+        };
+    }
+    chars
 }

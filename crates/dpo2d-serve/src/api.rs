@@ -1,6 +1,7 @@
 //! The OpenAI chat completions wire format: what a request may hold, what
 //! an answer and a streamed chunk look like, and the error object.
 
+use crate::constraint::Format;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use dpo2d_model::chat::Message;
@@ -8,9 +9,10 @@ use dpo2d_model::generate::FinishReason;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-/// `POST /v1/chat/completions`. Fields dpo2d cannot honour (tools, logprobs,
-/// structured output) are refused by [`ChatRequest::check_supported`]
-/// rather than silently ignored; unknown fields are ignored, as OpenAI does.
+/// `POST /v1/chat/completions`. Fields dpo2d cannot honour (tools, function
+/// calls, logit biases, penalties) are refused by
+/// [`ChatRequest::check_supported`] rather than silently ignored; unknown
+/// fields are ignored, as OpenAI does.
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     #[serde(default)]
@@ -28,9 +30,19 @@ pub struct ChatRequest {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub response_format: Option<Value>,
-    pub tools: Option<Value>,
     pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u64>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub logit_bias: Option<Value>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
 }
+
+/// Most alternatives a token's `top_logprobs` may list (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u64 = 20;
 
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
@@ -70,23 +82,48 @@ pub struct Part {
 
 impl ChatRequest {
     pub fn check_supported(&self) -> Result<(), ApiError> {
-        if self.tools.as_ref().is_some_and(|t| !t.is_null()) {
-            return Err(ApiError::invalid("tools are not supported by this server", Some("tools")));
-        }
-        if self.logprobs == Some(true) {
-            return Err(ApiError::invalid("logprobs are not supported by this server", Some("logprobs")));
-        }
-        if let Some(f) = &self.response_format {
-            let kind = f.get("type").and_then(Value::as_str).unwrap_or("");
-            if kind != "text" {
-                // Named so that clients with a free-text fallback (dpo2d annotate) take it.
-                return Err(ApiError::invalid(
-                    &format!("response_format {kind:?} is not supported by this server (no constrained decoding); only \"text\""),
-                    Some("response_format"),
-                ));
+        let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null() && v != &json!({}) && v != &json!([]));
+        for (name, v) in [
+            ("tools", &self.tools),
+            ("tool_choice", &self.tool_choice),
+            ("functions", &self.functions),
+            ("function_call", &self.function_call),
+        ] {
+            if given(v) {
+                return Err(ApiError::invalid(&format!("{name}: tool and function calls are not supported by this server"), Some(name)));
             }
         }
+        if given(&self.logit_bias) {
+            return Err(ApiError::invalid("logit_bias is not supported by this server", Some("logit_bias")));
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if v.is_some_and(|x| x != 0.0) {
+                return Err(ApiError::invalid(&format!("{name} is not supported by this server (only 0)"), Some(name)));
+            }
+        }
+        match self.top_logprobs {
+            Some(n) if n > MAX_TOP_LOGPROBS => {
+                return Err(ApiError::invalid(
+                    &format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
+                    Some("top_logprobs"),
+                ))
+            }
+            Some(_) if self.logprobs != Some(true) => {
+                return Err(ApiError::invalid("top_logprobs needs logprobs: true", Some("top_logprobs")))
+            }
+            _ => {}
+        }
         Ok(())
+    }
+
+    /// What `response_format` asks for; a malformed one is a 400 that names the problem.
+    pub fn format(&self) -> Result<Format, ApiError> {
+        Format::parse(self.response_format.as_ref()).map_err(|m| ApiError::invalid(&m, Some("response_format")))
+    }
+
+    /// `Some(alternatives)` when the answer must carry log-probabilities.
+    pub fn logprobs(&self) -> Option<usize> {
+        (self.logprobs == Some(true)).then(|| self.top_logprobs.unwrap_or(0) as usize)
     }
 
     /// The conversation as chat-template messages (`developer` is read as `system`).
@@ -155,6 +192,18 @@ pub struct Usage {
 pub struct Choice {
     pub text: String,
     pub finish: FinishReason,
+    /// OpenAI's `logprobs` object of the choice, when asked for.
+    pub logprobs: Option<Value>,
+}
+
+/// A token as OpenAI's log-probability entries show it: its text and bytes.
+pub fn token_entry(text: &str, logprob: f32) -> Value {
+    json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
+}
+
+/// OpenAI's `logprobs` object: `{"content": [entry + top_logprobs], "refusal": null}`.
+pub fn logprobs_object(entries: Vec<Value>) -> Value {
+    json!({"content": entries, "refusal": null})
 }
 
 /// A whole `chat.completion` object.
@@ -166,7 +215,7 @@ pub fn completion_body(id: &str, created: u64, model: &str, choices: &[Choice], 
             json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": null,
+                "logprobs": c.logprobs,
                 "finish_reason": finish_reason(c.finish),
             })
         })
@@ -182,9 +231,17 @@ pub fn completion_body(id: &str, created: u64, model: &str, choices: &[Choice], 
     })
 }
 
-/// One `chat.completion.chunk` with a single choice (`delta` as given).
-pub fn chunk_body(id: &str, created: u64, model: &str, index: usize, delta: Value, finish: Option<FinishReason>) -> Value {
-    let choice = json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish.map(finish_reason)});
+/// One `chat.completion.chunk` with a single choice (`delta` and its `logprobs` as given).
+pub fn chunk_body(
+    id: &str,
+    created: u64,
+    model: &str,
+    index: usize,
+    delta: Value,
+    logprobs: Option<Value>,
+    finish: Option<FinishReason>,
+) -> Value {
+    let choice = json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish.map(finish_reason)});
     chunk(id, created, model, vec![choice], None)
 }
 
@@ -270,10 +327,39 @@ mod tests {
         let r = req(json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}));
         assert!(r.chat_messages().is_err());
         let r = req(json!({"messages": [], "response_format": {"type": "json_schema"}}));
-        let e = r.check_supported().unwrap_err();
-        assert!(e.message.contains("response_format"), "{}", e.message);
-        assert!(req(json!({"messages": [], "response_format": {"type": "text"}})).check_supported().is_ok());
-        assert!(req(json!({"messages": [], "tools": [{"type": "function"}]})).check_supported().is_err());
+        let e = r.format().unwrap_err();
+        assert!(e.message.contains("response_format.json_schema must be an object"), "{}", e.message);
+        assert_eq!(e.param, Some("response_format"));
+        let e = req(json!({"messages": [], "response_format": {"type": "xml"}})).format().unwrap_err();
+        assert!(e.message.contains("\"xml\" is not supported"), "{}", e.message);
+        assert_eq!(req(json!({"messages": [], "response_format": {"type": "text"}})).format().unwrap(), Format::Text);
+        assert_eq!(
+            req(json!({"messages": [], "response_format": {"type": "json_object"}})).format().unwrap(),
+            Format::Json(json!({"type": "object"}))
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let f = req(
+            json!({"messages": [], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}}}),
+        );
+        assert_eq!(f.format().unwrap(), Format::Json(schema));
+        for (field, v) in [
+            ("tools", json!([{"type": "function"}])),
+            ("tool_choice", json!("required")),
+            ("functions", json!([{"name": "f"}])),
+            ("logit_bias", json!({"5": 10})),
+            ("presence_penalty", json!(0.5)),
+        ] {
+            let mut body = json!({"messages": []});
+            body[field] = v;
+            let e = req(body).check_supported().unwrap_err();
+            assert_eq!(e.param, Some(field), "{}", e.message);
+        }
+        assert!(req(json!({"messages": [], "frequency_penalty": 0, "logit_bias": {}})).check_supported().is_ok());
+        assert!(req(json!({"messages": [], "top_logprobs": 3})).check_supported().is_err());
+        assert!(req(json!({"messages": [], "logprobs": true, "top_logprobs": 21})).check_supported().is_err());
+        let lp = req(json!({"messages": [], "logprobs": true, "top_logprobs": 5}));
+        assert!(lp.check_supported().is_ok());
+        assert_eq!(lp.logprobs(), Some(5));
         assert!(req(json!({"messages": []})).chat_messages().is_err());
     }
 

@@ -1,15 +1,24 @@
-//! The decoder: one thread owns the model and answers queued requests in
-//! batches. Whatever is waiting when a batch starts (up to `max_batch_rows`
-//! rows, `n` rows per request) is prefilled and decoded together; requests
-//! that arrive meanwhile wait for the next batch. Each request gets its text
-//! back through its own channel, piece by piece when it streams.
+//! The decoder: one thread owns the model and decodes every admitted row
+//! one token per step (continuous batching). A request that arrives while
+//! others decode is prefilled a chunk of its prompt per step, between their
+//! steps, then joins the running rows; a row leaves as soon as it is done,
+//! so a short answer never waits for a long one. Each row may carry a
+//! grammar (structured outputs) that masks its logits, and may report the
+//! log-probabilities of its tokens. Each request gets its text back through
+//! its own channel, piece by piece when it streams.
 
-use dpo2d_model::generate::{decode_rows, find_stop, row_seed, FinishReason, GenerationConfig, Row};
+use crate::constraint::Constraint;
+use anyhow::Result;
+use dpo2d_model::generate::{argmax, find_stop, row_seed, sample, DecodeBatch, FinishReason, GenerationConfig, Prefill};
 use dpo2d_model::llama::CausalLM;
 use dpo2d_model::source::TextSide;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
@@ -20,16 +29,31 @@ pub struct Job {
     pub cfg: GenerationConfig,
     /// Send text as it is decoded (else only the final text).
     pub stream: bool,
+    /// The grammar every row of the request must follow (structured outputs).
+    pub constraint: Option<Constraint>,
+    /// Report each token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
     pub events: UnboundedSender<Event>,
+}
+
+/// A decoded token's log-probability, and the most likely tokens at its
+/// place (OpenAI's `logprobs.content` entry), under the distribution it
+/// was drawn from: the model's, restricted to what a grammar allows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Debug)]
 pub enum Event {
-    /// More text of choice `index`.
-    Delta { index: usize, text: String },
-    /// Choice `index` is complete: its whole text (stop string cut off).
-    Done { index: usize, text: String, finish: FinishReason, tokens: usize },
-    /// The batch failed; the request gets a server error.
+    /// More text of choice `index`, with the log-probabilities of the tokens decoded since the last piece.
+    Delta { index: usize, text: String, logprobs: Vec<TokenLogprob> },
+    /// Choice `index` is complete: its whole text (stop string cut off), and
+    /// the log-probabilities not sent with a piece yet.
+    Done { index: usize, text: String, finish: FinishReason, tokens: usize, logprobs: Vec<TokenLogprob> },
+    /// Decoding failed; the request gets a server error.
     Failed(String),
 }
 
@@ -38,8 +62,10 @@ pub struct Engine {
     pub text: Arc<TextSide>,
     /// Tokens that end an answer (`TextSide::stop_token_ids`, found once).
     pub eos: Vec<u32>,
+    /// Rows decoding (or being prefilled) at once.
     pub max_batch_rows: usize,
-    /// How long the first request of a batch waits for others to join it.
+    /// How long the first request to reach an idle decoder waits for others
+    /// to be prefilled with it.
     pub batch_wait: Duration,
     pub stats: Arc<Stats>,
 }
@@ -49,112 +75,316 @@ pub struct Engine {
 pub struct Stats {
     /// Requests queued or decoding.
     pub pending: AtomicUsize,
-    /// Batches decoded so far, and their rows.
+    /// Groups of requests prefilled together, and their rows.
     pub batches: AtomicUsize,
     pub rows: AtomicUsize,
 }
 
+/// Prompt columns a prefill runs per step while other rows decode: small
+/// enough that their next tokens are not held up for long.
+const PREFILL_COLUMNS_BESIDE_DECODING: usize = 128;
+/// Attention scores one prefill pass may hold when nothing else decodes.
+const PREFILL_SCORES: usize = 1 << 27;
+
+/// What a request's rows share: where their events go, and how many are left.
+struct Request {
+    job: Job,
+    rows_left: std::cell::Cell<usize>,
+}
+
+/// One row being decoded: a choice of a request.
+struct RowState {
+    req: Rc<Request>,
+    index: usize,
+    rng: StdRng,
+    stream: TextStream,
+    tokens: Vec<u32>,
+    constraint: Option<Constraint>,
+    /// Log-probabilities of the tokens decoded since the last piece sent.
+    logprobs: Vec<TokenLogprob>,
+}
+
+impl RowState {
+    fn new(req: &Rc<Request>, index: usize) -> Self {
+        let job = &req.job;
+        RowState {
+            req: req.clone(),
+            index,
+            rng: StdRng::seed_from_u64(row_seed(job.cfg.seed, 0, index as u64)),
+            stream: TextStream::new(&job.cfg.stop),
+            tokens: vec![],
+            constraint: job.constraint.as_ref().map(Constraint::fork),
+            logprobs: vec![],
+        }
+    }
+
+    /// Plain greedy decoding: the device's argmax serves it.
+    fn plain_greedy(&self) -> bool {
+        self.req.job.cfg.is_greedy() && self.constraint.is_none() && self.req.job.logprobs.is_none()
+    }
+}
+
+/// The decoder's state between steps.
+#[derive(Default)]
+struct Work {
+    waiting: VecDeque<Job>,
+    prefill: Option<(Prefill, Vec<RowState>)>,
+    batch: DecodeBatch,
+    rows: Vec<RowState>,
+}
+
+impl Work {
+    fn idle(&self) -> bool {
+        self.waiting.is_empty() && self.prefill.is_none() && self.rows.is_empty()
+    }
+
+    fn rows_in_flight(&self) -> usize {
+        self.rows.len() + self.prefill.as_ref().map(|(_, r)| r.len()).unwrap_or(0)
+    }
+}
+
 impl Engine {
-    /// Answers jobs until every sender is gone (the server has shut down).
+    /// Answers jobs until every sender is gone (the server has shut down)
+    /// and nothing is left to decode.
     pub fn run(&self, jobs: Receiver<Job>) {
-        let mut carry: Option<Job> = None;
+        let mut work = Work::default();
         loop {
-            let first = match carry.take() {
-                Some(j) => j,
-                None => match jobs.recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                },
-            };
-            let mut batch = vec![first];
+            if !self.collect(&jobs, &mut work) {
+                return;
+            }
+            self.admit(&mut work);
+            if let Err(e) = self.prefill_step(&mut work) {
+                let (_, rows) = work.prefill.take().expect("a prefill failed");
+                self.fail_rows(rows, &format!("generation failed: {e:#}"));
+            }
+            if !work.rows.is_empty() {
+                if let Err(e) = self.decode_step(&mut work) {
+                    let rows = std::mem::take(&mut work.rows);
+                    work.batch = DecodeBatch::default();
+                    self.fail_rows(rows, &format!("generation failed: {e:#}"));
+                }
+            }
+        }
+    }
+
+    /// Takes what has arrived; waits when there is nothing to do (and, for
+    /// the first request to an idle decoder, up to `batch_wait` for others).
+    /// False once the server has shut down and nothing is left.
+    fn collect(&self, jobs: &Receiver<Job>, work: &mut Work) -> bool {
+        if work.idle() {
+            match jobs.recv() {
+                Ok(j) => work.waiting.push_back(j),
+                Err(_) => return false,
+            }
             let deadline = Instant::now() + self.batch_wait;
-            while rows_of(&batch) < self.max_batch_rows {
+            while work.waiting.iter().map(|j| j.cfg.num_return_sequences).sum::<usize>() < self.max_batch_rows {
                 match jobs.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(j) if rows_of(&batch) + j.cfg.num_return_sequences > self.max_batch_rows => {
-                        carry = Some(j);
-                        break;
-                    }
-                    Ok(j) => batch.push(j),
+                    Ok(j) => work.waiting.push_back(j),
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                 }
             }
-            let taken = batch.len();
-            // Skip requests whose client has already gone.
-            batch.retain(|j| !j.events.is_closed());
-            self.stats.pending.fetch_sub(taken - batch.len(), Ordering::SeqCst);
-            if !batch.is_empty() {
-                self.answer(&batch);
-                tracing::debug!("decoded a batch of {} request(s), {} row(s)", batch.len(), rows_of(&batch));
+        }
+        loop {
+            match jobs.try_recv() {
+                Ok(j) => work.waiting.push_back(j),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
+        }
+        true
+    }
+
+    /// Starts prefilling the waiting requests that fit beside the rows in flight.
+    fn admit(&self, work: &mut Work) {
+        if work.prefill.is_some() {
+            return;
+        }
+        let mut taken: Vec<Job> = vec![];
+        let mut rows = work.rows_in_flight();
+        while let Some(j) = work.waiting.front() {
+            let n = j.cfg.num_return_sequences;
+            if rows + n > self.max_batch_rows && !(rows == 0 && taken.is_empty()) {
+                break;
+            }
+            let j = work.waiting.pop_front().expect("a waiting job");
+            // A client that has gone needs no answer.
+            if j.events.is_closed() {
+                self.stats.pending.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
+            rows += n;
+            taken.push(j);
+        }
+        if taken.is_empty() {
+            return;
+        }
+        let states: Vec<RowState> = taken
+            .into_iter()
+            .flat_map(|job| {
+                let n = job.cfg.num_return_sequences;
+                let req = Rc::new(Request { job, rows_left: std::cell::Cell::new(n) });
+                (0..n).map(move |i| RowState::new(&req, i)).collect::<Vec<_>>()
+            })
+            .collect();
+        let prompts: Vec<&[u32]> = states.iter().map(|r| r.req.job.prompt.as_slice()).collect();
+        let max_new = states.iter().map(|r| r.req.job.cfg.max_new_tokens).max().unwrap_or(0);
+        match Prefill::new(&self.model, &prompts, self.text.tokenizer.pad_token_id(), max_new) {
+            Ok(p) => {
+                self.stats.batches.fetch_add(1, Ordering::SeqCst);
+                self.stats.rows.fetch_add(states.len(), Ordering::SeqCst);
+                work.prefill = Some((p, states));
+            }
+            Err(e) => self.fail_rows(states, &format!("generation failed: {e:#}")),
         }
     }
 
-    /// The batch is decoded (or failed): count it, and stop counting its
-    /// requests as pending, before they get their answers, so that a client
-    /// that asks again as soon as it is answered is not refused for a full
-    /// queue, and `/health` already counts the batch it was answered in.
-    fn finished(&self, batch: &[Job]) {
-        self.stats.batches.fetch_add(1, Ordering::SeqCst);
-        self.stats.rows.fetch_add(rows_of(batch), Ordering::SeqCst);
-        self.stats.pending.fetch_sub(batch.len(), Ordering::SeqCst);
+    /// Runs one chunk of the prefill (all of it when nothing else decodes);
+    /// a finished prefill's rows join the running ones.
+    fn prefill_step(&self, work: &mut Work) -> Result<()> {
+        let Some((p, _)) = work.prefill.as_mut() else { return Ok(()) };
+        let columns = if work.rows.is_empty() { p.chunk_within(&self.model, PREFILL_SCORES) } else { PREFILL_COLUMNS_BESIDE_DECODING };
+        guarded(|| p.advance(&self.model, columns))?;
+        if p.is_done() {
+            let (p, rows) = work.prefill.take().expect("a prefill");
+            guarded(|| work.batch.join(p))?;
+            work.rows.extend(rows);
+        }
+        Ok(())
     }
 
-    /// Decodes one batch; a failure (or a panic) fails its requests, not the server.
-    fn answer(&self, batch: &[Job]) {
-        let mut owners = vec![]; // (job, choice index) of each row
-        for (j, job) in batch.iter().enumerate() {
-            owners.extend((0..job.cfg.num_return_sequences).map(|s| (j, s)));
+    /// One token for every running row; finished rows leave.
+    fn decode_step(&self, work: &mut Work) -> Result<()> {
+        let next = guarded(|| self.pick(work))?;
+        let mut keep = vec![];
+        let mut tokens = vec![];
+        let rows = std::mem::take(&mut work.rows);
+        let mut still = vec![];
+        for (i, (mut row, t)) in rows.into_iter().zip(next).enumerate() {
+            match self.advance_row(&mut row, t) {
+                Some(finish) => self.finish_row(row, finish),
+                None => {
+                    keep.push(i);
+                    tokens.push(t);
+                    still.push(row);
+                }
+            }
         }
-        let rows: Vec<Row> =
-            owners.iter().map(|&(j, s)| Row::new(&batch[j].prompt, &batch[j].cfg, row_seed(batch[j].cfg.seed, 0, s as u64))).collect();
-        let mut streams: Vec<TextStream> = owners.iter().map(|&(j, _)| TextStream::new(&batch[j].cfg.stop)).collect();
-        let tok = &self.text.tokenizer;
-        let mut on_token = |row: usize, tokens: &[u32]| -> bool {
-            let (j, index) = owners[row];
-            let job = &batch[j];
-            if job.events.is_closed() {
-                return true;
+        work.rows = still;
+        guarded(|| {
+            work.batch.step(&self.model, &keep, &tokens)?;
+            work.batch.trim()
+        })
+    }
+
+    /// The next token of every running row: the device's argmax when every
+    /// row decodes greedily without a grammar or log-probs, else row by row.
+    fn pick(&self, work: &mut Work) -> Result<Vec<u32>> {
+        let logits = work.batch.logits(&self.model)?;
+        if work.rows.iter().all(RowState::plain_greedy) {
+            return Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
+        }
+        let all = logits.to_vec2::<f32>()?;
+        work.rows.iter_mut().zip(all).map(|(row, mut l)| pick_one(row, &mut l)).collect()
+    }
+
+    /// Takes token `t` into the row; `Some` when the row is done.
+    fn advance_row(&self, row: &mut RowState, t: u32) -> Option<FinishReason> {
+        let job = &row.req.job;
+        if self.eos.contains(&t) {
+            return Some(FinishReason::Eos);
+        }
+        row.tokens.push(t);
+        if job.events.is_closed() {
+            return Some(FinishReason::Stop);
+        }
+        if let Some(c) = row.constraint.as_mut() {
+            if c.consume(t).is_err() || c.is_stopped() {
+                return Some(FinishReason::Stop);
             }
-            if !job.stream && job.cfg.stop.is_empty() {
-                return false;
-            }
-            let Ok(text) = tok.decode(tokens, true) else { return false };
-            let (delta, stopped) = streams[row].advance(&text, false);
+        }
+        if job.stream || !job.cfg.stop.is_empty() {
+            let text = self.text.tokenizer.decode(&row.tokens, true).unwrap_or_default();
+            let (delta, stopped) = row.stream.advance(&text, false);
             if job.stream && !delta.is_empty() {
-                let _ = job.events.send(Event::Delta { index, text: delta });
+                let logprobs = std::mem::take(&mut row.logprobs);
+                let _ = job.events.send(Event::Delta { index: row.index, text: delta, logprobs });
             }
-            stopped
-        };
-        let decoded =
-            std::panic::catch_unwind(AssertUnwindSafe(|| decode_rows(&self.model, rows, &self.eos, tok.pad_token_id(), &mut on_token)));
-        self.finished(batch);
-        let raw = match decoded {
-            Ok(Ok(raw)) => raw,
-            Ok(Err(e)) => return fail(batch, &format!("generation failed: {e:#}")),
-            Err(_) => return fail(batch, "generation failed (internal error)"),
-        };
-        for ((&(j, index), c), stream) in owners.iter().zip(raw).zip(streams.iter_mut()) {
-            let job = &batch[j];
-            let full = tok.decode(&c.tokens, true).unwrap_or_default();
-            let (delta, _) = stream.advance(&full, true);
-            if job.stream && !delta.is_empty() {
-                let _ = job.events.send(Event::Delta { index, text: delta });
+            if stopped {
+                return Some(FinishReason::Stop);
             }
-            let text = stream.emitted_text(&full);
-            let _ = job.events.send(Event::Done { index, text, finish: c.finish, tokens: c.tokens.len() });
+        }
+        (row.tokens.len() >= job.cfg.max_new_tokens).then_some(FinishReason::Length)
+    }
+
+    /// Sends a finished row's last piece and its whole text; the request is
+    /// counted as answered before its last row's answer goes out, so that a
+    /// client that asks again at once is not refused for a full queue.
+    fn finish_row(&self, mut row: RowState, finish: FinishReason) {
+        let job = &row.req.job;
+        let full = self.text.tokenizer.decode(&row.tokens, true).unwrap_or_default();
+        let (delta, _) = row.stream.advance(&full, true);
+        let mut logprobs = std::mem::take(&mut row.logprobs);
+        if job.stream && !delta.is_empty() {
+            let _ = job.events.send(Event::Delta { index: row.index, text: delta, logprobs: std::mem::take(&mut logprobs) });
+        }
+        let text = row.stream.emitted_text(&full);
+        let left = row.req.rows_left.get() - 1;
+        row.req.rows_left.set(left);
+        if left == 0 {
+            self.stats.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+        let _ = job.events.send(Event::Done { index: row.index, text, finish, tokens: row.tokens.len(), logprobs });
+    }
+
+    /// Fails the requests of `rows` (each once), not the server.
+    fn fail_rows(&self, rows: Vec<RowState>, msg: &str) {
+        tracing::error!("{msg}");
+        for row in rows {
+            let left = row.req.rows_left.get();
+            if left == 0 {
+                continue;
+            }
+            row.req.rows_left.set(0);
+            self.stats.pending.fetch_sub(1, Ordering::SeqCst);
+            let _ = row.req.job.events.send(Event::Failed(msg.to_string()));
         }
     }
 }
 
-fn rows_of(batch: &[Job]) -> usize {
-    batch.iter().map(|j| j.cfg.num_return_sequences).sum()
+/// Runs `f`, turning a panic into an error.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| Err(anyhow::anyhow!("internal error")))
 }
 
-fn fail(batch: &[Job], msg: &str) {
-    tracing::error!("{msg}");
-    for job in batch {
-        let _ = job.events.send(Event::Failed(msg.to_string()));
+/// One row's next token from its logits: masked by its grammar, greedy or
+/// sampled with its own settings and generator, its log-probability noted
+/// when asked for.
+fn pick_one(row: &mut RowState, logits: &mut [f32]) -> Result<u32> {
+    if let Some(c) = row.constraint.as_mut() {
+        c.mask(logits)?;
     }
+    let cfg = &row.req.job.cfg;
+    let t = if cfg.is_greedy() { argmax(logits) } else { sample(logits, cfg, &mut row.rng) };
+    if let Some(top) = row.req.job.logprobs {
+        row.logprobs.push(token_logprob(logits, t, top));
+    }
+    Ok(t)
+}
+
+/// `t`'s log-probability under `logits` (temperature 1) and the `top` most likely tokens.
+fn token_logprob(logits: &[f32], t: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = logits.iter().filter(|x| x.is_finite()).map(|&x| ((x - max) as f64).exp()).sum();
+    let lp = |x: f32| ((x - max) as f64 - z.ln()) as f32;
+    let mut best: Vec<u32> = (0..logits.len() as u32).filter(|&i| logits[i as usize].is_finite()).collect();
+    let k = top.min(best.len());
+    if k > 0 {
+        best.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        best.truncate(k);
+        best.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    } else {
+        best.clear();
+    }
+    TokenLogprob { token: t, logprob: lp(logits[t as usize]), top: best.into_iter().map(|i| (i, lp(logits[i as usize]))).collect() }
 }
 
 /// Turns the growing decoded text of one row into safe-to-send pieces:

@@ -5,6 +5,7 @@
 //! decoded together in batches by one [`engine::Engine`] that owns the model.
 
 pub mod api;
+pub mod constraint;
 pub mod engine;
 mod routes;
 
@@ -79,9 +80,17 @@ pub fn serve(
 ) -> Result<()> {
     let text = Arc::new(lm.text());
     let stats = Arc::new(engine::Stats::default());
+    let eos = text.stop_token_ids();
+    let grammars = match constraint::Grammars::new(&text, &eos, lm.model.config().vocab_size) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::warn!("structured outputs are off for this model: {e:#}");
+            None
+        }
+    };
     let engine = Engine {
         model: lm.model,
-        eos: text.stop_token_ids(),
+        eos,
         text: text.clone(),
         max_batch_rows: opts.max_batch_rows.max(opts.limits.max_n).max(1),
         batch_wait: opts.batch_wait,
@@ -98,7 +107,7 @@ pub fn serve(
         .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
     let addr = listener.local_addr()?;
     let (jobs, queue) = std::sync::mpsc::channel();
-    let app = routes::router(routes::AppState::new(opts, text, jobs, stats));
+    let app = routes::router(routes::AppState::new(opts, text, grammars, jobs, stats));
     let server = rt.spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
     on_ready(addr);
     // Returns once the server has stopped and dropped its end of the queue.

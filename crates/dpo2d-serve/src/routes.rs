@@ -2,7 +2,8 @@
 //! and the chat completions handler (check, tokenize, queue, answer).
 
 use crate::api::{self, ApiError, ChatRequest, Choice, Usage};
-use crate::engine::{Event, Job, Stats};
+use crate::constraint::{Constraint, Format, Grammars};
+use crate::engine::{Event, Job, Stats, TokenLogprob};
 use crate::ServeOptions;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -27,14 +28,29 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 pub struct AppState {
     opts: ServeOptions,
     text: Arc<TextSide>,
+    /// The grammar compiler of structured outputs; `None` when the
+    /// tokenizer's vocabulary cannot be read as bytes.
+    grammars: Option<Grammars>,
     jobs: Sender<Job>,
     stats: Arc<Stats>,
     created: u64,
 }
 
 impl AppState {
-    pub fn new(opts: ServeOptions, text: Arc<TextSide>, jobs: Sender<Job>, stats: Arc<Stats>) -> Arc<Self> {
-        Arc::new(AppState { opts, text, jobs, stats, created: now() })
+    pub fn new(opts: ServeOptions, text: Arc<TextSide>, grammars: Option<Grammars>, jobs: Sender<Job>, stats: Arc<Stats>) -> Arc<Self> {
+        Arc::new(AppState { opts, text, grammars, jobs, stats, created: now() })
+    }
+
+    /// OpenAI's `logprobs.content` entries of decoded tokens.
+    fn logprob_entries(&self, lps: &[TokenLogprob]) -> Vec<Value> {
+        let text = |id: u32| self.text.tokenizer.token_text(id);
+        lps.iter()
+            .map(|lp| {
+                let mut e = api::token_entry(&text(lp.token), lp.logprob);
+                e["top_logprobs"] = lp.top.iter().map(|&(id, l)| api::token_entry(&text(id), l)).collect();
+                e
+            })
+            .collect()
     }
 }
 
@@ -117,6 +133,8 @@ async fn models(State(st): State<Shared>) -> Json<Value> {
 struct Prepared {
     prompt: Vec<u32>,
     cfg: GenerationConfig,
+    constraint: Option<Constraint>,
+    logprobs: Option<usize>,
     stream: bool,
     include_usage: bool,
     prompt_text: String,
@@ -135,6 +153,15 @@ fn prepare(st: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Prepare
     let req: ChatRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(&format!("the body is not a valid chat completion request: {e}"), None))?;
     req.check_supported()?;
+    let constraint = match req.format()? {
+        Format::Text => None,
+        Format::Json(schema) => {
+            let g = st.grammars.as_ref().ok_or_else(|| {
+                ApiError::invalid("response_format: this model's tokenizer does not support constrained decoding", Some("response_format"))
+            })?;
+            Some(g.matcher(&schema).map_err(|m| ApiError::invalid(&m, Some("response_format")))?)
+        }
+    };
     let messages = req.chat_messages()?;
     let lim = &st.opts.limits;
     let temperature = req.temperature.unwrap_or(1.0);
@@ -199,7 +226,7 @@ fn prepare(st: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Prepare
         batch_size: n as usize,
     };
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    Ok(Prepared { prompt, cfg, stream: req.stream, include_usage, prompt_text })
+    Ok(Prepared { prompt, cfg, constraint, logprobs: req.logprobs(), stream: req.stream, include_usage, prompt_text })
 }
 
 async fn chat_completions(State(st): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -221,12 +248,13 @@ async fn chat_completions(State(st): State<Shared>, body: Result<Bytes, BytesRej
     }
     let n = p.cfg.num_return_sequences;
     let prompt_tokens = p.prompt.len();
-    let job = Job { prompt: p.prompt, cfg: p.cfg, stream: p.stream, events };
+    let want_logprobs = p.logprobs.is_some();
+    let job = Job { prompt: p.prompt, cfg: p.cfg, stream: p.stream, constraint: p.constraint, logprobs: p.logprobs, events };
     if st.jobs.send(job).is_err() {
         st.stats.pending.fetch_sub(1, Ordering::SeqCst);
         return ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down").into_response();
     }
-    let reply = Reply { st: st.clone(), id, created: now(), n, prompt_tokens, start: Instant::now() };
+    let reply = Reply { st: st.clone(), id, created: now(), n, prompt_tokens, logprobs: want_logprobs, start: Instant::now() };
     if p.stream {
         reply.stream(rx, p.include_usage)
     } else {
@@ -246,6 +274,8 @@ struct Reply {
     created: u64,
     n: usize,
     prompt_tokens: usize,
+    /// The answer carries log-probabilities.
+    logprobs: bool,
     start: Instant,
 }
 
@@ -271,9 +301,10 @@ impl Reply {
         while choices.iter().any(Option::is_none) {
             match rx.recv().await {
                 Some(Event::Delta { .. }) => {}
-                Some(Event::Done { index, text, finish, tokens: t }) => {
+                Some(Event::Done { index, text, finish, tokens: t, logprobs }) => {
                     tokens += t;
-                    choices[index] = Some(Choice { text, finish });
+                    let logprobs = self.logprobs.then(|| api::logprobs_object(self.st.logprob_entries(&logprobs)));
+                    choices[index] = Some(Choice { text, finish, logprobs });
                 }
                 Some(Event::Failed(msg)) => {
                     return ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &msg).into_response()
@@ -299,7 +330,7 @@ impl Reply {
     fn stream(self, rx: UnboundedReceiver<Event>, include_usage: bool) -> Response {
         let model = self.st.opts.model_name.clone();
         let mut first: Vec<SseEvent> = (0..self.n)
-            .map(|i| sse(api::chunk_body(&self.id, self.created, &model, i, json!({"role": "assistant", "content": ""}), None)))
+            .map(|i| sse(api::chunk_body(&self.id, self.created, &model, i, json!({"role": "assistant", "content": ""}), None, None)))
             .collect();
         first.reverse();
         let state = StreamState { reply: self, rx, model, queued: first, open: 0, tokens: 0, finish: vec![], include_usage, done: false };
@@ -338,14 +369,16 @@ impl StreamState {
         }
         let r = &self.reply;
         match self.rx.recv().await {
-            Some(Event::Delta { index, text }) => {
-                Some(sse(api::chunk_body(&r.id, r.created, &self.model, index, json!({"content": text}), None)))
+            Some(Event::Delta { index, text, logprobs }) => {
+                let logprobs = r.logprobs.then(|| api::logprobs_object(r.st.logprob_entries(&logprobs)));
+                Some(sse(api::chunk_body(&r.id, r.created, &self.model, index, json!({"content": text}), logprobs, None)))
             }
-            Some(Event::Done { index, finish, tokens, .. }) => {
+            Some(Event::Done { index, finish, tokens, logprobs, .. }) => {
                 self.open += 1;
                 self.tokens += tokens;
                 self.finish.push(api::finish_reason(finish));
-                let mut out = vec![sse(api::chunk_body(&r.id, r.created, &self.model, index, json!({}), Some(finish)))];
+                let logprobs = (r.logprobs && !logprobs.is_empty()).then(|| api::logprobs_object(r.st.logprob_entries(&logprobs)));
+                let mut out = vec![sse(api::chunk_body(&r.id, r.created, &self.model, index, json!({}), logprobs, Some(finish)))];
                 if self.open == r.n {
                     let usage = r.usage(self.tokens);
                     if self.include_usage {
