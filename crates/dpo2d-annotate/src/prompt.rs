@@ -183,9 +183,26 @@ struct ArraySchema {
 
 #[derive(Debug, Clone, Serialize)]
 struct ItemProperties {
-    id: serde_json::Value,
-    evaluation: serde_json::Value,
-    rating: serde_json::Value,
+    id: IntegerEnum,
+    evaluation: StringSchema,
+    rating: IntegerEnum,
+}
+
+/// `{"enum": [...], "type": "integer"}`. Typed, in this key order, so that
+/// a request's bytes (and so its cache key) never depend on how a JSON
+/// library orders keys.
+#[derive(Debug, Clone, Serialize)]
+struct IntegerEnum {
+    #[serde(rename = "enum")]
+    values: Vec<u32>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct StringSchema {
+    #[serde(rename = "type")]
+    kind: &'static str,
 }
 
 impl ResponseFormatSpec {
@@ -195,9 +212,9 @@ impl ResponseFormatSpec {
         let item = ObjectSchema {
             kind: "object",
             properties: ItemProperties {
-                id: serde_json::json!({"type": "integer", "enum": ids}),
-                evaluation: serde_json::json!({"type": "string"}),
-                rating: serde_json::json!({"type": "integer", "enum": scale}),
+                id: IntegerEnum { values: ids.clone(), kind: "integer" },
+                evaluation: StringSchema { kind: "string" },
+                rating: IntegerEnum { values: scale.into_iter().map(u32::from).collect(), kind: "integer" },
             },
             required: vec!["id", "evaluation", "rating"],
             additional_properties: false,
@@ -387,6 +404,17 @@ mod tests {
         }
         assert_eq!(Aspect::parse("Safety "), Some(Aspect::Safety));
         assert_eq!(Aspect::parse("style"), None);
+    }
+
+    /// The schema's bytes are part of every cached request's key: they must
+    /// not change with a JSON library's key order (or anything else).
+    #[test]
+    fn the_ratings_schema_keeps_its_bytes() {
+        let spec = serde_json::to_string(&ResponseFormatSpec::for_answer(&Tagging::new(2, 2), Aspect::Helpfulness)).unwrap();
+        assert_eq!(
+            spec,
+            r#"{"type":"json_schema","json_schema":{"name":"segment_ratings","strict":true,"schema":{"type":"object","properties":{"ratings":{"type":"array","minItems":4,"maxItems":4,"items":{"type":"object","properties":{"id":{"enum":[1,2,3,4],"type":"integer"},"evaluation":{"type":"string"},"rating":{"enum":[0,1,2,3,4],"type":"integer"}},"required":["id","evaluation","rating"],"additionalProperties":false}}},"required":["ratings"],"additionalProperties":false}}}"#
+        );
     }
 
     #[test]
