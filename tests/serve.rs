@@ -569,7 +569,8 @@ fn annotate_runs_against_serve() {
 }
 
 /// The official `openai` Python package (installed with pip into the
-/// target directory on first use) as the client, whole and streamed.
+/// target directory on first use) as the client, whole and streamed; with
+/// `response_format` json_schema and json_object, and log-probs.
 #[test]
 fn the_openai_python_client_talks_to_serve() {
     let site = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-openai");
@@ -609,6 +610,36 @@ print("ok", repr(whole))
     served.wait_exit();
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok"));
+
+    // Structured outputs and log-probs through the same client, whole and streamed.
+    let bytes = tempfile::tempdir().unwrap();
+    dpo2d_model::test_support::TinyModel::byte_level().write_byte_level(bytes.path());
+    let mut served = serve_process(bytes.path(), &["--served-model-name", "tiny-bytes"], &[]);
+    let script = r#"
+import json, sys
+from openai import OpenAI
+c = OpenAI(base_url=sys.argv[1], api_key="unused")
+schema = {"type": "object", "properties": {"verdict": {"type": "string", "enum": ["A", "B", "C"]}}, "required": ["verdict"], "additionalProperties": False}
+fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}}
+msgs = [{"role": "user", "content": "A or B?"}]
+for seed in range(4):
+    r = c.chat.completions.create(model="tiny-bytes", messages=msgs, response_format=fmt, temperature=1.0, seed=seed, max_tokens=200, logprobs=True, top_logprobs=2)
+    ch = r.choices[0]
+    assert ch.finish_reason == "stop", ch
+    assert json.loads(ch.message.content)["verdict"] in ("A", "B", "C"), ch.message.content
+    assert "".join(t.token for t in ch.logprobs.content) == ch.message.content
+    assert all(len(t.top_logprobs) <= 2 and t.logprob <= 0 for t in ch.logprobs.content)
+    text = "".join(k.choices[0].delta.content or "" for k in c.chat.completions.create(model="tiny-bytes", messages=msgs, response_format=fmt, temperature=1.0, seed=seed, max_tokens=200, stream=True) if k.choices)
+    assert text == ch.message.content, (text, ch.message.content)
+obj = c.chat.completions.create(model="tiny-bytes", messages=msgs, response_format={"type": "json_object"}, temperature=0, max_tokens=1500)
+if obj.choices[0].finish_reason == "stop":
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+print("ok")
+"#;
+    let out = Command::new("python3").args(["-c", script, &served.url]).env("PYTHONPATH", &site).output().unwrap();
+    served.interrupt();
+    served.wait_exit();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
 /// A server over a tiny random model with a byte-level tokenizer: it can

@@ -52,8 +52,17 @@ impl Grammars {
     }
 
     /// A fresh matcher for `schema`; `Err` says why the schema cannot be used.
+    /// The JSON is laid out as Python's `json.dumps` writes it (`", "` and
+    /// `": "`, no other whitespace between tokens) unless the schema says
+    /// otherwise (llguidance's `x-guidance`): free whitespace lets a small
+    /// model pad an answer with blank lines until it runs out of tokens.
     pub fn matcher(&self, schema: &Value) -> Result<Constraint, String> {
-        let grammar = TopLevelGrammar::from_json_schema(schema.clone());
+        let mut schema = schema.clone();
+        if let Some(obj) = schema.as_object_mut() {
+            obj.entry("x-guidance")
+                .or_insert_with(|| serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}));
+        }
+        let grammar = TopLevelGrammar::from_json_schema(schema);
         let parser = self.factory.create_parser(grammar).map_err(|e| format!("response_format: the JSON schema cannot be used: {e}"))?;
         let matcher = Matcher::new(Ok(parser));
         match matcher.get_error() {
