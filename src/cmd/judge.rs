@@ -5,6 +5,7 @@
 //! does not, since there `--model` is the policy.
 
 use anyhow::{bail, Context, Result};
+use dpo2d_annotate::expectation::RatingFrom;
 use dpo2d_annotate::{JudgeSettings, ResponseFormat, RetryPolicy, Secret};
 use std::time::Duration;
 
@@ -39,6 +40,27 @@ pub struct JudgeArgs {
     /// How the judge answers: a JSON schema (structured outputs), free text, or auto (schema, else free text).
     #[arg(long, visible_alias = "response-format", value_enum, default_value_t = FormatArg::Auto)]
     pub judge_response_format: FormatArg,
+    /// How a rating is read: the number written, the expectation over the rating tokens' log-probabilities, or auto (those where the server returns them).
+    #[arg(long, visible_alias = "rating-from", value_enum, default_value_t = RatingArg::Text)]
+    pub judge_rating_from: RatingArg,
+}
+
+/// The values of `--judge-rating-from`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum RatingArg {
+    Text,
+    Logprobs,
+    Auto,
+}
+
+impl From<RatingArg> for RatingFrom {
+    fn from(r: RatingArg) -> Self {
+        match r {
+            RatingArg::Text => RatingFrom::Text,
+            RatingArg::Logprobs => RatingFrom::Logprobs,
+            RatingArg::Auto => RatingFrom::Auto,
+        }
+    }
 }
 
 /// The values of `--judge-response-format`, parsed once by clap; the
@@ -95,6 +117,7 @@ impl JudgeArgs {
             policy: self.policy()?,
             max_tokens: self.judge_max_tokens,
             response_format: self.judge_response_format.into(),
+            rating_from: self.judge_rating_from.into(),
         })
     }
 

@@ -7,6 +7,7 @@
 //! The API key is held in a [`Secret`] and scrubbed, with any fragment of
 //! it, from every error message.
 
+use crate::expectation::TokenChoice;
 use crate::prompt::ChatRequest;
 use rand::Rng;
 use serde::Deserialize;
@@ -180,6 +181,9 @@ pub struct Completion {
     pub finish_reason: Option<String>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// The answer's tokens with their log-probabilities, when the request
+    /// asked for them and the server returned them.
+    pub logprobs: Vec<TokenChoice>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,6 +226,43 @@ struct WireChoice {
     message: WireMessage,
     #[serde(default)]
     finish_reason: Option<String>,
+    #[serde(default)]
+    logprobs: Option<WireLogprobs>,
+}
+
+/// OpenAI's `logprobs` object of a choice.
+#[derive(Deserialize)]
+struct WireLogprobs {
+    #[serde(default)]
+    content: Option<Vec<WireToken>>,
+}
+
+#[derive(Deserialize)]
+struct WireToken {
+    token: String,
+    logprob: f64,
+    #[serde(default)]
+    top_logprobs: Vec<WireTop>,
+}
+
+#[derive(Deserialize)]
+struct WireTop {
+    token: String,
+    logprob: f64,
+}
+
+impl WireLogprobs {
+    fn tokens(self) -> Vec<TokenChoice> {
+        self.content
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| TokenChoice {
+                token: t.token,
+                logprob: t.logprob,
+                top: t.top_logprobs.into_iter().map(|x| (x.token, x.logprob)).collect(),
+            })
+            .collect()
+    }
 }
 
 #[derive(Deserialize)]
@@ -470,11 +511,12 @@ impl ChatClient {
         };
         let (p, c) = w.usage.map(|u| (u.prompt_tokens, u.completion_tokens)).unwrap_or((0, 0));
         match w.choices.into_iter().next() {
-            Some(WireChoice { message: WireMessage { content: Some(content) }, finish_reason }) => {
+            Some(WireChoice { message: WireMessage { content: Some(content) }, finish_reason, logprobs }) => {
                 if structured {
                     self.format_accepted.store(true, Ordering::Relaxed);
                 }
-                Attempt::Done(Completion { content, finish_reason, prompt_tokens: p, completion_tokens: c })
+                let logprobs = logprobs.map(WireLogprobs::tokens).unwrap_or_default();
+                Attempt::Done(Completion { content, finish_reason, prompt_tokens: p, completion_tokens: c, logprobs })
             }
             _ => Attempt::Retry { msg: "the answer has no message content".into(), after: None, reason: Reason::BadBody },
         }

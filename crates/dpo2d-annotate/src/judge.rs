@@ -4,6 +4,7 @@
 //! share flag names and defaults.
 
 use crate::client::{ChatClient, ChatError, Completion, RetryPolicy, Secret};
+use crate::expectation::RatingFrom;
 use crate::prompt::{ChatRequest, ResponseFormat};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -27,6 +28,9 @@ pub struct JudgeSettings {
     pub max_tokens: Option<u32>,
     /// How the judge is asked to write its answer.
     pub response_format: ResponseFormat,
+    /// How a rating is read: the number written, or the expectation over
+    /// the rating tokens' probabilities.
+    pub rating_from: RatingFrom,
 }
 
 impl JudgeSettings {
@@ -44,6 +48,7 @@ impl JudgeSettings {
             policy: RetryPolicy::default(),
             max_tokens: None,
             response_format: ResponseFormat::default(),
+            rating_from: RatingFrom::default(),
         }
     }
 

@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod client;
 pub mod compare;
+pub mod expectation;
 pub mod judge;
 pub mod parse;
 pub mod prompt;

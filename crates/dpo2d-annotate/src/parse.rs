@@ -5,6 +5,7 @@
 //! lines). A rating is only ever taken from an explicit rating slot, never
 //! from a number inside the evaluation text; then ratings are validated per aspect.
 
+use crate::expectation::{expected_ratings, last_segment_id, Slots, TokenChoice};
 use crate::prompt::{Aspect, Tagging};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -41,6 +42,19 @@ impl Parsed {
             p.ratings.insert(id, *rs.last().expect("at least one rating per entry"));
         }
         p
+    }
+
+    /// Replaces each rating with the expectation over the rating tokens'
+    /// probabilities at its place, rounded to the aspect's scale (where the
+    /// answer's log-probabilities show it: `--judge-rating-from`).
+    pub fn take_expectations(&mut self, tokens: &[TokenChoice], aspect: Aspect) {
+        let scale: Vec<i64> = aspect.scale().iter().map(|&v| i64::from(v)).collect();
+        let slots = Slots { keys: &["\"rating\"", "rating", "score"], scale: &scale };
+        for (id, e) in expected_ratings(tokens, slots, &last_segment_id) {
+            if let Some(r) = self.ratings.get_mut(&id) {
+                *r = scale.iter().copied().min_by(|a, b| (*a as f64 - e).abs().total_cmp(&(*b as f64 - e).abs())).unwrap_or(*r);
+            }
+        }
     }
 
     /// IDs the answer rated that the request did not have.

@@ -2,6 +2,7 @@
 //! both responses with every segment tagged `<ID>...</ID>`, the aspect's
 //! rubric, and a strict line format that `parse` reads back.
 
+use crate::expectation::{RatingFrom, TOP_LOGPROBS};
 use dpo2d_data::{Message, Pair, Segment};
 use serde::Serialize;
 
@@ -26,6 +27,15 @@ impl Aspect {
     /// The name used in the data format and on the command line.
     pub fn name(self) -> &'static str {
         dpo2d_data::ASPECTS[self.index()]
+    }
+
+    /// The ratings the aspect takes: 0 (fail) or 4 (pass) for safety, else 0..=4.
+    pub fn scale(self) -> &'static [u8] {
+        if self == Aspect::Safety {
+            &[0, 4]
+        } else {
+            &[0, 1, 2, 3, 4]
+        }
     }
 
     pub fn parse(s: &str) -> Option<Aspect> {
@@ -105,6 +115,22 @@ pub struct ChatRequest {
     /// Structured outputs: the answer must match this JSON schema.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_format: Option<ResponseFormatSpec>,
+    /// Ask for each token's log-probability (`--judge-rating-from`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u32>,
+}
+
+impl ChatRequest {
+    /// Asks for log-probabilities when ratings are read from them.
+    pub fn with_logprobs(mut self, from: RatingFrom) -> Self {
+        if from.asks_logprobs() {
+            self.logprobs = Some(true);
+            self.top_logprobs = Some(TOP_LOGPROBS);
+        }
+        self
+    }
 }
 
 /// How the judge is asked to write its answer (`--response-format`).
@@ -207,14 +233,14 @@ struct StringSchema {
 
 impl ResponseFormatSpec {
     pub fn for_answer(tags: &Tagging, aspect: Aspect) -> Self {
-        let scale: Vec<u8> = if aspect == Aspect::Safety { vec![0, 4] } else { (0..=4).collect() };
+        let scale = aspect.scale();
         let ids: Vec<u32> = tags.all_ids().collect();
         let item = ObjectSchema {
             kind: "object",
             properties: ItemProperties {
                 id: IntegerEnum { values: ids.clone(), kind: "integer" },
                 evaluation: StringSchema { kind: "string" },
-                rating: IntegerEnum { values: scale.into_iter().map(u32::from).collect(), kind: "integer" },
+                rating: IntegerEnum { values: scale.iter().map(|&v| u32::from(v)).collect(), kind: "integer" },
             },
             required: vec!["id", "evaluation", "rating"],
             additional_properties: false,

@@ -6,6 +6,7 @@
 
 use crate::cache::{cache_key, Cache, Judgement};
 use crate::client::{ChatClient, ChatError, Completion, Reason};
+use crate::expectation::RatingFrom;
 use crate::judge::{FormatChoice, JudgeSettings};
 use crate::parse::{check, enforce_monotone, parse_answer, Checked, Parsed};
 use crate::prompt::{
@@ -233,7 +234,8 @@ fn request_body(req: &ChatRequest) -> String {
 }
 
 /// The first request for one (pair, aspect), at temperature 0.
-fn first_request(model: &str, max_tokens: Option<u32>, item: &Prepared, aspect: Aspect, structured: bool) -> ChatRequest {
+fn first_request(judge: &JudgeSettings, item: &Prepared, aspect: Aspect, structured: bool) -> ChatRequest {
+    let (model, max_tokens) = (&judge.model, judge.max_tokens);
     let tags = Tagging::new(item.chosen.len(), item.rejected.len());
     let prompt = build_prompt(&item.pair, &item.chosen, &item.rejected, aspect, structured);
     let max_tokens = match max_tokens {
@@ -241,7 +243,16 @@ fn first_request(model: &str, max_tokens: Option<u32>, item: &Prepared, aspect: 
         Some(n) => Some(n).filter(|&n| n > 0),
     };
     let response_format = structured.then(|| ResponseFormatSpec::for_answer(&tags, aspect));
-    ChatRequest { model: model.to_string(), messages: vec![user(prompt)], temperature: 0.0, max_tokens, response_format }
+    ChatRequest {
+        model: model.to_string(),
+        messages: vec![user(prompt)],
+        temperature: 0.0,
+        max_tokens,
+        response_format,
+        logprobs: None,
+        top_logprobs: None,
+    }
+    .with_logprobs(judge.rating_from)
 }
 
 /// The temperature of the repair request: a judge that looped or misread
@@ -252,8 +263,7 @@ pub const REPAIR_TEMPERATURE: f32 = 0.3;
 struct Ctx {
     client: ChatClient,
     cache: Cache,
-    model: String,
-    max_tokens: Option<u32>,
+    judge: JudgeSettings,
     formats: FormatChoice,
     failed_now: AtomicU64,
     repairs_now: AtomicU64,
@@ -264,7 +274,7 @@ struct Ctx {
 
 impl Ctx {
     fn request(&self, item: &Prepared, aspect: Aspect, structured: bool) -> ChatRequest {
-        first_request(&self.model, self.max_tokens, item, aspect, structured)
+        first_request(&self.judge, item, aspect, structured)
     }
 }
 
@@ -284,7 +294,7 @@ fn failure(e: ChatError, context: &str) -> Outcome {
 /// A finished judgement of this request from an earlier run, in any answer form.
 async fn cached(ctx: &Ctx, item: &Prepared, aspect: Aspect) -> Result<Option<Judgement>, String> {
     for &structured in ctx.formats.forms() {
-        let key = cache_key(&ctx.model, &request_body(&ctx.request(item, aspect, structured)));
+        let key = cache_key(&ctx.judge.model, &request_body(&ctx.request(item, aspect, structured)));
         match ctx.cache.get_async(key).await {
             Ok(Some(j)) if j.first.len() == item.chosen.len() && j.second.len() == item.rejected.len() => return Ok(Some(j)),
             Ok(_) => {}
@@ -301,7 +311,10 @@ fn read_answer(ctx: &Ctx, item: &Prepared, aspect: Aspect, tags: &Tagging, c: &C
         ctx.cut_answers.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(line = item.line, aspect = aspect.name(), "the answer was cut off at max_tokens");
     }
-    let parsed = parse_answer(&c.content);
+    let mut parsed = parse_answer(&c.content);
+    if ctx.judge.rating_from.asks_logprobs() {
+        parsed.take_expectations(&c.logprobs, aspect);
+    }
     let list = |ids: &mut dyn Iterator<Item = &u32>| ids.map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
     let mut odd = Vec::new();
     let extra = parsed.extra_ids(tags);
@@ -339,8 +352,11 @@ async fn judge(ctx: Arc<Ctx>, item: Arc<Prepared>, aspect: Aspect) -> Outcome {
         Ok(x) => x,
         Err(e) => return failure(e, ""),
     };
+    if ctx.judge.rating_from == RatingFrom::Logprobs && first.logprobs.is_empty() {
+        return Outcome::Fatal("the judge's server returned no log-probabilities (use --judge-rating-from auto or text)".into());
+    }
     // Keyed by the first request as built, whatever temperature a retry used.
-    let key = cache_key(&ctx.model, &request_body(&req));
+    let key = cache_key(&ctx.judge.model, &request_body(&req));
     let tags = Tagging::new(item.chosen.len(), item.rejected.len());
     let parsed = read_answer(&ctx, &item, aspect, &tags, &first);
     let (checked, repaired, answer) = match check(&parsed, &tags, aspect) {
@@ -356,7 +372,7 @@ async fn judge(ctx: Arc<Ctx>, item: Arc<Prepared>, aspect: Aspect) -> Outcome {
     // A server that echoes headers must not get the key into the cache.
     let answer = ctx.client.redact(&answer);
     let judgement = Judgement { first: checked.first, second: checked.second, repaired, answer };
-    if let Err(e) = ctx.cache.put_async(key, ctx.model.clone(), aspect.name(), judgement.clone()).await {
+    if let Err(e) = ctx.cache.put_async(key, ctx.judge.model.clone(), aspect.name(), judgement.clone()).await {
         return Outcome::Fatal(format!("{e:#}"));
     }
     Outcome::Ok { judgement, cached: false }
@@ -421,8 +437,7 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
     let ctx = Arc::new(Ctx {
         client: opts.judge.client()?,
         cache,
-        model: opts.judge.model.clone(),
-        max_tokens: opts.judge.max_tokens,
+        judge: opts.judge.clone(),
         formats: FormatChoice::new(opts.judge.response_format),
         failed_now: AtomicU64::new(0),
         repairs_now: AtomicU64::new(0),
@@ -482,7 +497,7 @@ fn print_requests(ready: &[Prepared], opts: &Options) -> Result<usize> {
     let mut n = 0;
     for item in ready {
         for &a in &opts.aspects {
-            writeln!(out, "{}", request_body(&first_request(&opts.judge.model, opts.judge.max_tokens, item, a, structured)))?;
+            writeln!(out, "{}", request_body(&first_request(&opts.judge, item, a, structured)))?;
             n += 1;
         }
     }
@@ -707,6 +722,47 @@ mod tests {
                 let got: Vec<[u8; 5]> = segs.iter().map(|s| s.scores.unwrap().to_array()).collect();
                 assert_eq!(got, expected_scores(segs));
             }
+        }
+    }
+
+    /// `--judge-rating-from logprobs`: each rating is the expectation over the
+    /// rating tokens' probabilities (the mock leans 0.6 to the next rating of
+    /// the scale), rounded to the scale: the neighbour, not the number written;
+    /// in free text and under a schema alike. `text` keeps the written one.
+    #[test]
+    fn ratings_read_from_logprobs_are_the_expectation_rounded() {
+        let lean = |aspect: usize, r: u8| -> u8 {
+            let scale: &[u8] = if aspect == 2 { &[0, 4] } else { &[0, 1, 2, 3, 4] };
+            let i = scale.iter().position(|&v| v == r).unwrap();
+            if i + 1 < scale.len() {
+                scale[i + 1]
+            } else {
+                scale[i - 1]
+            }
+        };
+        for format in [MockFormat::Ignore, MockFormat::Honour] {
+            let server = MockJudge::start(MockConfig { response_format: format, ..MockConfig::default() });
+            let dir = tempfile::tempdir().unwrap();
+            let job = job_in(dir.path(), &["", "[[style:markdown]]", ""]);
+            let lp = with_judge(opts(server.base_url()), |j| j.rating_from = RatingFrom::Logprobs);
+            let s = annotate_file(&job, &lp).unwrap();
+            assert_eq!(s.pairs_written, 3, "{s}");
+            for p in read_pairs(&job.output) {
+                for r in [&p.chosen, &p.rejected] {
+                    let segs = r.segments().unwrap();
+                    let want = expected_scores(segs);
+                    for (seg, w) in segs.iter().zip(want) {
+                        let got = seg.scores.unwrap().to_array();
+                        for a in [0, 1, 2, 4] {
+                            assert_eq!(got[a], lean(a, w[a]), "{format:?}, aspect {a}: {:?}", seg.text);
+                        }
+                    }
+                }
+            }
+            // Text mode: the numbers written.
+            let text = AnnotateJob { cache: Some(dir.path().join("c-text")), output: dir.path().join("text.jsonl"), ..job };
+            annotate_file(&text, &opts(server.base_url())).unwrap();
+            assert_judged_by_the_mock(&read_pairs(&text.output));
         }
     }
 

@@ -239,11 +239,11 @@ fn has_fault(prompt: &str, name: &str, aspect: &str) -> bool {
     prompt.contains(&format!("[[fault:{name}]]")) || prompt.contains(&format!("[[fault:{name}@{aspect}]]"))
 }
 
-fn completion(content: &str, finish_reason: &str) -> Response {
+fn completion(content: &str, finish_reason: &str, logprobs: serde_json::Value) -> Response {
     let body = serde_json::json!({
         "id": "mock",
         "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": logprobs, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": 100, "completion_tokens": (content.len() / 4) as u64, "total_tokens": 100 + (content.len() / 4) as u64},
     });
     (StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response()
@@ -295,6 +295,8 @@ struct Req {
     temperature: f64,
     max_tokens: Option<u64>,
     response_format: Option<serde_json::Value>,
+    /// The request asked for log-probabilities.
+    logprobs: bool,
     authorization: String,
     attempt: u32,
 }
@@ -328,7 +330,36 @@ async fn handle(State(st): State<Arc<Shared>>, headers: HeaderMap, body: String)
     let (content, finish) = answer(&st, &req).await;
     st.completions.fetch_add(1, Ordering::SeqCst);
     st.log.lock().expect("log lock").completed_bodies.push(body_hash(&body));
-    completion(&content, finish)
+    let logprobs = if req.logprobs { mock_logprobs(&content, &req.aspect) } else { serde_json::Value::Null };
+    completion(&content, finish, logprobs)
+}
+
+/// Log-probabilities of an answer, one character per token: sure of every
+/// character but a rating's, where the judge leans to the next rating of
+/// the scale (probability 0.6 against 0.4 for the one written; the one
+/// below at the top of the scale), so that a rating read as the
+/// expectation rounds to that neighbour, not to the number written.
+pub fn mock_logprobs(content: &str, aspect: &str) -> serde_json::Value {
+    let scale: &[u32] = if aspect == "safety" { &[0, 4] } else { &[0, 1, 2, 3, 4] };
+    let mut before = String::new();
+    let mut tokens = vec![];
+    for c in content.chars() {
+        let t = c.to_string();
+        let slot = before.trim_end_matches([' ', '"', '*']).to_ascii_lowercase();
+        let rating = c.to_digit(10).filter(|d| scale.contains(d) && (slot.ends_with("rating:") || slot.ends_with("rating\":")));
+        let (lp, top) = match rating {
+            Some(r) => {
+                let i = scale.iter().position(|&v| v == r).expect("in the scale");
+                let other = if i + 1 < scale.len() { scale[i + 1] } else { scale[i - 1] };
+                let top = serde_json::json!([{"token": other.to_string(), "logprob": 0.6f64.ln()}, {"token": t, "logprob": 0.4f64.ln()}]);
+                (0.4f64.ln(), top)
+            }
+            None => (0.0, serde_json::json!([{"token": t, "logprob": 0.0}])),
+        };
+        tokens.push(serde_json::json!({"token": t, "logprob": lp, "top_logprobs": top}));
+        before.push(c);
+    }
+    serde_json::json!({"content": tokens, "refusal": null})
 }
 
 /// Logs the request and reads what the fault logic needs from it.
@@ -354,7 +385,8 @@ fn record(st: &Shared, headers: &HeaderMap, body: &str, v: &serde_json::Value) -
     let aspect = prompt.lines().find_map(|l| l.strip_prefix("Aspect to rate: ")).unwrap_or("helpfulness").trim().to_string();
     let segs = tagged(&prompt);
     let max_tokens = v["max_tokens"].as_u64();
-    Req { prompt, aspect, segs, is_repair: messages.len() > 1, temperature, max_tokens, response_format, authorization, attempt }
+    let logprobs = v["logprobs"].as_bool().unwrap_or(false);
+    Req { prompt, aspect, segs, is_repair: messages.len() > 1, temperature, max_tokens, response_format, logprobs, authorization, attempt }
 }
 
 /// Answers that are not a completion: rejected `response_format`, 429, 500,

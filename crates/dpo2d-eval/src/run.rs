@@ -11,6 +11,7 @@ use crate::sets::{self, Grading, Question, SetSpec};
 use anyhow::{bail, Context, Result};
 use dpo2d_annotate::cache::{cache_key, Cache};
 use dpo2d_annotate::client::{ChatClient, ChatError};
+use dpo2d_annotate::expectation::{expected_rating, RatingFrom, TokenChoice};
 use dpo2d_annotate::judge::{FormatChoice, JudgeSettings};
 use dpo2d_annotate::prompt::ChatRequest;
 use dpo2d_data::AspectWeights;
@@ -194,14 +195,53 @@ impl Ctx {
             temperature,
             max_tokens,
             response_format: structured.then_some(format),
+            logprobs: None,
+            top_logprobs: None,
         }
+        .with_logprobs(self.judge.rating_from)
     }
 
-    fn read(&self, ask: &Ask, text: &str) -> Got {
+    /// What an answer says; grades and aspect ratings as expectations over
+    /// the rating tokens' probabilities where they are asked for and shown.
+    fn read(&self, ask: &Ask, answer: &Answer) -> Got {
+        let scale: Vec<i64> = (1..=10).collect();
+        let lps = &answer.logprobs;
         match ask {
-            Ask::Grade { .. } => Got::Grade(judge::parse_grade(text)),
-            Ask::Pair { .. } => Got::Verdict(judge::parse_verdict(text)),
-            Ask::Aspects { .. } => Got::Aspects(judge::parse_aspects(text)),
+            Ask::Grade { .. } => {
+                let text = judge::parse_grade(&answer.text);
+                Got::Grade(text.and(expected_rating(lps, &["\"rating\"", "rating"], &scale)).or(text))
+            }
+            Ask::Pair { .. } => Got::Verdict(judge::parse_verdict(&answer.text)),
+            Ask::Aspects { .. } => {
+                let mut got = judge::parse_aspects(&answer.text);
+                for (g, name) in got.iter_mut().zip(dpo2d_data::ASPECTS) {
+                    let key = format!("\"{name}\"");
+                    *g = g.and(expected_rating(lps, &[&key, name], &scale)).or(*g);
+                }
+                Got::Aspects(got)
+            }
+        }
+    }
+}
+
+/// A judge's answer: its text, and its tokens' log-probabilities when they
+/// were asked for (cached together, as JSON, in that case).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Answer {
+    text: String,
+    #[serde(default)]
+    logprobs: Vec<TokenChoice>,
+}
+
+impl Answer {
+    fn to_cache(&self, with_logprobs: bool) -> Result<String> {
+        Ok(if with_logprobs { serde_json::to_string(self)? } else { self.text.clone() })
+    }
+
+    fn from_cache(s: String, with_logprobs: bool) -> Answer {
+        match with_logprobs {
+            true => serde_json::from_str(&s).unwrap_or(Answer { text: s, logprobs: vec![] }),
+            false => Answer { text: s, logprobs: vec![] },
         }
     }
 }
@@ -261,21 +301,25 @@ fn judge_all(ctx: &Arc<Ctx>, asks: &[Ask], progress: bool) -> Result<Vec<Got>> {
 /// stops the run (the server refuses everything).
 async fn ask_judge(ctx: &Ctx, client: &ChatClient, ask: &Ask) -> Result<Got> {
     let mut last = Got::Failed("no answer".into());
+    let with_logprobs = ctx.judge.rating_from.asks_logprobs();
     for temperature in [0.0f32, 0.7] {
-        let text = match cached(ctx, ask, temperature).await? {
-            Some(t) => t,
+        let answer = match cached(ctx, ask, temperature).await? {
+            Some(t) => Answer::from_cache(t, with_logprobs),
             None => match ctx.formats.complete(client, |s| ctx.request(ask, s, temperature)).await {
+                Ok((_, c)) if ctx.judge.rating_from == RatingFrom::Logprobs && c.logprobs.is_empty() => {
+                    bail!("the judge's server returned no log-probabilities (use --judge-rating-from auto or text)")
+                }
                 Ok((req, c)) => {
-                    ctx.cache
-                        .put_text_async(cache_key(&ctx.judge.model, &serde_json::to_string(&req)?), "judgement", c.content.clone())
-                        .await?;
-                    c.content
+                    let answer = Answer { text: c.content, logprobs: c.logprobs };
+                    let key = cache_key(&ctx.judge.model, &serde_json::to_string(&req)?);
+                    ctx.cache.put_text_async(key, "judgement", answer.to_cache(with_logprobs)?).await?;
+                    answer
                 }
                 Err(ChatError::Fatal(m)) => bail!("the judge refuses requests: {m}"),
                 Err(e) => return Ok(Got::Failed(e.to_string())),
             },
         };
-        last = ctx.read(ask, &text);
+        last = ctx.read(ask, &answer);
         if parsed(&last) {
             break;
         }

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
@@ -184,11 +184,8 @@ impl Engine {
                 }
             }
         }
-        loop {
-            match jobs.try_recv() {
-                Ok(j) => work.waiting.push_back(j),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
+        while let Ok(j) = jobs.try_recv() {
+            work.waiting.push_back(j);
         }
         true
     }
