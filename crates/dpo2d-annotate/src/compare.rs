@@ -1,6 +1,7 @@
 //! Agreement between two annotations of the same pairs (e.g. two judge
 //! models, or a judge against human labels): per aspect, the share of
-//! segments with the same rating and with ratings at most one apart.
+//! segments with the same rating, with ratings at most one apart, and the
+//! rank correlation of the two ratings (Spearman's rho).
 
 use crate::prompt::Aspect;
 use anyhow::{bail, Result};
@@ -40,15 +41,53 @@ pub struct Comparison {
     /// How pairs were matched: "id" or "line order".
     pub matched_by: &'static str,
     pub aspects: [Agreement; 5],
+    /// Every matched segment's two ratings, per aspect.
+    pub ratings: [Vec<(u8, u8)>; 5],
+}
+
+impl Comparison {
+    /// Spearman's rank correlation of the two files' ratings of an aspect;
+    /// `None` when either side rates every segment alike.
+    pub fn spearman(&self, aspect: Aspect) -> Option<f64> {
+        let (a, b): (Vec<f64>, Vec<f64>) = self.ratings[aspect.index()].iter().map(|&(u, v)| (f64::from(u), f64::from(v))).unzip();
+        spearman(&a, &b)
+    }
+}
+
+/// Spearman's rho: the Pearson correlation of the ranks (ties share their mean rank).
+pub fn spearman(a: &[f64], b: &[f64]) -> Option<f64> {
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = ra.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let (va, vb) = (ra.iter().map(|x| (x - ma).powi(2)).sum::<f64>(), rb.iter().map(|y| (y - mb).powi(2)).sum::<f64>());
+    (va > 0.0 && vb > 0.0).then(|| cov / (va * vb).sqrt())
+}
+
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+    let mut r = vec![0.0; v.len()];
+    let mut start = 0;
+    while start < order.len() {
+        let end = (start..order.len()).find(|&k| v[order[k]] != v[order[start]]).unwrap_or(order.len());
+        let mean = (start + end + 1) as f64 / 2.0;
+        for &i in &order[start..end] {
+            r[i] = mean;
+        }
+        start = end;
+    }
+    r
 }
 
 impl fmt::Display for Comparison {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "{} pair(s) matched by {}", self.pairs, self.matched_by)?;
-        writeln!(f, "{:<13} {:>8} {:>11} {:>8}", "aspect", "exact %", "within-1 %", "n")?;
+        writeln!(f, "{:<13} {:>8} {:>11} {:>9} {:>8}", "aspect", "exact %", "within-1 %", "spearman", "n")?;
         for a in Aspect::ALL {
             let g = &self.aspects[a.index()];
-            writeln!(f, "{:<13} {:>8.1} {:>11.1} {:>8}", a.name(), g.exact_pct(), g.within_one_pct(), g.n)?;
+            let rho = self.spearman(a).map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into());
+            writeln!(f, "{:<13} {:>8.1} {:>11.1} {:>9} {:>8}", a.name(), g.exact_pct(), g.within_one_pct(), rho, g.n)?;
         }
         Ok(())
     }
@@ -112,6 +151,7 @@ pub fn compare_files(a: &Path, b: &Path) -> Result<Comparison> {
                     g.n += 1;
                     g.exact += usize::from(u == v);
                     g.within_one += usize::from(u.abs_diff(v) <= 1);
+                    cmp.ratings[j].push((u, v));
                 }
             }
         }
@@ -142,6 +182,17 @@ mod tests {
         v.to_string()
     }
 
+    /// Spearman's rho against values worked out by hand (scipy.stats.spearmanr gives the same).
+    #[test]
+    fn spearman_with_ties() {
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]), Some(1.0));
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), Some(-1.0));
+        // Ranks (1.5, 1.5, 3, 4) against (1, 3, 2, 4): rho = 0.6324555320336759 (2 / sqrt(10)).
+        let r = spearman(&[0.0, 0.0, 2.0, 4.0], &[1.0, 3.0, 2.0, 4.0]).unwrap();
+        assert!((r - 2.0 / 10f64.sqrt()).abs() < 1e-12, "{r}");
+        assert_eq!(spearman(&[2.0, 2.0], &[1.0, 3.0]), None);
+    }
+
     #[test]
     fn counts_exact_and_within_one_by_id() {
         let dir = tempfile::tempdir().unwrap();
@@ -161,7 +212,7 @@ mod tests {
         assert_eq!(c.aspects[3], Agreement { exact: 3, within_one: 4, n: 4 });
         assert_eq!(c.aspects[4], Agreement { exact: 4, within_one: 4, n: 4 });
         let table = c.to_string();
-        assert!(table.contains("helpfulness       75.0       100.0        4"), "{table}");
+        assert!(table.contains("helpfulness       75.0       100.0     1.000        4"), "{table}");
     }
 
     #[test]
