@@ -200,26 +200,26 @@ impl Ctx {
         }
         .with_logprobs(self.judge.rating_from)
     }
+}
 
-    /// What an answer says; grades and aspect ratings as expectations over
-    /// the rating tokens' probabilities where they are asked for and shown.
-    fn read(&self, ask: &Ask, answer: &Answer) -> Got {
-        let scale: Vec<i64> = (1..=10).collect();
-        let lps = &answer.logprobs;
-        match ask {
-            Ask::Grade { .. } => {
-                let text = judge::parse_grade(&answer.text);
-                Got::Grade(text.and(expected_rating(lps, &["\"rating\"", "rating"], &scale)).or(text))
+/// What an answer says; grades and aspect ratings as expectations over
+/// the rating tokens' probabilities where they are asked for and shown.
+fn read(ask: &Ask, answer: &Answer) -> Got {
+    let scale: Vec<i64> = (1..=10).collect();
+    let lps = &answer.logprobs;
+    match ask {
+        Ask::Grade { .. } => {
+            let text = judge::parse_grade(&answer.text);
+            Got::Grade(text.and(expected_rating(lps, &["\"rating\"", "rating"], &scale)).or(text))
+        }
+        Ask::Pair { .. } => Got::Verdict(judge::parse_verdict(&answer.text)),
+        Ask::Aspects { .. } => {
+            let mut got = judge::parse_aspects(&answer.text);
+            for (g, name) in got.iter_mut().zip(dpo2d_data::ASPECTS) {
+                let key = format!("\"{name}\"");
+                *g = g.and(expected_rating(lps, &[&key, name], &scale)).or(*g);
             }
-            Ask::Pair { .. } => Got::Verdict(judge::parse_verdict(&answer.text)),
-            Ask::Aspects { .. } => {
-                let mut got = judge::parse_aspects(&answer.text);
-                for (g, name) in got.iter_mut().zip(dpo2d_data::ASPECTS) {
-                    let key = format!("\"{name}\"");
-                    *g = g.and(expected_rating(lps, &[&key, name], &scale)).or(*g);
-                }
-                Got::Aspects(got)
-            }
+            Got::Aspects(got)
         }
     }
 }
@@ -319,7 +319,7 @@ async fn ask_judge(ctx: &Ctx, client: &ChatClient, ask: &Ask) -> Result<Got> {
                 Err(e) => return Ok(Got::Failed(e.to_string())),
             },
         };
-        last = ctx.read(ask, &answer);
+        last = read(ask, &answer);
         if parsed(&last) {
             break;
         }
@@ -408,5 +408,42 @@ mod tests {
         assert_eq!(r.iter().map(|r| r.correct).collect::<Vec<_>>(), [Some(true), Some(false), Some(false)]);
         let s: Vec<f64> = r.iter().map(|r| r.checked_score.unwrap()).collect();
         assert!(s[0] > s[1] && s[1] > 0.0 && s[2] == 0.0, "{s:?}");
+    }
+
+    /// Grades and aspect ratings read as expectations where the answer's
+    /// log-probabilities show the rating tokens; verdicts and answers
+    /// without log-probs as written; an answer cached with its log-probs
+    /// reads the same back.
+    #[test]
+    fn ratings_from_logprobs_are_expectations() {
+        let tok = |t: &str, top: &[(&str, f64)]| TokenChoice {
+            token: t.into(),
+            logprob: top.iter().find(|(s, _)| *s == t).map(|(_, p)| p.ln()).unwrap_or(0.0),
+            top: top.iter().map(|(s, p)| (s.to_string(), p.ln())).collect(),
+        };
+        let grade = Answer {
+            text: r#"{"assessment": "fine", "rating": 8}"#.into(),
+            logprobs: vec![tok(r#"{"assessment": "fine", "rating": "#, &[]), tok("8", &[("8", 0.5), ("6", 0.5)]), tok("}", &[])],
+        };
+        let g = Ask::Grade { q: 0, turn: 0 };
+        assert!(matches!(read(&g, &grade), Got::Grade(Some(v)) if (v - 7.0).abs() < 1e-9));
+        let plain = Answer { text: grade.text.clone(), logprobs: vec![] };
+        assert!(matches!(read(&g, &plain), Got::Grade(Some(v)) if v == 8.0));
+        let back = Answer::from_cache(grade.to_cache(true).unwrap(), true);
+        assert!(matches!(read(&g, &back), Got::Grade(Some(v)) if (v - 7.0).abs() < 1e-9));
+        assert_eq!(Answer::from_cache(grade.to_cache(false).unwrap(), false).logprobs, vec![]);
+
+        let text = "helpfulness: 6\ncorrectness: 5\nsafety: 10\ncompleteness: 4\nclarity: 7";
+        let mut logprobs = vec![];
+        for line in text.split('\n') {
+            let (key, v) = line.split_once(' ').unwrap();
+            logprobs.push(tok(&format!("{key} "), &[]));
+            // Correctness leans to 9 from the 5 written.
+            let top: Vec<(&str, f64)> = if key == "correctness:" { vec![(v, 0.5), ("9", 0.5)] } else { vec![(v, 1.0)] };
+            logprobs.push(tok(v, &top));
+            logprobs.push(tok("\n", &[]));
+        }
+        let Got::Aspects(a) = read(&Ask::Aspects { q: 0, turn: 0 }, &Answer { text: text.into(), logprobs }) else { panic!() };
+        assert_eq!(a, [Some(6.0), Some(7.0), Some(10.0), Some(4.0), Some(7.0)]);
     }
 }
