@@ -59,14 +59,14 @@ pub struct Slots<'a> {
 pub fn expected_ratings(tokens: &[TokenChoice], slots: Slots, id_of: &dyn Fn(&str) -> Option<u32>) -> BTreeMap<u32, f64> {
     let mut out = BTreeMap::new();
     let mut text = String::new();
-    for t in tokens {
+    for (i, t) in tokens.iter().enumerate() {
         let before = text.clone();
         text.push_str(&t.token);
         if as_rating(&t.token, slots.scale).is_none() || !at_slot(&before, slots.keys) {
             continue;
         }
         let Some(id) = id_of(&before) else { continue };
-        if let Some(e) = expectation(t, slots.scale) {
+        if let Some(e) = expectation(t, tokens.get(i + 1), slots.scale) {
             out.insert(id, e);
         }
     }
@@ -90,19 +90,41 @@ fn at_slot(before: &str, keys: &[&str]) -> bool {
 
 /// Σ p(v) v / Σ p(v) over the scale values among the token and its
 /// alternatives (each distinct token once: " 3" and "3" both count for 3).
-fn expectation(t: &TokenChoice, scale: &[i64]) -> Option<f64> {
+/// On a scale up to 10, whose 10 tokenizers often write as "1" then "0",
+/// a "1" counts as 10 by the probability that "0" follows it (known where
+/// the "1" is what was written; elsewhere it counts as 1).
+fn expectation(t: &TokenChoice, next: Option<&TokenChoice>, scale: &[i64]) -> Option<f64> {
     let mut seen: BTreeMap<&str, f64> = BTreeMap::new();
     for (tok, lp) in std::iter::once((t.token.as_str(), t.logprob)).chain(t.top.iter().map(|(s, l)| (s.as_str(), *l))) {
         seen.entry(tok).or_insert(lp);
     }
+    let ten = match next {
+        Some(n) if scale.contains(&10) && t.token.trim() == "1" => zero_after(n),
+        _ => 0.0,
+    };
     let mut p: BTreeMap<i64, f64> = BTreeMap::new();
     for (tok, lp) in seen {
         if let Some(v) = as_rating(tok, scale) {
-            *p.entry(v).or_insert(0.0) += lp.exp();
+            let w = lp.exp();
+            if v == 1 && tok.trim() == t.token.trim() && ten > 0.0 {
+                *p.entry(10).or_insert(0.0) += w * ten;
+                *p.entry(1).or_insert(0.0) += w * (1.0 - ten);
+            } else {
+                *p.entry(v).or_insert(0.0) += w;
+            }
         }
     }
     let z: f64 = p.values().sum();
     (z > 0.0 && z.is_finite()).then(|| p.iter().map(|(v, w)| *v as f64 * w).sum::<f64>() / z)
+}
+
+/// The probability that the token at this place is "0".
+fn zero_after(t: &TokenChoice) -> f64 {
+    std::iter::once((t.token.as_str(), t.logprob))
+        .chain(t.top.iter().map(|(s, l)| (s.as_str(), *l)))
+        .find(|(s, _)| *s == "0")
+        .map(|(_, l)| l.exp())
+        .unwrap_or(0.0)
 }
 
 /// The expectation of the one rating that follows one of `keys` (a grade,
@@ -182,6 +204,15 @@ mod tests {
         ];
         let e = expected_ratings(&tokens, Slots { keys: &["\"rating\""], scale: &(1..=10).collect::<Vec<_>>() }, &|_| Some(0));
         assert!((e[&0] - 7.6).abs() < 1e-9, "{e:?}");
+        // A 10 written as "1" then "0": the "1" is 10 by the probability of the "0".
+        let ten = vec![
+            tok("{\"rating\": ", 0.0, &[]),
+            tok("1", (0.8f64).ln(), &[("1", (0.8f64).ln()), ("9", (0.2f64).ln())]),
+            tok("0", (0.75f64).ln(), &[("0", (0.75f64).ln()), ("}", (0.25f64).ln())]),
+            tok("}", 0.0, &[]),
+        ];
+        let e = expected_ratings(&ten, Slots { keys: &["\"rating\""], scale: &(1..=10).collect::<Vec<_>>() }, &|_| Some(0));
+        assert!((e[&0] - (0.8 * (0.75 * 10.0 + 0.25 * 1.0) + 0.2 * 9.0)).abs() < 1e-9, "{e:?}");
         let text = vec![tok("Good.\nRating: [[", 0.0, &[]), tok("6", (0.5f64).ln(), &[("5", (0.5f64).ln())]), tok("]]", 0.0, &[])];
         let e = expected_ratings(&text, Slots { keys: &["rating"], scale: &(1..=10).collect::<Vec<_>>() }, &|_| Some(0));
         assert!((e[&0] - 5.5).abs() < 1e-9, "{e:?}");
