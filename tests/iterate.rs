@@ -334,3 +334,50 @@ fn arithmetic_prompts_and_checker_through_the_cli() {
     refused(&format!("arithmetic:{}", n + 1), "check:arithmetic", "prompts");
     refused(&spec, "judge:http://127.0.0.1:9/v1", "scorer");
 }
+
+/// `--sampler URL --sampler-command "dpo2d serve --model {model} ..."`: the
+/// run starts `dpo2d serve` on the round's policy, samples the answers
+/// through it and stops it. Killed (-9) after the first sampling chunk, the
+/// run leaves its server behind; the same command again stops that server,
+/// starts a fresh one, samples only the missing prompts and ends the round,
+/// with no server left running.
+#[test]
+fn sampling_through_a_server_that_iterate_starts_resumes_after_kill() {
+    use dpo2d_annotate::test_server::{MockConfig, MockJudge};
+    let d = tempfile::tempdir().unwrap();
+    common::write_tiny_model(&d.path().join("model"));
+    let prompts: String = (0..PROMPTS).map(|i| format!("{{\"id\": {i}, \"prompt\": \"what is q{} .\"}}\n", i % 10)).collect();
+    std::fs::write(d.path().join("prompts.jsonl"), prompts).unwrap();
+    let judge = MockJudge::start(MockConfig::default());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let serve = format!("{} serve --model {{model}} --port {port} --max-batch-size 8", env!("CARGO_BIN_EXE_dpo2d"));
+    let cmd = || {
+        let mut c = iterate_command(d.path(), "served", "prompts.jsonl", &format!("judge:{}", judge.base_url()));
+        c.args(["--judge-model", "judge", "--sampler", &url, "--sampler-command", &serve, "--sampler-concurrency", "4"]);
+        c
+    };
+    let round = d.path().join("served/round-1");
+    kill_at(&mut cmd(), "round-1/sampling:1");
+    assert_eq!(lines(&round.join("samples.jsonl")).len(), 4);
+    let pid: u32 = std::fs::read_to_string(round.join("sampler.pid")).unwrap().trim().parse().unwrap();
+    let alive = |pid: u32| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty());
+    assert!(alive(pid), "the killed run's server should still be up");
+
+    let err = run_to_end(&mut cmd());
+    assert!(err.contains(&format!("sampling 2 answers for each of 16 prompts through {url}")), "{err}");
+    assert!(!alive(pid), "the leftover server was not stopped");
+    let samples = lines(&round.join("samples.jsonl"));
+    assert_eq!(samples.len(), PROMPTS);
+    for (i, l) in samples.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["index"], i, "{l}");
+        assert_eq!(v["responses"].as_array().unwrap().len(), 2, "{l}");
+    }
+    assert!(round.join("round.json").is_file());
+    let second: u32 = std::fs::read_to_string(round.join("sampler.pid")).unwrap().trim().parse().unwrap();
+    assert_ne!(second, pid);
+    assert!(!alive(second), "the server iterate started is still running");
+    let log = std::fs::read_to_string(round.join("sampler.log")).unwrap();
+    assert!(log.contains("serving"), "{log}");
+}

@@ -3,7 +3,9 @@
 //! Training options are `dpo2d train`'s; `--model` is the starting policy.
 
 use anyhow::{bail, Context, Result};
-use dpo2d_iterate::{iterate, ArithmeticScorer, IterateConfig, IterateRun, JudgeScorer, RewardModelScorer, SamplingSettings, Scorer};
+use dpo2d_iterate::{
+    iterate, ArithmeticScorer, IterateConfig, IterateRun, JudgeScorer, RewardModelScorer, SamplingSettings, Scorer, ServerSampler,
+};
 use dpo2d_train::config::Preset;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -35,6 +37,21 @@ pub struct Args {
     /// Answers decoded together.
     #[arg(long, default_value_t = SamplingSettings::default().batch_size)]
     sampling_batch_size: usize,
+    /// Sample through an OpenAI-compatible server (vLLM, dpo2d serve, ...) serving the round's policy, at this base URL, e.g. http://localhost:8000/v1 [default: none: dpo2d's own decoder].
+    #[arg(long, value_name = "URL", help_heading = "Sampling server")]
+    sampler: Option<String>,
+    /// Command that serves the round's policy at --sampler, started before sampling and stopped after; {model} is replaced by the policy's path, e.g. "vllm serve {model} --port 8000" [default: none: the server is already up].
+    #[arg(long, value_name = "CMD", requires = "sampler", help_heading = "Sampling server")]
+    sampler_command: Option<String>,
+    /// Model name sent to the sampling server [default: the policy's path, as vLLM names a served directory].
+    #[arg(long, value_name = "NAME", requires = "sampler", help_heading = "Sampling server")]
+    sampler_model: Option<String>,
+    /// Sampling requests in flight at once (one per prompt, n answers each).
+    #[arg(long, value_name = "N", default_value_t = 8, requires = "sampler", help_heading = "Sampling server")]
+    sampler_concurrency: usize,
+    /// Per-request timeout of the sampling server, and the longest wait for a started one, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 600.0, requires = "sampler", help_heading = "Sampling server")]
+    sampler_timeout: f64,
     /// TOML file of training options, as `dpo2d train --config` [default: none].
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -76,6 +93,21 @@ impl FromStr for ScorerSpec {
 }
 
 impl Args {
+    fn sampler(&self) -> Result<Option<ServerSampler>> {
+        let Some(base_url) = &self.sampler else { return Ok(None) };
+        let timeout = std::time::Duration::try_from_secs_f64(self.sampler_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--sampler-timeout must be a positive number of seconds")?;
+        Ok(Some(ServerSampler {
+            base_url: base_url.clone(),
+            command: self.sampler_command.clone(),
+            model: self.sampler_model.clone(),
+            concurrency: self.sampler_concurrency.max(1),
+            timeout,
+        }))
+    }
+
     fn scorer(&self) -> Result<Box<dyn Scorer>> {
         Ok(match &self.scorer {
             ScorerSpec::Arithmetic => Box::new(ArithmeticScorer),
@@ -123,6 +155,7 @@ pub fn run(mut args: Args) -> Result<()> {
         quiet: false,
         stop_at: None,
         stop_signal: Some(stop_signal),
+        sampler: args.sampler()?,
     };
     let outcome = iterate(&cfg, &prompts, scorer.as_ref(), &run)?;
     if outcome.interrupted {

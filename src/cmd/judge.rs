@@ -12,16 +12,16 @@ use std::time::Duration;
 #[derive(clap::Args, Debug, Clone)]
 #[command(next_help_heading = "Judge")]
 pub struct JudgeArgs {
-    /// The judge server's OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (iterate: --scorer judge:URL) [default: none].
+    /// The judge server's OpenAI-compatible base URL, e.g. http://localhost:8000/v1; repeat it for a fleet of servers (iterate: --scorer judge:URL, plus these) [default: none].
     #[arg(long, visible_alias = "base-url", value_name = "URL")]
-    pub judge_base_url: Option<String>,
+    pub judge_base_url: Vec<String>,
     /// The judge model, as its server names it (needed wherever a judge is asked) [default: none].
     #[arg(long, visible_alias = "model", value_name = "NAME")]
     pub judge_model: Option<String>,
     /// Environment variable holding the API key, sent as a Bearer token [default: OPENAI_API_KEY if set].
     #[arg(long, visible_alias = "api-key-env", value_name = "VAR")]
     pub judge_api_key_env: Option<String>,
-    /// Most requests in flight at once (a local server: its parallel slots).
+    /// Most requests in flight at once, per server (a local server: its parallel slots).
     #[arg(long, visible_alias = "concurrency", value_name = "N", default_value_t = JudgeSettings::DEFAULT_CONCURRENCY)]
     pub judge_concurrency: usize,
     /// Per-request timeout in seconds.
@@ -95,22 +95,22 @@ pub fn prefixed_only(a: clap::Arg) -> clap::Arg {
 impl JudgeArgs {
     /// Whether any flag names a judge (some commands run without one).
     pub fn given(&self) -> bool {
-        self.judge_base_url.is_some() || self.judge_model.is_some()
+        !self.judge_base_url.is_empty() || self.judge_model.is_some()
     }
 
-    /// The settings, with `base_url` from the flags (`default_url` when none is given).
-    pub fn settings(&self, default_url: Option<&str>) -> Result<JudgeSettings> {
-        let base_url = match (&self.judge_base_url, default_url) {
-            (Some(u), _) => u.clone(),
-            (None, Some(u)) => u.to_string(),
-            (None, None) => bail!("--judge-base-url (the judge server, e.g. http://localhost:8000/v1) is required"),
-        };
+    /// The settings: the servers are `first_url` (iterate's `judge:URL`) and
+    /// those of the flags.
+    pub fn settings(&self, first_url: Option<&str>) -> Result<JudgeSettings> {
+        let base_urls: Vec<String> = first_url.map(str::to_string).into_iter().chain(self.judge_base_url.iter().cloned()).collect();
+        if base_urls.is_empty() {
+            bail!("--judge-base-url (the judge server, e.g. http://localhost:8000/v1) is required");
+        }
         let model = self.judge_model.clone().context("--judge-model (the judge model, as its server names it) is required")?;
         if self.judge_concurrency == 0 {
             bail!("--judge-concurrency must be at least 1");
         }
         Ok(JudgeSettings {
-            base_url,
+            base_urls,
             model,
             api_key: self.api_key()?,
             concurrency: self.judge_concurrency,

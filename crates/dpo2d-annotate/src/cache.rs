@@ -3,7 +3,9 @@
 //! Each row is committed as soon as the judgement is done (WAL mode), so an
 //! interrupted run loses nothing and a rerun sends only what is missing.
 //! A second table keeps plain texts under the same kind of key (a judge's
-//! raw answer, a model's answer), for `dpo2d eval`.
+//! raw answer, a model's answer), for `dpo2d eval`. A third keeps the Batch
+//! API batches still to be read, so a killed run polls them again instead
+//! of submitting their requests twice.
 
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -62,6 +64,11 @@ impl Cache {
                         key TEXT PRIMARY KEY,
                         kind TEXT NOT NULL,
                         text TEXT NOT NULL,
+                        created_at INTEGER NOT NULL
+                    );
+                    CREATE TABLE IF NOT EXISTS batches (
+                        id TEXT PRIMARY KEY,
+                        custom_ids TEXT NOT NULL,
                         created_at INTEGER NOT NULL
                     );",
                 )
@@ -130,6 +137,40 @@ impl Cache {
     pub async fn put_text_async(&self, key: String, kind: &'static str, text: String) -> Result<()> {
         let c = self.clone();
         tokio::task::spawn_blocking(move || c.put_text(&key, kind, &text)).await.context("cache writer stopped")?
+    }
+
+    /// Records a submitted batch and the `custom_id`s of its requests.
+    pub fn add_batch(&self, id: &str, custom_ids: &[String]) -> Result<()> {
+        self.lock()
+            .execute(
+                "INSERT OR REPLACE INTO batches (id, custom_ids, created_at) VALUES (?1, ?2, ?3)",
+                params![id, serde_json::to_string(custom_ids)?, unix_now()],
+            )
+            .with_context(|| format!("cannot write to the cache {}", self.path.display()))?;
+        Ok(())
+    }
+
+    /// The batches submitted and not yet read back, oldest first, with their `custom_id`s.
+    pub fn open_batches(&self) -> Result<Vec<(String, Vec<String>)>> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT id, custom_ids FROM batches ORDER BY created_at, rowid")
+            .with_context(|| format!("cannot read the cache {}", self.path.display()))?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, ids) = row?;
+            out.push((id, serde_json::from_str(&ids).unwrap_or_default()));
+        }
+        Ok(out)
+    }
+
+    /// Forgets a batch whose results are read (and cached).
+    pub fn close_batch(&self, id: &str) -> Result<()> {
+        self.lock()
+            .execute("DELETE FROM batches WHERE id = ?1", params![id])
+            .with_context(|| format!("cannot write to the cache {}", self.path.display()))?;
+        Ok(())
     }
 
     /// Number of stored judgements.

@@ -13,7 +13,7 @@ use rand::Rng;
 use serde::Deserialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// An API key. `Debug`/`Display` never show it.
 #[derive(Clone)]
@@ -23,7 +23,7 @@ impl Secret {
     pub fn new(s: String) -> Self {
         Secret(s)
     }
-    fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 
@@ -199,19 +199,160 @@ pub enum ChatError {
     FormatRejected(String),
 }
 
+/// A judge client over one server or a fleet of them. Each request goes to
+/// the server with the fewest requests in flight; each server has its own
+/// adaptive bound ([`Window`]) and counters; a server that keeps failing is
+/// set aside for a while ([`SET_ASIDE_AFTER`]) and the others carry on.
 pub struct ChatClient {
     http: reqwest::Client,
-    url: String,
+    servers: Vec<Server>,
     key: Option<Secret>,
     pub policy: RetryPolicy,
+    /// Totals over the fleet.
     pub stats: Arc<ClientStats>,
-    pub window: Window,
+    /// Told whenever a slot frees up or a bound widens, on any server.
+    changed: Arc<tokio::sync::Notify>,
+}
+
+/// One server of a fleet.
+pub struct Server {
+    url: String,
+    window: Window,
+    stats: ClientStats,
+    health: Mutex<Health>,
     /// A request with `response_format` has been answered: from now on a
     /// bare 400 is about the request, not about the field.
     format_accepted: AtomicBool,
     /// The server rejected `response_format`: later requests that carry it
     /// are refused here, without asking the server again.
     format_rejected: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    failures_in_row: u32,
+    set_aside_until: Option<Instant>,
+    times_set_aside: u64,
+}
+
+/// Failed attempts in a row (timeouts, refused or cut connections, 5xx) after
+/// which a server is set aside; it is tried again, one request at a time,
+/// after a pause that doubles each time it is set aside.
+pub const SET_ASIDE_AFTER: u32 = 3;
+
+/// One server's share of a run, for the progress line and the summary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerReport {
+    pub url: String,
+    /// HTTP requests sent (retries included).
+    pub requests: u64,
+    pub answered: u64,
+    pub failed_attempts: u64,
+    pub times_set_aside: u64,
+    /// Set aside right now.
+    pub down: bool,
+    pub in_flight: usize,
+    /// The current bound on requests in flight.
+    pub bound: usize,
+}
+
+/// The fleet in a few words for the progress line: `8000:3/8 8001:down 8002:1/8`
+/// (each server by its port, or its host, then in flight / bound).
+pub fn fleet_line(servers: &[ServerReport]) -> String {
+    servers
+        .iter()
+        .map(|r| {
+            let host = r.url.split("://").nth(1).unwrap_or(&r.url).split('/').next().unwrap_or("");
+            let name = host.rsplit_once(':').map(|(_, port)| port).unwrap_or(host);
+            if r.down {
+                format!("{name}:down")
+            } else {
+                format!("{name}:{}/{}", r.in_flight, r.bound)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Server {
+    fn new(base_url: &str, concurrency: usize, changed: Arc<tokio::sync::Notify>) -> Self {
+        Server {
+            url: endpoint(base_url),
+            window: Window::shared(concurrency, changed),
+            stats: ClientStats::default(),
+            health: Mutex::new(Health::default()),
+            format_accepted: AtomicBool::new(false),
+            format_rejected: AtomicBool::new(false),
+        }
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a slot unless the server is set aside; a server back from being
+    /// set aside gets one request at a time until it answers. With
+    /// `fleet_down` (every server set aside) nothing is held back: each
+    /// request then waits out its own backoff, as with one server.
+    fn try_acquire(&self, now: Instant, fleet_down: bool) -> Option<Slot<'_>> {
+        if fleet_down {
+            return self.window.try_acquire();
+        }
+        let h = self.health();
+        if h.set_aside_until.is_some_and(|t| t > now) {
+            return None;
+        }
+        let probing = h.failures_in_row >= SET_ASIDE_AFTER;
+        drop(h);
+        if probing && self.window.in_flight() > 0 {
+            return None;
+        }
+        self.window.try_acquire()
+    }
+
+    fn available(&self, now: Instant) -> bool {
+        !self.health().set_aside_until.is_some_and(|t| t > now)
+    }
+
+    fn on_success(&self) {
+        let mut h = self.health();
+        if h.failures_in_row >= SET_ASIDE_AFTER {
+            tracing::info!("{} answers again", self.url);
+        }
+        h.failures_in_row = 0;
+        h.set_aside_until = None;
+    }
+
+    /// A failed attempt that says something about the server's health.
+    fn on_failure(&self, policy: &RetryPolicy) {
+        let mut h = self.health();
+        h.failures_in_row += 1;
+        if h.failures_in_row >= SET_ASIDE_AFTER {
+            let pause = policy
+                .backoff_base
+                .max(Duration::from_millis(10))
+                .saturating_mul(4u32 << h.times_set_aside.min(10) as u32)
+                .min(policy.max_backoff);
+            h.set_aside_until = Some(Instant::now() + pause);
+            h.times_set_aside += 1;
+            tracing::warn!("{} failed {} times in a row: set aside for {:.1} s", self.url, h.failures_in_row, pause.as_secs_f64());
+        }
+    }
+
+    fn report(&self, now: Instant) -> ServerReport {
+        let h = self.health();
+        let s = &self.stats;
+        ServerReport {
+            url: self.url.trim_end_matches("/chat/completions").to_string(),
+            requests: s.requests.load(Ordering::Relaxed),
+            answered: s.successes.load(Ordering::Relaxed),
+            failed_attempts: Reason::ALL.iter().map(|&r| s.failures(r)).sum(),
+            times_set_aside: h.times_set_aside,
+            down: h.set_aside_until.is_some_and(|t| t > now),
+            in_flight: self.window.in_flight(),
+            bound: self.window.bound().0,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -307,26 +448,41 @@ pub fn endpoint(base_url: &str) -> String {
 }
 
 impl ChatClient {
-    /// `concurrency` is the most requests in flight; timeouts may lower it for a while.
-    pub fn new(base_url: &str, key: Option<Secret>, policy: RetryPolicy, concurrency: usize) -> anyhow::Result<Self> {
+    /// A client over the servers at `base_urls` (one or more), with at most
+    /// `concurrency` requests in flight on each; timeouts may lower a server's bound for a while.
+    pub fn new(base_urls: &[String], key: Option<Secret>, policy: RetryPolicy, concurrency: usize) -> anyhow::Result<Self> {
+        if base_urls.is_empty() {
+            anyhow::bail!("no judge server given");
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(policy.timeout.min(Duration::from_secs(30)))
             .build()
             .map_err(|e| anyhow::anyhow!("cannot create the HTTP client: {e}"))?;
-        Ok(ChatClient {
-            http,
-            url: endpoint(base_url),
-            key,
-            policy,
-            stats: Arc::new(ClientStats::default()),
-            window: Window::new(concurrency),
-            format_accepted: AtomicBool::new(false),
-            format_rejected: AtomicBool::new(false),
-        })
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let servers = base_urls.iter().map(|u| Server::new(u, concurrency, changed.clone())).collect();
+        Ok(ChatClient { http, servers, key, policy, stats: Arc::new(ClientStats::default()), changed })
     }
 
+    /// The first server's endpoint.
     pub fn url(&self) -> &str {
-        &self.url
+        &self.servers[0].url
+    }
+
+    /// Each server's share of the run so far.
+    pub fn servers(&self) -> Vec<ServerReport> {
+        let now = Instant::now();
+        self.servers.iter().map(|s| s.report(now)).collect()
+    }
+
+    /// (current bound, most allowed) on requests in flight, over the fleet.
+    pub fn bound(&self) -> (usize, usize) {
+        self.servers.iter().map(|s| s.window.bound()).fold((0, 0), |(a, b), (x, y)| (a + x, b + y))
+    }
+
+    /// (times a bound was lowered, lowest bound a server reached).
+    pub fn decreases(&self) -> (u64, usize) {
+        let d: Vec<(u64, usize)> = self.servers.iter().map(|s| s.window.decreases()).collect();
+        (d.iter().map(|x| x.0).sum(), d.iter().map(|x| x.1).min().unwrap_or(0))
     }
 
     /// Removes the key, and any fragment of it, from text that might be shown or stored.
@@ -337,59 +493,81 @@ impl ChatClient {
         }
     }
 
-    /// Sends `req`, retrying per policy. A retry after a timeout or a cut-off
+    /// Sends `req`, retrying per policy, each attempt on the server with the
+    /// fewest requests in flight (another one than the last where there is
+    /// one; then without waiting). A retry after a timeout or a cut-off
     /// answer goes out at a higher temperature; the others resend the same body.
     pub async fn complete(&self, req: &ChatRequest) -> Result<Completion, ChatError> {
         let mut attempt = 0u32;
+        let mut last = None;
         let mut req = req.clone();
         loop {
             let body = serde_json::to_string(&req).expect("a chat request always serialises");
-            let outcome = self.attempt(&body, req.response_format.is_some()).await;
+            let (i, outcome) = self.attempt(&body, req.response_format.is_some(), last).await;
             let (msg, after, reason) = match outcome {
                 Attempt::Done(c) => {
-                    self.stats.successes.fetch_add(1, Ordering::Relaxed);
+                    for st in [&*self.stats, &self.servers[i].stats] {
+                        st.successes.fetch_add(1, Ordering::Relaxed);
+                        st.prompt_tokens.fetch_add(c.prompt_tokens, Ordering::Relaxed);
+                        st.completion_tokens.fetch_add(c.completion_tokens, Ordering::Relaxed);
+                    }
                     self.stats.consecutive_failures.store(0, Ordering::Relaxed);
-                    self.stats.prompt_tokens.fetch_add(c.prompt_tokens, Ordering::Relaxed);
-                    self.stats.completion_tokens.fetch_add(c.completion_tokens, Ordering::Relaxed);
                     return Ok(c);
                 }
                 Attempt::Fail(msg) => return Err(ChatError::Request(self.redact(&msg))),
-                Attempt::Fatal(msg) => return Err(ChatError::Fatal(self.redact(&msg))),
+                Attempt::Fatal(msg) => return Err(ChatError::Fatal(self.redact(&self.naming(i, msg)))),
                 Attempt::FormatRejected(msg) => return Err(ChatError::FormatRejected(self.redact(&msg))),
                 Attempt::Retry { msg, after, reason } => (msg, after, reason),
             };
             if attempt >= self.policy.max_retries {
-                return Err(self.give_up(&msg, attempt, reason));
+                return Err(self.give_up(&self.naming(i, msg), attempt, reason));
             }
-            let delay = match after {
-                Some(d) => d.min(self.policy.max_retry_after),
-                None => self.backoff(attempt),
-            };
+            last = Some(i);
+            let elsewhere = (0..self.servers.len()).any(|j| j != i && self.servers[j].available(Instant::now()));
+            if !elsewhere {
+                let delay = match after {
+                    Some(d) => d.min(self.policy.max_retry_after),
+                    None => self.backoff(attempt),
+                };
+                tracing::debug!("request failed ({}), retrying in {delay:?}", self.redact(&msg));
+                self.stats.retrying_now.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(delay).await;
+                self.stats.retrying_now.fetch_sub(1, Ordering::Relaxed);
+            }
             if matches!(reason, Reason::Timeout | Reason::Connection | Reason::BadBody) {
                 // The same body would likely get the same runaway or cut-off answer.
                 req.temperature = (req.temperature + RETRY_TEMPERATURE_STEP).min(1.0);
             }
-            tracing::debug!("request failed ({}), retrying in {:?} at temperature {}", self.redact(&msg), delay, req.temperature);
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            self.stats.retrying_now.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(delay).await;
-            self.stats.retrying_now.fetch_sub(1, Ordering::Relaxed);
             attempt += 1;
         }
     }
 
-    /// The error after the last retry; fatal when the server was never
+    /// A message about server `i`, naming it when there are several.
+    fn naming(&self, i: usize, msg: String) -> String {
+        if self.servers.len() > 1 {
+            format!("{}: {msg}", self.servers[i].url)
+        } else {
+            msg
+        }
+    }
+
+    /// The error after the last retry; fatal when no server was ever
     /// reached or too many requests in a row gave up.
     fn give_up(&self, msg: &str, attempt: u32, reason: Reason) -> ChatError {
         let msg = format!("gave up after {} attempts: {msg}", attempt + 1);
         let in_a_row = self.stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if reason == Reason::Unreachable && self.stats.successes.load(Ordering::Relaxed) == 0 {
-            return ChatError::Fatal(self.redact(&format!("{msg} (is the server running, and is --base-url right?)")));
+            let which = if self.servers.len() > 1 {
+                "are the servers running, and are the --base-url values right?"
+            } else {
+                "is the server running, and is --base-url right?"
+            };
+            return ChatError::Fatal(self.redact(&format!("{msg} ({which})")));
         }
         if in_a_row >= self.policy.max_consecutive_failures.max(1) {
-            return ChatError::Fatal(
-                self.redact(&format!("{in_a_row} requests in a row failed, the server seems to be down; last error: {msg}")),
-            );
+            let what = if self.servers.len() > 1 { "every server seems to be down" } else { "the server seems to be down" };
+            return ChatError::Fatal(self.redact(&format!("{in_a_row} requests in a row failed, {what}; last error: {msg}")));
         }
         ChatError::Request(self.redact(&msg))
     }
@@ -403,44 +581,95 @@ impl ChatClient {
         half + half.mul_f64(jitter)
     }
 
-    /// One HTTP exchange, holding a slot of the window for its duration.
-    async fn attempt(&self, body: &str, structured: bool) -> Attempt {
-        let slot = self.window.acquire().await;
-        if structured && self.format_rejected.load(Ordering::SeqCst) {
-            return Attempt::FormatRejected("the server rejected response_format earlier in this run".into());
+    /// A slot on the server with the fewest requests in flight, another one
+    /// than `avoid` where that has room, skipping servers set aside while
+    /// any other is not; waits while every server is full.
+    async fn acquire(&self, avoid: Option<usize>) -> (usize, Slot<'_>) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let now = Instant::now();
+            let fleet_down = !self.servers.iter().any(|s| s.available(now));
+            let mut order: Vec<usize> = (0..self.servers.len()).collect();
+            order.sort_by_key(|&i| (Some(i) == avoid, self.servers[i].window.in_flight()));
+            for i in order {
+                if let Some(slot) = self.servers[i].try_acquire(now, fleet_down) {
+                    return (i, slot);
+                }
+            }
+            // Wake when a slot frees up, or when the first server set aside may be tried again.
+            let back = self.servers.iter().filter_map(|s| s.health().set_aside_until).filter(|&t| t > now).min();
+            match back {
+                Some(t) => {
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep_until(t.into()) => {}
+                    }
+                }
+                None => changed.await,
+            }
         }
-        let outcome = self.exchange(body, structured).await;
+    }
+
+    /// One HTTP exchange on the server the fleet picks, holding a slot of
+    /// its window for its duration; returns the server's index too.
+    async fn attempt(&self, body: &str, structured: bool, avoid: Option<usize>) -> (usize, Attempt) {
+        let (i, slot) = self.acquire(avoid).await;
+        let server = &self.servers[i];
+        if structured && server.format_rejected.load(Ordering::SeqCst) {
+            return (i, Attempt::FormatRejected("the server rejected response_format earlier in this run".into()));
+        }
+        let outcome = self.exchange(server, body, structured).await;
         // Before the slot is given back, so the next request in it sees the flag.
         if let Attempt::FormatRejected(_) = &outcome {
-            self.format_rejected.store(true, Ordering::SeqCst);
+            server.format_rejected.store(true, Ordering::SeqCst);
         }
         match &outcome {
-            Attempt::Done(_) => self.window.on_success(),
-            Attempt::Retry { reason: Reason::Timeout, .. } if self.stats.successes.load(Ordering::Relaxed) > 0 => {
-                if let Some((from, to)) = self.window.on_timeout(&slot) {
+            Attempt::Done(_) => {
+                server.window.on_success();
+                server.on_success();
+            }
+            Attempt::Retry { reason: Reason::Timeout | Reason::RateLimited, .. } if server.stats.successes.load(Ordering::Relaxed) > 0 => {
+                if let Some((from, to)) = server.window.on_timeout(&slot) {
                     tracing::warn!(
-                        "requests time out while others succeed: at most {to} request(s) in flight from now on (was {from}); \
-                         the server may have fewer parallel slots than --concurrency, or be overloaded"
+                        "{}: requests time out or are turned away while others succeed: at most {to} request(s) in flight there from now on (was {from}); \
+                         the server may have fewer parallel slots than --concurrency, or be overloaded",
+                        server.url
                     );
                 }
             }
             _ => {}
         }
+        if let Attempt::Retry {
+            reason: Reason::Timeout | Reason::ServerError | Reason::Unreachable | Reason::Connection | Reason::BadBody,
+            ..
+        } = &outcome
+        {
+            server.on_failure(&self.policy);
+        }
         drop(slot);
-        if let Attempt::Retry { reason, .. } = &outcome {
-            self.stats.by_reason[*reason as usize].fetch_add(1, Ordering::Relaxed);
+        let reason = match &outcome {
+            Attempt::Retry { reason, .. } => Some(*reason),
+            Attempt::Fail(_) | Attempt::FormatRejected(_) => Some(Reason::Rejected),
+            _ => None,
+        };
+        if let Some(r) = reason {
+            for st in [&*self.stats, &server.stats] {
+                st.by_reason[r as usize].fetch_add(1, Ordering::Relaxed);
+            }
         }
-        if let Attempt::Fail(_) | Attempt::FormatRejected(_) = &outcome {
-            self.stats.by_reason[Reason::Rejected as usize].fetch_add(1, Ordering::Relaxed);
-        }
-        outcome
+        (i, outcome)
     }
 
-    async fn exchange(&self, body: &str, structured: bool) -> Attempt {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+    async fn exchange(&self, server: &Server, body: &str, structured: bool) -> Attempt {
+        for st in [&*self.stats, &server.stats] {
+            st.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        let url = &server.url;
         let mut req = self
             .http
-            .post(&self.url)
+            .post(url)
             .timeout(self.policy.timeout)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.to_string());
@@ -453,7 +682,7 @@ impl ChatClient {
             Err(e) if e.is_timeout() => return retry(format!("no answer within {:?}", self.policy.timeout), Reason::Timeout),
             Err(e) => {
                 let reason = if e.is_connect() { Reason::Unreachable } else { Reason::Connection };
-                return retry(format!("cannot reach {}: {}", self.url, error_chain(&e)), reason);
+                return retry(format!("cannot reach {url}: {}", error_chain(&e)), reason);
             }
         };
         let status = resp.status();
@@ -472,7 +701,17 @@ impl ChatClient {
         // Redact before cutting: a cut can split the key and leave a prefix that no longer matches it whole.
         let snippet: String = self.redact(&text).chars().take(300).collect();
         if status.is_success() {
-            return self.completion(&text, &snippet, structured);
+            return match read_completion(&text) {
+                Ok(c) => {
+                    if structured {
+                        server.format_accepted.store(true, Ordering::Relaxed);
+                    }
+                    Attempt::Done(c)
+                }
+                // A 200 whose body is not a complete completion object: a
+                // proxy hiccup or a cut connection, worth another try.
+                Err(e) => retry(format!("{e}: {snippet}"), Reason::BadBody),
+            };
         }
         let code = status.as_u16();
         let msg = format!("server answered {status}: {snippet}");
@@ -480,46 +719,34 @@ impl ChatClient {
             429 | 503 => Attempt::Retry { msg, after: retry_after, reason: Reason::RateLimited },
             408 | 409 | 425 => retry(msg, Reason::ServerError),
             500..=599 => retry(msg, Reason::ServerError),
-            400..=499 if structured && self.rejects_format(code, &text) => Attempt::FormatRejected(msg),
+            400..=499 if structured && rejects_format(server, code, &text) => Attempt::FormatRejected(msg),
             401 | 403 => Attempt::Fatal(format!("{msg} (check the API key: --judge-api-key-env names the variable that holds it)")),
             404 | 405 => Attempt::Fatal(format!("{msg} (check --base-url, which should end in /v1, and --model)")),
             _ => Attempt::Fail(msg),
         }
     }
+}
 
-    /// Whether a 4xx answer to a request with `response_format` is about
-    /// that field: the server names it, or answers a bare 400 before it ever
-    /// accepted the field.
-    fn rejects_format(&self, code: u16, text: &str) -> bool {
-        let lower = text.to_ascii_lowercase();
-        let names_it = ["response_format", "json_schema", "json schema", "response format"].iter().any(|w| lower.contains(w));
-        names_it || (code == 400 && !self.format_accepted.load(Ordering::Relaxed))
-    }
+/// Whether a 4xx answer to a request with `response_format` is about that
+/// field: the server names it, or answers a bare 400 before it ever
+/// accepted the field.
+fn rejects_format(server: &Server, code: u16, text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    let names_it = ["response_format", "json_schema", "json schema", "response format"].iter().any(|w| lower.contains(w));
+    names_it || (code == 400 && !server.format_accepted.load(Ordering::Relaxed))
+}
 
-    fn completion(&self, text: &str, snippet: &str, structured: bool) -> Attempt {
-        let w = match serde_json::from_str::<WireResponse>(text) {
-            Ok(w) => w,
-            // A 200 whose body is not a complete completion object: a
-            // proxy hiccup or a cut connection, worth another try.
-            Err(e) => {
-                return Attempt::Retry {
-                    msg: format!("the answer is not a chat completion ({e}): {snippet}"),
-                    after: None,
-                    reason: Reason::BadBody,
-                }
-            }
-        };
-        let (p, c) = w.usage.map(|u| (u.prompt_tokens, u.completion_tokens)).unwrap_or((0, 0));
-        match w.choices.into_iter().next() {
-            Some(WireChoice { message: WireMessage { content: Some(content) }, finish_reason, logprobs }) => {
-                if structured {
-                    self.format_accepted.store(true, Ordering::Relaxed);
-                }
-                let logprobs = logprobs.map(WireLogprobs::tokens).unwrap_or_default();
-                Attempt::Done(Completion { content, finish_reason, prompt_tokens: p, completion_tokens: c, logprobs })
-            }
-            _ => Attempt::Retry { msg: "the answer has no message content".into(), after: None, reason: Reason::BadBody },
+/// A chat-completion body (what the server answers, or a Batch API result
+/// line's `response.body`) as a [`Completion`].
+pub fn read_completion(text: &str) -> Result<Completion, String> {
+    let w = serde_json::from_str::<WireResponse>(text).map_err(|e| format!("the answer is not a chat completion ({e})"))?;
+    let (p, c) = w.usage.map(|u| (u.prompt_tokens, u.completion_tokens)).unwrap_or((0, 0));
+    match w.choices.into_iter().next() {
+        Some(WireChoice { message: WireMessage { content: Some(content) }, finish_reason, logprobs }) => {
+            let logprobs = logprobs.map(WireLogprobs::tokens).unwrap_or_default();
+            Ok(Completion { content, finish_reason, prompt_tokens: p, completion_tokens: c, logprobs })
         }
+        _ => Err("the answer has no message content".into()),
     }
 }
 
@@ -532,7 +759,7 @@ impl ChatClient {
 pub struct Window {
     max: usize,
     state: Mutex<WindowState>,
-    changed: tokio::sync::Notify,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -561,9 +788,28 @@ impl Drop for Slot<'_> {
 
 impl Window {
     pub fn new(max: usize) -> Self {
+        Self::shared(max, Arc::new(tokio::sync::Notify::new()))
+    }
+
+    /// A window that tells `changed` when a slot frees up or the bound widens
+    /// (a fleet's windows share one, so a request can wait on all of them).
+    pub fn shared(max: usize, changed: Arc<tokio::sync::Notify>) -> Self {
         let max = max.max(1);
         let state = WindowState { limit: max, in_flight: 0, epoch: 0, answered: 0, decreases: 0, lowest: max };
-        Window { max, state: Mutex::new(state), changed: tokio::sync::Notify::new() }
+        Window { max, state: Mutex::new(state), changed }
+    }
+
+    /// A slot if one is free now.
+    pub fn try_acquire(&self) -> Option<Slot<'_>> {
+        let mut s = self.lock();
+        (s.in_flight < s.limit).then(|| {
+            s.in_flight += 1;
+            Slot { window: self, epoch: s.epoch }
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.lock().in_flight
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, WindowState> {
@@ -597,7 +843,7 @@ impl Window {
         }
     }
 
-    /// A request in `slot` timed out: halves the bound unless it was already
+    /// A request in `slot` timed out or was turned away (429/503): halves the bound unless it was already
     /// lowered since the slot was taken. Returns (old, new) when it changed.
     fn on_timeout(&self, slot: &Slot<'_>) -> Option<(usize, usize)> {
         let mut s = self.lock();
@@ -655,7 +901,7 @@ mod tests {
     fn secret_is_hidden_and_redacted() {
         let k = Secret::new("sk-VERYSECRET".into());
         assert!(!format!("{k:?}").contains("VERYSECRET"));
-        let c = ChatClient::new("http://127.0.0.1:1/v1", Some(k), RetryPolicy::default(), 1).unwrap();
+        let c = ChatClient::new(&["http://127.0.0.1:1/v1".to_string()], Some(k), RetryPolicy::default(), 1).unwrap();
         assert_eq!(c.redact("echo sk-VERYSECRET back"), "echo *** back");
     }
 
@@ -722,7 +968,7 @@ mod tests {
     fn backoff_grows_and_is_capped() {
         let policy =
             RetryPolicy { backoff_base: Duration::from_millis(100), max_backoff: Duration::from_millis(1000), ..Default::default() };
-        let c = ChatClient::new("http://127.0.0.1:1/v1", None, policy, 1).unwrap();
+        let c = ChatClient::new(&["http://127.0.0.1:1/v1".to_string()], None, policy, 1).unwrap();
         for _ in 0..20 {
             let d0 = c.backoff(0);
             assert!(d0 >= Duration::from_millis(50) && d0 <= Duration::from_millis(100), "{d0:?}");

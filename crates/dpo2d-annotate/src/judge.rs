@@ -11,14 +11,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// How to reach the judge and how hard to push it.
 #[derive(Debug, Clone)]
 pub struct JudgeSettings {
-    /// The server's OpenAI-compatible base URL, e.g. `http://localhost:8000/v1`.
-    pub base_url: String,
+    /// The servers' OpenAI-compatible base URLs, e.g. `http://localhost:8000/v1`:
+    /// one, or a fleet that shares the requests.
+    pub base_urls: Vec<String>,
     /// The model name, as the server knows it.
     pub model: String,
     /// Sent as a Bearer token; local servers need none.
     pub api_key: Option<Secret>,
-    /// Most requests in flight at once (annotation lowers it for a while
-    /// when requests time out).
+    /// Most requests in flight at once on each server (lowered for a while
+    /// on a server whose requests time out).
     pub concurrency: usize,
     /// Per-request timeout, retries and backoff.
     pub policy: RetryPolicy,
@@ -41,7 +42,7 @@ impl JudgeSettings {
     /// The defaults for a judge at `base_url` serving `model`.
     pub fn new(base_url: impl Into<String>, model: impl Into<String>) -> Self {
         JudgeSettings {
-            base_url: base_url.into(),
+            base_urls: vec![base_url.into()],
             model: model.into(),
             api_key: None,
             concurrency: Self::DEFAULT_CONCURRENCY,
@@ -54,7 +55,12 @@ impl JudgeSettings {
 
     /// An HTTP client for this judge.
     pub fn client(&self) -> anyhow::Result<ChatClient> {
-        ChatClient::new(&self.base_url, self.api_key.clone(), self.policy.clone(), self.concurrency)
+        ChatClient::new(&self.base_urls, self.api_key.clone(), self.policy.clone(), self.concurrency)
+    }
+
+    /// The servers, for messages: `URL` or `URL, URL, ...`.
+    pub fn servers(&self) -> String {
+        self.base_urls.join(", ")
     }
 
     /// `max_tokens` for a request whose own budget is `default` (0 = none).

@@ -4,8 +4,10 @@
 //!
 //! Pieces: [`prompt`] builds the requests, [`parse`] reads the ratings back,
 //! [`client`] talks HTTP with retries, [`cache`] makes runs resumable,
-//! [`run`] drives it all, [`compare`] measures agreement of two annotations.
+//! [`run`] drives it all (or [`batch`], through the Batch API or files), [`compare`] measures agreement of two annotations.
 
+pub mod batch;
+pub mod batch_api;
 pub mod cache;
 pub mod client;
 pub mod compare;
@@ -20,4 +22,4 @@ pub mod test_server;
 pub use client::{RetryPolicy, Secret};
 pub use judge::JudgeSettings;
 pub use prompt::{Aspect, ResponseFormat};
-pub use run::{annotate_file, AnnotateJob, AspectStats, FailedPair, Options, Summary};
+pub use run::{annotate_file, AnnotateJob, AspectStats, FailedPair, Options, Route, Summary};

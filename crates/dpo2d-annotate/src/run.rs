@@ -4,8 +4,9 @@
 //! and report what failed. Nothing is dropped silently: a pair is either in
 //! the output or listed as failed.
 
+use crate::batch::{BatchDone, BatchReport};
 use crate::cache::{cache_key, Cache, Judgement};
-use crate::client::{ChatClient, ChatError, Completion, Reason};
+use crate::client::{ChatClient, ChatError, Completion, Reason, ServerReport};
 use crate::expectation::RatingFrom;
 use crate::judge::{FormatChoice, JudgeSettings};
 use crate::parse::{check, enforce_monotone, parse_answer, Checked, Parsed};
@@ -44,8 +45,24 @@ pub struct AnnotateJob {
     pub cache: Option<PathBuf>,
     /// Where to write the pairs that could not be annotated (JSONL).
     pub failed_out: Option<PathBuf>,
+    /// How the requests reach the judge.
+    pub route: Route,
+}
+
+/// How a run's requests reach the judge.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Route {
+    /// One request at a time to the server (or fleet), as they are ready.
+    #[default]
+    Direct,
     /// Print the request bodies to stdout instead of sending them.
-    pub dry_run: bool,
+    DryRun,
+    /// Through the server's Batch API, polled every `poll_interval`.
+    Batch { poll_interval: Duration, limits: crate::batch_api::BatchLimits },
+    /// Write the requests not yet judged as a batch input file, and stop.
+    WriteRequests(PathBuf),
+    /// Read the answers from a batch results file (OpenAI's or vLLM `run_batch`'s output).
+    ReadResults(PathBuf),
 }
 
 /// Per-aspect counts.
@@ -95,16 +112,30 @@ pub struct Summary {
     pub odd_answers: u64,
     /// Times the concurrency was lowered after timeouts, and the lowest it went.
     pub concurrency_cuts: (u64, usize),
+    /// Each server's requests and failures (listed when there are several).
+    pub servers: Vec<ServerReport>,
     /// The server rejected `response_format`, so answers were asked in free text.
     pub fell_back_to_free_text: bool,
     /// Requests printed by `--dry-run`.
     pub dry_run_requests: usize,
+    /// What went through batches (Batch API, or request and result files).
+    pub batch: Option<BatchReport>,
     pub output: PathBuf,
     pub cache: PathBuf,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(b @ BatchReport { written: Some(path), .. }) = &self.batch {
+            return write!(
+                f,
+                "{} request(s) written to {} ({} judgement(s) were cached already); run them, e.g. with vLLM's run_batch, \
+                 then read the results back with --batch-read",
+                b.requests,
+                path.display(),
+                b.cached
+            );
+        }
         if self.dry_run_requests > 0 || (self.pairs_in > 0 && self.aspects.is_empty()) {
             return write!(f, "dry run: {} request(s) for {} pair(s) printed, nothing sent", self.dry_run_requests, self.pairs_in);
         }
@@ -118,6 +149,22 @@ impl fmt::Display for Summary {
             "requests: {} sent ({} retries); tokens: {} prompt + {} completion",
             self.requests, self.retries, self.prompt_tokens, self.completion_tokens
         )?;
+        if self.servers.len() > 1 {
+            for r in &self.servers {
+                writeln!(
+                    f,
+                    "  server {}: {} requests, {} answered, {} failed attempts{}",
+                    r.url,
+                    r.requests,
+                    r.answered,
+                    r.failed_attempts,
+                    if r.times_set_aside > 0 { format!(", set aside {} time(s)", r.times_set_aside) } else { String::new() }
+                )?;
+            }
+        }
+        if let Some(b) = &self.batch {
+            writeln!(f, "{b}")?;
+        }
         self.fmt_troubles(f)?;
         write!(
             f,
@@ -190,11 +237,11 @@ pub fn default_cache_path(output: &Path) -> PathBuf {
 }
 
 /// A pair ready for requests: its segments for both sides.
-struct Prepared {
-    line: usize,
-    pair: Pair,
-    chosen: Vec<Segment>,
-    rejected: Vec<Segment>,
+pub(crate) struct Prepared {
+    pub(crate) line: usize,
+    pub(crate) pair: Pair,
+    pub(crate) chosen: Vec<Segment>,
+    pub(crate) rejected: Vec<Segment>,
 }
 
 fn segments_of(r: &Response) -> Vec<Segment> {
@@ -229,7 +276,7 @@ fn prepare(path: &Path, aspects: &[Aspect]) -> Result<(Vec<Prepared>, Vec<Failed
     Ok((ready, failed))
 }
 
-fn request_body(req: &ChatRequest) -> String {
+pub(crate) fn request_body(req: &ChatRequest) -> String {
     serde_json::to_string(req).expect("a chat request always serialises")
 }
 
@@ -260,25 +307,25 @@ fn first_request(judge: &JudgeSettings, item: &Prepared, aspect: Aspect, structu
 pub const REPAIR_TEMPERATURE: f32 = 0.3;
 
 /// Shared state of the workers.
-struct Ctx {
-    client: ChatClient,
-    cache: Cache,
-    judge: JudgeSettings,
-    formats: FormatChoice,
-    failed_now: AtomicU64,
-    repairs_now: AtomicU64,
-    cut_answers: AtomicU64,
-    odd_answers: AtomicU64,
-    fatal: AtomicBool,
+pub(crate) struct Ctx {
+    pub(crate) client: ChatClient,
+    pub(crate) cache: Cache,
+    pub(crate) judge: JudgeSettings,
+    pub(crate) formats: FormatChoice,
+    pub(crate) failed_now: AtomicU64,
+    pub(crate) repairs_now: AtomicU64,
+    pub(crate) cut_answers: AtomicU64,
+    pub(crate) odd_answers: AtomicU64,
+    pub(crate) fatal: AtomicBool,
 }
 
 impl Ctx {
-    fn request(&self, item: &Prepared, aspect: Aspect, structured: bool) -> ChatRequest {
+    pub(crate) fn request(&self, item: &Prepared, aspect: Aspect, structured: bool) -> ChatRequest {
         first_request(&self.judge, item, aspect, structured)
     }
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     Ok { judgement: Judgement, cached: bool },
     Failed(String),
     Fatal(String),
@@ -352,21 +399,30 @@ async fn judge(ctx: Arc<Ctx>, item: Arc<Prepared>, aspect: Aspect) -> Outcome {
         Ok(x) => x,
         Err(e) => return failure(e, ""),
     };
+    settle(&ctx, &item, aspect, req, first, true).await
+}
+
+/// A judgement once the first answer is in (from the server, or from a
+/// batch's results): read it, repair it once if needed and allowed, and
+/// keep it in the cache, keyed by the first request as built.
+pub(crate) async fn settle(ctx: &Ctx, item: &Prepared, aspect: Aspect, req: ChatRequest, first: Completion, may_repair: bool) -> Outcome {
     if ctx.judge.rating_from == RatingFrom::Logprobs && first.logprobs.is_empty() {
         return Outcome::Fatal("the judge's server returned no log-probabilities (use --judge-rating-from auto or text)".into());
     }
-    // Keyed by the first request as built, whatever temperature a retry used.
     let key = cache_key(&ctx.judge.model, &request_body(&req));
     let tags = Tagging::new(item.chosen.len(), item.rejected.len());
-    let parsed = read_answer(&ctx, &item, aspect, &tags, &first);
+    let parsed = read_answer(ctx, item, aspect, &tags, &first);
     let (checked, repaired, answer) = match check(&parsed, &tags, aspect) {
         Ok(c) => (c, false, first.content),
-        Err(problems) => {
+        Err(problems) if may_repair => {
             let asked = Asked { req, answer: first.content, parsed };
-            match repair(&ctx, &item, aspect, &tags, asked, &problems).await {
+            match repair(ctx, item, aspect, &tags, asked, &problems).await {
                 Ok(x) => x,
                 Err(outcome) => return outcome,
             }
+        }
+        Err(problems) => {
+            return Outcome::Failed(format!("unusable answer (no repair request for results read from a file): {}", problems.join(" ")))
         }
     };
     // A server that echoes headers must not get the key into the cache.
@@ -428,7 +484,7 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
     let (ready, failed) = prepare(&job.input, &opts.aspects)?;
     let pairs_in = ready.len() + failed.len();
     let cache_path = job.cache.clone().unwrap_or_else(|| default_cache_path(&job.output));
-    if job.dry_run {
+    if job.route == Route::DryRun {
         let n = print_requests(&ready, opts)?;
         return Ok(Summary { pairs_in, dry_run_requests: n, output: job.output.clone(), cache: cache_path, ..Default::default() });
     }
@@ -458,9 +514,29 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
 
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
-    let results = rt.block_on(drive(ctx.clone(), ready.clone(), tasks, opts.judge.concurrency, bar.clone(), status_lines));
-    bar.finish_and_clear();
-    let results = results?;
+    let (results, batch) = match &job.route {
+        Route::Direct | Route::DryRun => {
+            let results = rt.block_on(drive(ctx.clone(), ready.clone(), tasks, opts.judge.concurrency, bar.clone(), status_lines));
+            bar.finish_and_clear();
+            (results?, None)
+        }
+        route => {
+            let done = rt.block_on(crate::batch::drive(ctx.clone(), &ready, tasks, route, bar.clone()));
+            bar.finish_and_clear();
+            match done? {
+                BatchDone::Results(results, report) => (results, Some(report)),
+                BatchDone::Written(report) => {
+                    return Ok(Summary {
+                        pairs_in,
+                        batch: Some(report),
+                        output: job.output.clone(),
+                        cache: cache_path,
+                        ..Default::default()
+                    })
+                }
+            }
+        }
+    };
 
     let (written, failed, per_aspect) = assemble(&ready, &opts.aspects, &results, failed);
     write_atomic(&job.output, &written)?;
@@ -480,9 +556,11 @@ pub fn annotate_file(job: &AnnotateJob, opts: &Options) -> Result<Summary> {
         failures_by_reason: Reason::ALL.iter().map(|&r| (r, stats.failures(r))).filter(|(_, n)| *n > 0).collect(),
         cut_answers: ctx.cut_answers.load(Ordering::Relaxed),
         odd_answers: ctx.odd_answers.load(Ordering::Relaxed),
-        concurrency_cuts: ctx.client.window.decreases(),
+        concurrency_cuts: ctx.client.decreases(),
+        servers: ctx.client.servers(),
         fell_back_to_free_text: ctx.formats.fell_back(),
         dry_run_requests: 0,
+        batch,
         output: job.output.clone(),
         cache: cache_path,
     })
@@ -572,8 +650,12 @@ fn with_scores(segs: &[Segment], rows: &[[u8; 5]]) -> Vec<Segment> {
 /// failed judgements, so a run that makes no progress says why without `-v`.
 fn progress_message(ctx: &Ctx) -> String {
     let s = &ctx.client.stats;
-    let (bound, max) = ctx.client.window.bound();
+    let (bound, max) = ctx.client.bound();
     let mut m = format!("| in flight ≤ {bound}/{max}");
+    let servers = ctx.client.servers();
+    if servers.len() > 1 {
+        m.push_str(&format!(" | servers {}", crate::client::fleet_line(&servers)));
+    }
     let reasons: Vec<String> =
         Reason::ALL.iter().filter(|&&r| s.failures(r) > 0).map(|&r| format!("{} {}", s.failures(r), r.name())).collect();
     if !reasons.is_empty() {
@@ -712,7 +794,7 @@ mod tests {
         let input = dir.join("in.jsonl");
         let lines: Vec<String> = markers.iter().enumerate().map(|(i, m)| pair_line(i, m)).collect();
         std::fs::write(&input, lines.join("\n") + "\n").unwrap();
-        AnnotateJob { input, output: dir.join("out.jsonl"), cache: None, failed_out: Some(dir.join("failed.jsonl")), dry_run: false }
+        AnnotateJob { input, output: dir.join("out.jsonl"), cache: None, failed_out: Some(dir.join("failed.jsonl")), route: Route::Direct }
     }
 
     fn assert_judged_by_the_mock(out: &[Pair]) {
@@ -892,7 +974,7 @@ mod tests {
             output: dir.path().join("out.jsonl"),
             cache: None,
             failed_out: Some(dir.path().join("failed.jsonl")),
-            dry_run: false,
+            route: Route::Direct,
         };
         let s = annotate_file(&job, &opts(server.base_url())).unwrap();
         assert_eq!(s.pairs_in, 10);
@@ -966,7 +1048,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("in.jsonl");
         std::fs::write(&input, (0..6).map(|i| pair_line(i, "") + "\n").collect::<String>()).unwrap();
-        let job = AnnotateJob { input, output: dir.path().join("o.jsonl"), cache: None, failed_out: None, dry_run: false };
+        let job = AnnotateJob { input, output: dir.path().join("o.jsonl"), cache: None, failed_out: None, route: Route::Direct };
         // A port nobody listens on.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut o = opts(&format!("http://127.0.0.1:{port}/v1"));
@@ -1009,7 +1091,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("in.jsonl");
         std::fs::write(&input, pair_line(1, "") + "\n").unwrap();
-        let job = AnnotateJob { input: input.clone(), output: dir.path().join("o.jsonl"), cache: None, failed_out: None, dry_run: false };
+        let job =
+            AnnotateJob { input: input.clone(), output: dir.path().join("o.jsonl"), cache: None, failed_out: None, route: Route::Direct };
         let mut o = opts(server.base_url());
         o.aspects = vec![Aspect::Safety];
         let s = annotate_file(&job, &o).unwrap();
@@ -1027,7 +1110,7 @@ mod tests {
         assert_eq!(server.stats().requests, 1);
         assert_eq!(read_pairs(&job2.output), read_pairs(&job.output));
 
-        let dry = AnnotateJob { dry_run: true, output: dir.path().join("never.jsonl"), ..job };
+        let dry = AnnotateJob { route: Route::DryRun, output: dir.path().join("never.jsonl"), ..job };
         server.reset_stats();
         let s3 = annotate_file(&dry, &opts(server.base_url())).unwrap();
         assert_eq!(s3.dry_run_requests, 5);

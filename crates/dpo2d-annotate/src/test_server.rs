@@ -28,6 +28,10 @@
 //! requests per body and the most requests in flight at once, and records the
 //! `Authorization` headers it saw.
 //!
+//! `throttle_every` answers every Nth request with 429, as a busy hosted
+//! server does; [`batch`] adds a fake Batch API (files, batches, status
+//! transitions, partly failed and expired batches).
+//!
 //! It runs on its own thread and runtime, so sync tests can use it directly.
 
 use axum::extract::State;
@@ -35,6 +39,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+
+pub mod batch;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -53,6 +59,11 @@ pub struct MockConfig {
     pub response_format: MockFormat,
     /// Requests served at once; the others wait (`None`: no limit).
     pub slots: Option<usize>,
+    /// Every Nth chat request (counted over the run) gets 429 with
+    /// `Retry-After`, as a busy hosted server does (0: never).
+    pub throttle_every: u64,
+    /// How the fake Batch API behaves ([`batch`]).
+    pub batch: batch::BatchConfig,
 }
 
 /// What the mock does with a request's `response_format`.
@@ -74,6 +85,8 @@ impl Default for MockConfig {
             retry_after_secs: 1,
             response_format: MockFormat::Ignore,
             slots: None,
+            throttle_every: 0,
+            batch: batch::BatchConfig::default(),
         }
     }
 }
@@ -98,6 +111,11 @@ pub struct MockStats {
     pub authorization: Vec<String>,
     /// Arrival times of the attempts, per body (ms since server start).
     pub arrivals_ms: HashMap<String, Vec<u128>>,
+    /// Batches created through the fake Batch API.
+    pub batches_created: usize,
+    /// Times each `custom_id` was submitted in a batch, and answered with a 200.
+    pub batch_submissions: HashMap<String, u32>,
+    pub batch_answers: HashMap<String, u32>,
 }
 
 struct Shared {
@@ -109,6 +127,7 @@ struct Shared {
     log: Mutex<MockStats>,
     started: std::time::Instant,
     slots: Option<tokio::sync::Semaphore>,
+    batch: Mutex<batch::BatchState>,
 }
 
 pub struct MockJudge {
@@ -128,6 +147,7 @@ impl MockJudge {
             log: Mutex::new(MockStats::default()),
             started: std::time::Instant::now(),
             slots: config.slots.map(tokio::sync::Semaphore::new),
+            batch: Mutex::new(batch::BatchState::default()),
             config,
         });
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -138,7 +158,7 @@ impl MockJudge {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
                 addr_tx.send(listener.local_addr().expect("local addr")).expect("send addr");
-                let app = Router::new().route("/v1/chat/completions", post(handle)).with_state(st);
+                let app = Router::new().route("/v1/chat/completions", post(handle)).merge(batch::routes()).with_state(st);
                 tokio::select! {
                     _ = async { axum::serve(listener, app).await } => {}
                     _ = stop_rx => {}
@@ -160,6 +180,7 @@ impl MockJudge {
         s.requests = self.shared.requests.load(Ordering::SeqCst);
         s.completions = self.shared.completions.load(Ordering::SeqCst);
         s.max_in_flight = self.shared.max_in_flight.load(Ordering::SeqCst);
+        self.shared.batch.lock().expect("batch lock").fill(&mut s);
         s
     }
 
@@ -169,6 +190,7 @@ impl MockJudge {
         self.shared.requests.store(0, Ordering::SeqCst);
         self.shared.completions.store(0, Ordering::SeqCst);
         self.shared.max_in_flight.store(0, Ordering::SeqCst);
+        self.shared.batch.lock().expect("batch lock").forget_counts();
     }
 }
 
@@ -411,7 +433,8 @@ async fn http_fault(st: &Shared, req: &Req) -> Option<Response> {
     if req.is_repair {
         return None;
     }
-    if req.fault("429") && req.attempt == 1 {
+    let n = st.requests.load(Ordering::SeqCst);
+    if (req.fault("429") && req.attempt == 1) || (st.config.throttle_every > 0 && n % st.config.throttle_every == 0) {
         let after = st.config.retry_after_secs.to_string();
         return Some((StatusCode::TOO_MANY_REQUESTS, [("retry-after", after)], "slow down").into_response());
     }

@@ -12,6 +12,7 @@
 //! finished chunk; training resumes from its latest checkpoint.
 
 use crate::prompts::PromptRecord;
+use crate::sampler::ServerSampler;
 use crate::scorer::{Sampled, Scorer};
 use anyhow::{bail, Context, Result};
 use dpo2d_data::{rank, Pair, Prompt, Response};
@@ -97,6 +98,8 @@ pub struct IterateRun {
     pub stop_at: Option<StopAt>,
     /// Set (by Ctrl-C) to stop after the current chunk or update.
     pub stop_signal: Option<Arc<AtomicBool>>,
+    /// Sample through a serving engine instead of dpo2d's own decoder.
+    pub sampler: Option<ServerSampler>,
 }
 
 /// What a round produced (`round.json`), and what this process did of it.
@@ -282,7 +285,8 @@ impl Iteration<'_> {
         Ok(Some(RoundReport { sampled_now, scored_now, trained_now, ..report }))
     }
 
-    /// K answers per prompt, a chunk of prompts per batched decode.
+    /// K answers per prompt, a chunk of prompts per batched decode (or per
+    /// round of requests to the sampling server).
     fn sample(&self, n: usize, policy: &str, dir: &Path) -> Result<Flow> {
         let s = &self.cfg.sampling;
         let per_chunk = (s.batch_size / s.samples_per_prompt).max(1);
@@ -290,6 +294,9 @@ impl Iteration<'_> {
         let done = read_chunks::<SampleRecord>(&path, per_chunk, self.prompts.len())?;
         if done == self.prompts.len() {
             return Ok(Flow::Done(0));
+        }
+        if let Some(server) = &self.run.sampler {
+            return self.sample_from_server(server, (n, policy, dir), per_chunk, done);
         }
         self.say(&format!(
             "round {n}: sampling {} answers for each of {} prompts from {policy}",
@@ -333,6 +340,50 @@ impl Iteration<'_> {
                     prompt: p.prompt.clone(),
                     responses: out.iter().filter(|o| o.prompt_index == i).map(|o| o.completion.trim().to_string()).collect(),
                 })
+                .collect();
+            if self.keep_chunk(&path, &records, &bar, (n, Phase::Sampling), &mut chunks_now)? {
+                return Ok(Flow::Stopped);
+            }
+        }
+        bar.finish_and_clear();
+        Ok(Flow::Done(self.prompts.len() - done))
+    }
+
+    /// [`Self::sample`] through an OpenAI-compatible server serving `policy`
+    /// (started here when the sampler has a command).
+    fn sample_from_server(
+        &self,
+        server: &ServerSampler,
+        (n, policy, dir): (usize, &str, &Path),
+        per_chunk: usize,
+        done: usize,
+    ) -> Result<Flow> {
+        let s = &self.cfg.sampling;
+        let path = dir.join("samples.jsonl");
+        // The engine loads files: the policy as a local path.
+        let model = dpo2d_model::fetch::resolve_model(policy, self.run.cache_dir.as_deref())?;
+        let model = model.to_string_lossy().into_owned();
+        self.say(&format!(
+            "round {n}: sampling {} answers for each of {} prompts through {} (policy {model})",
+            s.samples_per_prompt,
+            self.prompts.len() - done,
+            server.base_url
+        ));
+        let _engine = server.start(&model, &dir.join("sampler.log"))?;
+        let bar = dpo2d_ui::progress::bar_if(
+            self.run.progress,
+            self.prompts.len() as u64,
+            "{bar:30} {pos}/{len} prompts sampled [{elapsed_precise}<{eta_precise}]",
+        );
+        bar.set_position(done as u64);
+        let mut chunks_now = 0;
+        for (c, chunk) in self.prompts.chunks(per_chunk).enumerate().skip(done / per_chunk) {
+            let answers = server.sample(chunk, s, row_seed(s.seed, n as u64, c as u64), &model)?;
+            let records: Vec<SampleRecord> = chunk
+                .iter()
+                .zip(answers)
+                .enumerate()
+                .map(|(i, (p, responses))| SampleRecord { index: c * per_chunk + i, id: p.id.clone(), prompt: p.prompt.clone(), responses })
                 .collect();
             if self.keep_chunk(&path, &records, &bar, (n, Phase::Sampling), &mut chunks_now)? {
                 return Ok(Flow::Stopped);

@@ -60,7 +60,8 @@ pub struct JudgeScorer {
 
 impl Scorer for JudgeScorer {
     fn name(&self) -> String {
-        format!("judge:{} ({})", self.options.judge.base_url, self.options.judge.model)
+        // The first server names the scorer: a fleet may grow between runs.
+        format!("judge:{} ({})", self.options.judge.base_urls[0], self.options.judge.model)
     }
 
     fn score(&self, work: &Path, items: &[Sampled]) -> Result<Vec<Vec<Response>>> {
@@ -80,8 +81,13 @@ impl Scorer for JudgeScorer {
         let input = work.join(format!("judge-in-{first}.jsonl"));
         let output = work.join(format!("judge-out-{first}.jsonl"));
         dpo2d_data::io::write_jsonl(&input, &pairs)?;
-        let job =
-            AnnotateJob { input, output: output.clone(), cache: Some(work.join("judge-cache.sqlite")), failed_out: None, dry_run: false };
+        let job = AnnotateJob {
+            input,
+            output: output.clone(),
+            cache: Some(work.join("judge-cache.sqlite")),
+            failed_out: None,
+            route: Default::default(),
+        };
         let summary = annotate_file(&job, &self.options)?;
         if !summary.failed.is_empty() {
             tracing::warn!("{} answer pair(s) could not be judged; their answers are left out of the ranking", summary.failed.len());
