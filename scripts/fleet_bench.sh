@@ -3,7 +3,8 @@
 # 120 judgements) against one local judge server and against two, each run
 # from an empty cache with the same flags (--concurrency is per server). The
 # servers are `dpo2d serve --model smollm2` (or, with LLAMA_SERVER=path,
-# llama-server with SmolLM2's GGUF). Prints the wall time, judgements per
+# llama-server with SmolLM2's GGUF, LLAMA_GGUF or the one `dpo2d model fetch`
+# downloaded). Prints the wall time, judgements per
 # second and each server's share of the requests; results in OUT_DIR/summary.txt.
 #
 #   scripts/fleet_bench.sh [OUT_DIR]          # default runs/fleet-bench
@@ -31,7 +32,8 @@ PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null' EXIT
 for port in "${PORTS[@]}"; do
     if [ -n "${LLAMA_SERVER:-}" ]; then
-        gguf=$(find "$("$DPO2D" model fetch smollm2 2>/dev/null | tail -n 1)" -name '*.gguf' | head -n 1)
+        # `dpo2d model fetch smollm2` keeps the downloaded GGUF under the cache's downloads/.
+        gguf=${LLAMA_GGUF:-$(find "${DPO2D_CACHE:-$HOME/.cache/dpo2d}" -name 'SmolLM2-135M-Instruct*.gguf' | head -n 1)}
         "$LLAMA_SERVER" -m "$gguf" --host 127.0.0.1 --port "$port" -c 8192 --parallel "$CONCURRENCY" --no-repack > "$OUT/server.$port.log" 2>&1 &
     else
         "$DPO2D" serve --model smollm2 --port "$port" --served-model-name smollm2 > "$OUT/server.$port.log" 2>&1 &

@@ -9,6 +9,10 @@ JSON line.
 
     scripts/load_serve.py --url http://127.0.0.1:8000/v1 --requests 128 --concurrency 64 --max-tokens 12 --stalled 40
 
+With --schema every request asks for structured outputs with a judge-like
+JSON schema (a list of three ratings 0-4 with a short evaluation each), to
+measure what constrained decoding costs against the same requests without it.
+
 Standard library only.
 """
 
@@ -41,6 +45,17 @@ def one_request(url, body, timeout):
         conn.close()
 
 
+RATINGS = {
+    "type": "object",
+    "properties": {"ratings": {"type": "array", "minItems": 3, "maxItems": 3, "items": {
+        "type": "object",
+        "properties": {"id": {"type": "integer", "enum": [1, 2, 3]}, "evaluation": {"type": "string"},
+                       "rating": {"type": "integer", "enum": [0, 1, 2, 3, 4]}},
+        "required": ["id", "evaluation", "rating"], "additionalProperties": False}}},
+    "required": ["ratings"], "additionalProperties": False,
+}
+
+
 def stall(url, n):
     """Opens n connections that send half a request and then nothing."""
     u = urllib.parse.urlsplit(url)
@@ -61,6 +76,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--stalled", type=int, default=40)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--schema", action="store_true", help="ask for a judge-like JSON schema (structured outputs)")
     a = ap.parse_args()
 
     stalled = stall(a.url, a.stalled)
@@ -81,6 +97,8 @@ def main():
                 "temperature": 0.7,
                 "seed": i,
             }
+            if a.schema:
+                body["response_format"] = {"type": "json_schema", "json_schema": {"name": "ratings", "strict": True, "schema": RATINGS}}
             r = one_request(a.url, body, a.timeout)
             with lock:
                 results.append(r)
@@ -101,7 +119,7 @@ def main():
     errors = [r[2] for r in results if r[2]]
     print(json.dumps({
         "requests": a.requests, "answered": len(ok), "failed": len(errors), "first_error": errors[0] if errors else None,
-        "concurrency": a.concurrency, "max_tokens": a.max_tokens, "stalled": a.stalled,
+        "concurrency": a.concurrency, "max_tokens": a.max_tokens, "stalled": a.stalled, "schema": a.schema,
         "p50_s": round(pct(0.50), 2), "p90_s": round(pct(0.90), 2), "p99_s": round(pct(0.99), 2),
         "mean_s": round(statistics.mean(lat), 2) if lat else None,
         "completion_tokens": sum(r[0] for r in ok), "wall_s": round(wall, 1),

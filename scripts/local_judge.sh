@@ -46,13 +46,14 @@ fi
 JUDGE=(--judge-base-url "$JUDGE_URL" --judge-model "${JUDGE_MODEL:-smollm2}" --judge-concurrency "$CONCURRENCY" --judge-timeout 900)
 note "judge: $JUDGE_URL (${JUDGE_MODEL:-smollm2})"
 
-timed() { local t0=$SECONDS; "$@"; echo $((SECONDS - t0)); }
+# The seconds go to fd 3, apart from the command's own output and its redirections.
+timed() { local t0=$SECONDS; "$@"; echo $((SECONDS - t0)) >&3; }
 
 if [[ ,$PARTS, == *,a,* ]]; then
     for from in text logprobs; do
         out="$OUT/heldout.$from.jsonl"
         secs=$(timed "$DPO2D" annotate data/heldout.jsonl -o "$out" "${JUDGE[@]}" --judge-rating-from "$from" \
-            --cache "$OUT/annotate.$from.sqlite" --failed-out "$OUT/heldout.$from.failed.jsonl" --no-progress 2> "$OUT/annotate.$from.log" | tail -n 1)
+            --cache "$OUT/annotate.$from.sqlite" --failed-out "$OUT/heldout.$from.failed.jsonl" --no-progress 2> "$OUT/annotate.$from.log" 3>&1 > /dev/null | tail -n 1)
         note ""
         note "(a) annotate, ratings from $from: $secs s"
         grep -E "^(aspect|helpfulness|correctness|safety|completeness|clarity|pairs:|requests:|failed attempts)" "$OUT/annotate.$from.log" | tee -a "$SUMMARY"
@@ -65,7 +66,7 @@ fi
 
 if [[ ,$PARTS, == *,b,* ]]; then
     secs=$(timed "$DPO2D" eval --bench mt-bench --limit 8 --model-path smollm2 --max-new-tokens 256 "${JUDGE[@]}" \
-        -o "$OUT/eval" --cache "$OUT/eval.sqlite" --no-progress > "$OUT/eval.report.md" 2> "$OUT/eval.log" | tail -n 1)
+        -o "$OUT/eval" --cache "$OUT/eval.sqlite" --no-progress 3>&1 > "$OUT/eval.report.md" 2> "$OUT/eval.log" | tail -n 1)
     note ""
     note "(b) eval mt-bench --limit 8: $secs s"
     python3 - "$OUT/eval/results.json" <<'PY' | tee -a "$SUMMARY"
@@ -91,7 +92,7 @@ PY
     secs=$(timed "$DPO2D" iterate --model smollm2 --prompts "$OUT/prompts.jsonl" --scorer "judge:$JUDGE_URL" \
         --judge-model "${JUDGE_MODEL:-smollm2}" --judge-concurrency "$CONCURRENCY" --judge-timeout 900 \
         --samples-per-prompt 4 --max-new-tokens 96 --rounds 1 --max-steps 2 --preset quickstart \
-        --output-dir "$OUT/iterate" --no-progress > "$OUT/iterate.md" 2> "$OUT/iterate.log" | tail -n 1) || true
+        --output-dir "$OUT/iterate" --no-progress 3>&1 > "$OUT/iterate.md" 2> "$OUT/iterate.log" | tail -n 1) || true
     note ""
     note "(c) iterate, one round on 8 prompts (K=4): $secs s"
     grep -hE "could not be judged|failed" "$OUT/iterate.log" | head -3 | tee -a "$SUMMARY" || true

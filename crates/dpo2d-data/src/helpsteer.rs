@@ -372,7 +372,9 @@ pub fn build_pairs(rows: &[Row], path: &str, id_prefix: &str, opts: &BuildOption
         report.kind = InputKind::Rated;
         pairs = pair_rated_rows(rows, id_prefix, opts, &mut report, &mut invalid);
     } else {
-        let cols: Vec<&str> = first.fields.keys().map(String::as_str).collect();
+        // Sorted: the same message whatever order the row's map keeps.
+        let mut cols: Vec<&str> = first.fields.keys().map(String::as_str).collect();
+        cols.sort_unstable();
         bail!(
             "{path}: unrecognised columns [{}]; expected HelpSteer2-style rows (prompt, response, helpfulness, ...), \
              HelpSteer2-Preference rows (prompt, response_1, response_2, preference_strength) or pairs (prompt, chosen, rejected)",

@@ -257,19 +257,26 @@ fn object(properties: Vec<(&str, serde_json::Value)>) -> serde_json::Value {
     serde_json::json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
 }
 
+/// An assessment of at most `chars` characters: a judge that rambles inside
+/// the string would otherwise run into `max_tokens` before the grade and
+/// leave JSON that never closes (about four characters a token leaves room
+/// for the rest of the answer).
+fn assessment(chars: u32) -> serde_json::Value {
+    serde_json::json!({"type": "string", "maxLength": chars})
+}
+
 /// The schema of a 1-10 grade: an assessment, then the rating.
 pub fn grade_format() -> ResponseFormatSpec {
-    ResponseFormatSpec::json_schema("grade", object(vec![("assessment", serde_json::json!({"type": "string"})), ("rating", one_to_ten())]))
+    ResponseFormatSpec::json_schema("grade", object(vec![("assessment", assessment(1000)), ("rating", one_to_ten())]))
 }
 
 /// The schema of a pairwise verdict: the three-way mark alone, or reasoning then the five-way mark.
 pub fn verdict_format(grading: Grading) -> ResponseFormatSpec {
     let verdict = |marks: &[&str]| serde_json::json!({"type": "string", "enum": marks});
     let schema = match grading {
-        Grading::PairwiseReasoned => object(vec![
-            ("assessment", serde_json::json!({"type": "string"})),
-            ("verdict", verdict(&["A>>B", "A>B", "A=B", "B>A", "B>>A"])),
-        ]),
+        Grading::PairwiseReasoned => {
+            object(vec![("assessment", assessment(2000)), ("verdict", verdict(&["A>>B", "A>B", "A=B", "B>A", "B>>A"]))])
+        }
         Grading::PairwiseQuick | Grading::Single | Grading::Checked => object(vec![("verdict", verdict(&["A", "B", "C"]))]),
     };
     ResponseFormatSpec::json_schema("verdict", schema)
@@ -424,6 +431,8 @@ mod tests {
         let g = schema(grade_format());
         assert_eq!(g["required"], serde_json::json!(["assessment", "rating"]));
         assert_eq!(g["properties"]["rating"]["enum"], serde_json::json!([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]));
+        // The assessment is bounded, so the grade after it always fits in the answer's budget.
+        assert_eq!(g["properties"]["assessment"]["maxLength"], 1000);
         let v = schema(verdict_format(Grading::PairwiseReasoned));
         for mark in v["properties"]["verdict"]["enum"].as_array().unwrap() {
             let answer = serde_json::json!({"assessment": "x", "verdict": mark}).to_string();

@@ -306,12 +306,7 @@ impl Iteration<'_> {
         let lm = self.load(policy)?;
         let text = lm.text();
         let context = lm.config.max_position_embeddings;
-        let bar = dpo2d_ui::progress::bar_if(
-            self.run.progress,
-            self.prompts.len() as u64,
-            "{bar:30} {pos}/{len} prompts sampled [{elapsed_precise}<{eta_precise}]",
-        );
-        bar.set_position(done as u64);
+        let bar = self.sampling_bar(done);
         let mut chunks_now = 0;
         for (c, chunk) in self.prompts.chunks(per_chunk).enumerate().skip(done / per_chunk) {
             let first = c * per_chunk;
@@ -349,6 +344,17 @@ impl Iteration<'_> {
         Ok(Flow::Done(self.prompts.len() - done))
     }
 
+    /// The sampling progress bar, `done` prompts in.
+    fn sampling_bar(&self, done: usize) -> dpo2d_ui::ProgressBar {
+        let bar = dpo2d_ui::progress::bar_if(
+            self.run.progress,
+            self.prompts.len() as u64,
+            "{bar:30} {pos}/{len} prompts sampled [{elapsed_precise}<{eta_precise}]",
+        );
+        bar.set_position(done as u64);
+        bar
+    }
+
     /// [`Self::sample`] through an OpenAI-compatible server serving `policy`
     /// (started here when the sampler has a command).
     fn sample_from_server(
@@ -370,12 +376,7 @@ impl Iteration<'_> {
             server.base_url
         ));
         let _engine = server.start(&model, &dir.join("sampler.log"))?;
-        let bar = dpo2d_ui::progress::bar_if(
-            self.run.progress,
-            self.prompts.len() as u64,
-            "{bar:30} {pos}/{len} prompts sampled [{elapsed_precise}<{eta_precise}]",
-        );
-        bar.set_position(done as u64);
+        let bar = self.sampling_bar(done);
         let mut chunks_now = 0;
         for (c, chunk) in self.prompts.chunks(per_chunk).enumerate().skip(done / per_chunk) {
             let answers = server.sample(chunk, s, row_seed(s.seed, n as u64, c as u64), &model)?;

@@ -83,6 +83,9 @@ pub struct Stats {
 /// Prompt columns a prefill runs per step while other rows decode: small
 /// enough that their next tokens are not held up for long.
 const PREFILL_COLUMNS_BESIDE_DECODING: usize = 128;
+
+/// Rows join a running batch once 1/JOIN_SHARE of it is free (or all that wait fit).
+const JOIN_SHARE: usize = 2;
 /// Attention scores one prefill pass may hold when nothing else decodes.
 const PREFILL_SCORES: usize = 1 << 27;
 
@@ -193,6 +196,14 @@ impl Engine {
     /// Starts prefilling the waiting requests that fit beside the rows in flight.
     fn admit(&self, work: &mut Work) {
         if work.prefill.is_some() {
+            return;
+        }
+        // A prefill beside decoding costs about one more pass over the
+        // weights: while rows decode, wait until a good share of the batch
+        // (or every waiting row) is free, so that rows join in groups.
+        let waiting: usize = work.waiting.iter().map(|j| j.cfg.num_return_sequences).sum();
+        let free = self.max_batch_rows.saturating_sub(work.rows_in_flight());
+        if !work.rows.is_empty() && free < waiting.min(self.max_batch_rows / JOIN_SHARE).max(1) {
             return;
         }
         let mut taken: Vec<Job> = vec![];
