@@ -36,7 +36,7 @@ enum Command {
     /// Measure training and generation speed of a model on this machine.
     Bench(cmd::bench::Args),
     /// Train a policy with 2D-DPO or a baseline preference loss.
-    Train(cmd::train::Args),
+    Train(Box<cmd::train::Args>),
     /// Check a preference data file and report every bad line.
     Validate(cmd::validate::Args),
     /// Split responses into sentence segments.
@@ -53,7 +53,7 @@ enum Command {
     #[command(subcommand)]
     Rm(cmd::rm::RmCommand),
     /// Rounds of: sample answers from the policy, score every segment, pair best against worst, train.
-    Iterate(cmd::iterate::Args),
+    Iterate(Box<cmd::iterate::Args>),
     /// Colour every token of a pair by a trained policy's implicit reward (HTML + PNG).
     Explain(cmd::explain::Args),
 }
@@ -99,7 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Logprobs(a) => cmd::logprobs::run(a),
         Command::Bench(a) => cmd::bench::run(a),
-        Command::Train(a) => cmd::train::run(a),
+        Command::Train(a) => cmd::train::run(*a),
         Command::Validate(a) => cmd::validate::run(a),
         Command::Segment(a) => cmd::segment::run(a),
         Command::Annotate(a) => cmd::annotate::run(a),
@@ -107,7 +107,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => cmd::serve::run(a, cli.verbose > 0),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Explain(a) => cmd::explain::run(a),
-        Command::Iterate(a) => cmd::iterate::run(a),
+        Command::Iterate(a) => cmd::iterate::run(*a),
         Command::Rm(c) => cmd::rm::run(c),
     }
 }

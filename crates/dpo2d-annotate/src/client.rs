@@ -311,7 +311,7 @@ impl Server {
     }
 
     fn available(&self, now: Instant) -> bool {
-        !self.health().set_aside_until.is_some_and(|t| t > now)
+        self.health().set_aside_until.is_none_or(|t| t <= now)
     }
 
     fn on_success(&self) {
@@ -499,6 +499,7 @@ impl ChatClient {
     /// answer goes out at a higher temperature; the others resend the same body.
     pub async fn complete(&self, req: &ChatRequest) -> Result<Completion, ChatError> {
         let mut attempt = 0u32;
+        let mut free_retries = 0;
         let mut last = None;
         let mut req = req.clone();
         loop {
@@ -519,11 +520,20 @@ impl ChatClient {
                 Attempt::FormatRejected(msg) => return Err(ChatError::FormatRejected(self.redact(&msg))),
                 Attempt::Retry { msg, after, reason } => (msg, after, reason),
             };
+            let elsewhere = (0..self.servers.len()).any(|j| j != i && self.servers[j].available(Instant::now()));
+            // A refused connection or a 429 says something about that server,
+            // not about the request: with another server to go to, it does
+            // not use up the request's retries (up to twice per server).
+            if elsewhere && matches!(reason, Reason::Unreachable | Reason::RateLimited) && free_retries < 2 * self.servers.len() {
+                free_retries += 1;
+                last = Some(i);
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if attempt >= self.policy.max_retries {
                 return Err(self.give_up(&self.naming(i, msg), attempt, reason));
             }
             last = Some(i);
-            let elsewhere = (0..self.servers.len()).any(|j| j != i && self.servers[j].available(Instant::now()));
             if !elsewhere {
                 let delay = match after {
                     Some(d) => d.min(self.policy.max_retry_after),

@@ -434,7 +434,7 @@ async fn http_fault(st: &Shared, req: &Req) -> Option<Response> {
         return None;
     }
     let n = st.requests.load(Ordering::SeqCst);
-    if (req.fault("429") && req.attempt == 1) || (st.config.throttle_every > 0 && n % st.config.throttle_every == 0) {
+    if (req.fault("429") && req.attempt == 1) || (st.config.throttle_every > 0 && n.is_multiple_of(st.config.throttle_every)) {
         let after = st.config.retry_after_secs.to_string();
         return Some((StatusCode::TOO_MANY_REQUESTS, [("retry-after", after)], "slow down").into_response());
     }
