@@ -123,6 +123,23 @@ fn a_fleet_with_a_dying_and_a_throttling_server_scores_every_pair() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("requests: 0 sent"));
 }
 
+/// With room for every request on either server, requests still go to
+/// the server with the fewer in flight: the two share them evenly.
+#[test]
+fn requests_go_to_the_least_busy_server() {
+    let servers: Vec<MockJudge> =
+        (0..2).map(|_| MockJudge::start(MockConfig { delay: Duration::from_millis(50), ..MockConfig::default() })).collect();
+    let urls: Vec<&str> = servers.iter().map(|s| s.base_url()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), 4);
+    let output = dir.path().join("scored.jsonl");
+    run_ok(annotate(&urls, &input, &output, &["--concurrency", "32"]));
+    let (a, b) = (servers[0].stats().requests, servers[1].stats().requests);
+    assert_eq!(a + b, 20);
+    assert!((8..=12).contains(&a), "{a} and {b} requests: not shared by load");
+    assert_all_scored(&output, 4);
+}
+
 /// kill -9 in the middle of a fleet run, and the same command again (with
 /// one server fewer): nothing committed is asked again, nothing is lost.
 #[test]
