@@ -11,7 +11,7 @@
 use crate::batch_api::{read_results, request_line, split, BatchApi, BatchLimits, LineResult};
 use crate::cache::cache_key;
 use crate::prompt::{Aspect, ChatRequest};
-use crate::run::{request_body, settle, Ctx, Outcome, Prepared, Route};
+use crate::run::{cached, request_body, settle, Ctx, Outcome, Prepared, Route};
 use anyhow::{bail, Context, Result};
 use dpo2d_ui::ProgressBar;
 use std::collections::{BTreeMap, BTreeSet};
@@ -77,16 +77,15 @@ pub(crate) async fn drive(
     // Batches have no fallback: the first answer form is the one asked.
     let structured = ctx.formats.forms()[0];
     for (i, a) in tasks {
+        if let Some(judgement) = cached(&ctx, &ready[i], a).await.map_err(anyhow::Error::msg)? {
+            results.insert((i, a), Outcome::Ok { judgement, cached: true });
+            report.cached += 1;
+            bar.inc(1);
+            continue;
+        }
         let req = ctx.request(&ready[i], a, structured);
         let key = cache_key(&ctx.judge.model, &request_body(&req));
-        match ctx.cache.get_async(key.clone()).await.map_err(|e| anyhow::anyhow!("{e:#}"))? {
-            Some(j) if j.first.len() == ready[i].chosen.len() && j.second.len() == ready[i].rejected.len() => {
-                results.insert((i, a), Outcome::Ok { judgement: j, cached: true });
-                report.cached += 1;
-                bar.inc(1);
-            }
-            _ => pending.requests.entry(key).or_insert_with(|| (req, Vec::new())).1.push((i, a)),
-        }
+        pending.requests.entry(key).or_insert_with(|| (req, Vec::new())).1.push((i, a));
     }
     match route {
         Route::WriteRequests(path) => {
@@ -172,12 +171,7 @@ async fn take_answers(
             bail!("stopping: {m}");
         }
         for k in waiting {
-            let copy = match &outcome {
-                Outcome::Ok { judgement, .. } => Outcome::Ok { judgement: judgement.clone(), cached: false },
-                Outcome::Failed(m) => Outcome::Failed(m.clone()),
-                Outcome::Fatal(m) => Outcome::Fatal(m.clone()),
-            };
-            results.insert(k, copy);
+            results.insert(k, outcome.clone());
             bar.inc(1);
         }
     }

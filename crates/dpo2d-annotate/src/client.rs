@@ -235,6 +235,12 @@ struct Health {
     times_set_aside: u64,
 }
 
+impl Health {
+    fn set_aside(&self, now: Instant) -> bool {
+        self.set_aside_until.is_some_and(|t| t > now)
+    }
+}
+
 /// Failed attempts in a row (timeouts, refused or cut connections, 5xx) after
 /// which a server is set aside; it is tried again, one request at a time,
 /// after a pause that doubles each time it is set aside.
@@ -298,12 +304,10 @@ impl Server {
         if fleet_down {
             return self.window.try_acquire();
         }
-        let h = self.health();
-        if h.set_aside_until.is_some_and(|t| t > now) {
+        if !self.available(now) {
             return None;
         }
-        let probing = h.failures_in_row >= SET_ASIDE_AFTER;
-        drop(h);
+        let probing = self.health().failures_in_row >= SET_ASIDE_AFTER;
         if probing && self.window.in_flight() > 0 {
             return None;
         }
@@ -311,7 +315,7 @@ impl Server {
     }
 
     fn available(&self, now: Instant) -> bool {
-        self.health().set_aside_until.is_none_or(|t| t <= now)
+        !self.health().set_aside(now)
     }
 
     fn on_success(&self) {
@@ -348,7 +352,7 @@ impl Server {
             answered: s.successes.load(Ordering::Relaxed),
             failed_attempts: Reason::ALL.iter().map(|&r| s.failures(r)).sum(),
             times_set_aside: h.times_set_aside,
-            down: h.set_aside_until.is_some_and(|t| t > now),
+            down: h.set_aside(now),
             in_flight: self.window.in_flight(),
             bound: self.window.bound().0,
         }
@@ -797,10 +801,6 @@ impl Drop for Slot<'_> {
 }
 
 impl Window {
-    pub fn new(max: usize) -> Self {
-        Self::shared(max, Arc::new(tokio::sync::Notify::new()))
-    }
-
     /// A window that tells `changed` when a slot frees up or the bound widens
     /// (a fleet's windows share one, so a request can wait on all of them).
     pub fn shared(max: usize, changed: Arc<tokio::sync::Notify>) -> Self {
@@ -824,22 +824,6 @@ impl Window {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, WindowState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub async fn acquire(&self) -> Slot<'_> {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            {
-                let mut s = self.lock();
-                if s.in_flight < s.limit {
-                    s.in_flight += 1;
-                    return Slot { window: self, epoch: s.epoch };
-                }
-            }
-            changed.await;
-        }
     }
 
     fn on_success(&self) {
@@ -942,36 +926,32 @@ mod tests {
     fn window_halves_once_per_round_and_grows_back() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let w = Window::new(8);
-            let slots: Vec<Slot<'_>> = acquire_n(&w, 8).await;
+            let changed = Arc::new(tokio::sync::Notify::new());
+            let w = Window::shared(8, changed.clone());
+            let slots: Vec<Slot<'_>> = (0..8).map(|_| w.try_acquire().expect("room for eight")).collect();
             // Eight requests of one burst time out: one decrease, not three.
             assert_eq!(w.on_timeout(&slots[0]), Some((8, 4)));
             assert_eq!(w.on_timeout(&slots[1]), None);
             drop(slots);
-            let s = w.acquire().await;
+            let s = w.try_acquire().unwrap();
             assert_eq!(w.on_timeout(&s), Some((4, 2)));
             drop(s);
             assert_eq!(w.bound(), (2, 8));
-            // Only two fit now; a third waits until one is given back.
-            let (a, _b) = (w.acquire().await, w.acquire().await);
-            let third = tokio::time::timeout(Duration::from_millis(50), w.acquire()).await;
-            assert!(third.is_err(), "the bound was exceeded");
+            // Only two fit now; a third waits until one is given back, and the waiters are told.
+            let (a, _b) = (w.try_acquire().unwrap(), w.try_acquire().unwrap());
+            assert!(w.try_acquire().is_none(), "the bound was exceeded");
+            let told = changed.notified();
+            tokio::pin!(told);
+            told.as_mut().enable();
             drop(a);
-            let _c = tokio::time::timeout(Duration::from_millis(50), w.acquire()).await.expect("a freed slot is handed on");
+            tokio::time::timeout(Duration::from_millis(50), told).await.expect("a freed slot is announced");
+            let _c = w.try_acquire().expect("a freed slot is handed on");
             // Additive increase: a bound's worth of answers widens it by one.
             w.on_success();
             w.on_success();
             assert_eq!(w.bound(), (3, 8));
             assert_eq!(w.decreases(), (2, 2));
         });
-    }
-
-    async fn acquire_n(w: &Window, n: usize) -> Vec<Slot<'_>> {
-        let mut v = Vec::new();
-        for _ in 0..n {
-            v.push(w.acquire().await);
-        }
-        v
     }
 
     #[test]

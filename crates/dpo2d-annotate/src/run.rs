@@ -325,6 +325,7 @@ impl Ctx {
     }
 }
 
+#[derive(Clone)]
 pub(crate) enum Outcome {
     Ok { judgement: Judgement, cached: bool },
     Failed(String),
@@ -339,7 +340,7 @@ fn failure(e: ChatError, context: &str) -> Outcome {
 }
 
 /// A finished judgement of this request from an earlier run, in any answer form.
-async fn cached(ctx: &Ctx, item: &Prepared, aspect: Aspect) -> Result<Option<Judgement>, String> {
+pub(crate) async fn cached(ctx: &Ctx, item: &Prepared, aspect: Aspect) -> Result<Option<Judgement>, String> {
     for &structured in ctx.formats.forms() {
         let key = cache_key(&ctx.judge.model, &request_body(&ctx.request(item, aspect, structured)));
         match ctx.cache.get_async(key).await {

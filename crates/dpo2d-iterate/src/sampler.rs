@@ -38,18 +38,25 @@ pub struct Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        #[cfg(unix)]
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let pid = self.child.id();
+        let child = &mut self.child;
+        if !terminate(pid, || matches!(child.try_wait(), Ok(Some(_)))) {
+            let _ = self.child.kill();
         }
-        let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends SIGTERM to `pid` and waits up to 30 s until `gone`; whether it went
+/// (the caller kills it otherwise). One way to stop an engine, whether this
+/// run started it or a killed run left it behind.
+fn terminate(pid: u32, mut gone: impl FnMut() -> bool) -> bool {
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !gone() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    gone()
 }
 
 impl ServerSampler {
@@ -148,14 +155,9 @@ fn stop_leftover(pid_file: &Path, policy: &str) {
         return;
     }
     tracing::warn!("stopping the sampler (pid {pid}) that an interrupted run left running");
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
     // A zombie has an empty command line: gone for our purposes.
     let alive = || std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while alive() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if alive() {
+    if !terminate(pid, || !alive()) {
         let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
         std::thread::sleep(Duration::from_millis(200));
     }
