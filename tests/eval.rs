@@ -331,6 +331,16 @@ fn arithmetic_needs_no_judge_and_other_sets_do() {
     assert_eq!(r["summary"]["headline"]["mean"], 0.0);
     assert!(r["records"].as_array().unwrap().iter().all(|x| x["correct"] == false));
     assert!(String::from_utf8_lossy(&o.stdout).contains("final answers right"));
+    assert!(r["records"].as_array().unwrap().iter().all(|x| x["calculations"].is_u64() && x["wrong_calculations"].is_u64()));
+    // A level names its own set; a level that does not exist is refused.
+    let o = run("arithmetic-1", "arith-1");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = results(dir.path(), "arith-1");
+    assert_eq!(r["set"], "arithmetic-1");
+    assert!(r["source"].as_str().unwrap().contains("level 1: 1 step, tiny numbers"), "{}", r["source"]);
+    let o = run("arithmetic-7", "arith-7");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the arithmetic levels are 1-6"), "{}", String::from_utf8_lossy(&o.stderr));
     let qs = dir.path().join("qs.jsonl");
     write_questions(&qs, false);
     let o = run(qs.to_str().unwrap(), "judged");

@@ -303,7 +303,7 @@ fn arithmetic_prompts_and_checker_through_the_cli() {
     assert!(err.contains(&format!("round 1: 0 pairs from {n} prompts ({n} without a pair)")), "{err}");
     assert!(err.contains("no prompt had answers of different scores, so there is nothing to train on"), "{err}");
     assert!(!d.path().join("out/round-1/train").exists() && !d.path().join("out/round-1/pairs.jsonl").exists());
-    let problems = dpo2d_iterate::prompts::arithmetic(n, 3);
+    let problems = dpo2d_iterate::prompts::arithmetic(n, 3, dpo2d_eval::arithmetic::Level::DEFAULT);
     let read = |f: &str| -> Vec<serde_json::Value> {
         lines(&d.path().join("out/round-1").join(f)).iter().map(|l| serde_json::from_str(l).unwrap()).collect()
     };
@@ -316,9 +316,11 @@ fn arithmetic_prompts_and_checker_through_the_cli() {
         assert_eq!(s["prompt"], serde_json::json!(problem.prompt()), "the prompt is the generated problem");
         let texts = sample["responses"].as_array().unwrap();
         assert_eq!(texts.len(), 2);
-        for (r, text) in s["responses"].as_array().unwrap().iter().zip(texts) {
+        for ((r, text), right) in s["responses"].as_array().unwrap().iter().zip(texts).zip(s["right"].as_array().unwrap()) {
             let got: dpo2d_data::Response = serde_json::from_value(r.clone()).unwrap();
-            assert_eq!(got, dpo2d_eval::arithmetic::check(problem, text.as_str().unwrap()).response, "{text}");
+            let checked = dpo2d_eval::arithmetic::check(problem, text.as_str().unwrap());
+            assert_eq!(got, checked.response, "{text}");
+            assert_eq!(right.as_bool(), Some(checked.correct), "{text}");
             answers += !text.as_str().unwrap().is_empty() as usize;
         }
     }
@@ -332,6 +334,7 @@ fn arithmetic_prompts_and_checker_through_the_cli() {
         assert!(err.contains(&format!("holds a run with other {what}")), "{err}");
     };
     refused(&format!("arithmetic:{}", n + 1), "check:arithmetic", "prompts");
+    refused(&format!("arithmetic-1:{n}"), "check:arithmetic", "prompts");
     refused(&spec, "judge:http://127.0.0.1:9/v1", "scorer");
 }
 

@@ -33,7 +33,7 @@ enum EvalCommand {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The question set: mt-bench, alpaca-eval, arena-hard, arithmetic (no judge), or a JSONL file
+    /// The question set: mt-bench, alpaca-eval, arena-hard, arithmetic or arithmetic-L (levels 1-6, no judge), or a JSONL file
     /// (`prompt` or `turns`; optional `id`, `category`, `reference`, `baseline`).
     #[arg(long, required = true, value_name = "SET")]
     bench: Option<SetSpec>,

@@ -13,7 +13,7 @@ use std::str::FromStr;
 #[derive(clap::Args, Debug)]
 #[command(mut_args(super::judge::prefixed_only))]
 pub struct Args {
-    /// Prompts to sample answers for: a JSONL file with a "prompt" per line, or arithmetic:N (N generated word problems).
+    /// Prompts to sample answers for: a JSONL file with a "prompt" per line, or arithmetic:N / arithmetic-L:N (N generated word problems; levels 1-6: 1-3 steps, tiny to larger numbers; plain arithmetic is level 5).
     #[arg(long)]
     prompts: String,
     /// What scores the answers: check:arithmetic, judge:URL (an OpenAI-compatible server) or rm:DIR (a reward model).

@@ -54,8 +54,11 @@ pub struct Problem {
 impl Problem {
     /// The question as the policy is asked it (in evaluation and when
     /// sampling training answers alike): the story, and how to answer.
+    /// A one-step problem asks for its one calculation (asked to go step by
+    /// step, a small model invents further steps); the others for every step.
     pub fn prompt(&self) -> String {
-        format!("{}\nWork it out step by step, then give the final answer as: The answer is N.", self.question)
+        let how = if self.steps.len() == 1 { "Write the calculation" } else { "Work it out step by step" };
+        format!("{}\n{how}, then give the final answer as: The answer is N.", self.question)
     }
 }
 
@@ -76,9 +79,132 @@ fn split_of(question: &str) -> Split {
     }
 }
 
+/// How large a problem's numbers are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Numbers {
+    /// Every number up to 10, factors up to 3.
+    Tiny,
+    /// The first number up to 20, factors up to 5.
+    Small,
+    /// The first number up to 60, factors up to 9 (dpo2d's first problems).
+    Larger,
+}
+
+/// How hard the problems are: the number of steps and how large the numbers.
+/// `arithmetic` alone means level 5 (the two-step problems dpo2d has always
+/// generated, unchanged); `arithmetic-L` names another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Level {
+    /// 1-3 calculations from the story's numbers to the answer.
+    pub steps: usize,
+    pub numbers: Numbers,
+}
+
+impl Level {
+    /// Levels 1-6, easiest first.
+    pub const ALL: [Level; 6] = [
+        Level { steps: 1, numbers: Numbers::Tiny },
+        Level { steps: 1, numbers: Numbers::Small },
+        Level { steps: 1, numbers: Numbers::Larger },
+        Level { steps: 2, numbers: Numbers::Small },
+        Level { steps: 2, numbers: Numbers::Larger },
+        Level { steps: 3, numbers: Numbers::Larger },
+    ];
+    /// What `arithmetic` without a level means.
+    pub const DEFAULT: Level = Level::ALL[4];
+
+    /// 1-based, as on the command line.
+    pub fn number(self) -> usize {
+        Level::ALL.iter().position(|l| *l == self).map_or(0, |i| i + 1)
+    }
+
+    /// `arithmetic` or `arithmetic-L`.
+    pub fn name(self) -> String {
+        if self == Level::DEFAULT {
+            "arithmetic".into()
+        } else {
+            format!("arithmetic-{}", self.number())
+        }
+    }
+
+    /// Reads `arithmetic` / `arithmetic-L`; `None` for any other word.
+    pub fn parse(s: &str) -> Option<Result<Level, String>> {
+        let rest = s.strip_prefix("arithmetic")?;
+        if rest.is_empty() {
+            return Some(Ok(Level::DEFAULT));
+        }
+        let n = rest.strip_prefix('-')?;
+        Some(match n.parse::<usize>() {
+            Ok(n) if (1..=Level::ALL.len()).contains(&n) => Ok(Level::ALL[n - 1]),
+            _ => Err(format!("{s}: the arithmetic levels are 1-{} (arithmetic-1 .. arithmetic-{})", Level::ALL.len(), Level::ALL.len())),
+        })
+    }
+
+    /// `level 2: 1 step, small numbers`.
+    pub fn describe(self) -> String {
+        format!(
+            "level {}: {} step{}, {} numbers",
+            self.number(),
+            self.steps,
+            if self.steps == 1 { "" } else { "s" },
+            match self.numbers {
+                Numbers::Tiny => "tiny",
+                Numbers::Small => "small",
+                Numbers::Larger => "larger",
+            }
+        )
+    }
+
+    fn templates(self) -> &'static [(&'static str, &'static [Op])] {
+        match self.steps {
+            1 => ONE_STEP,
+            2 => TWO_STEPS,
+            _ => THREE_STEPS,
+        }
+    }
+
+    /// The story's first number.
+    fn first(self, op: Op, rng: &mut StdRng) -> i64 {
+        match (op, self.numbers) {
+            (Op::Mul, Numbers::Tiny) => rng.gen_range(2..=5),
+            (Op::Mul, Numbers::Small) => rng.gen_range(2..=6),
+            (Op::Mul, Numbers::Larger) => rng.gen_range(2..=12),
+            (_, Numbers::Tiny) => rng.gen_range(2..=10),
+            (_, Numbers::Small) => rng.gen_range(2..=20),
+            (_, Numbers::Larger) => rng.gen_range(10..=60),
+        }
+    }
+
+    /// The number a step applies to the running `value`.
+    fn operand(self, op: Op, value: i64, rng: &mut StdRng) -> i64 {
+        match (op, self.numbers) {
+            (Op::Mul, Numbers::Tiny) => rng.gen_range(2..=3),
+            (Op::Mul, Numbers::Small) => rng.gen_range(2..=5),
+            (Op::Mul, Numbers::Larger) => rng.gen_range(2..=9),
+            (Op::Sub, Numbers::Tiny) => rng.gen_range(1..=value.clamp(2, 10)),
+            (Op::Sub, Numbers::Small) => rng.gen_range(1..=value.clamp(2, 10)),
+            (Op::Sub, Numbers::Larger) => rng.gen_range(1..=value.clamp(2, 30)),
+            (Op::Add, Numbers::Tiny) => rng.gen_range(1..=10),
+            (Op::Add, Numbers::Small) => rng.gen_range(1..=10),
+            (Op::Add, Numbers::Larger) => rng.gen_range(2..=40),
+        }
+    }
+}
+
 /// Templates: a story with `{n}` slots for the numbers, the operations
 /// applied left to right, and the unit of the answer.
-const TEMPLATES: &[(&str, &[Op])] = &[
+const ONE_STEP: &[(&str, &[Op])] = &[
+    ("{name} has {0} apples and buys {1} more. How many apples does {name} have now?", &[Op::Add]),
+    ("A shop sells pencils in boxes of {0}. {name} buys {1} boxes. How many pencils does {name} have?", &[Op::Mul]),
+    ("{name} reads {0} pages a day for {1} days. How many pages did {name} read?", &[Op::Mul]),
+    ("A bus has {0} passengers. At the first stop {1} get off. How many passengers are on the bus?", &[Op::Sub]),
+    ("{name} saves {0} dollars and spends {1} dollars on a gift. How many dollars are left?", &[Op::Sub]),
+    ("A farm has {0} hens and buys {1} more. How many hens does the farm have?", &[Op::Add]),
+    ("{name} has {0} marbles and wins {1} more. How many marbles does {name} have?", &[Op::Add]),
+    ("There are {0} rows of {1} chairs in a hall. How many chairs are there?", &[Op::Mul]),
+];
+const TWO_STEPS: &[(&str, &[Op])] = &[
     ("{name} has {0} apples. {pron} buys {1} more, then gives {2} to a friend. How many apples does {name} have now?", &[Op::Add, Op::Sub]),
     (
         "A shop sells pencils in boxes of {0}. {name} buys {1} boxes and then {2} loose pencils. How many pencils does {name} have?",
@@ -100,42 +226,61 @@ const TEMPLATES: &[(&str, &[Op])] = &[
     ("{name} has {0} marbles, wins {1} more, and then wins {2} more. How many marbles does {name} have?", &[Op::Add, Op::Add]),
     ("There are {0} rows of {1} chairs in a hall, and {2} chairs are taken away. How many chairs are left?", &[Op::Mul, Op::Sub]),
 ];
+const THREE_STEPS: &[(&str, &[Op])] = &[
+    (
+        "{name} has {0} apples. {pron} buys {1} more, gives {2} to a friend, and then buys {3} more. How many apples does {name} have now?",
+        &[Op::Add, Op::Sub, Op::Add],
+    ),
+    (
+        "A shop sells pencils in boxes of {0}. {name} buys {1} boxes, then {2} loose pencils, and gives {3} pencils away. How many pencils does {name} have?",
+        &[Op::Mul, Op::Add, Op::Sub],
+    ),
+    (
+        "A bus starts with {0} passengers. At the first stop {1} get off and {2} get on. At the second stop {3} get off. How many passengers are on the bus?",
+        &[Op::Sub, Op::Add, Op::Sub],
+    ),
+    (
+        "{name} saves {0} dollars a week for {1} weeks, earns {2} dollars more, and spends {3} dollars on a gift. How many dollars are left?",
+        &[Op::Mul, Op::Add, Op::Sub],
+    ),
+    (
+        "A farm has {0} hens. Each hen lays {1} eggs a week. {2} eggs break and {3} are sold. How many eggs are left at the end of the week?",
+        &[Op::Mul, Op::Sub, Op::Sub],
+    ),
+    (
+        "{name} has {0} marbles, wins {1} more, wins {2} more, and then loses {3}. How many marbles does {name} have?",
+        &[Op::Add, Op::Add, Op::Sub],
+    ),
+];
 const NAMES: &[(&str, &str)] =
     &[("Ana", "She"), ("Ben", "He"), ("Chen", "He"), ("Dara", "She"), ("Eli", "He"), ("Fatima", "She"), ("Goran", "He"), ("Hana", "She")];
 
-/// `n` distinct problems of one split, from `seed`.
-pub fn generate(n: usize, seed: u64, split: Split) -> Vec<Problem> {
+/// `n` distinct problems of one split and level, from `seed`.
+pub fn generate(n: usize, seed: u64, split: Split, level: Level) -> Vec<Problem> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut seen = std::collections::HashSet::new();
     let mut out = vec![];
     let mut tries = 0;
+    let templates = level.templates();
     while out.len() < n && tries < n * 200 {
         tries += 1;
-        let (template, ops) = TEMPLATES[rng.gen_range(0..TEMPLATES.len())];
+        let (template, ops) = templates[rng.gen_range(0..templates.len())];
         let (name, pron) = NAMES[rng.gen_range(0..NAMES.len())];
         let mut nums = vec![];
         let mut value = 0i64;
         let mut steps = vec![];
         for (i, op) in ops.iter().enumerate() {
             if i == 0 {
-                let a = match op {
-                    Op::Mul => rng.gen_range(2..=12),
-                    _ => rng.gen_range(10..=60),
-                };
-                nums.push(a);
-                value = a;
+                value = level.first(*op, &mut rng);
+                nums.push(value);
             }
-            let b = match op {
-                Op::Mul => rng.gen_range(2..=9),
-                Op::Sub => rng.gen_range(1..=value.clamp(2, 30)),
-                Op::Add => rng.gen_range(2..=40),
-            };
+            let b = level.operand(*op, value, &mut rng);
             nums.push(b);
             let r = op.apply(value, b);
             steps.push((value, *op, b, r));
             value = r;
         }
-        if value < 0 {
+        if steps.iter().any(|s| s.3 < 0) {
             continue;
         }
         let mut q = template.replace("{name}", name).replace("{pron}", pron);
@@ -145,7 +290,9 @@ pub fn generate(n: usize, seed: u64, split: Split) -> Vec<Problem> {
         if split_of(&q) != split || !seen.insert(q.clone()) {
             continue;
         }
-        let id = format!("{}-{}", if split == Split::Train { "train" } else { "heldout" }, out.len());
+        let side = if split == Split::Train { "train" } else { "heldout" };
+        let id =
+            if level == Level::DEFAULT { format!("{side}-{}", out.len()) } else { format!("l{}-{side}-{}", level.number(), out.len()) };
         out.push(Problem { id, question: q, steps, answer: value });
     }
     out
@@ -283,6 +430,9 @@ pub struct Checked {
     pub response: Response,
     pub final_answer: Option<i64>,
     pub correct: bool,
+    /// Calculations the answer states (`a op b = c`), and how many are wrong.
+    pub calculations: usize,
+    pub wrong_calculations: usize,
 }
 
 fn normalised(s: &str) -> String {
@@ -302,10 +452,14 @@ pub fn check(problem: &Problem, answer: &str) -> Checked {
     let mut seen: Vec<String> = vec![];
     let mut segments = vec![];
     let mut final_answer = None;
+    let (mut calculations, mut wrong_calculations) = (0, 0);
     let texts = segment(answer);
     for text in &texts {
         let c = claims(text);
-        let wrong_eq = c.equations.iter().any(|(v, r)| v != r);
+        let wrong_eqs = c.equations.iter().filter(|(v, r)| v != r).count();
+        calculations += c.equations.len();
+        wrong_calculations += wrong_eqs;
+        let wrong_eq = wrong_eqs > 0;
         let results: Vec<i64> = c.equations.iter().map(|e| e.1).chain(c.stated.iter().copied()).collect();
         let wrong_value = c.stated.iter().any(|v| !values.contains(v) && *v != problem.answer);
         if let Some(f) = c.final_answer {
@@ -354,7 +508,7 @@ pub fn check(problem: &Problem, answer: &str) -> Checked {
     }
     let final_answer = final_answer.or_else(|| numbers(answer).last().map(|n| n.2));
     let correct = final_answer == Some(problem.answer);
-    Checked { response: Response::Segmented { segments }, final_answer, correct }
+    Checked { response: Response::Segmented { segments }, final_answer, correct, calculations, wrong_calculations }
 }
 
 #[cfg(test)]
@@ -432,37 +586,71 @@ mod tests {
 
     #[test]
     fn generated_sets_are_seeded_disjoint_and_consistent() {
-        let train = generate(300, 1, Split::Train);
-        let held = generate(200, 1, Split::HeldOut);
-        assert_eq!((train.len(), held.len()), (300, 200));
-        assert_eq!(train, generate(300, 1, Split::Train));
-        let qs: std::collections::HashSet<&str> = train.iter().map(|p| p.question.as_str()).collect();
-        assert!(held.iter().all(|p| !qs.contains(p.question.as_str())));
-        for p in train.iter().chain(&held) {
-            assert!(p.answer >= 0);
-            assert_eq!(p.steps.last().unwrap().3, p.answer);
-            for w in p.steps.windows(2) {
-                assert_eq!(w[0].3, w[1].0);
+        for level in Level::ALL {
+            let train = generate(300, 1, Split::Train, level);
+            let held = generate(200, 1, Split::HeldOut, level);
+            assert_eq!((train.len(), held.len()), (300, 200));
+            assert_eq!(train, generate(300, 1, Split::Train, level));
+            let qs: std::collections::HashSet<&str> = train.iter().map(|p| p.question.as_str()).collect();
+            assert!(held.iter().all(|p| !qs.contains(p.question.as_str())));
+            for p in train.iter().chain(&held) {
+                assert_eq!(p.steps.len(), level.steps, "{}", p.question);
+                assert!(p.steps.iter().all(|s| s.3 >= 0), "{}", p.question);
+                assert!(!p.question.contains('{'), "{}", p.question);
+                assert_eq!(p.steps.last().unwrap().3, p.answer);
+                for w in p.steps.windows(2) {
+                    assert_eq!(w[0].3, w[1].0);
+                }
+                // The reference solution passes its own check.
+                let sol: String = p
+                    .steps
+                    .iter()
+                    .map(|(a, op, b, r)| {
+                        format!(
+                            "{a} {} {b} = {r}. ",
+                            match op {
+                                Op::Add => "+",
+                                Op::Sub => "-",
+                                Op::Mul => "*",
+                            }
+                        )
+                    })
+                    .collect::<String>()
+                    + &format!("The answer is {}.", p.answer);
+                let c = check(p, &sol);
+                assert!(c.correct, "{sol}");
+                assert!(scores(&c).iter().all(|s| s[1] == 4), "{sol}");
+                assert_eq!((c.calculations, c.wrong_calculations), (level.steps, 0), "{sol}");
             }
-            // The reference solution passes its own check.
-            let sol: String = p
-                .steps
-                .iter()
-                .map(|(a, op, b, r)| {
-                    format!(
-                        "{a} {} {b} = {r}. ",
-                        match op {
-                            Op::Add => "+",
-                            Op::Sub => "-",
-                            Op::Mul => "*",
-                        }
-                    )
-                })
-                .collect::<String>()
-                + &format!("The answer is {}.", p.answer);
-            let c = check(p, &sol);
-            assert!(c.correct, "{sol}");
-            assert!(scores(&c).iter().all(|s| s[1] == 4), "{sol}");
         }
+    }
+
+    #[test]
+    fn levels_parse_and_name_themselves() {
+        for (i, l) in Level::ALL.into_iter().enumerate() {
+            assert_eq!(Level::parse(&l.name()), Some(Ok(l)));
+            assert_eq!(l.number(), i + 1);
+        }
+        assert_eq!(Level::parse("arithmetic"), Some(Ok(Level::DEFAULT)));
+        assert_eq!(Level::parse("arithmetic-5"), Some(Ok(Level::DEFAULT)));
+        assert!(matches!(Level::parse("arithmetic-9"), Some(Err(_))));
+        assert!(matches!(Level::parse("arithmetic-x"), Some(Err(_))));
+        assert_eq!(Level::parse("mt-bench"), None);
+        assert_eq!(Level::parse("arithmetics"), None);
+    }
+
+    #[test]
+    fn the_default_level_is_the_set_it_always_was() {
+        // Earlier results (docs/experiments.md) were measured on these problems.
+        let p = &generate(1, 2024, Split::HeldOut, Level::DEFAULT)[0];
+        assert_eq!(p.id, "heldout-0");
+        assert_eq!(p.question, "Goran saves 2 dollars a week for 4 weeks and spends 6 dollars on a gift. How many dollars are left?");
+        assert_eq!(p.prompt(), format!("{}\nWork it out step by step, then give the final answer as: The answer is N.", p.question));
+    }
+
+    #[test]
+    fn counts_wrong_calculations() {
+        let c = check(&problem(), "23 + 12 = 35. Then 35 - 9 = 27. The answer is 27.");
+        assert_eq!((c.calculations, c.wrong_calculations), (2, 1));
     }
 }

@@ -34,6 +34,11 @@ pub struct Record {
     /// scores, reduced and weighted as `dpo2d iterate` ranks answers (0-4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checked_score: Option<f64>,
+    /// Checked by a program: the calculations the answer states, and how many are wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calculations: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrong_calculations: Option<usize>,
     /// Pairwise, as seen from the model ("A" = the model) in each order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict_model_first: Option<Verdict>,
@@ -81,6 +86,9 @@ pub struct Summary {
     /// Checked sets: the mean of the answers' `checked_score`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checked_score: Option<Estimate>,
+    /// Checked sets: the share of all stated calculations that are wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrong_calculation_share: Option<f64>,
     pub by_turn: BTreeMap<usize, Estimate>,
     pub aspects: BTreeMap<String, Estimate>,
     pub mean_answer_chars: f64,
@@ -215,9 +223,19 @@ impl Results {
                 s.order_agreement.map(|v| format!("{:.0}%", v * 100.0)).unwrap_or("-".into())
             );
         } else if self.grading == Grading::Checked {
-            let _ = writeln!(m, "| final answers right, % (95% CI) | answer score 0-4, checked per segment (95% CI) | problems |");
-            let _ = writeln!(m, "|---|---|---|");
-            let _ = writeln!(m, "| {} | {} | {} |", fmt_est(s.headline), fmt_est(s.checked_score), s.headline.map(|e| e.n).unwrap_or(0));
+            let _ = writeln!(
+                m,
+                "| final answers right, % (95% CI) | answer score 0-4, checked per segment (95% CI) | stated calculations wrong, % | problems |"
+            );
+            let _ = writeln!(m, "|---|---|---|---|");
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} |",
+                fmt_est(s.headline),
+                fmt_est(s.checked_score),
+                s.wrong_calculation_share.map(|v| format!("{:.1}", v * 100.0)).unwrap_or("-".into()),
+                s.headline.map(|e| e.n).unwrap_or(0)
+            );
         } else {
             let _ = writeln!(m, "| score 1-10 (95% CI) | answers graded |");
             let _ = writeln!(m, "|---|---|");
@@ -303,6 +321,11 @@ pub fn summarize(grading: Grading, records: &[Record], seed: u64) -> Summary {
         order_agreement: (pairwise && !both.is_empty()).then(|| agree as f64 / both.len() as f64),
         by_category,
         checked_score: est(&mut records.iter().filter_map(|r| r.checked_score)),
+        wrong_calculation_share: {
+            let stated: usize = records.iter().filter_map(|r| r.calculations).sum();
+            let wrong: usize = records.iter().filter_map(|r| r.wrong_calculations).sum();
+            (stated > 0).then(|| wrong as f64 / stated as f64)
+        },
         by_turn,
         aspects,
         mean_answer_chars: records.iter().map(|r| r.answer_chars as f64).sum::<f64>() / records.len().max(1) as f64,

@@ -120,6 +120,8 @@ fn check_all(questions: &[Question], answers: &[Vec<String>]) -> Vec<Record> {
                 answer_chars: answer.chars().count(),
                 correct: checked.as_ref().map(|c| c.correct),
                 // The paper's weights, as `iterate` ranks answers by default; an empty answer (no segments) scores 0.
+                calculations: checked.as_ref().map(|c| c.calculations),
+                wrong_calculations: checked.as_ref().map(|c| c.wrong_calculations),
                 checked_score: checked.map(|c| dpo2d_data::rank::sample_score(&c.response, &AspectWeights::PAPER).unwrap_or(0.0)),
                 ..Record::default()
             }
@@ -393,7 +395,7 @@ mod tests {
 
     #[test]
     fn checked_answers_get_a_verdict_and_a_segment_score() {
-        let p = generate(1, 9, Split::HeldOut).remove(0);
+        let p = generate(1, 9, Split::HeldOut, crate::arithmetic::Level::DEFAULT).remove(0);
         let q = Question {
             id: p.id.clone(),
             category: "c".into(),

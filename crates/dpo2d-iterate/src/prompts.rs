@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use dpo2d_data::Prompt;
-use dpo2d_eval::arithmetic::{self, Problem, Split};
+use dpo2d_eval::arithmetic::{self, Level, Problem, Split};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -34,27 +34,29 @@ pub fn load(path: &Path) -> Result<Vec<PromptRecord>> {
     Ok(out)
 }
 
-/// `n` training-side arithmetic problems (never in the held-out set that
-/// `dpo2d eval --bench arithmetic` measures) as prompts.
-pub fn arithmetic(n: usize, seed: u64) -> Vec<PromptRecord> {
-    arithmetic::generate(n, seed, Split::Train)
+/// `n` training-side arithmetic problems of one level (never in the
+/// held-out set that `dpo2d eval --bench arithmetic[-L]` measures) as prompts.
+pub fn arithmetic(n: usize, seed: u64, level: Level) -> Vec<PromptRecord> {
+    arithmetic::generate(n, seed, Split::Train, level)
         .into_iter()
         .map(|p| PromptRecord { id: Some(p.id.clone().into()), prompt: Prompt::Text(p.prompt()), problem: Some(p) })
         .collect()
 }
 
-/// `FILE` or `arithmetic:N` (N generated problems from `seed`).
+/// `FILE`, `arithmetic:N` or `arithmetic-L:N` (N generated problems of
+/// level L from `seed`).
 pub fn from_spec(spec: &str, seed: u64) -> Result<Vec<PromptRecord>> {
-    match spec.strip_prefix("arithmetic:") {
-        Some(n) => {
-            let n: usize = n.parse().with_context(|| format!("--prompts {spec}: expected arithmetic:N with N a number"))?;
-            if n == 0 {
-                bail!("--prompts {spec}: N must be at least 1");
-            }
-            Ok(arithmetic(n, seed))
-        }
-        None => load(Path::new(spec)),
+    let Some((name, n)) = spec.split_once(':').filter(|(name, _)| name.starts_with("arithmetic")) else {
+        return load(Path::new(spec));
+    };
+    let level = Level::parse(name)
+        .with_context(|| format!("--prompts {spec}: expected arithmetic:N or arithmetic-L:N"))?
+        .map_err(|e| anyhow::anyhow!("--prompts {e}"))?;
+    let n: usize = n.parse().with_context(|| format!("--prompts {spec}: expected {name}:N with N a number"))?;
+    if n == 0 {
+        bail!("--prompts {spec}: N must be at least 1");
     }
+    Ok(arithmetic(n, seed, level))
 }
 
 #[cfg(test)]
@@ -65,7 +67,7 @@ mod tests {
     fn arithmetic_prompts_are_training_side_and_keyed() {
         let p = from_spec("arithmetic:20", 3).unwrap();
         assert_eq!(p.len(), 20);
-        let held: Vec<String> = arithmetic::generate(500, 2024, Split::HeldOut).into_iter().map(|p| p.question).collect();
+        let held: Vec<String> = arithmetic::generate(500, 2024, Split::HeldOut, Level::DEFAULT).into_iter().map(|p| p.question).collect();
         for r in &p {
             let problem = r.problem.as_ref().unwrap();
             assert!(!held.contains(&problem.question));
@@ -73,6 +75,9 @@ mod tests {
         }
         assert!(from_spec("arithmetic:x", 3).is_err());
         assert!(from_spec("arithmetic:0", 3).is_err());
+        assert!(from_spec("arithmetic-9:5", 3).is_err());
+        let one_step = from_spec("arithmetic-1:5", 3).unwrap();
+        assert!(one_step.iter().all(|r| r.problem.as_ref().unwrap().steps.len() == 1));
     }
 
     #[test]

@@ -183,6 +183,9 @@ struct ScoredRecord {
     responses: Vec<Response>,
     /// Each answer's weighted score; `null` for one that could not be scored.
     scores: Vec<Option<f64>>,
+    /// Prompts with an answer key (`arithmetic:N`): whether each answer's final answer is right.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    right: Vec<bool>,
 }
 
 struct Iteration<'a> {
@@ -427,6 +430,11 @@ impl Iteration<'_> {
                     prompt: s.prompt.clone(),
                     scores: responses.iter().map(|r| rank::sample_score(r, &weights)).collect(),
                     responses,
+                    right: self.prompts[s.index]
+                        .problem
+                        .as_ref()
+                        .map(|p| s.responses.iter().map(|r| dpo2d_eval::arithmetic::check(p, r).correct).collect())
+                        .unwrap_or_default(),
                 })
                 .collect();
             if self.keep_chunk(&path, &records, &bar, (n, Phase::Scoring), &mut chunks_now)? {

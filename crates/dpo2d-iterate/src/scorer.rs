@@ -172,7 +172,7 @@ fn judge_pairs(responses: &[Response], texts: &[String]) -> Vec<(usize, usize)> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dpo2d_eval::arithmetic::{generate, Op, Split};
+    use dpo2d_eval::arithmetic::{generate, Level, Op, Split};
 
     #[test]
     fn every_answer_is_in_a_judged_pair() {
@@ -190,7 +190,7 @@ mod tests {
 
     #[test]
     fn the_checker_scores_right_answers_above_wrong_ones() {
-        let p = generate(1, 5, Split::Train).remove(0);
+        let p = generate(1, 5, Split::Train, Level::DEFAULT).remove(0);
         let sym = |op| match op {
             Op::Add => "+",
             Op::Sub => "-",
@@ -200,7 +200,7 @@ mod tests {
         let (sym, sym2) = (sym(op), sym(op2));
         let right = format!("First, {a} {sym} {b} = {c}. Then {c} {sym2} {b2} = {}. The answer is {}.", p.answer, p.answer);
         let wrong = format!("First, {a} {sym} {b} = {}. The answer is {}.", c + 1, c + 1);
-        let record = crate::prompts::arithmetic(1, 5).remove(0);
+        let record = crate::prompts::arithmetic(1, 5, Level::DEFAULT).remove(0);
         let responses = vec![right, wrong];
         let scored = ArithmeticScorer.score(Path::new("."), &[Sampled { index: 0, prompt: &record, responses: &responses }]).unwrap();
         let w = dpo2d_data::AspectWeights::PAPER;
