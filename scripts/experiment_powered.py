@@ -2,8 +2,10 @@
 """Tables of scripts/experiment_powered.sh (docs/experiments.md).
 
   experiment_powered.py OUT --pick-level 1 2 3 4 5 6    prints the level to run
-  experiment_powered.py OUT --level L --seeds 1 2 3   the Markdown tables
-  experiment_powered.py OUT --level L --compare A B   two evaluations of one run, row by row
+  experiment_powered.py OUT --level L --first-seed 1 --seeds 1 2 3   the Markdown tables
+  experiment_powered.py OUT --level L --first-seed 1 --compare A B   two evaluations of one run, row by row
+
+The first seed's 2d-dpo run trains inside the iterate round (run_dir).
 
 Intervals: 95% bootstrap (2000 resamples, seeded). Over seeds, the
 resample draws seeds and problems; a paired difference is taken per
@@ -145,10 +147,19 @@ def pair_table(out, level):
     print(f"Mean answer score of all samples {round_['mean_score']:.3f}; chosen {round_['chosen_mean_score']:.3f}; rejected {round_['rejected_mean_score']:.3f}.")
 
 
-def train_metric(path, key):
-    vals = [json.loads(l).get(key) for l in open(path)]
-    vals = [v for v in vals if v is not None]
-    return vals[-1] if vals else float("nan")
+def last_metrics(path, keys):
+    """The last logged value of each key in a metrics.jsonl."""
+    last = {}
+    for line in open(path):
+        last.update({k: v for k, v in json.loads(line).items() if k in keys and v is not None})
+    return [last.get(k, float("nan")) for k in keys]
+
+
+def run_dir(out, level, run, first_seed):
+    """A run's output directory, by its id NAME-seed-S (the same rule as run_dir in the shell script)."""
+    if run == f"2d-dpo-seed-{first_seed}":
+        return f"{out}/level-{level}/pairs/round-1/train"
+    return f"{out}/level-{level}/{run}"
 
 
 def models(out, level, seeds):
@@ -162,7 +173,7 @@ def models(out, level, seeds):
     return names, data
 
 
-def tables(out, level, seeds):
+def tables(out, level, first_seed, seeds):
     levels = sorted({int(d.split("-")[-1]) for d in os.listdir(f"{out}/eval") if d.startswith("base-level-")})
     print(f"### Base model per level\n")
     level_table(out, levels)
@@ -183,9 +194,8 @@ def tables(out, level, seeds):
     for n, label in names:
         for s in sorted(data.get(n, {})):
             rows = list(data[n][s].values())
-            d = f"{out}/level-{level}/pairs/round-1/train" if (n == "2d-dpo" and s == seeds[0]) else f"{out}/level-{level}/{n}-seed-{s}"
-            m = f"{d}/metrics.jsonl"
-            loss, acc, margin = (train_metric(m, k) for k in ("loss", "rewards/accuracies", "rewards/margins"))
+            m = f"{run_dir(out, level, f'{n}-seed-{s}', first_seed)}/metrics.jsonl"
+            loss, acc, margin = last_metrics(m, ("loss", "rewards/accuracies", "rewards/margins"))
             cells = [f"{measure(rows, k):.{2 if k == 'score' else 1}f}" for _, k in MEASURES]
             print(f"| {label} | {s} | " + " | ".join(cells) + f" | {loss:.4f} | {acc:.2f} | {margin:.3f} |")
     print("\n### Paired differences (by problem and seed, 95% CI)\n")
@@ -208,14 +218,8 @@ def weights_digest(d):
     return h.hexdigest()[:16]
 
 
-def run_dir(out, level, name):
-    """A run's output directory: the first 2d-dpo seed trains inside the iterate round."""
-    d = f"{out}/level-{level}/{name}"
-    return d if os.path.isdir(d) else f"{out}/level-{level}/pairs/round-1/train"
-
-
-def compare(out, level, a, b):
-    da, db = (f"{run_dir(out, level, x)}/final" for x in (a, b))
+def compare(out, level, first_seed, a, b):
+    da, db = (f"{run_dir(out, level, x, first_seed)}/final" for x in (a, b))
     if os.path.isdir(da) and os.path.isdir(db):
         print(f"trained weights (sha256 of the adapter files): {a} {weights_digest(da)}, {b} {weights_digest(db)}")
     ra, rb = per_problem(results(out, a)), per_problem(results(out, b))
@@ -229,10 +233,10 @@ def main():
     out, args = sys.argv[1], sys.argv[2:]
     if args[0] == "--pick-level":
         return pick_level(out, [int(x) for x in args[1:]])
-    level = int(args[1])
-    if args[2] == "--compare":
-        return compare(out, level, args[3], args[4])
-    tables(out, level, [int(x) for x in args[3:]])
+    level, first_seed = int(args[1]), int(args[3])
+    if args[4] == "--compare":
+        return compare(out, level, first_seed, args[5], args[6])
+    tables(out, level, first_seed, [int(x) for x in args[5:]])
 
 
 if __name__ == "__main__":

@@ -90,16 +90,18 @@ stage "pairs: $PROMPTS prompts x $K samples, and 2d-dpo seed $first" "$pairs_dir
     --output-dir "$pairs_dir"
 pairs="$pairs_dir/round-1/pairs.jsonl"
 
-# 3. The runs. NAME LOSS SEED [WEIGHTS]: its output directory.
+# 3. The runs. A run's output directory (run_dir in experiment_powered.py
+# follows the same rule): run_dir NAME SEED.
+first_dir="$pairs_dir/round-1/train"
 run_dir() {
-    if [ "$1" = 2d-dpo ] && [ "$3" = "$first" ]; then echo "$pairs_dir/round-1/train"; else echo "$OUT/level-$LEVEL/$1-seed-$3"; fi
+    if [ "$1" = 2d-dpo ] && [ "$2" = "$first" ]; then echo "$first_dir"; else echo "$OUT/level-$LEVEL/$1-seed-$2"; fi
 }
-train() { # NAME LOSS SEED DIR [WEIGHTS]
+train() { # LOSS SEED DIR [WEIGHTS]
     local extra=() resume=()
-    [ -n "${5:-}" ] && extra=(--aspect-weights "$5")
-    ls -d "$4"/checkpoint-* > /dev/null 2>&1 && resume=(--resume)
-    "$BIN" train --no-progress --model "$MODEL" --device "$DEVICE" --train-file "$pairs" --loss-type "$2" "${train_opts[@]}" \
-        --seed "$3" "${extra[@]}" --output-dir "$4" --overwrite-output-dir "${resume[@]}" > /dev/null
+    [ -n "${4:-}" ] && extra=(--aspect-weights "$4")
+    ls -d "$3"/checkpoint-* > /dev/null 2>&1 && resume=(--resume)
+    "$BIN" train --no-progress --model "$MODEL" --device "$DEVICE" --train-file "$pairs" --loss-type "$1" "${train_opts[@]}" \
+        --seed "$2" "${extra[@]}" --output-dir "$3" --overwrite-output-dir "${resume[@]}" > /dev/null
 }
 runs=()
 for seed in $SEEDS; do
@@ -115,9 +117,9 @@ if [ -n "${RERUN:-}" ]; then
         IFS=: read -r n loss s w <<< "$r"
         [ "$n" = "$name" ] && [ "$s" = "$seed" ] || continue
         dir="$OUT/level-$LEVEL/rerun-$n-seed-$s"
-        stage "rerun $n seed $s: train" "$dir/train_results.json" train "$n" "$loss" "$s" "$dir" "$w"
+        stage "rerun $n seed $s: train" "$dir/train_results.json" train "$loss" "$s" "$dir" "$w"
         stage "rerun $n seed $s: evaluate" "$OUT/eval/rerun-$n-seed-$s/results.json" evaluate "rerun-$n-seed-$s" "$dir/final" "$LEVEL" "$EVAL_N"
-        python3 scripts/experiment_powered.py "$OUT" --level "$LEVEL" --compare "$n-seed-$s" "rerun-$n-seed-$s"
+        python3 scripts/experiment_powered.py "$OUT" --level "$LEVEL" --first-seed "$first" --compare "$n-seed-$s" "rerun-$n-seed-$s"
         exit 0
     done
     echo "RERUN=$RERUN: expected NAME:SEED with NAME one of $LOSSES 2d-dpo-correctness and SEED one of $SEEDS" >&2
@@ -126,16 +128,16 @@ fi
 
 for r in "${runs[@]}"; do
     IFS=: read -r n loss s w <<< "$r"
-    dir=$(run_dir "$n" "$loss" "$s")
-    [ "$n" = 2d-dpo ] && [ "$s" = "$first" ] || stage "$n seed $s: train" "$dir/train_results.json" train "$n" "$loss" "$s" "$dir" "$w"
+    dir=$(run_dir "$n" "$s")
+    [ "$dir" = "$first_dir" ] || stage "$n seed $s: train" "$dir/train_results.json" train "$loss" "$s" "$dir" "$w"
 done
 
 # 4. Every model on the same held-out problems.
 stage "base: evaluate" "$OUT/eval/base/results.json" evaluate base "$MODEL" "$LEVEL" "$EVAL_N"
 for r in "${runs[@]}"; do
     IFS=: read -r n loss s w <<< "$r"
-    stage "$n seed $s: evaluate" "$OUT/eval/$n-seed-$s/results.json" evaluate "$n-seed-$s" "$(run_dir "$n" "$loss" "$s")/final" "$LEVEL" "$EVAL_N"
+    stage "$n seed $s: evaluate" "$OUT/eval/$n-seed-$s/results.json" evaluate "$n-seed-$s" "$(run_dir "$n" "$s")/final" "$LEVEL" "$EVAL_N"
 done
 
 echo "PROMPTS=$PROMPTS K=$K LEVEL=$LEVEL LEVEL_N=$LEVEL_N EVAL_N=$EVAL_N SEEDS='$SEEDS' LR=$LR BETA=$BETA EPOCHS=$EPOCHS BATCH=$BATCH MAX_NEW_TOKENS=$MAX_NEW_TOKENS" > "$OUT/settings.txt"
-python3 scripts/experiment_powered.py "$OUT" --level "$LEVEL" --seeds $SEEDS | tee "$OUT/tables.md"
+python3 scripts/experiment_powered.py "$OUT" --level "$LEVEL" --first-seed "$first" --seeds $SEEDS | tee "$OUT/tables.md"
