@@ -215,6 +215,43 @@ async fn concurrent_requests_are_decoded_together() {
     srv.stop().unwrap();
 }
 
+/// The KV budget holds rows back: with room for two rows' prompts and
+/// answers, six concurrent requests are admitted two at a time (three
+/// groups, not one), and each still gets its answer alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kv_budget_admits_only_the_rows_that_fit() {
+    let lone = |q: usize| json!({"messages": ask(&format!("what is q{q} .")), "temperature": 0, "max_tokens": 5});
+    let bytes_per_position = tiny_model().1.model.kv_bytes_per_position() as u64;
+    let one_at_a_time = Limits { max_n: 1, ..Limits::default() };
+    let (_d, alone_srv) = start(ServeOptions { max_batch_rows: 1, limits: one_at_a_time.clone(), ..ServeOptions::default() });
+    let mut alone = vec![];
+    let mut span = 0;
+    for q in 0..6 {
+        let a = post(&alone_srv.base_url(), lone(q)).await.1;
+        span = span.max(a["usage"]["prompt_tokens"].as_u64().unwrap() + 5);
+        alone.push(a["choices"][0]["message"]["content"].clone());
+    }
+    alone_srv.stop().unwrap();
+    let kv_cache_bytes = 2 * span * bytes_per_position;
+    let opts = ServeOptions {
+        max_batch_rows: 6,
+        batch_wait: Duration::from_secs(60),
+        kv_cache_bytes,
+        limits: one_at_a_time,
+        ..ServeOptions::default()
+    };
+    let (_d, srv) = start(opts);
+    let url = srv.base_url();
+    let answers = futures_join((0..6).map(|q| {
+        let url = url.clone();
+        async move { post(&url, lone(q)).await.1["choices"][0]["message"]["content"].clone() }
+    }))
+    .await;
+    assert_eq!(answers, alone);
+    assert_eq!(counters(srv.addr).await, (3, 6, 0), "two rows fit the budget: three groups of two");
+    srv.stop().unwrap();
+}
+
 /// A full queue answers 503 with `Retry-After`, and the server goes on
 /// serving once the queue has room again.
 #[tokio::test(flavor = "multi_thread")]

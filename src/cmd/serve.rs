@@ -21,8 +21,11 @@ pub struct Args {
     #[arg(long, value_name = "VAR")]
     pub api_key_env: Option<String>,
     /// Rows (requests x n) decoded together in one batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = dpo2d_serve::DEFAULT_MAX_BATCH_ROWS)]
     pub max_batch_size: usize,
+    /// GiB of memory the decoding rows' keys and values may take (prompt + max_tokens positions a row); requests beyond it wait.
+    #[arg(long, default_value_t = dpo2d_serve::DEFAULT_KV_CACHE_GIB)]
+    pub kv_cache_gib: u64,
     /// Milliseconds a batch waits for more requests before it starts.
     #[arg(long, default_value_t = 5)]
     pub batch_wait_ms: u64,
@@ -70,6 +73,7 @@ pub fn run(a: Args, log_prompts: bool) -> Result<()> {
             max_queue: a.max_queue,
         },
         max_batch_rows: a.max_batch_size,
+        kv_cache_bytes: a.kv_cache_gib << 30,
         batch_wait: Duration::from_millis(a.batch_wait_ms),
         log_prompts,
     };

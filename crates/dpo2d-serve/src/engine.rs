@@ -2,7 +2,9 @@
 //! one token per step (continuous batching). A request that arrives while
 //! others decode is prefilled a chunk of its prompt per step, between their
 //! steps, then joins the running rows; a row leaves as soon as it is done,
-//! so a short answer never waits for a long one. Each row may carry a
+//! so a short answer never waits for a long one. Requests admitted together
+//! run the prompt prefix they share once; rows are admitted while they fit
+//! the row and KV-cache budgets. Each row may carry a
 //! grammar (structured outputs) that masks its logits, and may report the
 //! log-probabilities of its tokens. Each request gets its text back through
 //! its own channel, piece by piece when it streams.
@@ -14,6 +16,7 @@ use dpo2d_model::llama::CausalLM;
 use dpo2d_model::source::TextSide;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
@@ -64,6 +67,8 @@ pub struct Engine {
     pub eos: Vec<u32>,
     /// Rows decoding (or being prefilled) at once.
     pub max_batch_rows: usize,
+    /// Rows x positions the KV cache of the rows in flight may hold.
+    pub kv_positions: usize,
     /// How long the first request to reach an idle decoder waits for others
     /// to be prefilled with it.
     pub batch_wait: Duration,
@@ -107,6 +112,11 @@ struct RowState {
     logprobs: Vec<TokenLogprob>,
 }
 
+/// Cache positions a request's rows may need: its prompt and answer.
+fn span(job: &Job) -> usize {
+    job.prompt.len() + job.cfg.max_new_tokens
+}
+
 impl RowState {
     fn new(req: &Rc<Request>, index: usize) -> Self {
         let job = &req.job;
@@ -119,6 +129,11 @@ impl RowState {
             constraint: job.constraint.as_ref().map(Constraint::fork),
             logprobs: vec![],
         }
+    }
+
+    fn pick(&mut self) -> Pick<'_> {
+        let RowState { req, rng, constraint, logprobs, .. } = self;
+        Pick { cfg: &req.job.cfg, top_logprobs: req.job.logprobs, rng, constraint: constraint.as_mut(), logprobs }
     }
 
     /// Plain greedy decoding: the device's argmax serves it.
@@ -143,6 +158,13 @@ impl Work {
 
     fn rows_in_flight(&self) -> usize {
         self.rows.len() + self.prefill.as_ref().map(|(_, r)| r.len()).unwrap_or(0)
+    }
+
+    /// The longest span of the rows in flight: the batch's cache lines
+    /// their ends up, so every row takes about that many positions.
+    fn span_in_flight(&self) -> usize {
+        let prefilling = self.prefill.iter().flat_map(|(_, r)| r);
+        self.rows.iter().chain(prefilling).map(|r| span(&r.req.job)).max().unwrap_or(0)
     }
 }
 
@@ -207,10 +229,13 @@ impl Engine {
             return;
         }
         let mut taken: Vec<Job> = vec![];
-        let mut rows = work.rows_in_flight();
+        let (mut rows, mut longest) = (work.rows_in_flight(), work.span_in_flight());
         while let Some(j) = work.waiting.front() {
             let n = j.cfg.num_return_sequences;
-            if rows + n > self.max_batch_rows && !(rows == 0 && taken.is_empty()) {
+            let fits = rows + n <= self.max_batch_rows && (rows + n) * longest.max(span(j)) <= self.kv_positions;
+            // The first request of an idle decoder runs whatever its size.
+            let alone = rows == 0 && taken.is_empty();
+            if !(fits || alone) {
                 break;
             }
             let j = work.waiting.pop_front().expect("a waiting job");
@@ -220,6 +245,7 @@ impl Engine {
                 continue;
             }
             rows += n;
+            longest = longest.max(span(&j));
             taken.push(j);
         }
         if taken.is_empty() {
@@ -235,7 +261,7 @@ impl Engine {
             .collect();
         let prompts: Vec<&[u32]> = states.iter().map(|r| r.req.job.prompt.as_slice()).collect();
         let max_new = states.iter().map(|r| r.req.job.cfg.max_new_tokens).max().unwrap_or(0);
-        match Prefill::new(&self.model, &prompts, self.text.tokenizer.pad_token_id(), max_new) {
+        match Prefill::sharing_prefix(&self.model, &prompts, self.text.tokenizer.pad_token_id(), max_new) {
             Ok(p) => {
                 self.stats.batches.fetch_add(1, Ordering::SeqCst);
                 self.stats.rows.fetch_add(states.len(), Ordering::SeqCst);
@@ -291,7 +317,10 @@ impl Engine {
             return Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
         }
         let all = logits.to_vec2::<f32>()?;
-        work.rows.iter_mut().zip(all).map(|(row, mut l)| pick_one(row, &mut l)).collect()
+        // Rows pick on every core: sampling sorts the vocabulary and a grammar
+        // computes its mask, each a row's own work.
+        let picks: Vec<Pick> = work.rows.iter_mut().map(RowState::pick).collect();
+        picks.into_par_iter().zip(all).map(|(p, mut l)| p.next_token(&mut l)).collect()
     }
 
     /// Takes token `t` into the row; `Some` when the row is done.
@@ -363,19 +392,30 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| Err(anyhow::anyhow!("internal error")))
 }
 
-/// One row's next token from its logits: masked by its grammar, greedy or
-/// sampled with its own settings and generator, its log-probability noted
-/// when asked for.
-fn pick_one(row: &mut RowState, logits: &mut [f32]) -> Result<u32> {
-    if let Some(c) = row.constraint.as_mut() {
-        c.mask(logits)?;
+/// What choosing one row's next token needs, borrowed from the row apart
+/// from its request handle, which stays on the decoder's thread.
+struct Pick<'a> {
+    cfg: &'a GenerationConfig,
+    top_logprobs: Option<usize>,
+    rng: &'a mut StdRng,
+    constraint: Option<&'a mut Constraint>,
+    logprobs: &'a mut Vec<TokenLogprob>,
+}
+
+impl Pick<'_> {
+    /// The row's next token from its logits: masked by its grammar, greedy or
+    /// sampled with its own settings and generator, its log-probability noted
+    /// when asked for.
+    fn next_token(self, logits: &mut [f32]) -> Result<u32> {
+        if let Some(c) = self.constraint {
+            c.mask(logits)?;
+        }
+        let t = if self.cfg.is_greedy() { argmax(logits) } else { sample(logits, self.cfg, self.rng) };
+        if let Some(top) = self.top_logprobs {
+            self.logprobs.push(token_logprob(logits, t, top));
+        }
+        Ok(t)
     }
-    let cfg = &row.req.job.cfg;
-    let t = if cfg.is_greedy() { argmax(logits) } else { sample(logits, cfg, &mut row.rng) };
-    if let Some(top) = row.req.job.logprobs {
-        row.logprobs.push(token_logprob(logits, t, top));
-    }
-    Ok(t)
 }
 
 /// `t`'s log-probability under `logits` (temperature 1) and the `top` most likely tokens.

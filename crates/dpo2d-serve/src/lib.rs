@@ -37,6 +37,14 @@ impl Default for Limits {
     }
 }
 
+/// Rows decoded together by default: on two CPU cores a step over 64 rows
+/// takes little longer than one over 16, since every step reads all the
+/// weights once (docs/evaluation.md has the load test).
+pub const DEFAULT_MAX_BATCH_ROWS: usize = 64;
+/// GiB the rows' keys and values may take by default: SmolLM2-135M in f32
+/// keeps 45 KiB per position, so 64 rows of about 1,450 positions.
+pub const DEFAULT_KV_CACHE_GIB: u64 = 4;
+
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub host: String,
@@ -48,6 +56,10 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// Rows (requests x `n`) decoded together.
     pub max_batch_rows: usize,
+    /// Memory the keys and values of the rows in flight may take, about:
+    /// a request waits while its rows (prompt + `max_tokens` positions
+    /// each) would not fit beside the others.
+    pub kv_cache_bytes: u64,
     /// How long a batch waits for more requests before it starts.
     pub batch_wait: Duration,
     /// Log the prompt and answer text of every request.
@@ -62,7 +74,8 @@ impl Default for ServeOptions {
             model_name: "dpo2d".into(),
             api_key: None,
             limits: Limits::default(),
-            max_batch_rows: 16,
+            max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
+            kv_cache_bytes: DEFAULT_KV_CACHE_GIB << 30,
             batch_wait: Duration::from_millis(5),
             log_prompts: false,
         }
@@ -88,11 +101,14 @@ pub fn serve(
             None
         }
     };
+    let model = lm.model.for_decoding()?;
+    let kv_positions = (opts.kv_cache_bytes / model.kv_bytes_per_position().max(1) as u64) as usize;
     let engine = Engine {
-        model: lm.model,
+        model,
         eos,
         text: text.clone(),
         max_batch_rows: opts.max_batch_rows.max(opts.limits.max_n).max(1),
+        kv_positions,
         batch_wait: opts.batch_wait,
         stats: stats.clone(),
     };
