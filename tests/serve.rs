@@ -216,8 +216,8 @@ async fn concurrent_requests_are_decoded_together() {
 }
 
 /// The KV budget holds rows back: with room for two rows' prompts and
-/// answers, six concurrent requests are admitted two at a time (three
-/// groups, not one), and each still gets its answer alone.
+/// answers, six concurrent requests are admitted at most two at a time,
+/// and each still gets its answer alone.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_kv_budget_admits_only_the_rows_that_fit() {
     let lone = |q: usize| json!({"messages": ask(&format!("what is q{q} .")), "temperature": 0, "max_tokens": 5});
@@ -248,7 +248,11 @@ async fn the_kv_budget_admits_only_the_rows_that_fit() {
     }))
     .await;
     assert_eq!(answers, alone);
-    assert_eq!(counters(srv.addr).await, (3, 6, 0), "two rows fit the budget: three groups of two");
+    // Without the budget the six rows are one group; with it, groups of at
+    // most two (one, when a row that ended early frees a place).
+    let (groups, rows, pending) = counters(srv.addr).await;
+    assert_eq!((rows, pending), (6, 0));
+    assert!(groups >= 3, "two rows fit the budget, but the six came in {groups} group(s)");
     srv.stop().unwrap();
 }
 
