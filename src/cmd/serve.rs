@@ -21,28 +21,28 @@ pub struct Args {
     #[arg(long, value_name = "VAR")]
     pub api_key_env: Option<String>,
     /// Rows (requests x n) decoded together in one batch.
-    #[arg(long, default_value_t = dpo2d_serve::DEFAULT_MAX_BATCH_ROWS)]
+    #[arg(long, default_value_t = ServeOptions::default().max_batch_rows)]
     pub max_batch_size: usize,
     /// GiB of memory the decoding rows' keys and values may take (prompt + max_tokens positions a row); requests beyond it wait.
-    #[arg(long, default_value_t = dpo2d_serve::DEFAULT_KV_CACHE_GIB)]
+    #[arg(long, default_value_t = ServeOptions::default().kv_cache_bytes >> 30)]
     pub kv_cache_gib: u64,
     /// Milliseconds a batch waits for more requests before it starts.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = ServeOptions::default().batch_wait.as_millis() as u64)]
     pub batch_wait_ms: u64,
     /// Largest `max_tokens` a request may ask for (also the default).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = Limits::default().max_tokens)]
     pub max_tokens_limit: usize,
     /// Longest prompt in tokens [default: the model's context].
     #[arg(long)]
     pub max_prompt_tokens: Option<usize>,
     /// Largest `n` (choices per request).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = Limits::default().max_n)]
     pub max_n: usize,
     /// Largest request body in bytes.
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
     /// Requests waiting or decoding beyond which new ones are refused with 503.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = Limits::default().max_queue)]
     pub max_queue: usize,
 }
 

@@ -40,10 +40,10 @@ impl Default for Limits {
 /// Rows decoded together by default: every step reads all the weights, and
 /// more rows share each read (in the load test of docs/evaluation.md, 64
 /// rows gave about 1.3 times the tokens/s of 16 on two CPU cores).
-pub const DEFAULT_MAX_BATCH_ROWS: usize = 64;
+const DEFAULT_MAX_BATCH_ROWS: usize = 64;
 /// GiB the rows' keys and values may take by default: SmolLM2-135M in f32
 /// keeps 45 KiB per position, so 64 rows of about 1,450 positions.
-pub const DEFAULT_KV_CACHE_GIB: u64 = 4;
+const DEFAULT_KV_CACHE_GIB: u64 = 4;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
