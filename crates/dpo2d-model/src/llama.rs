@@ -650,8 +650,10 @@ pub struct CausalLM {
     norm: RmsNorm,
     /// None when tied to the embeddings.
     lm_head: Option<Tensor>,
-    /// The output head stored transposed, `[H, V]` ([`CausalLM::for_decoding`]).
-    head_t: Option<Tensor>,
+    /// The output head `[V, H]` stored transposed, read by
+    /// [`CausalLM::logits`] instead of the tied or loaded one
+    /// ([`CausalLM::for_decoding`]).
+    decoding_head: Option<Tensor>,
     vars: Vec<(String, Var)>,
     /// Gradient sinks of the linear layers' weights, by variable name.
     sinks: HashMap<String, Arc<ops::GradSink>>,
@@ -776,7 +778,7 @@ impl CausalLM {
             layers,
             norm,
             lm_head,
-            head_t: None,
+            decoding_head: None,
             vars: b.vars,
             sinks: b.sinks,
             checkpointing: None,
@@ -797,6 +799,7 @@ impl CausalLM {
         let c = &self.cfg;
         c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * self.dtype.size_in_bytes()
     }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -849,7 +852,7 @@ impl CausalLM {
                 lin.weight = lin.weight.t()?.contiguous()?.t()?;
             }
         }
-        m.head_t = Some(m.lm_head_weight().t()?.contiguous()?);
+        m.decoding_head = Some(m.lm_head_weight().t()?.contiguous()?.t()?);
         Ok(m)
     }
 
@@ -860,7 +863,7 @@ impl CausalLM {
             layers: self.layers.iter().map(|l| Ok(Arc::new(l.frozen(adapters)?))).collect::<Result<_>>()?,
             norm: self.norm.frozen(),
             lm_head: self.lm_head.as_ref().map(Tensor::detach),
-            head_t: None,
+            decoding_head: None,
             vars: vec![],
             sinks: HashMap::new(),
             checkpointing: None,
@@ -1033,15 +1036,8 @@ impl CausalLM {
 
     /// Logits [B, T, V] (f32, or f64 for an f64 model) from hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let l = match &self.head_t {
-            Some(head_t) => {
-                let (rows, h) = (hidden.elem_count() / self.cfg.hidden_size, self.cfg.hidden_size);
-                let mut dims = hidden.dims().to_vec();
-                *dims.last_mut().context("hidden states have no dimensions")? = self.cfg.vocab_size;
-                hidden.reshape((rows, h))?.matmul(head_t)?.reshape(dims)?
-            }
-            None => ops::linear(hidden, self.lm_head_weight(), None)?,
-        };
+        let head = self.decoding_head.as_ref().unwrap_or(self.lm_head_weight());
+        let l = ops::linear(hidden, head, None)?;
         Ok(if self.dtype == DType::F64 { l } else { l.to_dtype(DType::F32)? })
     }
 
@@ -1219,10 +1215,10 @@ pub(crate) mod tests {
                 assert!(!lin.weight.is_contiguous() && lin.weight.t().unwrap().is_contiguous());
             }
         }
-        let head_t = fast.head_t.as_ref().unwrap();
-        assert_eq!(head_t.dims(), [fast.cfg.hidden_size, fast.cfg.vocab_size]);
-        assert!(head_t.is_contiguous());
-        assert!(plain.head_t.is_none());
+        let head = fast.decoding_head.as_ref().unwrap();
+        assert_eq!(head.dims(), [fast.cfg.vocab_size, fast.cfg.hidden_size]);
+        assert!(!head.is_contiguous() && head.t().unwrap().is_contiguous());
+        assert!(plain.decoding_head.is_none());
     }
 
     #[test]
